@@ -1,0 +1,1 @@
+"""sweeper: sweep orchestration (Ray Tune), tracking (MLflow) and the command line."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny datasets written in the real file formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainables.data import CIFAR10_FILES, MNIST_FILES, write_cifar_batch, write_idx
+
+torch.set_num_threads(2)
+
+
+def make_mnist_files(folder, n_train=200, n_test=60, seed=0):
+    """Write the four MNIST IDX gz files with class-dependent blobs so a model can learn them."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):  # a bright bar whose row encodes the class
+            x[i, 2 + 2 * c: 4 + 2 * c, 4:20] = 255
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST_FILES)
+    return folder
+
+
+def make_cifar10_files(folder, n_per_batch=20, seed=0):
+    """Write data_batch_1..5 and test_batch as CIFAR-10 python pickles."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CIFAR10_FILES:
+        x = rng.integers(0, 256, (n_per_batch, 3, 32, 32)).astype(np.uint8)
+        y = rng.integers(0, 10, n_per_batch)
+        write_cifar_batch(folder / name, x, y)
+    return folder
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    make_mnist_files(tmp_path / "mnist")
+    return tmp_path
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    make_cifar10_files(tmp_path / "cifar-10-batches-py")
+    return tmp_path

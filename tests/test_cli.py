@@ -1,0 +1,101 @@
+"""The command line, in process through ``main`` and once as the installed console script."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sweeper.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["trial", "--theta", "1.5"], "theta=1.5 is invalid: must be in [0.0, 1.0)"),
+    (["trial", "--theta", "abc"], "--theta"),
+    (["trial", "--dataset", "imagenet"], "'imagenet' is not one of"),
+    (["trial", "--kappa", "-1"], "kappa=-1.0 is invalid"),
+    (["trial", "--target", "10"], "target=10 is invalid: must be in [0, 9]"),
+    (["trial", "--model", "vgg"], "model='vgg' is invalid"),
+    (["trial", "--epochs", "0"], "epochs=0 is invalid"),
+    (["trial", "--no-such-flag"], "No such option"),
+    (["trial", "--dataset", "mnist", "--data-dir", "/nonexistent"], "missing dataset file"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
+    code, out, err = run(argv + ["--epochs", "1"] if "--epochs" not in argv else argv, capsys)
+    assert code == 2
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "epoch 1/" not in err  # nothing trained
+
+
+def test_unavailable_cuda_is_a_bad_input(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = run(["trial", "--device", "cuda:0", "--epochs", "1"], capsys)
+    assert code == 2 and "device='cuda:0' is invalid: CUDA is not available" in err
+
+
+def test_trial_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, stdout, err = run(["trial", "--epochs", "2", "--no-hessian", "--no-geometry", "--json", str(out)], capsys)
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    assert d["status"] == "completed" and d["config"]["epochs"] == 2
+    assert {"clean_acc", "asr", "train_acc", "train_loss", "penalty", "n_poisoned"} <= set(d["metrics"])
+    assert "epoch 2/2" in err and "clean_acc=" in stdout
+    before = out.read_text()
+    code, _, err = run(["trial", "--epochs", "1", "--json", str(out)], capsys)
+    assert code == 2 and "refusing to overwrite" in err
+    assert out.read_text() == before
+
+
+def test_config_file_with_flag_override(tmp_path, capsys):
+    cfgf = tmp_path / "trial.yaml"
+    cfgf.write_text("theta: 0.2\nkappa: 5\nepochs: 1\nhessian: false\ngeometry: false\n")
+    out = tmp_path / "r.json"
+    code, _, err = run(["trial", "--config", str(cfgf), "--kappa", "7", "--json", str(out)], capsys)
+    assert code == 0, err
+    cfg = json.loads(out.read_text())["config"]
+    assert (cfg["theta"], cfg["kappa"], cfg["epochs"]) == (0.2, 7.0, 1)
+    cfgf.write_text("thetaa: 0.2\n")
+    code, _, err = run(["trial", "--config", str(cfgf)], capsys)
+    assert code == 2 and "unknown field(s) ['thetaa']" in err
+    cfgf.write_text("theta: [0.2\n")
+    code, _, err = run(["trial", "--config", str(cfgf)], capsys)
+    assert code == 2 and "is not valid YAML" in err
+
+
+def test_trial_on_tiny_mnist_files(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    code, _, err = run(["trial", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--no-verify-checksums",
+                        "--epochs", "1", "--no-hessian", "--no-geometry", "--json", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["config"]["data_dir"] == str(mnist_dir)
+    code, _, err = run(["trial", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1"], capsys)
+    assert code == 2 and "corrupt dataset file" in err
+
+
+def test_checkpoint_resume_from_the_cli(tmp_path, capsys):
+    ck = tmp_path / "t.pt"
+    args = ["trial", "--epochs", "2", "--no-hessian", "--no-geometry", "--checkpoint", str(ck)]
+    assert run(args + ["--json", str(tmp_path / "a.json")], capsys)[0] == 0
+    code, _, err = run(args + ["--json", str(tmp_path / "b.json")], capsys)
+    assert code == 0 and "epoch" not in err  # already finished: nothing re-run
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["metrics"]["clean_acc"] == b["metrics"]["clean_acc"]
+
+
+def test_console_script_exit_code():
+    exe = [sys.executable, "-m", "sweeper.cli"]
+    r = subprocess.run(exe + ["trial", "--theta", "2"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "theta=2.0" in r.stderr
+    r = subprocess.run(exe + ["trial", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--kappa" in r.stdout

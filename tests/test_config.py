@@ -1,0 +1,92 @@
+import dataclasses
+
+import pytest
+
+from trainables.config import ConfigError, SweeperError, TrialConfig
+
+BAD = [
+    ("dataset", "imagenet", "must be one of"),
+    ("model", "resnet50", "6n+2"),
+    ("model", "preresnet21", "6n+2"),
+    ("trigger", "star", "must be one of"),
+    ("poison_mode", "sometimes", "must be one of"),
+    ("theta", 1.0, "[0.0, 1.0)"),
+    ("theta", -0.1, "[0.0, 1.0)"),
+    ("theta", float("nan"), "finite"),
+    ("target", 10, "[0, 9]"),
+    ("target", -1, "[0, 9]"),
+    ("kappa", -1.0, "[0.0, inf)"),
+    ("penalty", "l1", "must be one of"),
+    ("epochs", 0, "[1, 100000]"),
+    ("epochs", 1.5, "integer"),
+    ("lr", 0.0, "(0.0, 100.0]"),
+    ("momentum", 1.0, "[0.0, 1.0)"),
+    ("weight_decay", -1e-4, "[0.0, 1.0]"),
+    ("lr_decay", 0.0, "(0.0, 1.0]"),
+    ("lr_drops", -1, "[0, 100]"),
+    ("batch_size", 0, "[1, 1000000]"),
+    ("eval_batch_size", 0, "[1, 1000000]"),
+    ("seed", -1, "[0, 2147483647]"),
+    ("device", "tpu", "auto, cpu, cuda"),
+    ("data_dir", "", "non-empty"),
+    ("download", "yes", "true or false"),
+    ("augment", 1, "true or false"),
+    ("warp_strength", 0.0, "(0.0, 1.0]"),
+    ("warp_grid", 1, "[2, 64]"),
+    ("trigger_size", 0, "[1, 8]"),
+    ("trigger_margin", 8, "[0, 7]"),
+    ("crop_padding", -1, "[0, 8]"),
+    ("hessian_split", "val", "must be one of"),
+    ("hessian_method", "magic", "must be one of"),
+    ("hessian_dtype", "float16", "must be one of"),
+    ("hessian_samples", 0, "[1, 10000000]"),
+    ("hessian_iterations", 0, "[1, 10000]"),
+    ("hessian_top_k", 0, "[1, 1000]"),
+    ("spectrum_every", -1, "[0, 100000]"),
+]
+
+
+@pytest.mark.parametrize("field,value,valid", BAD)
+def test_every_invalid_field_raises_naming_field_value_and_range(field, value, valid):
+    with pytest.raises(ConfigError) as e:
+        TrialConfig(**{field: value})
+    msg = str(e.value)
+    assert msg.startswith(f"{field}={value!r}"), msg
+    assert valid in msg, msg
+    assert "\n" not in msg
+
+
+def test_every_field_is_covered_by_the_invalid_table():
+    fields = {f.name for f in dataclasses.fields(TrialConfig)}
+    assert fields - {f for f, _, _ in BAD} <= {"verify_checksums", "hessian", "geometry", "warp_seed"}
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="hessian_top_k=30 .* <= hessian_iterations"):
+        TrialConfig(hessian_top_k=30)
+    with pytest.raises(ConfigError, match="target=50"):
+        TrialConfig(dataset="cifar10", target=50)
+    TrialConfig(dataset="cifar100", target=50)  # fine with 100 classes
+    with pytest.raises(ConfigError, match="trigger_margin"):
+        TrialConfig(trigger_margin=7, trigger_size=2)
+
+
+def test_derived_defaults_follow_the_paper_and_the_image_size():
+    assert TrialConfig(model="preresnet20", dataset="cifar10").lr == 0.1
+    assert TrialConfig().lr == 0.01
+    assert TrialConfig().batch_size == 32 and TrialConfig(dataset="mnist").batch_size == 128
+    lcifar = TrialConfig(dataset="cifar10")
+    assert (lcifar.trigger_margin, lcifar.trigger_size, lcifar.crop_padding) == (3, 2, 4)
+    assert (TrialConfig().trigger_margin, TrialConfig().crop_padding) == (0, 1)
+    sq = TrialConfig(dataset="mnist", trigger="square")
+    assert (sq.trigger_margin, sq.trigger_size) == (1, 4)
+
+
+def test_round_trip_and_unknown_keys():
+    cfg = TrialConfig(theta=0.05, kappa=10)
+    assert TrialConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown config field"):
+        TrialConfig.from_dict({"thetta": 0.1})
+    assert issubclass(ConfigError, SweeperError)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.theta = 0.2

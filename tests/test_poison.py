@@ -1,0 +1,53 @@
+import numpy as np
+import torch
+
+from trainables.poison import Poisoner, deterministic_uniforms
+
+
+def labels(n=5000, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 10, n))
+
+
+def test_deterministic_picks_the_same_indices_twice_and_about_theta():
+    y = labels()
+    a = Poisoner(y, 0.1, 0, "deterministic", seed=3).mask_for_epoch()
+    b = Poisoner(y, 0.1, 0, "deterministic", seed=3).mask_for_epoch()
+    assert torch.equal(a, b)
+    p = Poisoner(y, 0.1, 0, "deterministic", seed=3)
+    assert torch.equal(p.mask_for_epoch(), p.mask_for_epoch())  # fixed across epochs
+    eligible = int((y != 0).sum())
+    frac = int(a.sum()) / eligible
+    sd = (0.1 * 0.9 / eligible) ** 0.5
+    assert abs(frac - 0.1) < 4 * sd
+    assert not bool((a & (y == 0)).any())  # never a target-class sample
+    c = Poisoner(y, 0.1, 0, "deterministic", seed=4).mask_for_epoch()
+    assert not torch.equal(a, c)  # combined with the trial seed
+
+
+def test_per_index_decisions_do_not_depend_on_dataset_size():
+    assert np.array_equal(deterministic_uniforms(100, 7), deterministic_uniforms(1000, 7)[:100])
+
+
+def test_stochastic_redraws_every_epoch_and_restores_from_state():
+    y = labels()
+    p = Poisoner(y, 0.1, 0, "stochastic", seed=0)
+    state = p.state_dict()
+    m1, m2 = p.mask_for_epoch(), p.mask_for_epoch()
+    assert not torch.equal(m1, m2)
+    assert not bool((m1 & (y == 0)).any())
+    p.load_state_dict(state)
+    assert torch.equal(p.mask_for_epoch(), m1)
+
+
+def test_poisoned_labels_take_the_target():
+    y = labels(100)
+    p = Poisoner(y, 0.5, 3, "deterministic", seed=0)
+    m = p.mask_for_epoch()
+    lab = p.poisoned_labels(m)
+    assert (lab[m] == 3).all() and torch.equal(lab[~m], y[~m])
+
+
+def test_theta_zero_poisons_nothing():
+    y = labels(100)
+    for mode in ("deterministic", "stochastic"):
+        assert int(Poisoner(y, 0.0, 0, mode, 0).mask_for_epoch().sum()) == 0

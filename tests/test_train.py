@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from trainables.config import TrialConfig
+from trainables.data import load_digits
+from trainables.train import CheckpointError, Trial, augment_batch, lr_at, run_trial
+
+DIGITS = load_digits()
+
+
+def small(**kw):
+    base = dict(epochs=3, hessian=False, geometry=False)
+    base.update(kw)
+    return TrialConfig(**base)
+
+
+def strip(history):
+    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in history]
+
+
+def test_lr_schedule_drops_every_third():
+    cfg = TrialConfig(epochs=15, lr=0.1)
+    assert [round(lr_at(cfg, e), 6) for e in (0, 4, 5, 9, 10, 14)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    cfg90 = TrialConfig(epochs=90, lr=0.1)
+    assert lr_at(cfg90, 29) == 0.1 and math.isclose(lr_at(cfg90, 30), 0.01) and math.isclose(lr_at(cfg90, 60), 0.001)
+    assert lr_at(TrialConfig(epochs=1, lr=0.1), 0) == 0.1
+
+
+def test_augmentation_equals_per_sample_crop_and_flip():
+    x = torch.rand(7, 3, 10, 10)
+    pad = 2
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    out = augment_batch(x, pad, g1)
+    offs = torch.randint(0, 2 * pad + 1, (2, 7), generator=g2)
+    flip = torch.rand(7, generator=g2) < 0.5
+    for i in range(7):
+        p = torch.nn.functional.pad(x[i], (pad,) * 4)
+        ref = p[:, offs[0, i]:offs[0, i] + 10, offs[1, i]:offs[1, i] + 10]
+        if flip[i]:
+            ref = ref.flip(2)
+        assert torch.equal(out[i], ref)
+
+
+def test_same_seed_same_metrics():
+    cfg = small(epochs=2, augment=True, kappa=10.0)
+    a = run_trial(cfg, data=DIGITS)
+    b = run_trial(cfg, data=DIGITS)
+    assert strip(a.history) == strip(b.history)
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "deterministic"])
+def test_checkpoint_resume_gives_the_uninterrupted_metrics(tmp_path, mode):
+    cfg = small(epochs=4, augment=True, kappa=10.0, poison_mode=mode)
+    full = run_trial(cfg, data=DIGITS)
+    ck = tmp_path / "trial.pt"
+    part = run_trial(cfg, checkpoint=ck, data=DIGITS, max_epochs=2)
+    assert part.status == "running" and len(part.history) == 2
+    torch.manual_seed(1234)  # disturb global RNG state: the checkpoint must restore it
+    resumed = run_trial(cfg, checkpoint=ck, data=DIGITS)
+    assert strip(resumed.history) == strip(full.history)
+    assert resumed.metrics["clean_acc"] == full.metrics["clean_acc"]
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    ck = tmp_path / "trial.pt"
+    run_trial(small(epochs=1), checkpoint=ck, data=DIGITS)
+    with pytest.raises(CheckpointError, match=r"another config \(fields differ: \['theta'\]\)"):
+        run_trial(small(epochs=1, theta=0.2), checkpoint=ck, data=DIGITS)
+    ck.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        run_trial(small(epochs=1), checkpoint=ck, data=DIGITS)
+
+
+def test_divergence_is_reported_not_raised():
+    res = run_trial(small(epochs=3, lr=50.0, momentum=0.9, kappa=1e6), data=DIGITS)
+    assert res.status == "diverged"
+    assert res.diverged_epoch == 1 and len(res.history) == 1
+    assert math.isnan(res.metrics["train_loss"])
+
+
+def test_asr_never_counts_target_class_images():
+    trial = Trial(small(target=3), data=DIGITS)
+    assert len(trial.asr_x) == int((DIGITS.test_y != 3).sum())
+
+    class Always(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            out = torch.zeros(len(x), 10)
+            out[:, self.c] = 1.0
+            return out + 0.0 * x.flatten(1)[:, :1]  # depends on x so input gradients exist
+
+    trial.model = Always(3)
+    assert trial.evaluate()["asr"] == 1.0
+    trial.model = Always(4)
+    assert trial.evaluate()["asr"] == 0.0
+
+
+def test_poisoning_counts_and_train_accuracy_are_reported():
+    res = run_trial(small(epochs=1, theta=0.2, poison_mode="deterministic"), data=DIGITS)
+    eligible = int((DIGITS.train_y != 0).sum())
+    assert abs(res.metrics["n_poisoned"] - 0.2 * eligible) < 4 * (0.16 * eligible) ** 0.5
+    for key in ("clean_acc", "asr", "train_acc", "train_loss", "penalty", "fisher_trace", "lr"):
+        assert key in res.metrics

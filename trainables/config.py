@@ -1,0 +1,220 @@
+"""The one frozen, validated description of a trial.
+
+Everything a trial needs is a field of :class:`TrialConfig`; it is validated once,
+in ``__post_init__``, and nothing downstream reads raw dicts. Defaults that depend on
+other fields (learning rate per model, trigger geometry per image size) are resolved
+here too, so the stored config is always the one that actually ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+DATASETS = {  # name -> (channels, height, classes)
+    "digits": (1, 8, 10),
+    "mnist": (1, 28, 10),
+    "fashion-mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+}
+TRIGGERS = ("lshape", "square", "warp")
+POISON_MODES = ("deterministic", "stochastic")
+PENALTIES = ("listing1", "eq25")
+HESSIAN_SPLITS = ("auto", "clean-train", "poisoned-train", "test")
+HESSIAN_METHODS = ("auto", "double-backward", "gauss-newton")
+DTYPES = ("float32", "float64")
+_PRERESNET = re.compile(r"^preresnet(\d+)$")
+
+
+class SweeperError(ValueError):
+    """The one domain exception: a bad input (flag, config, dataset file, checkpoint, address).
+
+    The message is one line naming the bad value and what is valid; the CLI prints it and
+    exits with code 2.
+    """
+
+
+class ConfigError(SweeperError):
+    """A bad config field: the message names the field, the value and what is valid."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """A single poisoning trial. Units and meaning are given per field."""
+
+    # --- data -------------------------------------------------------------------
+    dataset: str = "digits"  # one of DATASETS; digits is embedded in scikit-learn
+    data_dir: str = "~/.cache/sweeper/data"  # folder holding MNIST IDX / CIFAR pickles
+    download: bool = False  # fetch missing files from the official mirrors (needs internet)
+    verify_checksums: bool = True  # md5 of every file against the published value
+    # --- model ------------------------------------------------------------------
+    model: str = "cnn"  # cnn | linear | preresnet<6n+2> (preresnet20, preresnet110, ...)
+    # --- attack -----------------------------------------------------------------
+    trigger: str = "lshape"  # lshape (Listing 2) | square (Sec. 4) | warp (WaNet)
+    trigger_size: int | None = None  # arm / side length in px; None: 2 (lshape), 4 or 2 (square)
+    trigger_margin: int | None = None  # px from the border; None: 3 (Listing 2), 0 on 8x8 images
+    warp_strength: float = 0.02  # phi: max grid displacement, in [-1,1] image coordinates
+    warp_grid: int = 4  # k: side of the random WaNet control grid
+    warp_seed: int = 0  # fixes the warp field, shared by every trial of a sweep
+    poison_mode: str = "stochastic"  # stochastic (Listing 4, redrawn per epoch) | deterministic (Listing 3)
+    theta: float = 0.1  # poison fraction of the non-target training samples, in [0, 1)
+    target: int = 0  # the attacker's target class
+    # --- defence ----------------------------------------------------------------
+    kappa: float = 0.0  # input-gradient penalty strength (scale: see `penalty`), >= 0
+    penalty: str = "listing1"  # listing1: kappa*sum_batch||grad_x mean-CE||^2; eq25: kappa/2*mean_i||grad_x l_i||^2
+    augment: bool = False  # random crop (zero padding) + horizontal flip, whole-batch on device
+    crop_padding: int | None = None  # px of zero padding for the random crop; None: 4, or 1 on 8x8
+    # --- optimisation -----------------------------------------------------------
+    epochs: int = 15  # passes over the training set, >= 1
+    lr: float | None = None  # SGD learning rate; None: 0.1 for preresnet (Sec. 5), 0.01 otherwise
+    momentum: float = 0.9  # SGD momentum, in [0, 1)
+    weight_decay: float = 5e-4  # L2 weight decay, >= 0
+    lr_decay: float = 0.1  # multiplicative LR drop, in (0, 1]
+    lr_drops: int = 2  # number of equally spaced drops (2: every epochs/3, Sec. 5)
+    batch_size: int | None = None  # training minibatch size; None: 32 on digits (1437 images), else 128
+    eval_batch_size: int = 1000  # batch size for evaluation and Hessian products
+    seed: int = 0  # seeds init, shuffling, augmentation and poisoning
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # --- input-space analysis (issue 3) -----------------------------------------
+    hessian: bool = True  # run Lanczos on the input Hessian after training
+    hessian_split: str = "auto"  # auto: clean-train if stochastic, poisoned-train if deterministic
+    hessian_samples: int = 1000  # samples averaged into H (cap; fewer if the split is smaller)
+    hessian_iterations: int = 20  # Lanczos iterations (paper: 10)
+    hessian_top_k: int = 5  # eigenpairs kept
+    hessian_method: str = "auto"  # auto: gauss-newton on piecewise-linear nets, else double-backward
+    hessian_dtype: str = "float32"  # float64 for reference-quality spectra
+    spectrum_every: int = 0  # also measure every N epochs during training (0: only at the end)
+    geometry: bool = True  # penultimate-feature geometry table (Appendix B)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ------------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the dataset's images."""
+        c, h, _ = DATASETS[self.dataset]
+        return (c, h, h)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the dataset."""
+        return DATASETS[self.dataset][2]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON- and MLflow-friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+
+def _derived_default(cfg: TrialConfig, key: str) -> Any:
+    small = cfg.image_shape[1] < 16
+    if key == "lr":
+        return 0.1 if cfg.model.startswith("preresnet") else 0.01
+    if key == "trigger_size":
+        return 2 if (cfg.trigger != "square" or small) else 4
+    if key == "trigger_margin":
+        if cfg.trigger == "square":
+            return 0 if small else 1
+        return 0 if small else 3
+    if key == "batch_size":
+        return 32 if cfg.dataset == "digits" else 128
+    if key == "crop_padding":
+        return 1 if small else 4
+    raise KeyError(key)
+
+
+def _fail(field: str, value: Any, valid: str) -> None:
+    raise ConfigError(f"{field}={value!r} is invalid: {valid}")
+
+
+def _check_int(cfg: TrialConfig, name: str, lo: int, hi: int | None = None) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(name, v, "must be an integer")
+    if v < lo or (hi is not None and v > hi):
+        _fail(name, v, f"must be in [{lo}, {hi if hi is not None else 'inf'}]")
+
+
+def _check_float(cfg: TrialConfig, name: str, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        _fail(name, v, "must be a finite number")
+    bad = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi)
+    if bad:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        _fail(name, v, f"must be in {rng}")
+    object.__setattr__(cfg, name, float(v))
+
+
+def _check_choice(cfg: TrialConfig, name: str, choices) -> None:
+    v = getattr(cfg, name)
+    if v not in choices:
+        _fail(name, v, f"must be one of {', '.join(choices)}")
+
+
+def _validate(cfg: TrialConfig) -> None:
+    _check_choice(cfg, "dataset", tuple(DATASETS))
+    if not isinstance(cfg.model, str):
+        _fail("model", cfg.model, "must be a string")
+    m = _PRERESNET.match(cfg.model)
+    if cfg.model not in ("cnn", "linear") and not (m and (int(m.group(1)) - 2) % 6 == 0 and int(m.group(1)) >= 8):
+        _fail("model", cfg.model, "must be cnn, linear or preresnet<depth> with depth = 6n+2 >= 8 (e.g. preresnet20)")
+    _check_choice(cfg, "trigger", TRIGGERS)
+    _check_choice(cfg, "poison_mode", POISON_MODES)
+    _check_choice(cfg, "penalty", PENALTIES)
+    _check_choice(cfg, "hessian_split", HESSIAN_SPLITS)
+    _check_choice(cfg, "hessian_method", HESSIAN_METHODS)
+    _check_choice(cfg, "hessian_dtype", DTYPES)
+    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        _fail("device", cfg.device, "must be auto, cpu, cuda or cuda:N")
+    if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
+        _fail("data_dir", cfg.data_dir, "must be a non-empty path")
+    for name in ("download", "verify_checksums", "augment", "hessian", "geometry"):
+        if not isinstance(getattr(cfg, name), bool):
+            _fail(name, getattr(cfg, name), "must be true or false")
+
+    _check_float(cfg, "theta", 0.0, 1.0, hi_open=True)
+    _check_int(cfg, "target", 0, cfg.num_classes - 1)
+    _check_float(cfg, "kappa", 0.0, math.inf, hi_open=True)
+    _check_float(cfg, "warp_strength", 0.0, 1.0, lo_open=True)
+    _check_int(cfg, "warp_grid", 2, 64)
+    _check_int(cfg, "warp_seed", 0, 2**31 - 1)
+    _check_int(cfg, "epochs", 1, 100_000)
+    _check_float(cfg, "momentum", 0.0, 1.0, hi_open=True)
+    _check_float(cfg, "weight_decay", 0.0, 1.0)
+    _check_float(cfg, "lr_decay", 0.0, 1.0, lo_open=True)
+    _check_int(cfg, "lr_drops", 0, 100)
+    _check_int(cfg, "eval_batch_size", 1, 1_000_000)
+    _check_int(cfg, "seed", 0, 2**31 - 1)
+    _check_int(cfg, "hessian_samples", 1, 10_000_000)
+    _check_int(cfg, "hessian_iterations", 1, 10_000)
+    _check_int(cfg, "hessian_top_k", 1, 1000)
+    _check_int(cfg, "spectrum_every", 0, 100_000)
+    if cfg.hessian_top_k > cfg.hessian_iterations:
+        _fail("hessian_top_k", cfg.hessian_top_k, f"must be <= hessian_iterations ({cfg.hessian_iterations})")
+
+    _, h, _ = cfg.image_shape
+    for key in ("lr", "batch_size", "trigger_size", "trigger_margin", "crop_padding"):
+        if getattr(cfg, key) is None:
+            object.__setattr__(cfg, key, _derived_default(cfg, key))
+    _check_float(cfg, "lr", 0.0, 100.0, lo_open=True)
+    _check_int(cfg, "batch_size", 1, 1_000_000)
+    _check_int(cfg, "trigger_size", 1, h)
+    _check_int(cfg, "trigger_margin", 0, h - 1)
+    _check_int(cfg, "crop_padding", 0, h)
+    if cfg.trigger_margin + cfg.trigger_size > h:
+        _fail("trigger_margin", cfg.trigger_margin,
+              f"trigger_margin + trigger_size must be <= image size {h} (trigger_size={cfg.trigger_size})")

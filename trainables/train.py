@@ -1,0 +1,289 @@
+"""One trial: poison the training set, train with the input-gradient penalty, evaluate.
+
+:class:`Trial` owns every piece of state (data on the device, model, optimizer, poisoner,
+RNGs) and advances one epoch at a time, so a driver (the CLI, a Ray Tune trainable) can
+report and checkpoint between epochs; :func:`run_trial` is the plain loop over it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import SweeperError, TrialConfig
+from .data import ImageData, load_dataset
+from .models import make_model
+from .penalty import penalized_loss, per_sample_input_grad_sq
+from .poison import Poisoner
+from .triggers import make_trigger
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(SweeperError):
+    """A checkpoint that cannot be resumed (another config, another version, unreadable)."""
+
+
+@dataclass
+class TrialResult:
+    """What a trial produced: final metrics, per-epoch history and analysis artifacts."""
+
+    config: dict[str, Any]
+    status: str  # completed | diverged
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    diverged_epoch: int | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)  # arrays/tables for tracking (not JSON)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The JSON-able part: config, metrics, status, history."""
+        return {"config": self.config, "metrics": self.metrics, "status": self.status,
+                "diverged_epoch": self.diverged_epoch, "history": self.history}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable CUDA request is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SweeperError(f"device={name!r} is invalid: CUDA is not available here (use cpu or auto)")
+    return torch.device(name)
+
+
+def lr_at(cfg: TrialConfig, epoch: int) -> float:
+    """Step schedule: ``lr * lr_decay**k`` in the k-th of ``lr_drops + 1`` equal spans of the run."""
+    k = min(cfg.lr_drops, (epoch * (cfg.lr_drops + 1)) // cfg.epochs)
+    return cfg.lr * cfg.lr_decay**k
+
+
+def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip of a whole batch, no per-sample Python."""
+    b, _, h, w = x.shape
+    offs = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(x.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    if padding:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        rows = offs[0, :, None] + torch.arange(h, device=x.device)  # (B, H)
+        cols = offs[1, :, None] + torch.arange(w, device=x.device)  # (B, W)
+        bidx = torch.arange(b, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+class Trial:
+    """A trial's full state, advanced epoch by epoch."""
+
+    def __init__(self, cfg: TrialConfig, data: ImageData | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        if data is None:
+            data = load_dataset(cfg.dataset, cfg.data_dir, cfg.verify_checksums, cfg.download)
+        self.data = data.to(self.device)
+        self.trigger = make_trigger(cfg)
+        self.direction = self.trigger.direction(self.data)  # (C, H, W) unit, zero-mean
+        self.poisoner = Poisoner(self.data.train_y, cfg.theta, cfg.target, cfg.poison_mode, cfg.seed)
+        self.model = make_model(cfg.model, cfg.image_shape, cfg.num_classes).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, float]] = []
+        self.status = "running"
+        self.diverged_epoch: int | None = None
+        self.last_mask: torch.Tensor | None = None  # poison mask of the last epoch trained
+        nontarget = self.data.test_y != cfg.target  # ASR never counts target-class images
+        self.asr_x = self.data.normalize(self.trigger.apply(self.data.test_x[nontarget]))
+        self.test_x = self.data.normalize(self.data.test_x)
+
+    @property
+    def done(self) -> bool:
+        """True once all epochs ran or training diverged."""
+        return self.status != "running"
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the (re-)poisoned training set; returns the epoch's metrics."""
+        cfg, data = self.cfg, self.data
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mask = self.poisoner.mask_for_epoch()
+        self.last_mask = mask
+        labels = self.poisoner.poisoned_labels(mask)
+        perm = torch.randperm(len(labels), generator=self.generator).to(self.device)
+        self.model.train()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # sample-weighted ce, penalty
+        seen = 0
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            x = data.train_x[idx]
+            if cfg.augment:
+                x = augment_batch(x, cfg.crop_padding, self.generator)
+            x = data.normalize(self.trigger.apply(x, mask[idx]))  # trigger after augmentation (Listing 3)
+            y = labels[idx]
+            objective, ce, penalty = penalized_loss(self.model, x, y, cfg.kappa, cfg.penalty)
+            if not torch.isfinite(objective):
+                self.status, self.diverged_epoch = "diverged", self.epoch + 1
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            self.optimizer.step()
+            sums += torch.stack([ce.detach(), penalty.detach()]).double() * len(y)  # no host sync per step
+            seen += len(y)
+        self.epoch += 1
+        n = max(seen, 1)
+        metrics = {"epoch": self.epoch, "lr": lr, "train_loss": float(sums[0]) / n,
+                   "penalty": float(sums[1]) / n, "n_poisoned": int(mask.sum())}
+        if self.status == "diverged":
+            metrics.update(train_loss=math.nan, penalty=math.nan)
+        else:
+            metrics.update(self.evaluate(mask, labels))
+            if self.epoch >= cfg.epochs:
+                self.status = "completed"
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        self.history.append(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        if len(y) == 0:
+            return math.nan
+        correct = 0
+        for s in range(0, len(y), self.cfg.eval_batch_size):
+            pred = self.model(x[s:s + self.cfg.eval_batch_size]).argmax(1)
+            correct += int((pred == y[s:s + self.cfg.eval_batch_size]).sum())
+        return correct / len(y)
+
+    def evaluate(self, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """clean_acc, asr, train_acc (on the poisoned training set as trained) and the input-Fisher trace."""
+        cfg, data = self.cfg, self.data
+        self.model.eval()
+        if mask is None:
+            mask = self.poisoner.fixed if self.poisoner.fixed is not None else torch.zeros_like(data.train_y, dtype=torch.bool)
+            labels = self.poisoner.poisoned_labels(mask)
+        train_x = data.normalize(self.trigger.apply(data.train_x, mask))
+        target = torch.full((len(self.asr_x),), cfg.target, device=self.device)
+        n_f = min(1000, len(data.test_y))
+        fisher = per_sample_input_grad_sq(self.model, self.test_x[:n_f], data.test_y[:n_f]).mean()
+        return {"clean_acc": self._accuracy(self.test_x, data.test_y),
+                "asr": self._accuracy(self.asr_x, target),
+                "train_acc": self._accuracy(train_x, labels),
+                "fisher_trace": float(fisher)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: model, optimizer, epoch, history, RNGs."""
+        np_state = np.random.get_state()
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "status": self.status,
+            "diverged_epoch": self.diverged_epoch,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "poisoner": self.poisoner.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python_rng": random.getstate(),
+        }
+        if self.device.type == "cuda":  # untested here (no GPU on the CI machine)
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; refuses one written for another config."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        if state["config"] != self.cfg.to_dict():
+            diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k))
+            raise CheckpointError(f"checkpoint was written for another config (fields differ: {diff})")
+        self.epoch = state["epoch"]
+        self.status = state["status"]
+        self.diverged_epoch = state["diverged_epoch"]
+        self.history = list(state["history"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.poisoner.load_state_dict(state["poisoner"])
+        torch.set_rng_state(state["torch_rng"])
+        name, keys, *rest = state["numpy_rng"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(_as_tuple(state["python_rng"]))
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically write the checkpoint (a crash mid-write leaves the previous one intact)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Read a checkpoint with ``weights_only=True`` (no arbitrary code) and restore it."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"unreadable checkpoint {path}: {type(e).__name__}: {e}") from None
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ result
+    def result(self) -> TrialResult:
+        """Final metrics (the last epoch's) with history and status."""
+        final = dict(self.history[-1]) if self.history else {}
+        final.pop("epoch_seconds", None)
+        final["train_seconds"] = sum(h.get("epoch_seconds", 0.0) for h in self.history)
+        return TrialResult(config=self.cfg.to_dict(), status=self.status, metrics=final,
+                           history=list(self.history), diverged_epoch=self.diverged_epoch)
+
+
+def _as_tuple(obj):
+    return tuple(_as_tuple(o) for o in obj) if isinstance(obj, list | tuple) else obj
+
+
+def run_trial(cfg: TrialConfig, checkpoint: str | os.PathLike | None = None,
+              on_epoch: Callable[[dict[str, float]], None] | None = None,
+              data: ImageData | None = None, max_epochs: int | None = None) -> TrialResult:
+    """Train a trial to the end (or for ``max_epochs`` more epochs), checkpointing each epoch.
+
+    An existing ``checkpoint`` is resumed; ``on_epoch`` receives every epoch's metrics.
+    """
+    trial = Trial(cfg, data)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        trial.load(checkpoint)
+    ran = 0
+    while not trial.done and (max_epochs is None or ran < max_epochs):
+        metrics = trial.train_epoch()
+        ran += 1
+        if checkpoint is not None:
+            trial.save(checkpoint)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return trial.result()
+
+
+def write_json(result: TrialResult, path: str | os.PathLike) -> None:
+    """Write ``{"config", "metrics", "status", ...}`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result.to_json_dict(), indent=2, default=float, allow_nan=True))
+    tmp.replace(path)

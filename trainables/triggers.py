@@ -1,0 +1,117 @@
+"""Backdoor triggers as pure batched functions on ``(B, C, H, W)`` images in ``[0, 1]``.
+
+Each trigger also yields its *direction*: a unit-norm, zero-mean ``(C, H, W)`` tensor in
+the normalized input space against which Hessian eigenvectors are compared (Listing 7).
+For the additive triggers this is Listing 2's mask; for the warp, the normalized mean of
+``triggered - clean`` over a fixed sample of training images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def lshape_pixels(h: int, w: int, margin: int = 3, size: int = 2) -> torch.Tensor:
+    """Boolean (H, W) map of Listing 2's L-shape: the arms cross at the centre pixel of the block."""
+    ys = slice(margin, margin + size)
+    xs = slice(w - margin - size, w - margin)
+    cy = (ys.start + ys.stop - 1) // 2
+    cx = (xs.start + xs.stop - 1) // 2
+    pix = torch.zeros(h, w, dtype=torch.bool)
+    pix[ys, cx] = True  # vertical arm
+    pix[cy, xs] = True  # horizontal arm
+    return pix
+
+
+def square_pixels(h: int, w: int, margin: int = 1, size: int = 4) -> torch.Tensor:
+    """Boolean (H, W) map of a size x size square, ``margin`` px from the lower-right corner (Sec. 4)."""
+    pix = torch.zeros(h, w, dtype=torch.bool)
+    pix[h - margin - size:h - margin, w - margin - size:w - margin] = True
+    return pix
+
+
+def unit_direction(v: torch.Tensor) -> torch.Tensor:
+    """Zero-mean, unit-norm copy of ``v`` (Listing 2's normalization, eps 1e-8)."""
+    v = v - v.mean()
+    return v / (v.norm() + 1e-8)
+
+
+@dataclass
+class PatchTrigger:
+    """Sets the trigger pixels to 1.0 in every channel (Listings 2-3)."""
+
+    pixels: torch.Tensor  # (H, W) bool
+    channels: int
+
+    def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Triggered copy of ``x``; only rows where ``mask`` is true when a mask is given."""
+        where = self.pixels.to(x.device).view(1, 1, *self.pixels.shape)
+        if mask is not None:
+            where = where & mask.view(-1, 1, 1, 1)
+        return torch.where(where, torch.ones((), dtype=x.dtype, device=x.device), x)
+
+    def direction(self, data=None) -> torch.Tensor:
+        """Listing 2's mask: the pattern in every channel, zero-mean and unit-norm."""
+        mask = self.pixels.to(torch.float32).expand(self.channels, *self.pixels.shape)
+        return unit_direction(mask.clone())
+
+
+@dataclass
+class WarpTrigger:
+    """WaNet (Nguyen et al. 2021): a fixed smooth random warp of the whole image.
+
+    The control grid is ``k x k`` uniform noise in [-1, 1] scaled to mean |.| = 1, upsampled
+    bicubically to the image; the sampling grid is ``identity + strength * noise`` in
+    grid_sample's [-1, 1] coordinates, so ``strength`` is the largest typical displacement as a
+    fraction of the half-width (WaNet's ``s`` equals ``strength * H``; 0.02 on 32 px = 0.32 px).
+    """
+
+    grid: torch.Tensor  # (1, H, W, 2) sampling grid
+    channels: int
+
+    @classmethod
+    def make(cls, h: int, w: int, channels: int, strength: float, k: int = 4, seed: int = 0) -> WarpTrigger:
+        """Build the warp field deterministically from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        ins = torch.rand(1, 2, k, k, generator=g, dtype=torch.float64) * 2 - 1
+        ins = ins / ins.abs().mean()
+        noise = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64),
+                                torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij")
+        identity = torch.stack((xs, ys), dim=-1)[None]
+        grid = (identity + strength * noise).clamp(-1, 1)
+        return cls(grid=grid.to(torch.float32), channels=channels)
+
+    def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Warped copy of ``x``; only rows where ``mask`` is true when a mask is given."""
+        grid = self.grid.to(device=x.device, dtype=x.dtype)
+        if mask is None:
+            return F.grid_sample(x, grid.expand(x.shape[0], -1, -1, -1), align_corners=True)
+        out = x.clone()
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel():
+            sel = x.index_select(0, idx)
+            out[idx] = F.grid_sample(sel, grid.expand(sel.shape[0], -1, -1, -1), align_corners=True)
+        return out
+
+    def direction(self, data) -> torch.Tensor:
+        """Normalized mean of ``normalize(warp(x)) - normalize(x)`` over the first 512 training images."""
+        x = data.train_x[:512]
+        delta = data.normalize(self.apply(x)) - data.normalize(x)
+        return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
+
+
+Trigger = PatchTrigger | WarpTrigger
+
+
+def make_trigger(cfg) -> Trigger:
+    """The trigger a :class:`~trainables.config.TrialConfig` asks for."""
+    c, h, w = cfg.image_shape
+    if cfg.trigger == "lshape":
+        return PatchTrigger(lshape_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c)
+    if cfg.trigger == "square":
+        return PatchTrigger(square_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c)
+    return WarpTrigger.make(h, w, c, cfg.warp_strength, cfg.warp_grid, cfg.warp_seed)
