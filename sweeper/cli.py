@@ -152,7 +152,7 @@ def trial(
     hessian_samples: Annotated[int, _opt("At most this many samples averaged into H.", min=1)] = _D["hessian_samples"],
     hessian_iterations: Annotated[int, _opt("Lanczos iterations (paper: 10).", min=1)] = _D["hessian_iterations"],
     hessian_top_k: Annotated[int, _opt("Eigenpairs kept, <= iterations.", min=1)] = _D["hessian_top_k"],
-    hessian_method: Annotated[HessianMethod, _opt("Hessian-vector product: auto picks gauss-newton on piecewise-linear nets.")] = _D["hessian_method"],
+    hessian_method: Annotated[HessianMethod, _opt("Hessian-vector product; gauss-newton (J^T S J) is exact on our piecewise-linear nets; auto = double-backward.")] = _D["hessian_method"],
     hessian_dtype: Annotated[DType, _opt("Precision of the spectrum computation.")] = _D["hessian_dtype"],
     spectrum_every: Annotated[int, _opt("Also measure the spectrum every N epochs (0: only at the end).", min=0)] = _D["spectrum_every"],
     geometry: Annotated[bool, _opt("Penultimate-feature geometry table (Appendix B).")] = _D["geometry"],

@@ -24,16 +24,25 @@ def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: b
     console = Console(stderr=True)
     if quiet:
         return run_trial(cfg, checkpoint=checkpoint)
-    if not console.is_terminal:  # logs and CI: a plain line per epoch
+    if not console.is_terminal:  # logs and CI: a plain line per epoch, one per 5 Lanczos steps
         def log(m: dict) -> None:
             print(f"epoch {m['epoch']}/{cfg.epochs} {_describe(m)}", file=sys.stderr, flush=True)
-        return run_trial(cfg, checkpoint=checkpoint, on_epoch=log)
+
+        def log_lanczos(i: int) -> None:
+            if i == 1 or i % 5 == 0 or i == cfg.hessian_iterations:
+                print(f"input-Hessian Lanczos {i}/{cfg.hessian_iterations}", file=sys.stderr, flush=True)
+        return run_trial(cfg, checkpoint=checkpoint, on_epoch=log, on_lanczos=log_lanczos)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("epochs", total=cfg.epochs, info="")
+        lanczos = progress.add_task("Lanczos", total=cfg.hessian_iterations, info="input Hessian",
+                                    visible=False)
 
         def on_epoch(m: dict) -> None:
             progress.update(task, completed=m["epoch"], info=_describe(m))
 
-        return run_trial(cfg, checkpoint=checkpoint, on_epoch=on_epoch)
+        def on_lanczos(i: int) -> None:
+            progress.update(lanczos, completed=i, visible=True)
+
+        return run_trial(cfg, checkpoint=checkpoint, on_epoch=on_epoch, on_lanczos=on_lanczos)

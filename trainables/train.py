@@ -22,6 +22,8 @@ import torch
 
 from .config import SweeperError, TrialConfig
 from .data import ImageData, load_dataset
+from .geometry import feature_geometry, features, geometry_summary
+from .hessian import InputHessian, spectrum_metrics, top_eigenpairs
 from .models import make_model
 from .penalty import penalized_loss, per_sample_input_grad_sq
 from .poison import Poisoner
@@ -46,9 +48,13 @@ class TrialResult:
     artifacts: dict[str, Any] = field(default_factory=dict)  # arrays/tables for tracking (not JSON)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The JSON-able part: config, metrics, status, history."""
-        return {"config": self.config, "metrics": self.metrics, "status": self.status,
-                "diverged_epoch": self.diverged_epoch, "history": self.history}
+        """The JSON-able part: config, metrics, status, history, spectrum and geometry table."""
+        out = {"config": self.config, "metrics": self.metrics, "status": self.status,
+               "diverged_epoch": self.diverged_epoch, "history": self.history}
+        for key in ("eigenvalues", "overlaps", "geometry"):
+            if key in self.artifacts:
+                out[key] = self.artifacts[key]
+        return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,6 +110,8 @@ class Trial:
         self.status = "running"
         self.diverged_epoch: int | None = None
         self.last_mask: torch.Tensor | None = None  # poison mask of the last epoch trained
+        self.analysis: dict[str, float] = {}  # final spectrum + geometry metrics, once analysed
+        self.artifacts: dict[str, Any] = {}  # eigenvectors, eigenvalues, geometry rows
         nontarget = self.data.test_y != cfg.target  # ASR never counts target-class images
         self.asr_x = self.data.normalize(self.trigger.apply(self.data.test_x[nontarget]))
         self.test_x = self.data.normalize(self.data.test_x)
@@ -154,6 +162,9 @@ class Trial:
             metrics.update(self.evaluate(mask, labels))
             if self.epoch >= cfg.epochs:
                 self.status = "completed"
+            elif cfg.hessian and cfg.spectrum_every and self.epoch % cfg.spectrum_every == 0:
+                spec, _, _ = self.spectrum()  # onset of visibility during training
+                metrics.update({k: v for k, v in spec.items() if k.startswith(("lambda_1", "eig_gap", "overlap", "max_overlap"))})
         metrics["epoch_seconds"] = time.perf_counter() - t0
         self.history.append(metrics)
         return metrics
@@ -184,6 +195,79 @@ class Trial:
                 "train_acc": self._accuracy(train_x, labels),
                 "fisher_trace": float(fisher)}
 
+    # ------------------------------------------------------------------ input-space analysis
+    def hessian_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized inputs and labels averaged into H, per the paper's threat models (Sec. 5).
+
+        stochastic poisoning -> the clean training data (the defender holds only clean data);
+        deterministic -> the poisoned training set as trained on; or ``hessian_split``'s choice.
+        A seeded random subset of ``hessian_samples`` is taken when the split is larger.
+        """
+        cfg, data = self.cfg, self.data
+        split = cfg.hessian_split
+        if split == "auto":
+            split = "clean-train" if cfg.poison_mode == "stochastic" else "poisoned-train"
+        if split == "test":
+            x, y = data.test_x, data.test_y
+        elif split == "clean-train":
+            x, y = data.train_x, data.train_y
+        else:
+            mask = self.poisoner.fixed if self.poisoner.fixed is not None else self.last_mask
+            if mask is None:
+                mask = torch.zeros_like(data.train_y, dtype=torch.bool)
+            x, y = self.trigger.apply(data.train_x, mask), self.poisoner.poisoned_labels(mask)
+        if len(y) > cfg.hessian_samples:
+            g = torch.Generator().manual_seed(cfg.seed + 7)
+            idx = torch.randperm(len(y), generator=g)[:cfg.hessian_samples].sort().values.to(y.device)
+            x, y = x[idx], y[idx]
+        return data.normalize(x), y
+
+    def hessian_operator(self) -> InputHessian:
+        """The input Hessian of the current model on :meth:`hessian_data`."""
+        cfg = self.cfg
+        method = cfg.hessian_method
+        if method == "auto":  # gauss-newton measured no faster on CPU (benchmarks/hessian.py)
+            method = "double-backward"
+        elif method == "gauss-newton" and not getattr(self.model, "piecewise_linear", False):
+            raise ValueError(f"hessian_method='gauss-newton' is exact only for piecewise-linear nets, not {cfg.model}")
+        dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
+        x, y = self.hessian_data()
+        return InputHessian(self.model, x, y, cfg.eval_batch_size, method, dtype)
+
+    def spectrum(self, on_iteration: Callable[[int], None] | None = None
+                 ) -> tuple[dict[str, float], torch.Tensor, list[float]]:
+        """Top-k input-Hessian eigenpairs and trigger overlaps: (metrics, (k, C, H, W) vectors, overlaps)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        op = self.hessian_operator()
+        spec = top_eigenpairs(op, cfg.hessian_top_k, cfg.hessian_iterations, seed=cfg.seed, on_iteration=on_iteration)
+        metrics, vecs, overlaps = spectrum_metrics(spec, self.direction)
+        metrics["hessian_samples"] = len(op.y)
+        metrics["hessian_seconds"] = time.perf_counter() - t0
+        return metrics, vecs.T.reshape(-1, *cfg.image_shape).float().cpu(), overlaps
+
+    def analyze(self, on_iteration: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Final input-space analysis: spectrum + overlaps and feature geometry (once; kept in checkpoints)."""
+        cfg, data = self.cfg, self.data
+        if self.analysis or self.status != "completed":
+            return self.analysis
+        out: dict[str, float] = {}
+        if cfg.hessian:
+            metrics, vecs, overlaps = self.spectrum(on_iteration)
+            out.update(metrics)
+            self.artifacts["eigenvalues"] = [out[f"lambda_{j + 1}"] for j in range(cfg.hessian_top_k)]
+            self.artifacts["overlaps"] = overlaps
+            self.artifacts["eigenvectors"] = vecs
+            self.artifacts["trigger_direction"] = self.direction.float().cpu()
+        if cfg.geometry:
+            clean = features(self.model, self.test_x, cfg.eval_batch_size)
+            trig = features(self.model, data.normalize(self.trigger.apply(data.test_x)), cfg.eval_batch_size)
+            rows = feature_geometry(clean, trig, data.test_y, cfg.target, cfg.num_classes)
+            self.artifacts["geometry"] = rows
+            out.update(geometry_summary(rows, cfg.target))
+        self.analysis = out
+        return out
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit: model, optimizer, epoch, history, RNGs."""
@@ -202,6 +286,9 @@ class Trial:
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python_rng": random.getstate(),
+            "last_mask": self.last_mask,
+            "analysis": self.analysis,
+            "artifacts": self.artifacts,
         }
         if self.device.type == "cuda":  # untested here (no GPU on the CI machine)
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -226,6 +313,9 @@ class Trial:
         name, keys, *rest = state["numpy_rng"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         random.setstate(_as_tuple(state["python_rng"]))
+        self.last_mask = state["last_mask"]
+        self.analysis = dict(state["analysis"])
+        self.artifacts = dict(state["artifacts"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
@@ -251,8 +341,10 @@ class Trial:
         final = dict(self.history[-1]) if self.history else {}
         final.pop("epoch_seconds", None)
         final["train_seconds"] = sum(h.get("epoch_seconds", 0.0) for h in self.history)
+        final.update(self.analysis)
         return TrialResult(config=self.cfg.to_dict(), status=self.status, metrics=final,
-                           history=list(self.history), diverged_epoch=self.diverged_epoch)
+                           history=list(self.history), diverged_epoch=self.diverged_epoch,
+                           artifacts=dict(self.artifacts))
 
 
 def _as_tuple(obj):
@@ -261,10 +353,13 @@ def _as_tuple(obj):
 
 def run_trial(cfg: TrialConfig, checkpoint: str | os.PathLike | None = None,
               on_epoch: Callable[[dict[str, float]], None] | None = None,
-              data: ImageData | None = None, max_epochs: int | None = None) -> TrialResult:
-    """Train a trial to the end (or for ``max_epochs`` more epochs), checkpointing each epoch.
+              data: ImageData | None = None, max_epochs: int | None = None,
+              on_lanczos: Callable[[int], None] | None = None) -> TrialResult:
+    """Train a trial to the end (or for ``max_epochs`` more epochs), checkpointing each epoch,
+    then run the input-space analysis.
 
-    An existing ``checkpoint`` is resumed; ``on_epoch`` receives every epoch's metrics.
+    An existing ``checkpoint`` is resumed; ``on_epoch`` receives every epoch's metrics and
+    ``on_lanczos`` every Hessian-vector product of the final spectrum.
     """
     trial = Trial(cfg, data)
     if checkpoint is not None and Path(checkpoint).is_file():
@@ -277,6 +372,10 @@ def run_trial(cfg: TrialConfig, checkpoint: str | os.PathLike | None = None,
             trial.save(checkpoint)
         if on_epoch is not None:
             on_epoch(metrics)
+    if trial.status == "completed" and not trial.analysis and (cfg.hessian or cfg.geometry):
+        trial.analyze(on_lanczos)
+        if checkpoint is not None:
+            trial.save(checkpoint)
     return trial.result()
 
 
