@@ -179,6 +179,184 @@ def trial(
     return result.to_json_dict()
 
 
+# ----------------------------------------------------------------------------- sweeps
+GRID_FLAGS = ("theta", "kappa", "augment", "epochs", "dataset", "model", "trigger", "poison_mode")
+Axis = Annotated[str | None, typer.Option(show_default=False)]
+
+
+def _axis_opt(help: str) -> Any:
+    return typer.Option(help=help + " Values: a,b,c | START:STOP:STEP | log:START:STOP:N.", show_default=False)
+
+
+ThetaAxis = Annotated[str | None, _axis_opt("Poison fractions theta in [0, 1).")]
+KappaAxis = Annotated[str | None, _axis_opt("Penalty strengths kappa >= 0.")]
+AugmentAxis = Annotated[str | None, typer.Option(help="Augmentation: on, off or both.", show_default=False)]
+EpochsAxis = Annotated[str | None, _axis_opt("Epoch counts >= 1.")]
+SeedsOpt = Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list a,b,c.", show_default=False)]
+DatasetAxis = Annotated[str | None, typer.Option(help=f"Datasets, comma-separated: {', '.join(DATASETS)}.", show_default=False)]
+ModelAxis = Annotated[str | None, typer.Option(help="Models: cnn, linear, preresnet<6n+2>.", show_default=False)]
+TriggerAxis = Annotated[str | None, typer.Option(help="Triggers: lshape, square, warp.", show_default=False)]
+PoisonModeAxis = Annotated[str | None, typer.Option(help="Poison modes: deterministic, stochastic.", show_default=False)]
+SweepFileOpt = Annotated[Path | None, typer.Option(help="YAML sweep file (name, grid, fixed, seeds); flags override it.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other trial field, FIELD=VALUE(S); repeatable (e.g. --set lr=0.01).", show_default=False)]
+NameOpt = Annotated[str | None, typer.Option(help="Sweep name: folder, MLflow experiment [default: the sweep file's name, else digits-demo].", show_default=False)]
+StorageOpt = Annotated[str, typer.Option(help="Folder (or URI) holding sweeps, checkpoints and the embedded MLflow store.")]
+AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT [default: start a local Ray].", show_default=False)]
+MlflowOpt = Annotated[str | None, typer.Option(help="Tracking server URI [default: sqlite:///<storage>/mlflow.db].", show_default=False)]
+
+
+def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str | None,
+               sets: list[str] | None):
+    """The sweep's search space: sweep file (or the embedded digits defaults), then flags, then --set."""
+    from .spaces import DEFAULT_AXES, DEFAULT_FIXED, SpaceError, SweepSpec, load_sweep_file, parse_seeds, parse_values
+
+    if sweep_file is not None:
+        spec, file_name = load_sweep_file(sweep_file)
+        axes, fixed, seed_list = dict(spec.axes), dict(spec.fixed), spec.seeds
+    else:
+        file_name, axes, fixed, seed_list = None, dict(DEFAULT_AXES), dict(DEFAULT_FIXED), None
+    given = [(k, v) for k, v in flags.items() if v is not None]
+    for item in sets or []:
+        if "=" not in item:
+            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        given.append((k.strip().replace("-", "_"), v))
+    for key, text in given:
+        vals = parse_values(key, text)
+        axes.pop(key, None)
+        fixed.pop(key, None)
+        if len(vals) == 1:
+            fixed[key] = vals[0]
+        else:
+            axes[key] = vals
+    if seeds is not None:
+        seed_list = parse_seeds(seeds)
+        axes.pop("seed", None)
+        fixed.pop("seed", None)
+    return SweepSpec(axes=axes, fixed=fixed, seeds=seed_list), file_name
+
+
+def _print_rows(rows: list[dict[str, Any]], varying: list[str]) -> None:
+    import pandas as pd
+
+    from analysis.pareto import frontier
+
+    df = pd.DataFrame(rows)
+    if df.empty:
+        typer.echo("no trials")
+        return
+    cols = [c for c in varying if c in df.columns] + [c for c in ("seed", "status", "clean_acc", "asr",
+                                                                   "max_overlap_sq", "lambda_1") if c in df.columns]
+    typer.echo(df[cols].sort_values([c for c in varying if c in df.columns] or cols[:1]).to_string(
+        index=False, float_format=lambda v: f"{v:.4g}"))
+    ok = df[df["status"].isin(["completed"])] if "status" in df else df
+    if {"clean_acc", "asr"} <= set(ok.columns) and not ok.empty:
+        attack = [c for c in ("dataset", "model", "trigger", "poison_mode", "theta") if c in varying]
+        front = frontier(ok, group_by=attack or None)
+        typer.echo("\nsafety-efficacy frontier (maximize clean_acc, minimize asr" +
+                   (f"; per {', '.join(attack)}" if attack else "") + "):")
+        typer.echo(front[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    bad = df[~df["status"].isin(["completed"])] if "status" in df else df.iloc[:0]
+    if not bad.empty:
+        typer.echo("\nnot on any frontier (diverged / failed / unfinished):")
+        typer.echo(bad[[c for c in cols + ["error"] if c in bad.columns]].to_string(index=False))
+
+
+@app.command()
+def run(
+    theta: ThetaAxis = None, kappa: KappaAxis = None, augment: AugmentAxis = None, epochs: EpochsAxis = None,
+    seeds: SeedsOpt = None, dataset: DatasetAxis = None, model: ModelAxis = None, trigger: TriggerAxis = None,
+    poison_mode: PoisonModeAxis = None, sweep_file: SweepFileOpt = None, set_: SetOpt = None,
+    name: NameOpt = None, storage: StorageOpt = "./sweeps", address: AddressOpt = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial (> 0); also its torch threads.")] = 1.0,
+    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed [default: 1 if the cluster has GPUs, else 0].", show_default=False)] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="At most this many trials at once [default: as resources allow].", show_default=False)] = None,
+    mlflow_uri: MlflowOpt = None,
+    max_failures: Annotated[int, typer.Option(help="Retries of a trial that raised (>= 0); it resumes from its checkpoint.")] = 2,
+    quiet: Annotated[bool, typer.Option(help="Less Ray Tune output.")] = False,
+) -> dict[str, Any]:
+    """Run a grid sweep on Ray Tune, tracked in MLflow; prints the trials and the frontier.
+
+    With no flags: theta in {0.05, 0.1} x kappa in {0, 200, 400, 800} on digits, 15 epochs.
+    """
+    from .orchestrate import SweepOptions, run_sweep
+
+    flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
+    spec, file_name = build_spec(sweep_file, flags, seeds, set_)
+    opts = SweepOptions(name=name or file_name or "digits-demo", storage=storage, address=address,
+                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
+                        mlflow_uri=mlflow_uri, max_failures=max_failures, verbose=0 if quiet else 1)
+    report = run_sweep(spec, opts)
+    _report(report, list(spec.axes) + (["seed"] if spec.seeds else []))
+    return {"counts": report.counts, "rows": report.rows, "path": report.path}
+
+
+def _report(report, varying: list[str]) -> None:
+    typer.echo(f"\nsweep {report.name}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
+    _print_rows(report.rows, varying)
+    typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})"
+               f"\nbrowse: mlflow ui --backend-store-uri {report.mlflow_uri}")
+
+
+@app.command()
+def plan(
+    theta: ThetaAxis = None, kappa: KappaAxis = None, augment: AugmentAxis = None, epochs: EpochsAxis = None,
+    seeds: SeedsOpt = None, dataset: DatasetAxis = None, model: ModelAxis = None, trigger: TriggerAxis = None,
+    poison_mode: PoisonModeAxis = None, sweep_file: SweepFileOpt = None, set_: SetOpt = None,
+    concurrency: Annotated[int, typer.Option(help="Trials at once, for the wall-clock estimate.", min=1)] = 2,
+) -> dict[str, Any]:
+    """Print the grid size, every trial and a rough CPU cost, without running anything."""
+    import pandas as pd
+
+    from .spaces import estimate_seconds
+
+    flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
+    spec, _ = build_spec(sweep_file, flags, seeds, set_)
+    configs = spec.configs()
+    varying = list(spec.axes) + (["seed"] if spec.seeds else [])
+    cost = [estimate_seconds(c) for c in configs]
+    df = pd.DataFrame([{k: c.to_dict()[k] for k in varying} for c in configs])
+    df["est_seconds"] = cost
+    typer.echo(f"{len(configs)} trials; fixed: " + ", ".join(f"{k}={v}" for k, v in spec.fixed.items()))
+    typer.echo(df.to_string(index=True, float_format=lambda v: f"{v:.3g}"))
+    total = sum(cost)
+    typer.echo(f"rough cost on CPU: {total / 60:.1f} trial-minutes, ~{total / 60 / concurrency:.1f} min at "
+               f"concurrency {concurrency} (a GPU is typically 10-50x faster for preresnet)")
+    return {"n_trials": len(configs), "est_seconds": total}
+
+
+@app.command()
+def resume(
+    name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage).")],
+    storage: StorageOpt = "./sweeps",
+    errored: Annotated[str, typer.Option(help="Trials that raised: restart (from scratch), resume (from their checkpoint) or skip.")] = "resume",
+    address: AddressOpt = None,
+) -> dict[str, Any]:
+    """Continue an interrupted sweep: nothing finished is re-run, unfinished trials continue from their last epoch."""
+    from .orchestrate import read_meta, resolve_storage, resume_sweep
+
+    report = resume_sweep(name, storage, errored=errored, address=address)
+    meta = read_meta(resolve_storage(storage), name) or {}
+    spec = meta.get("spec", {})
+    varying = list(spec.get("axes", {})) + (["seed"] if spec.get("seeds") else [])
+    _report(report, varying)
+    return {"counts": report.counts, "rows": report.rows}
+
+
+@app.command()
+def status(
+    name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage).")],
+    storage: StorageOpt = "./sweeps",
+) -> dict[str, Any]:
+    """Trials completed / diverged / failed / running (or interrupted) / pending of a sweep."""
+    from .orchestrate import sweep_status
+
+    st = sweep_status(name, storage)
+    typer.echo(f"sweep {st['name']} ({st['path']}): " + ", ".join(
+        f"{st[k]} {k}" for k in ("completed", "diverged", "failed", "running", "pending", "total")))
+    return st
+
+
 def _check_writable(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise SweeperError(f"--json {path} already exists; refusing to overwrite it (pass --overwrite)")

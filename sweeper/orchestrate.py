@@ -1,0 +1,415 @@
+"""Ray Tune orchestration: one place builds the Tuner, runs, resumes and summarises sweeps.
+
+A sweep lives in ``<storage>/<name>/``: Ray Tune's experiment folder (trial checkpoints,
+results) plus our ``sweeper.json`` (the search space, the MLflow URI, experiment and parent run
+ids, resources) which makes ``sweeper resume NAME`` and ``sweeper status NAME`` possible.
+Trials checkpoint every epoch through :class:`trainables.train.Trial`, so an interrupted trial
+continues from its last epoch and a finished one is never re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainables.config import SweeperError, TrialConfig
+
+from . import tracking
+from .spaces import SweepSpec
+
+META = "sweeper.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass
+class SweepOptions:
+    """How to run a sweep (not what): resources, storage, tracking, failure policy."""
+
+    name: str = "digits-demo"
+    storage: str = "./sweeps"  # local folder (absolutized) or a URI such as file:///shared/sweeps
+    address: str | None = None  # None: start a local Ray; 'auto' or host:port / ray://host:port: join
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    max_concurrent: int | None = None
+    mlflow_uri: str | None = None  # None: sqlite:///<storage>/mlflow.db
+    max_failures: int = 2
+    verbose: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_name(name: str) -> None:
+    """Sweep names become folder and experiment names."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SweeperError(f"--name {name!r} is invalid: use 1-100 letters, digits, '.', '_' or '-', "
+                           f"starting with a letter or digit")
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def resolve_storage(storage: str) -> str:
+    """Absolute local path (Ray changes the working directory of trials) or the URI unchanged."""
+    if is_uri(storage):
+        if not storage.startswith(("file://", "s3://", "gs://", "hdfs://", "abfs://")):
+            raise SweeperError(f"--storage {storage!r} is invalid: expected a path or a file://, s3://, gs://, "
+                               f"hdfs:// or abfs:// URI")
+        return storage.rstrip("/")
+    path = Path(storage).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise SweeperError(f"--storage {storage} is a file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SweeperError(f"--storage {storage}: cannot create folder: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise SweeperError(f"--storage {storage} is not writable")
+    return str(path)
+
+
+def check_address(address: str | None, timeout: float = 3.0) -> None:
+    """A cluster address must parse and, for host:port, accept a TCP connection — before Ray starts."""
+    if address in (None, "auto", "local"):
+        return
+    m = re.fullmatch(r"(ray://)?([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})", address)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise SweeperError(f"--address {address!r} is invalid: expected auto, HOST:PORT or ray://HOST:PORT")
+    host, port = m.group(2).strip("[]"), int(m.group(3))
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SweeperError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
+                           f"start the cluster (ray start --head / ray up cluster.yaml) or omit --address") from None
+
+
+def check_resources(opts: SweepOptions) -> None:
+    if not opts.cpus_per_trial > 0:
+        raise SweeperError(f"--cpus-per-trial={opts.cpus_per_trial} is invalid: must be > 0")
+    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
+        raise SweeperError(f"--gpus-per-trial={opts.gpus_per_trial} is invalid: must be >= 0 (fractions allowed)")
+    if opts.max_concurrent is not None and opts.max_concurrent < 1:
+        raise SweeperError(f"--max-concurrent={opts.max_concurrent} is invalid: must be >= 1")
+    if opts.max_failures < 0:
+        raise SweeperError(f"--max-failures={opts.max_failures} is invalid: must be >= 0")
+
+
+# ----------------------------------------------------------------------------- sweep folder metadata
+def _fs(storage: str):
+    import pyarrow.fs
+
+    if is_uri(storage):
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), storage
+
+
+def sweep_path(storage: str, name: str) -> str:
+    return f"{storage}/{name}"
+
+
+def read_meta(storage: str, name: str) -> dict[str, Any] | None:
+    """The sweep's ``sweeper.json``, or None when there is no such sweep."""
+    import pyarrow.fs
+
+    fs, root = _fs(storage)
+    path = f"{root}/{name}/{META}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def write_meta(storage: str, name: str, meta: dict[str, Any]) -> None:
+    fs, root = _fs(storage)
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    tmp, final = f"{root}/{name}/{META}.tmp", f"{root}/{name}/{META}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(meta, indent=2, default=str).encode())
+    fs.move(tmp, final)
+
+
+def sweep_exists(storage: str, name: str) -> bool:
+    import pyarrow.fs
+
+    fs, root = _fs(storage)
+    return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
+
+
+# ----------------------------------------------------------------------------- the trainable
+def trainable(config: dict[str, Any]) -> None:
+    """One trial inside Ray Tune: resume from Tune's checkpoint, train, log to MLflow, report.
+
+    ``config["trial"]`` is the TrialConfig dict, ``config["sweep"]`` the tracking settings (kept in
+    the param space so a restored Tuner has them). Imports stay inside: workers import on demand.
+    """
+    import logging
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    from trainables.train import Trial
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
+    sweep = config["sweep"]
+    torch.set_num_threads(max(1, int(sweep["threads"])))
+    cfg = TrialConfig.from_dict(config["trial"])
+    trial = Trial(cfg)
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            trial.load(Path(d) / "trial.pt")
+    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
+                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id())
+
+    def report(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            trial.save(Path(d) / "trial.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        for past in trial.history:  # epochs run before a restart: make sure MLflow has them
+            tracker.log_epoch(past)
+        while not trial.done:
+            metrics = trial.train_epoch()
+            tracker.log_epoch(metrics)
+            if not trial.done:
+                report({**metrics, "status": "running", "trial_key": tracker.key})
+        trial.analyze()
+        result = trial.result()
+        tracker.log_final(result)
+        import ray
+
+        report({**result.metrics, "status": result.status, "trial_key": tracker.key,
+                "diverged": int(result.status == "diverged"), "mlflow_run_id": tracker.run_id or "",
+                "node_id": ray.get_runtime_context().get_node_id()})
+    except Exception as e:
+        tracker.log_failure(e)
+        raise
+
+
+def _trainable_for(meta: dict[str, Any]):
+    from ray import tune
+
+    return tune.with_resources(trainable, {"cpu": meta["cpus_per_trial"], "gpu": meta["gpus_per_trial"]})
+
+
+def _sweep_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    keys = ("mlflow_uri", "experiment_id", "parent_run_id", "name")
+    return {**{k: meta[k] for k in keys}, "threads": max(1, int(meta["cpus_per_trial"]))}
+
+
+# ----------------------------------------------------------------------------- Ray
+def start_ray(address: str | None) -> None:
+    """Join ``address`` or start a local Ray; trials keep the driver's working directory."""
+    import ray
+
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="WARNING", runtime_env=runtime_env)
+    try:
+        if address in (None, "local"):
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise SweeperError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
+
+
+def default_gpus() -> float:
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _progress_callback(n_trials: int, axes: list[str]):
+    """One line per trial epoch and per finished trial: the sweep's progress without Tune's tables."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.done: set[str] = set()
+
+        def _label(self, trial) -> str:
+            cfg = trial.config.get("trial", {})
+            return f"{trial.trial_id} " + " ".join(f"{a}={cfg.get(a)}" for a in axes)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("status") == "running":
+                print(f"[{len(self.done)}/{n_trials} done] {self._label(trial)} epoch {result.get('epoch')}/"
+                      f"{trial.config['trial']['epochs']} loss={result.get('train_loss', float('nan')):.3f} "
+                      f"clean={result.get('clean_acc', float('nan')):.3f} asr={result.get('asr', float('nan')):.3f}",
+                      flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done.add(trial.trial_id)
+            r = trial.last_result or {}
+            print(f"[{len(self.done)}/{n_trials} done] {self._label(trial)} {r.get('status', '?')}: "
+                  f"clean={r.get('clean_acc', float('nan')):.3f} asr={r.get('asr', float('nan')):.3f} "
+                  f"max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[{len(self.done)}/{n_trials} done] {self._label(trial)} raised an error (see {trial.local_path})",
+                  flush=True)
+
+    return Progress()
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _tuner(meta: dict[str, Any], configs: list[TrialConfig] | None, restore: str | None = None,
+           errored: str = "restart"):
+    from ray import tune
+
+    if restore is not None:
+        return tune.Tuner.restore(restore, trainable=_trainable_for(meta), resume_unfinished=True,
+                                  resume_errored=errored == "resume", restart_errored=errored == "restart")
+    run_config = tune.RunConfig(
+        name=meta["name"], storage_path=meta["storage"],
+        failure_config=tune.FailureConfig(max_failures=meta["max_failures"]),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=0,
+        callbacks=[_progress_callback(meta["n_trials"], list(meta["spec"]["axes"]))] if meta.get("verbose", 1) else [],
+    )
+    tune_config = tune.TuneConfig(max_concurrent_trials=meta.get("max_concurrent"), num_samples=1,
+                                  trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname)
+    param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": _sweep_settings(meta)}
+    return tune.Tuner(_trainable_for(meta), param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+# ----------------------------------------------------------------------------- entry points
+@dataclass
+class SweepReport:
+    """What a sweep run or resume produced."""
+
+    name: str
+    path: str
+    mlflow_uri: str
+    experiment_id: str
+    parent_run_id: str
+    rows: list[dict[str, Any]]  # one per trial: config fields, final metrics, status
+    counts: dict[str, int]
+
+
+def prepare(spec: SweepSpec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]]:
+    """Every check that can fail, before Ray: grid, name, storage, existing sweep, resources, MLflow."""
+    configs = spec.configs()
+    check_name(opts.name)
+    check_resources(opts)
+    storage = resolve_storage(opts.storage)
+    if sweep_exists(storage, opts.name):
+        raise SweeperError(f"sweep {opts.name!r} already exists in {storage}; continue it with "
+                           f"`sweeper resume {opts.name}` or choose another --name (nothing was changed)")
+    if opts.mlflow_uri is None and is_uri(storage):
+        raise SweeperError(f"--storage {storage} is a URI: pass --mlflow-uri (the embedded SQLite store needs a local folder)")
+    uri = opts.mlflow_uri or tracking.default_uri(Path(storage))
+    tracking.check_uri(uri)
+    check_address(opts.address)
+    meta = {"name": opts.name, "storage": storage, "mlflow_uri": uri, "spec": spec.to_dict(),
+            "n_trials": len(configs), "cpus_per_trial": opts.cpus_per_trial,
+            "gpus_per_trial": opts.gpus_per_trial, "max_concurrent": opts.max_concurrent,
+            "max_failures": opts.max_failures, "address": opts.address, "verbose": opts.verbose,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": tracking.git_commit(), **opts.extra}
+    return configs, meta
+
+
+def run_sweep(spec: SweepSpec, opts: SweepOptions) -> SweepReport:
+    """Validate everything, then run the grid on Ray Tune with MLflow tracking."""
+    configs, meta = prepare(spec, opts)
+    start_ray(opts.address)
+    if meta["gpus_per_trial"] is None:
+        meta["gpus_per_trial"] = default_gpus()
+    artifact_root = None if is_uri(meta["storage"]) or opts.mlflow_uri else Path(meta["storage"]) / "mlartifacts"
+    meta["experiment_id"] = tracking.ensure_experiment(meta["mlflow_uri"], opts.name, artifact_root)
+    meta["parent_run_id"] = tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], opts.name,
+                                                  {"n_trials": len(configs), **_flat_spec(spec)})
+    write_meta(meta["storage"], opts.name, meta)
+    tuner = _tuner(meta, configs)
+    grid = tuner.fit()
+    return _finish(meta, grid)
+
+
+def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
+                 address: str | None = None) -> SweepReport:
+    """Continue an interrupted sweep: finished trials are kept, unfinished ones continue from
+    their last epoch checkpoint, errored ones restart (``restart``), resume (``resume``) or stay (``skip``)."""
+    from ray import tune
+
+    if errored not in ("restart", "resume", "skip"):
+        raise SweeperError(f"--errored {errored!r} is invalid: must be restart, resume or skip")
+    check_name(name)
+    storage = resolve_storage(storage)
+    meta = read_meta(storage, name)
+    if meta is None:
+        raise SweeperError(f"no sweep {name!r} in {storage} (no {META}); start one with `sweeper run --name {name}`")
+    path = sweep_path(storage, name)
+    tracking.check_uri(meta["mlflow_uri"])
+    address = address if address is not None else meta.get("address")
+    check_address(address)
+    start_ray(address)
+    if not tune.Tuner.can_restore(path):
+        raise SweeperError(f"sweep {name!r} in {storage} has no Ray Tune state to resume (it never started)")
+    grid = _tuner(meta, None, restore=path, errored=errored).fit()
+    return _finish(meta, grid)
+
+
+def _flat_spec(spec: SweepSpec) -> dict[str, Any]:
+    out = {f"grid.{k}": ",".join(map(str, v)) for k, v in spec.axes.items()}
+    out.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
+    if spec.seeds:
+        out["seeds"] = ",".join(map(str, spec.seeds))
+    return out
+
+
+def _finish(meta: dict[str, Any], grid) -> SweepReport:
+    rows = []
+    for res in grid:
+        cfg = (res.config or {}).get("trial", {})
+        metrics = dict(res.metrics or {})
+        status = metrics.get("status", "failed" if res.error else "unknown")
+        if res.error is not None:
+            status = "failed"
+        row = {**cfg, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}, "status": status,
+               "error": str(res.error).splitlines()[0][:300] if res.error else ""}
+        rows.append(row)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "running")}
+    counts["total"] = len(rows)
+    status = "completed" if counts["failed"] == 0 and counts["running"] == 0 else "incomplete"
+    tracking.finish_parent(meta["mlflow_uri"], meta["parent_run_id"], status,
+                           {f"n_{k}": v for k, v in counts.items()})
+    return SweepReport(meta["name"], sweep_path(meta["storage"], meta["name"]), meta["mlflow_uri"],
+                       meta["experiment_id"], meta["parent_run_id"], rows, counts)
+
+
+def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
+    """Trials done / running / failed / diverged / pending, from the sweep's MLflow runs."""
+    check_name(name)
+    storage = resolve_storage(storage)
+    meta = read_meta(storage, name)
+    if meta is None:
+        raise SweeperError(f"no sweep {name!r} in {storage}")
+    tracking.check_uri(meta["mlflow_uri"])
+    c = tracking.client(meta["mlflow_uri"])
+    runs = c.search_runs([meta["experiment_id"]], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'",
+                         max_results=50_000)
+    by = {"completed": 0, "diverged": 0, "failed": 0, "running": 0}
+    for r in runs:
+        s = r.data.tags.get(tracking.TAG_STATUS, "running")
+        by[s] = by.get(s, 0) + 1
+    by["pending"] = max(0, meta["n_trials"] - len(runs))
+    by["total"] = meta["n_trials"]
+    return {"name": name, "path": sweep_path(storage, name), "mlflow_uri": meta["mlflow_uri"], **by}

@@ -1,0 +1,237 @@
+"""Search spaces: value lists, ranges and log ranges, from flags or a YAML sweep file.
+
+A :class:`SweepSpec` holds grid axes (any TrialConfig field, each a list of values), fixed
+fields and seeds. :meth:`SweepSpec.configs` builds and validates every TrialConfig of the grid
+*before* Ray starts, so a bad value anywhere is one clear error and no trial runs.
+
+Value syntax (flags and strings in sweep files alike):
+  ``0,0.01,0.02``          a list
+  ``0.001:0.03:0.001``     start:stop:step, stop included
+  ``log:1e2:1e5:4``        4 log-spaced values from 1e2 to 1e5, both included
+  ``on`` / ``off`` / ``both``  for true/false fields (``both`` = [false, true])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainables.config import SweeperError, TrialConfig
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
+# the paper's defaults: a small, minutes-long sweep on digits that shows the trade-off
+DEFAULT_AXES: dict[str, list[Any]] = {"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]}
+DEFAULT_FIXED: dict[str, Any] = {"dataset": "digits", "epochs": 15}
+MAX_TRIALS = 100_000
+
+
+class SpaceError(SweeperError):
+    """A bad search-space value: names the flag or key, the value and the valid syntax."""
+
+
+def _kind(name: str) -> type:
+    ann = str(FIELDS[name].type)
+    if ann.startswith("bool"):
+        return bool
+    if ann.startswith("int"):
+        return int
+    if ann.startswith("float"):
+        return float
+    return str
+
+
+def _scalar(name: str, text: Any, where: str) -> Any:
+    kind = _kind(name)
+    if not isinstance(text, str):
+        if kind is float and isinstance(text, int | float) and not isinstance(text, bool):
+            return float(text)
+        if kind is bool and not isinstance(text, bool):
+            raise SpaceError(f"{where}={text!r} is invalid: expected true/false, on/off")
+        return text
+    t = text.strip()
+    if kind is bool:
+        low = t.lower()
+        if low in ("on", "true", "yes", "1"):
+            return True
+        if low in ("off", "false", "no", "0"):
+            return False
+        raise SpaceError(f"{where}={text!r} is invalid: expected on, off or both")
+    if kind is int:
+        try:
+            f = float(t)
+        except ValueError:
+            raise SpaceError(f"{where}={text!r} is invalid: expected an integer") from None
+        if not f.is_integer():
+            raise SpaceError(f"{where}={text!r} is invalid: expected an integer")
+        return int(f)
+    if kind is float:
+        try:
+            return float(t)
+        except ValueError:
+            raise SpaceError(f"{where}={text!r} is invalid: expected a number") from None
+    return t
+
+
+def parse_values(name: str, spec: Any, where: str = "--") -> list[Any]:
+    """Parse one axis (a string in the syntax above, a list, or a scalar) into a list of values."""
+    if name not in FIELDS:
+        raise SpaceError(f"{where}{name} is not a trial field; valid fields: {sorted(FIELDS)}")
+    label = f"{where}{name.replace('_', '-')}" if where == "--" else f"{where} {name}"
+    if isinstance(spec, list | tuple):
+        vals = [_scalar(name, v, label) for v in spec]
+    elif not isinstance(spec, str):
+        vals = [_scalar(name, spec, label)]
+    else:
+        s = spec.strip()
+        kind = _kind(name)
+        if kind is bool and s.lower() == "both":
+            vals = [False, True]
+        elif s.lower().startswith("log:"):
+            parts = s.split(":")
+            if len(parts) != 4 or kind is not float:
+                raise SpaceError(f"{label}={spec!r} is invalid: log ranges are log:START:STOP:COUNT for numeric fields")
+            a, b, n = _scalar(name, parts[1], label), _scalar(name, parts[2], label), parts[3]
+            if not n.isdigit() or int(n) < 1 or a <= 0 or b <= 0:
+                raise SpaceError(f"{label}={spec!r} is invalid: log:START:STOP:COUNT needs START, STOP > 0 and COUNT >= 1")
+            n = int(n)
+            vals = [a] if n == 1 else [float(f"{a * (b / a) ** (i / (n - 1)):.12g}") for i in range(n)]
+        elif ":" in s and kind in (int, float):
+            parts = s.split(":")
+            if len(parts) != 3:
+                raise SpaceError(f"{label}={spec!r} is invalid: ranges are START:STOP:STEP")
+            a, b, step = (_scalar(name, p, label) for p in parts)
+            if step <= 0 or b < a:
+                raise SpaceError(f"{label}={spec!r} is invalid: START:STOP:STEP needs STEP > 0 and STOP >= START")
+            n = int(math.floor((b - a) / step + 1e-9)) + 1
+            if n > MAX_TRIALS:
+                raise SpaceError(f"{label}={spec!r} gives {n} values, more than {MAX_TRIALS}")
+            vals = [kind(float(f"{a + i * step:.12g}")) for i in range(n)]
+        else:
+            vals = [_scalar(name, v, label) for v in s.split(",") if v.strip() != ""]
+    if not vals:
+        raise SpaceError(f"{label}={spec!r} is invalid: no values")
+    return list(dict.fromkeys(vals))  # drop repeats, keep order
+
+
+@dataclass
+class SweepSpec:
+    """Grid axes × fixed fields × seeds: everything that defines a sweep's trials."""
+
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] | None = None  # None: the TrialConfig seed (or an axis/fixed value)
+
+    def __post_init__(self):
+        both = set(self.axes) & set(self.fixed)
+        if both:
+            raise SpaceError(f"field(s) {sorted(both)} are given both as an axis and as a fixed value")
+        if self.seeds is not None and ("seed" in self.axes or "seed" in self.fixed):
+            raise SpaceError("seeds are given twice: use either --seeds or a seed axis/field")
+
+    @property
+    def size(self) -> int:
+        """Number of trials in the grid."""
+        n = math.prod(len(v) for v in self.axes.values())
+        return n * (len(self.seeds) if self.seeds else 1)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every grid point as a dict of field values (fixed fields included)."""
+        names = list(self.axes)
+        seeds = self.seeds or [None]
+        out = []
+        for combo in itertools.product(*(self.axes[n] for n in names)):
+            for seed in seeds:
+                d = dict(self.fixed)
+                d.update(zip(names, combo, strict=True))
+                if seed is not None:
+                    d["seed"] = seed
+                out.append(d)
+        return out
+
+    def configs(self) -> list[TrialConfig]:
+        """Validated TrialConfigs of the whole grid; the first bad point is one error naming it."""
+        if self.size > MAX_TRIALS:
+            raise SpaceError(f"the grid has {self.size} trials, more than {MAX_TRIALS}")
+        out = []
+        for point in self.points():
+            # absolute: Ray runs trials elsewhere, and the config (hence the trial key) must not depend on cwd
+            point["data_dir"] = str(Path(point.get("data_dir", FIELDS["data_dir"].default)).expanduser().absolute())
+            try:
+                out.append(TrialConfig.from_dict(point))
+            except SweeperError as e:
+                shown = {k: v for k, v in point.items() if k in self.axes or k == "seed"}
+                raise SpaceError(f"{e} (grid point {shown})" if shown else str(e)) from None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (kept in the sweep folder)."""
+        return {"axes": self.axes, "fixed": self.fixed, "seeds": self.seeds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(axes=dict(d.get("axes", {})), fixed=dict(d.get("fixed", {})), seeds=d.get("seeds"))
+
+
+def parse_seeds(spec: Any, where: str = "--seeds") -> list[int]:
+    """``N`` means seeds 0..N-1; a list or ``a,b,c`` gives them explicitly."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise SpaceError(f"{where}={spec} is invalid: must be >= 1")
+        return list(range(spec))
+    if isinstance(spec, str) and spec.strip().isdigit() and "," not in spec:
+        return parse_seeds(int(spec), where)
+    vals = parse_values("seed", spec, where="" if where != "--seeds" else "--")
+    return [int(v) for v in vals]
+
+
+def load_sweep_file(path: Path) -> tuple[SweepSpec, str | None]:
+    """A YAML sweep file: ``name``, ``grid`` (field: values), ``fixed`` (field: value), ``seeds``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise SpaceError(f"sweep file {path} cannot be read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SpaceError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SpaceError(f"sweep file {path} must be a mapping with keys name, grid, fixed, seeds")
+    unknown = sorted(set(data) - {"name", "grid", "fixed", "seeds"})
+    if unknown:
+        raise SpaceError(f"sweep file {path}: unknown key(s) {unknown}; valid keys: fixed, grid, name, seeds")
+    grid, fixed = data.get("grid") or {}, data.get("fixed") or {}
+    if not isinstance(grid, dict) or not isinstance(fixed, dict):
+        raise SpaceError(f"sweep file {path}: grid and fixed must be mappings of field: value")
+    where = f"sweep file {path}:"
+    axes = {k: parse_values(k, v, where) for k, v in grid.items()}
+    for k in fixed:
+        if k not in FIELDS:
+            raise SpaceError(f"{where} fixed field {k!r} is not a trial field; valid fields: {sorted(FIELDS)}")
+    seeds = parse_seeds(data["seeds"], f"{where} seeds") if data.get("seeds") is not None else None
+    name = data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise SpaceError(f"{where} name={name!r} must be a string")
+    return SweepSpec(axes=axes, fixed=dict(fixed), seeds=seeds), name
+
+
+# rough seconds per training sample-step on one CPU core pair (measured in benchmarks/train_step.py)
+_STEP_COST = {"cnn": 1.4e-4, "linear": 2e-5, "preresnet": 2.1e-3 / 20}  # preresnet: per block-depth unit
+_TRAIN_SIZE = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
+_PIXELS = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "cifar10": 3072, "cifar100": 3072}
+
+
+def estimate_seconds(cfg: TrialConfig) -> float:
+    """A rough CPU cost of one trial (training, evaluation and spectrum); GPUs are much faster."""
+    if cfg.model.startswith("preresnet"):
+        per = _STEP_COST["preresnet"] * int(cfg.model[len("preresnet"):]) * _PIXELS[cfg.dataset] / 3072
+    else:
+        per = _STEP_COST[cfg.model] * _PIXELS[cfg.dataset] / 64
+    train = cfg.epochs * _TRAIN_SIZE[cfg.dataset] * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
+    spectrum = (cfg.hessian_iterations + 2) * min(cfg.hessian_samples, _TRAIN_SIZE[cfg.dataset]) * per * 3 \
+        if cfg.hessian else 0.0
+    return train + spectrum

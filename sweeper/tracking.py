@@ -1,0 +1,298 @@
+"""MLflow tracking: one experiment per sweep, a parent run per sweep, one child run per trial.
+
+The child run of a trial is found by its ``sweeper.trial_key`` tag (a hash of the TrialConfig)
+rather than created blindly, so a trial that is restarted or resumed — after a crash, a killed
+driver, a Ray retry — logs into the run it already has: one run per trial, always. Epochs already
+logged are not logged again. Every MLflow call is retried a few times; a logging failure that
+persists is reported as a warning and never changes the trial's result.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from trainables.config import SweeperError
+
+log = logging.getLogger("sweeper.tracking")
+T = TypeVar("T")
+
+TAG_SWEEP = "sweeper.sweep"
+TAG_KEY = "sweeper.trial_key"
+TAG_TRIAL_ID = "sweeper.trial_id"
+TAG_STATUS = "sweeper.status"
+TAG_KIND = "sweeper.kind"
+TAG_COMMIT = "sweeper.git_commit"
+FINAL_STATUSES = ("completed", "diverged")
+
+
+def default_uri(storage: Path) -> str:
+    """The embedded store: one SQLite database for every sweep under ``storage``."""
+    return f"sqlite:///{Path(storage).absolute() / 'mlflow.db'}"
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """A stable 16-hex id of a trial's full config (what makes two trials the same trial)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@functools.cache
+def git_commit() -> str:
+    """The project's git commit, or 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, delay: float = 0.5, fatal: bool = False) -> T | None:
+    """Call ``fn`` with exponential back-off; give up with a warning (or raise if ``fatal``)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # MLflow raises several types (REST, SQLAlchemy, OSError)
+            if i == attempts - 1:
+                if fatal:
+                    raise
+                log.warning("MLflow %s failed after %d attempts: %s", what, attempts, e)
+                return None
+            time.sleep(delay * 2**i)
+    return None
+
+
+def check_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with one line, when the tracking URI cannot work."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SweeperError(f"--mlflow-uri {uri}: cannot create folder {path.parent}: {e.strerror}") from None
+        if not os.access(path.parent, os.W_OK):
+            raise SweeperError(f"--mlflow-uri {uri}: folder {path.parent} is not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (user's tracking server)
+                if r.status != 200:
+                    raise SweeperError(f"--mlflow-uri {uri}: {url} answered HTTP {r.status}, expected 200")
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise SweeperError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
+                               f"(mlflow server --host 127.0.0.1 --port 5000) or omit the flag for the embedded store") from None
+        return
+    if uri.startswith("file:") or uri.startswith("/"):
+        return
+    raise SweeperError(f"--mlflow-uri {uri!r} is invalid: expected sqlite:///PATH, http(s)://HOST:PORT or file:PATH")
+
+
+def client(uri: str):
+    """An MlflowClient bound to ``uri`` (no global MLflow state is touched)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
+    """The experiment id of sweep ``name``, created (with local artifacts under ``artifact_root``) if new."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (Path(artifact_root) / name).absolute().as_uri() if artifact_root is not None else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another driver
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_parent(uri: str, experiment_id: str, sweep: str, params: dict[str, Any]) -> str:
+    """The sweep's parent run (created once; its id is kept in the sweep folder for resume)."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    run = c.create_run(experiment_id, run_name=sweep, tags={TAG_SWEEP: sweep, TAG_KIND: "sweep",
+                                                             TAG_COMMIT: git_commit(), TAG_STATUS: "running"})
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                tags=[RunTag("mlflow.note.content", f"sweeper sweep {sweep}")])
+    return run.info.run_id
+
+
+def finish_parent(uri: str, run_id: str, status: str, summary: dict[str, float]) -> None:
+    """Close the parent run with the sweep's counts."""
+    c = client(uri)
+
+    def _do():
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        c.set_tag(run_id, TAG_STATUS, status)
+        c.set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
+
+    retry(_do, "closing the sweep's parent run")
+
+
+class TrialTracker:
+    """Logs one trial into its (unique) child run."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, config: dict[str, Any],
+                 trial_id: str):
+        self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
+        self.sweep, self.config, self.trial_id = sweep, config, trial_id
+        self.key = trial_key(config)
+        self.client = client(uri)
+        self.run_id: str | None = None
+        self.logged_step = 0  # highest epoch already in the run
+        self.finished = False
+        retry(self._open, "opening the trial's run")
+
+    def _open(self) -> None:
+        from mlflow.entities import Param
+
+        found = self.client.search_runs([self.experiment_id],
+                                        filter_string=f"tags.`{TAG_KEY}` = '{self.key}' and tags.`{TAG_SWEEP}` = '{self.sweep}'",
+                                        max_results=5)
+        mine = [r for r in found if r.data.tags.get("mlflow.parentRunId") == self.parent]
+        if mine:
+            run = sorted(mine, key=lambda r: r.info.start_time)[0]
+            self.run_id = run.info.run_id
+            self.finished = run.data.tags.get(TAG_STATUS) in FINAL_STATUSES
+            hist = self.client.get_metric_history(self.run_id, "train_loss")
+            self.logged_step = max((m.step for m in hist), default=0)
+            self.client.set_tag(self.run_id, TAG_TRIAL_ID, self.trial_id)
+            return
+        name = f"{self.sweep}-{self.key[:8]}"
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.parent, TAG_SWEEP: self.sweep, TAG_KEY: self.key,
+            TAG_TRIAL_ID: self.trial_id, TAG_STATUS: "running", TAG_KIND: "trial", TAG_COMMIT: git_commit()})
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in sorted(self.config.items())]
+        for s in range(0, len(params), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=params[s:s + 100])
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        """Per-epoch metrics with step = epoch; epochs already in the run are skipped."""
+        step = int(metrics["epoch"])
+        if self.run_id is None or step <= self.logged_step:
+            return
+        self._log_metrics(metrics, step)
+        self.logged_step = step
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"]
+        retry(lambda: self.client.log_batch(self.run_id, metrics=batch), f"logging epoch {step}")
+
+    def log_final(self, result) -> None:
+        """Final metrics (step = last epoch), artifacts, status tag, and the run's end."""
+        if self.run_id is None or self.finished:
+            return
+        step = int(result.metrics.get("epoch", 0))
+        last = result.history[-1] if result.history else {}
+        self._log_metrics({k: v for k, v in result.metrics.items() if k not in last}, step)  # analysis metrics
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_artifacts(result, Path(tmp)):
+                retry(lambda p=path: self.client.log_artifact(self.run_id, str(p)), f"uploading {path.name}")
+
+        def _close():
+            self.client.set_tag(self.run_id, TAG_STATUS, result.status)
+            if result.diverged_epoch is not None:
+                self.client.set_tag(self.run_id, "sweeper.diverged_epoch", str(result.diverged_epoch))
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+        retry(_close, "closing the trial's run")
+        self.finished = True
+
+    def log_failure(self, error: BaseException) -> None:
+        """Mark the run failed (the trial raised); a later retry reopens the same run."""
+        if self.run_id is None:
+            return
+
+        def _do():
+            self.client.set_tag(self.run_id, TAG_STATUS, "failed")
+            self.client.set_tag(self.run_id, "sweeper.error", f"{type(error).__name__}: {error}"[:5000])
+            self.client.set_terminated(self.run_id, "FAILED")
+
+        retry(_do, "marking the trial failed")
+
+
+def write_artifacts(result, folder: Path) -> list[Path]:
+    """Spectrum JSON, geometry table, eigenvector and trigger images of a trial, as files."""
+    files = []
+    art = result.artifacts
+    if "eigenvalues" in art:
+        p = folder / "spectrum.json"
+        p.write_text(json.dumps({"eigenvalues": art["eigenvalues"], "overlaps": art.get("overlaps"),
+                                 "max_overlap_index": result.metrics.get("max_overlap_index")}, indent=2))
+        files.append(p)
+    if "geometry" in art:
+        import pandas as pd
+
+        p = folder / "geometry.csv"
+        pd.DataFrame(art["geometry"]).to_csv(p, index=False)
+        files.append(p)
+    if "eigenvectors" in art:
+        files.append(eigenvector_image(art["eigenvectors"], art.get("eigenvalues"), art.get("overlaps"),
+                                       folder / "eigenvectors.png"))
+        import numpy as np
+
+        p = folder / "eigenvectors.npy"
+        np.save(p, art["eigenvectors"].numpy())
+        files.append(p)
+    if "trigger_direction" in art:
+        files.append(eigenvector_image(art["trigger_direction"][None], None, None, folder / "trigger.png",
+                                       titles=["trigger direction"]))
+    p = folder / "history.json"
+    p.write_text(json.dumps(result.history, default=float))
+    files.append(p)
+    return files
+
+
+def eigenvector_image(vectors, eigenvalues, overlaps, path: Path, titles: list[str] | None = None) -> Path:
+    """A row of (C, H, W) vectors as images (channel-mean for colour), like the paper's Figs 8 and 12."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = vectors.shape[0]
+    fig, axes = plt.subplots(1, k, figsize=(2.0 * k, 2.3), squeeze=False)
+    for j in range(k):
+        img = vectors[j].float()
+        img = img.mean(0) if img.shape[0] > 1 else img[0]
+        lim = float(img.abs().max()) or 1.0
+        ax = axes[0, j]
+        ax.imshow(img.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles:
+            ax.set_title(titles[j], fontsize=8)
+        elif eigenvalues is not None:
+            ov = f"\ncos²={overlaps[j] ** 2:.2f}" if overlaps is not None else ""
+            ax.set_title(f"v{j + 1}  λ={eigenvalues[j]:.3g}{ov}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

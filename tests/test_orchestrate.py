@@ -1,0 +1,213 @@
+"""Sweeps on real Ray (local and a two-node ray.cluster_utils.Cluster) with real MLflow stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from sweeper.cli import main
+from sweeper.orchestrate import SweepOptions, resume_sweep, run_sweep, sweep_status
+from sweeper.spaces import SweepSpec
+from sweeper.tracking import TAG_KEY, TAG_KIND, default_uri
+
+# tiny but complete trials: training, spectrum and geometry all run
+FAST = {"epochs": 1, "hessian_samples": 100, "hessian_iterations": 6, "hessian_top_k": 3}
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_ray():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def child_runs(uri: str, experiment: str):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    spec = SweepSpec(axes={"theta": [0.05, 0.1], "kappa": [0.0, 50.0]}, fixed=FAST)
+    report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
+    ray.shutdown()
+    return storage, report
+
+
+def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
+    storage, report = grid_sweep
+    assert report.counts["completed"] == 4 and report.counts["total"] == 4
+    uri = default_uri(storage)
+    mlflow.set_tracking_uri(uri)
+    df = mlflow.search_runs(experiment_names=["grid"])
+    parents = df[df["tags.sweeper.kind"] == "sweep"]
+    children = df[df["tags.sweeper.kind"] == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
+    assert sorted(zip(children["params.theta"], children["params.kappa"], strict=True)) == [
+        ("0.05", "0.0"), ("0.05", "50.0"), ("0.1", "0.0"), ("0.1", "50.0")]
+    for col in ("metrics.clean_acc", "metrics.asr", "metrics.lambda_1", "metrics.max_overlap_sq", "metrics.geom_d_ratio"):
+        assert children[col].notna().all(), col
+    assert (children["tags.sweeper.status"] == "completed").all()
+    assert children["tags.sweeper.git_commit"].notna().all()
+    run_id = children["run_id"].iloc[0]
+    arts = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
+    assert {"eigenvectors.png", "spectrum.json", "geometry.csv", "trigger.png"} <= arts
+    st = sweep_status("grid", str(storage))
+    assert (st["completed"], st["pending"], st["total"]) == (4, 0, 4)
+
+
+def test_existing_sweep_is_never_overwritten(grid_sweep, capsys):
+    storage, _ = grid_sweep
+    meta = (storage / "grid" / "sweeper.json").read_text()
+    code = main(["run", "--storage", str(storage), "--name", "grid", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists" in err and "sweeper resume grid" in err
+    assert (storage / "grid" / "sweeper.json").read_text() == meta
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "--theta", "2"], "theta=2.0 is invalid"),
+    (["run", "--kappa", "log:0:1:3"], "--kappa='log:0:1:3' is invalid"),
+    (["run", "--name", "bad/name"], "--name 'bad/name' is invalid"),
+    (["run", "--cpus-per-trial", "0"], "--cpus-per-trial=0.0 is invalid"),
+    (["run", "--address", "127.0.0.1:1"], "nothing answers at 127.0.0.1:1"),
+    (["run", "--address", "not an address"], "--address 'not an address' is invalid"),
+    (["run", "--mlflow-uri", "http://127.0.0.1:1"], "is unreachable"),
+    (["run", "--mlflow-uri", "mysql://x"], "--mlflow-uri 'mysql://x' is invalid"),
+    (["run", "--set", "lr"], "expected FIELD=VALUE"),
+    (["run", "--set", "bogus=1"], "not a trial field"),
+    (["resume", "nosuchsweep"], "no sweep 'nosuchsweep'"),
+    (["status", "nosuchsweep"], "no sweep 'nosuchsweep'"),
+])
+def test_bad_sweep_input_exits_2_before_ray_starts(argv, needle, tmp_path, capsys):
+    code = main(argv + ["--storage", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not ray.is_initialized()
+    assert not any((tmp_path / "s").glob("*/sweeper.json"))
+
+
+def test_plan_prints_grid_and_cost(capsys):
+    code = main(["plan", "--theta", "0:0.02:0.01", "--kappa", "log:1e2:1e4:3", "--augment", "both", "--seeds", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("36 trials") and "rough cost on CPU" in out
+    assert not ray.is_initialized()
+
+
+def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        spec = SweepSpec(axes={"kappa": [0.0, 10.0, 20.0, 30.0]}, fixed={**FAST, "epochs": 2})
+        report = run_sweep(spec, SweepOptions(name="twonode", storage=str(tmp_path), verbose=0))
+        assert report.counts["completed"] == 4
+        assert len({r["node_id"] for r in report.rows}) == 2
+        assert len(child_runs(default_uri(tmp_path), "twonode")) == 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_on_loopback_receives_the_runs(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not start"
+            assert server.poll() is None, "mlflow server exited"
+            time.sleep(1)
+        spec = SweepSpec(axes={"kappa": [0.0, 10.0]}, fixed=FAST)
+        report = run_sweep(spec, SweepOptions(name="served", storage=str(tmp_path / "s"), mlflow_uri=uri, verbose=0))
+        assert report.counts["completed"] == 2
+        runs = child_runs(uri, "served")
+        assert len(runs) == 2 and all("clean_acc" in r.data.metrics for r in runs)
+        assert MlflowClient(uri).list_artifacts(runs[0].info.run_id)  # artifacts went through the server
+        assert not (tmp_path / "s" / "mlflow.db").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
+    storage = tmp_path / "s"
+    uri = default_uri(storage)
+    epochs = 5
+    cmd = [sys.executable, "-m", "sweeper.cli", "run", "--storage", str(storage), "--name", "killed",
+           "--theta", "0.1", "--kappa", "0,10,20,30", "--epochs", str(epochs), "--max-concurrent", "2",
+           "--set", "hessian_samples=100", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while True:  # kill once one trial has finished and another is part-way
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.time() < deadline, "no progress to interrupt"
+            if (storage / "mlflow.db").exists():
+                try:
+                    runs = child_runs(uri, "killed")
+                except Exception:
+                    runs = []
+                done = [r for r in runs if r.data.tags.get("sweeper.status") == "completed"]
+                if done and len(runs) >= 2:
+                    break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait(timeout=60)
+    killed_at = time.time() * 1000
+    before = {r.data.tags[TAG_KEY]: r for r in child_runs(uri, "killed")}
+    finished_before = {k for k, r in before.items() if r.data.tags.get("sweeper.status") == "completed"}
+    assert finished_before and len(finished_before) < 4
+    time.sleep(1)
+
+    report = resume_sweep("killed", str(storage))
+    assert report.counts["completed"] == 4, report.rows
+    runs = child_runs(uri, "killed")
+    keys = [r.data.tags[TAG_KEY] for r in runs]
+    assert len(runs) == 4 and len(set(keys)) == 4  # exactly one MLflow run per trial
+    c = MlflowClient(uri)
+    for r in runs:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, epochs + 1)), steps  # every epoch once, none twice
+        assert r.data.tags["sweeper.status"] == "completed"
+        if r.data.tags[TAG_KEY] in finished_before:  # finished before the kill: nothing re-run or re-logged
+            hist = c.get_metric_history(r.info.run_id, "clean_acc")
+            assert max(m.timestamp for m in hist) < killed_at
+    st = sweep_status("killed", str(storage))
+    assert (st["completed"], st["running"], st["pending"]) == (4, 0, 0)

@@ -1,0 +1,71 @@
+import pytest
+
+from sweeper.spaces import SpaceError, SweepSpec, estimate_seconds, load_sweep_file, parse_seeds, parse_values
+
+
+def test_lists_ranges_and_log_ranges():
+    assert parse_values("theta", "0,0.01,0.02") == [0.0, 0.01, 0.02]
+    assert parse_values("theta", "0.001:0.005:0.001") == [0.001, 0.002, 0.003, 0.004, 0.005]
+    assert parse_values("kappa", "log:1e2:1e5:4") == [100.0, 1000.0, 10000.0, 100000.0]
+    assert parse_values("augment", "both") == [False, True]
+    assert parse_values("augment", "on") == [True]
+    assert parse_values("epochs", "90,450") == [90, 450]
+    assert parse_values("epochs", "1:3:1") == [1, 2, 3]
+    assert parse_values("trigger", "lshape,warp") == ["lshape", "warp"]
+    assert parse_values("theta", "0.1,0.1") == [0.1]  # repeats dropped
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("theta", "a,b", "--theta='a' is invalid: expected a number"),
+    ("epochs", "1.5", "expected an integer"),
+    ("kappa", "log:0:10:3", "START, STOP > 0"),
+    ("kappa", "log:1:10", "log:START:STOP:COUNT"),
+    ("theta", "0.1:0:0.01", "STOP >= START"),
+    ("theta", "0:1:0", "STEP > 0"),
+    ("augment", "maybe", "on, off or both"),
+    ("thetaa", "0.1", "not a trial field"),
+])
+def test_bad_values_name_flag_value_and_syntax(name, text, needle):
+    with pytest.raises(SpaceError) as e:
+        parse_values(name, text)
+    assert needle in str(e.value)
+
+
+def test_grid_is_built_and_validated_before_anything_runs():
+    spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 10.0]}, fixed={"epochs": 2}, seeds=[0, 1])
+    cfgs = spec.configs()
+    assert spec.size == 8 and len(cfgs) == 8
+    assert {(c.theta, c.kappa, c.seed) for c in cfgs} == {(t, k, s) for t in (0.0, 0.1) for k in (0.0, 10.0) for s in (0, 1)}
+    assert all(c.epochs == 2 and c.data_dir.startswith("/") for c in cfgs)
+    bad = SweepSpec(axes={"theta": [0.1, 1.5]})
+    with pytest.raises(SpaceError, match=r"theta=1.5 is invalid.*grid point \{'theta': 1.5\}"):
+        bad.configs()
+    with pytest.raises(SpaceError, match="both as an axis and as a fixed"):
+        SweepSpec(axes={"theta": [0.1]}, fixed={"theta": 0.2})
+
+
+def test_sweep_file(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: paper-fig6\ngrid:\n  theta: '0.001:0.003:0.001'\n  kappa: [0, 1000]\n"
+                 "  augment: both\nfixed:\n  epochs: 3\n  dataset: digits\nseeds: 2\n")
+    spec, name = load_sweep_file(f)
+    assert name == "paper-fig6" and spec.size == 3 * 2 * 2 * 2
+    assert spec.fixed == {"epochs": 3, "dataset": "digits"} and spec.seeds == [0, 1]
+    f.write_text("grid:\n  theta: [0.1]\nextra: 1\n")
+    with pytest.raises(SpaceError, match=r"unknown key\(s\) \['extra'\]"):
+        load_sweep_file(f)
+    f.write_text("fixed:\n  epoch: 3\n")
+    with pytest.raises(SpaceError, match="fixed field 'epoch' is not a trial field"):
+        load_sweep_file(f)
+    f.write_text("grid: [1, 2\n")
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_sweep_file(f)
+
+
+def test_seeds_and_cost():
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,7") == [5, 7]
+    with pytest.raises(SpaceError, match="must be >= 1"):
+        parse_seeds(0)
+    spec = SweepSpec(axes={"kappa": [0.0, 100.0]}, fixed={"epochs": 15})
+    a, b = (estimate_seconds(c) for c in spec.configs())
+    assert 0 < a < b  # the penalty costs extra
