@@ -236,7 +236,7 @@ def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str
     return SweepSpec(axes=axes, fixed=fixed, seeds=seed_list), file_name
 
 
-def _print_rows(rows: list[dict[str, Any]], varying: list[str]) -> None:
+def _print_rows(rows: list[dict[str, Any]], varying: list[str], group: list[str] | None = None) -> None:
     import pandas as pd
 
     from analysis.pareto import frontier
@@ -251,7 +251,7 @@ def _print_rows(rows: list[dict[str, Any]], varying: list[str]) -> None:
         index=False, float_format=lambda v: f"{v:.4g}"))
     ok = df[df["status"].isin(["completed"])] if "status" in df else df
     if {"clean_acc", "asr"} <= set(ok.columns) and not ok.empty:
-        attack = [c for c in ("dataset", "model", "trigger", "poison_mode", "theta") if c in varying]
+        attack = [c for c in ("dataset", "model", "trigger", "poison_mode", "theta") if c in (varying if group is None else group)]
         front = frontier(ok, group_by=attack or None)
         typer.echo("\nsafety-efficacy frontier (maximize clean_acc, minimize asr" +
                    (f"; per {', '.join(attack)}" if attack else "") + "):")
@@ -291,11 +291,64 @@ def run(
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
 
 
-def _report(report, varying: list[str]) -> None:
+def _report(report, varying: list[str], group: list[str] | None = None) -> None:
     typer.echo(f"\nsweep {report.name}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
-    _print_rows(report.rows, varying)
+    _print_rows(report.rows, varying, group)
     typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})"
                f"\nbrowse: mlflow ui --backend-store-uri {report.mlflow_uri}")
+
+
+class Sampler(str, Enum):
+    nsga2 = "nsga2"
+    tpe = "tpe"
+    gp = "gp"
+
+
+@app.command()
+def search(
+    theta: Annotated[str, typer.Option(help="Poison fraction: LO:HI (uniform), a,b (categorical) or a value.")] = "0.01:0.2",
+    kappa: Annotated[str, typer.Option(help="Penalty: log:LO:HI (log-uniform), LO:HI, a,b or a value.")] = "log:10:1000",
+    augment: AugmentAxis = None, epochs: Annotated[str | None, typer.Option(help="Epochs: a value or a,b (categorical).", show_default=False)] = None,
+    dataset: DatasetAxis = None, model: ModelAxis = None, trigger: TriggerAxis = None, poison_mode: PoisonModeAxis = None,
+    set_: SetOpt = None,
+    budget: Annotated[int, typer.Option(help="Number of trials Optuna may run.", min=1)] = 12,
+    sampler: Annotated[Sampler, typer.Option(help="Optuna sampler: NSGA-II, multivariate TPE or GP.")] = Sampler.nsga2,
+    seed: Annotated[int, typer.Option(help="Sampler seed.", min=0)] = 0,
+    name: Annotated[str, typer.Option(help="Sweep name: folder, MLflow experiment and Optuna study.")] = "digits-search",
+    storage: StorageOpt = "./sweeps", address: AddressOpt = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial (> 0).")] = 1.0,
+    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed.", show_default=False)] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="At most this many trials at once.", show_default=False)] = None,
+    mlflow_uri: MlflowOpt = None,
+    max_failures: Annotated[int, typer.Option(help="Retries of a trial that raised.")] = 2,
+    quiet: Annotated[bool, typer.Option(help="Less output.")] = False,
+) -> dict[str, Any]:
+    """Adaptive multi-objective search (maximize clean_acc, minimize asr) with Optuna on Ray Tune."""
+    from .orchestrate import SweepOptions, run_search
+    from .spaces import DEFAULT_FIXED, SearchSpec, parse_search_axis
+
+    spec = SearchSpec(fixed=dict(DEFAULT_FIXED))
+    given = [(k, v) for k, v in (("theta", theta), ("kappa", kappa), ("augment", augment), ("epochs", epochs),
+                                 ("dataset", dataset), ("model", model), ("trigger", trigger),
+                                 ("poison_mode", poison_mode)) if v is not None]
+    for item in set_ or []:
+        if "=" not in item:
+            from .spaces import SpaceError
+
+            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        given.append((k.strip().replace("-", "_"), v))
+    for key, text in given:
+        where, value = parse_search_axis(key, text)
+        for part in (spec.continuous, spec.categorical, spec.fixed):
+            part.pop(key, None)
+        getattr(spec, where)[key] = value
+    opts = SweepOptions(name=name, storage=storage, address=address, cpus_per_trial=cpus_per_trial,
+                        gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, mlflow_uri=mlflow_uri,
+                        max_failures=max_failures, verbose=0 if quiet else 1)
+    report = run_search(spec, opts, budget=budget, sampler=sampler.value, seed=seed)
+    _report(report, list(spec.continuous) + list(spec.categorical), group=list(spec.categorical))
+    return {"counts": report.counts, "rows": report.rows, "path": report.path}
 
 
 @app.command()

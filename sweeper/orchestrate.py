@@ -187,7 +187,8 @@ def trainable(config: dict[str, Any]) -> None:
         tracker.log_final(result)
         import ray
 
-        report({**result.metrics, "status": result.status, "trial_key": tracker.key,
+        objectives = {"clean_acc": float("nan"), "asr": float("nan")}  # a diverged trial has none
+        report({**objectives, **result.metrics, "status": result.status, "trial_key": tracker.key,
                 "diverged": int(result.status == "diverged"), "mlflow_run_id": tracker.run_id or "",
                 "node_id": ray.get_runtime_context().get_node_id()})
     except Exception as e:
@@ -271,8 +272,25 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def _searcher(meta: dict[str, Any]):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = meta["search"]
+    seed = s["seed"]
+    if s["sampler"] == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, s["budget"] // 3))
+    elif s["sampler"] == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    else:
+        sampler = optuna.samplers.GPSampler(seed=seed)
+    storage = optuna.storages.RDBStorage(s["optuna_storage"])
+    return OptunaSearch(metric=["clean_acc", "asr"], mode=["max", "min"], sampler=sampler,
+                        study_name=meta["name"], storage=storage)
+
+
 def _tuner(meta: dict[str, Any], configs: list[TrialConfig] | None, restore: str | None = None,
-           errored: str = "restart"):
+           errored: str = "restart", search_space: dict[str, Any] | None = None):
     from ray import tune
 
     if restore is not None:
@@ -285,9 +303,15 @@ def _tuner(meta: dict[str, Any], configs: list[TrialConfig] | None, restore: str
         verbose=0,
         callbacks=[_progress_callback(meta["n_trials"], list(meta["spec"]["axes"]))] if meta.get("verbose", 1) else [],
     )
-    tune_config = tune.TuneConfig(max_concurrent_trials=meta.get("max_concurrent"), num_samples=1,
-                                  trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname)
-    param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": _sweep_settings(meta)}
+    # reused actors keep torch and the dataset imported between trials: no per-trial process start
+    names = {"trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname, "reuse_actors": True}
+    if search_space is not None:  # adaptive: Optuna proposes, Tune runs (no scheduler)
+        tune_config = tune.TuneConfig(max_concurrent_trials=meta.get("max_concurrent"), search_alg=_searcher(meta),
+                                      num_samples=meta["search"]["budget"], **names)
+        param_space = {"trial": search_space, "sweep": _sweep_settings(meta)}
+    else:
+        tune_config = tune.TuneConfig(max_concurrent_trials=meta.get("max_concurrent"), num_samples=1, **names)
+        param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": _sweep_settings(meta)}
     return tune.Tuner(_trainable_for(meta), param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -305,9 +329,9 @@ class SweepReport:
     counts: dict[str, int]
 
 
-def prepare(spec: SweepSpec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]]:
+def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]]:
     """Every check that can fail, before Ray: grid, name, storage, existing sweep, resources, MLflow."""
-    configs = spec.configs()
+    configs = spec.configs() if isinstance(spec, SweepSpec) else spec.corner_configs()
     check_name(opts.name)
     check_resources(opts)
     storage = resolve_storage(opts.storage)
@@ -330,16 +354,40 @@ def prepare(spec: SweepSpec, opts: SweepOptions) -> tuple[list[TrialConfig], dic
 def run_sweep(spec: SweepSpec, opts: SweepOptions) -> SweepReport:
     """Validate everything, then run the grid on Ray Tune with MLflow tracking."""
     configs, meta = prepare(spec, opts)
+    return _launch(meta, configs, spec, opts, None)
+
+
+def run_search(spec, opts: SweepOptions, budget: int, sampler: str = "nsga2", seed: int = 0) -> SweepReport:
+    """Multi-objective Optuna (maximize clean_acc, minimize asr) through Ray Tune's OptunaSearch.
+
+    The study lives in ``<storage>/<name>/optuna.db`` and is restored with the sweep.
+    """
+    if sampler not in ("nsga2", "tpe", "gp"):
+        raise SweeperError(f"--sampler {sampler!r} is invalid: must be nsga2, tpe or gp")
+    if budget < 1:
+        raise SweeperError(f"--budget={budget} is invalid: must be >= 1")
+    configs, meta = prepare(spec, opts)
+    if is_uri(meta["storage"]):
+        raise SweeperError("sweeper search keeps its Optuna study in a local folder: --storage must be a path")
+    meta["n_trials"] = budget
+    meta["kind"] = "search"
+    meta["spec"] = {"axes": {**spec.continuous, **spec.categorical}, **spec.to_dict()}
+    study = Path(meta["storage"]) / opts.name / "optuna.db"
+    meta["search"] = {"budget": budget, "sampler": sampler, "seed": seed, "optuna_storage": f"sqlite:///{study}"}
+    return _launch(meta, configs, spec, opts, spec.tune_space())
+
+
+def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepReport:
     start_ray(opts.address)
     if meta["gpus_per_trial"] is None:
         meta["gpus_per_trial"] = default_gpus()
     artifact_root = None if is_uri(meta["storage"]) or opts.mlflow_uri else Path(meta["storage"]) / "mlartifacts"
     meta["experiment_id"] = tracking.ensure_experiment(meta["mlflow_uri"], opts.name, artifact_root)
-    meta["parent_run_id"] = tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], opts.name,
-                                                  {"n_trials": len(configs), **_flat_spec(spec)})
+    params = {"n_trials": meta["n_trials"], **(_flat_spec(spec) if isinstance(spec, SweepSpec) else
+                                                {f"search.{k}": v for k, v in meta["spec"]["axes"].items()})}
+    meta["parent_run_id"] = tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], opts.name, params)
     write_meta(meta["storage"], opts.name, meta)
-    tuner = _tuner(meta, configs)
-    grid = tuner.fit()
+    grid = _tuner(meta, configs, search_space=search_space).fit()
     return _finish(meta, grid)
 
 

@@ -235,3 +235,64 @@ def estimate_seconds(cfg: TrialConfig) -> float:
     spectrum = (cfg.hessian_iterations + 2) * min(cfg.hessian_samples, _TRAIN_SIZE[cfg.dataset]) * per * 3 \
         if cfg.hessian else 0.0
     return train + spectrum
+
+
+# ----------------------------------------------------------------------------- adaptive search spaces
+@dataclass
+class SearchSpec:
+    """Continuous ranges, categorical choices and fixed fields for ``sweeper search``.
+
+    Syntax per field: ``LO:HI`` (uniform), ``log:LO:HI`` (log-uniform), ``a,b,c`` (categorical),
+    a single value (fixed); ``both`` for true/false fields.
+    """
+
+    continuous: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # name -> (dist, lo, hi)
+    categorical: dict[str, list[Any]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def corner_configs(self) -> list[TrialConfig]:
+        """Configs at every range end x every category: validates the whole space before Ray starts."""
+        names = list(self.continuous) + list(self.categorical)
+        choices = [[lo, hi] for _, lo, hi in self.continuous.values()] + list(self.categorical.values())
+        out = []
+        for combo in itertools.product(*choices):
+            point = {**self.fixed, **dict(zip(names, combo, strict=True))}
+            point["data_dir"] = str(Path(point.get("data_dir", FIELDS["data_dir"].default)).expanduser().absolute())
+            try:
+                out.append(TrialConfig.from_dict(point))
+            except SweeperError as e:
+                raise SpaceError(f"{e} (search-space corner {dict(zip(names, combo, strict=True))})") from None
+        return out
+
+    def tune_space(self) -> dict[str, Any]:
+        """The ``trial`` part of Ray Tune's param space."""
+        from ray import tune
+
+        base = self.corner_configs()[0].to_dict()
+        space: dict[str, Any] = {k: v for k, v in base.items() if k not in self.continuous and k not in self.categorical}
+        for name, (dist, lo, hi) in self.continuous.items():
+            space[name] = tune.loguniform(lo, hi) if dist == "log" else tune.uniform(lo, hi)
+        for name, vals in self.categorical.items():
+            space[name] = tune.choice(vals)
+        return space
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"continuous": self.continuous, "categorical": self.categorical, "fixed": self.fixed}
+
+
+def parse_search_axis(name: str, spec: str) -> tuple[str, Any]:
+    """('continuous', (dist, lo, hi)) | ('categorical', [...]) | ('fixed', value)."""
+    if name not in FIELDS:
+        raise SpaceError(f"--{name} is not a trial field; valid fields: {sorted(FIELDS)}")
+    label = f"--{name.replace('_', '-')}"
+    s = spec.strip()
+    kind = _kind(name)
+    parts = s.split(":")
+    if kind is float and (len(parts) == 2 or (len(parts) == 3 and parts[0].lower() == "log")):
+        log = len(parts) == 3
+        lo, hi = (_scalar(name, p, label) for p in parts[-2:])
+        if not lo < hi or (log and lo <= 0):
+            raise SpaceError(f"{label}={spec!r} is invalid: a range needs LO < HI" + (" and LO > 0 for log" if log else ""))
+        return "continuous", ("log" if log else "uniform", lo, hi)
+    vals = parse_values(name, s)
+    return ("fixed", vals[0]) if len(vals) == 1 else ("categorical", vals)
