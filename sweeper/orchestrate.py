@@ -382,10 +382,14 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
     if meta["gpus_per_trial"] is None:
         meta["gpus_per_trial"] = default_gpus()
     artifact_root = None if is_uri(meta["storage"]) or opts.mlflow_uri else Path(meta["storage"]) / "mlartifacts"
-    meta["experiment_id"] = tracking.ensure_experiment(meta["mlflow_uri"], opts.name, artifact_root)
+    meta["experiment_id"] = tracking.retry(
+        lambda: tracking.ensure_experiment(meta["mlflow_uri"], opts.name, artifact_root),
+        "creating the experiment", fatal=True)
     params = {"n_trials": meta["n_trials"], **(_flat_spec(spec) if isinstance(spec, SweepSpec) else
                                                 {f"search.{k}": v for k, v in meta["spec"]["axes"].items()})}
-    meta["parent_run_id"] = tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], opts.name, params)
+    meta["parent_run_id"] = tracking.retry(
+        lambda: tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], opts.name, params),
+        "creating the sweep's parent run", fatal=True)
     write_meta(meta["storage"], opts.name, meta)
     grid = _tuner(meta, configs, search_space=search_space).fit()
     return _finish(meta, grid)

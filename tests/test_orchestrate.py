@@ -172,13 +172,15 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
     cmd = [sys.executable, "-m", "sweeper.cli", "run", "--storage", str(storage), "--name", "killed",
            "--theta", "0.1", "--kappa", "0,10,20,30", "--epochs", str(epochs), "--max-concurrent", "2",
            "--set", "hessian_samples=100", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
     try:
         while True:  # kill once one trial has finished and another is part-way
-            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert proc.poll() is None, "the sweep ended before it could be killed:\n" + \
+                (tmp_path / "driver.log").read_text()[-3000:]
             assert time.time() < deadline, "no progress to interrupt"
-            if (storage / "mlflow.db").exists():
+            if (storage / "killed" / "sweeper.json").exists():  # the driver has set up the store
                 try:
                     runs = child_runs(uri, "killed")
                 except Exception:
@@ -188,8 +190,10 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
                     break
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait(timeout=60)
+        log.close()
     killed_at = time.time() * 1000
     before = {r.data.tags[TAG_KEY]: r for r in child_runs(uri, "killed")}
     finished_before = {k for k, r in before.items() if r.data.tags.get("sweeper.status") == "completed"}
