@@ -3,7 +3,8 @@
 A point is on the frontier when no other point is at least as good in every objective and
 strictly better in one. Identical points never dominate each other, so duplicates of a frontier
 point are all kept; ties in one objective are resolved by the others. Two objectives take
-O(n log n) (one lexicographic sort and prefix minima); more use a vectorised O(n^2) scan.
+O(n log n) (one lexicographic sort and prefix minima).
+More objectives sort by the sum and filter against the running front (about O(n x front size)).
 Default objectives: maximize ``clean_acc``, minimize ``asr``.
 """
 
@@ -56,15 +57,40 @@ def _front2(w: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _front_nd(w: np.ndarray, block: int = 2048) -> np.ndarray:
-    n = len(w)
-    dominated = np.zeros(n, dtype=bool)
-    for s in range(0, n, block):
-        a = w[s:s + block][:, None, :]  # candidates
-        le = (w[None, :, :] <= a).all(axis=2)
-        lt = (w[None, :, :] < a).any(axis=2)
-        dominated[s:s + block] = (le & lt).any(axis=1)
-    return ~dominated
+def _dominated_by(cand: np.ndarray, by: np.ndarray, block: int = 1024) -> np.ndarray:
+    """For each row of ``cand``: is it dominated by some row of ``by``? (vectorised, blockwise)"""
+    out = np.zeros(len(cand), dtype=bool)
+    if len(by) == 0:
+        return out
+    for s in range(0, len(cand), block):
+        a = cand[s:s + block][:, None, :]
+        out[s:s + block] = ((by[None] <= a).all(axis=2) & (by[None] < a).any(axis=2)).any(axis=1)
+    return out
+
+
+def _front_nd(w: np.ndarray, block: int = 128) -> np.ndarray:
+    # If q dominates p then sum(q) <= sum(p), also in floating point (rounding is monotone), so after
+    # sorting by the sum every point need only be checked against the front of the points before it
+    # and its own block; a final check of the front against itself settles equal-sum ties.
+    if not np.isfinite(w).all():  # inf - inf sums are NaN: fall back to the plain all-pairs check
+        return ~_dominated_by(w, w)
+    order = np.argsort(w.sum(axis=1), kind="stable")
+    front: list[np.ndarray] = []
+    front_idx: list[np.ndarray] = []
+    current = np.empty((0, w.shape[1]))
+    for s in range(0, len(order), block):
+        idx = order[s:s + block]
+        b = w[idx]
+        keep = ~_dominated_by(b, current) & ~_dominated_by(b, b)
+        if keep.any():
+            front.append(b[keep])
+            front_idx.append(idx[keep])
+            current = np.concatenate(front)
+    mask = np.zeros(len(w), dtype=bool)
+    if front_idx:
+        fi = np.concatenate(front_idx)
+        mask[fi[~_dominated_by(current, current)]] = True
+    return mask
 
 
 def frontier(df: pd.DataFrame, objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
@@ -84,3 +110,80 @@ def frontier(df: pd.DataFrame, objectives: Sequence[tuple[str, str]] = DEFAULT_O
     else:
         out = df[pareto_mask(df[cols].to_numpy(dtype=float), dirs)]
     return out.sort_values(list(group_by or []) + [cols[0]], ascending=[True] * len(group_by or []) + [dirs[0] == "min"])
+
+
+def parse_objectives(text: str) -> list[tuple[str, str]]:
+    """``clean_acc:max,asr:min`` -> [("clean_acc", "max"), ("asr", "min")]."""
+    out = []
+    for part in text.split(","):
+        if ":" not in part:
+            raise ValueError(f"objective {part!r} is invalid: expected METRIC:max or METRIC:min")
+        name, direction = (p.strip() for p in part.rsplit(":", 1))
+        if direction not in ("max", "min") or not name:
+            raise ValueError(f"objective {part!r} is invalid: direction must be max or min")
+        out.append((name, direction))
+    if len(out) < 2:
+        raise ValueError(f"objectives {text!r}: need at least two")
+    return out
+
+
+def aggregate_seeds(df: pd.DataFrame, metrics: Sequence[str], by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, std and count of ``metrics`` over seeds: one row per configuration (all config columns but seed).
+
+    The mean keeps the metric's name (so frontiers can be drawn on it); ``<metric>_std`` and ``n_seeds`` are added.
+    """
+    from .results import CONFIG_FIELDS
+
+    if by is None:
+        by = [c for c in df.columns if c in CONFIG_FIELDS and c != "seed" and df[c].map(_hashable).all()]
+    by = list(by)
+    agg = df.groupby(by, dropna=False, sort=True)[list(metrics)].agg(["mean", "std"])
+    agg.columns = [m if s == "mean" else f"{m}_std" for m, s in agg.columns]
+    agg["n_seeds"] = df.groupby(by, dropna=False, sort=True).size()
+    return agg.reset_index()
+
+
+def _hashable(v) -> bool:
+    try:
+        hash(v)
+        return True
+    except TypeError:
+        return False
+
+
+def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Volume dominated by ``values`` and bounded by ``reference`` (a point worse than all of interest).
+
+    Exact: a sweep for two objectives, recursive slicing (HSO) for more. Points not strictly better
+    than the reference in every objective contribute nothing.
+    """
+    v = _as_min(values, directions)
+    ref = _as_min(np.asarray(reference, dtype=np.float64)[None], directions)[0]
+    v = v[~np.isnan(v).any(axis=1)]
+    v = v[(v < ref).all(axis=1)]
+    if len(v) == 0:
+        return 0.0
+    v = v[_front_nd(v) if v.shape[1] > 2 else _front2(v)]
+    return float(_hv(np.unique(v, axis=0), ref))
+
+
+def _hv(v: np.ndarray, ref: np.ndarray) -> float:
+    if v.shape[1] == 1:
+        return float(ref[0] - v[:, 0].min())
+    if v.shape[1] == 2:
+        order = np.argsort(v[:, 0])
+        x, y = v[order, 0], v[order, 1]
+        best = np.minimum.accumulate(y)
+        widths = np.diff(np.r_[x, ref[0]])
+        return float(np.sum(widths * (ref[1] - best)))
+    order = np.argsort(v[:, -1])  # slice along the last objective
+    v = v[order]
+    total = 0.0
+    for i in range(len(v)):
+        upper = v[i + 1, -1] if i + 1 < len(v) else ref[-1]
+        depth = upper - v[i, -1]
+        if depth > 0:
+            sl = v[: i + 1, :-1]
+            sl = sl[_front_nd(sl) if sl.shape[1] > 2 else _front2(sl)]
+            total += depth * _hv(sl, ref[:-1])
+    return total

@@ -351,6 +351,80 @@ def search(
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
 
 
+@app.command("frontier")
+def frontier_cmd(
+    name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage / an MLflow experiment).")],
+    objectives: Annotated[str, typer.Option(help="METRIC:max|min, comma-separated (2 or more).")] = "clean_acc:max,asr:min",
+    group_by: Annotated[str | None, typer.Option(help="Columns to compute one frontier per group, e.g. theta or augment,epochs [default: theta when it varies].", show_default=False)] = None,
+    aggregate_seeds: Annotated[bool, typer.Option(help="Average seeds (mean ± std) before the frontier.")] = False,
+    csv: Annotated[Path | None, typer.Option(help="Also write the frontier as CSV here (refuses to overwrite).", show_default=False)] = None,
+    storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
+    source: Annotated[str, typer.Option(help="auto (MLflow, else the Ray folder), mlflow or ray.")] = "auto",
+) -> dict[str, Any]:
+    """Print a sweep's safety-efficacy frontier as a table."""
+    from analysis.pareto import aggregate_seeds as agg_seeds
+    from analysis.pareto import frontier, parse_objectives
+    from analysis.results import load_results
+
+    try:
+        objs = parse_objectives(objectives)
+    except ValueError as e:
+        raise SweeperError(f"--objectives: {e}") from None
+    if csv is not None and csv.exists():
+        raise SweeperError(f"--csv {csv} already exists; refusing to overwrite it")
+    df = load_results(name, storage, mlflow_uri, source)
+    if df.empty:
+        raise SweeperError(f"sweep {name!r} has no trials yet")
+    metrics = [m for m, _ in objs]
+    missing = [m for m in metrics if m not in df.columns]
+    if missing:
+        raise SweeperError(f"--objectives: metric(s) {missing} not in the results; available: "
+                           f"{sorted(c for c in df.columns if df[c].dtype.kind == 'f')}")
+    ok = df[df["status"] == "completed"]
+    groups = [g.strip() for g in group_by.split(",")] if group_by else (
+        ["theta"] if "theta" in ok.columns and ok["theta"].nunique() > 1 else [])
+    bad = [g for g in groups if g not in df.columns]
+    if bad:
+        raise SweeperError(f"--group-by: column(s) {bad} not in the results; available: {sorted(df.columns)}")
+    if aggregate_seeds and not ok.empty:
+        ok = agg_seeds(ok, metrics)
+    front = frontier(ok, objs, groups or None) if not ok.empty else ok
+    shown = [c for c in ["theta", "kappa", "augment", "epochs", "seed", "n_seeds", *groups] if c in front.columns]
+    shown = list(dict.fromkeys(shown + [c for m in metrics for c in (m, f"{m}_std") if c in front.columns]))
+    typer.echo(f"frontier of {name} ({', '.join(f'{m} {d}' for m, d in objs)}"
+               + (f"; per {', '.join(groups)}" if groups else "") + f"): {len(front)} of {len(ok)} completed trials")
+    typer.echo(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if not front.empty else "(empty)")
+    skipped = df[df["status"] != "completed"]
+    if not skipped.empty:
+        typer.echo(f"not completed ({len(skipped)}): " + ", ".join(
+            f"{r.get('trial_id')} {r['status']}" for _, r in skipped.iterrows()))
+    if csv is not None:
+        front.to_csv(csv, index=False)
+    return {"frontier": front}
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="Sweep name.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for figures and summary [default: <storage>/<name>-report].", show_default=False)] = None,
+    storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out folder.")] = False,
+    log_to_mlflow: Annotated[bool, typer.Option(help="Log the report to the sweep's parent MLflow run.")] = True,
+    source: Annotated[str, typer.Option(help="auto (MLflow, else the Ray folder), mlflow or ray.")] = "auto",
+) -> dict[str, Any]:
+    """Write every figure (PNG + SVG) and a one-page Markdown + HTML summary; log them to MLflow."""
+    from analysis.report import write_report
+
+    folder = out if out is not None else Path(storage).expanduser().absolute() / f"{name}-report"
+    res = write_report(name, folder, storage, mlflow_uri, overwrite=overwrite, log_to_mlflow=log_to_mlflow, source=source)
+    typer.echo(f"report of {name}: {len([f for f in res['figures'] if f.suffix == '.png'])} figures, "
+               f"{res['out'] / 'summary.md'}, {res['out'] / 'summary.html'}"
+               + (f"; logged to MLflow run {res['mlflow_parent_run']}" if res["mlflow_parent_run"] else ""))
+    if not res["problems"].empty:
+        typer.echo(f"not completed: {len(res['problems'])} trial(s), listed in the summary")
+    return {"out": str(res["out"])}
+
+
 @app.command()
 def plan(
     theta: ThetaAxis = None, kappa: KappaAxis = None, augment: AugmentAxis = None, epochs: EpochsAxis = None,

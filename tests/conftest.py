@@ -37,6 +37,28 @@ def make_cifar10_files(folder, n_per_batch=20, seed=0):
     return folder
 
 
+# tiny but complete trials: training, spectrum and geometry all run
+FAST = {"epochs": 1, "hessian_samples": 100, "hessian_iterations": 6, "hessian_top_k": 3}
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory):
+    """A real 2 x 3 sweep on local Ray + embedded MLflow, shared by the sweep and analysis tests.
+
+    kappa = 1e8 diverges on purpose, so reports must list it.
+    """
+    import ray
+
+    from sweeper.orchestrate import SweepOptions, run_sweep
+    from sweeper.spaces import SweepSpec
+
+    storage = tmp_path_factory.mktemp("sweeps")
+    spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 50.0, 1e8]}, fixed=FAST)
+    report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
+    ray.shutdown()
+    return storage, report
+
+
 @pytest.fixture
 def mnist_dir(tmp_path):
     make_mnist_files(tmp_path / "mnist")

@@ -13,15 +13,13 @@ import urllib.request
 import mlflow
 import pytest
 import ray
+from conftest import FAST
 from mlflow.tracking import MlflowClient
 
 from sweeper.cli import main
 from sweeper.orchestrate import SweepOptions, resume_sweep, run_sweep, sweep_status
 from sweeper.spaces import SweepSpec
 from sweeper.tracking import TAG_KEY, TAG_KIND, default_uri
-
-# tiny but complete trials: training, spectrum and geometry all run
-FAST = {"epochs": 1, "hessian_samples": 100, "hessian_iterations": 6, "hessian_top_k": 3}
 
 
 @pytest.fixture(autouse=True)
@@ -37,36 +35,31 @@ def child_runs(uri: str, experiment: str):
     return c.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=1000)
 
 
-@pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("sweeps")
-    spec = SweepSpec(axes={"theta": [0.05, 0.1], "kappa": [0.0, 50.0]}, fixed=FAST)
-    report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
-    ray.shutdown()
-    return storage, report
-
-
 def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
     storage, report = grid_sweep
-    assert report.counts["completed"] == 4 and report.counts["total"] == 4
+    assert report.counts == {"completed": 4, "diverged": 2, "failed": 0, "running": 0, "total": 6}
     uri = default_uri(storage)
     mlflow.set_tracking_uri(uri)
     df = mlflow.search_runs(experiment_names=["grid"])
     parents = df[df["tags.sweeper.kind"] == "sweep"]
     children = df[df["tags.sweeper.kind"] == "trial"]
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 6
     assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
     assert sorted(zip(children["params.theta"], children["params.kappa"], strict=True)) == [
-        ("0.05", "0.0"), ("0.05", "50.0"), ("0.1", "0.0"), ("0.1", "50.0")]
+        ("0.0", "0.0"), ("0.0", "100000000.0"), ("0.0", "50.0"), ("0.1", "0.0"), ("0.1", "100000000.0"), ("0.1", "50.0")]
+    done = children[children["tags.sweeper.status"] == "completed"]
+    assert len(done) == 4 and set(done["params.kappa"]) == {"0.0", "50.0"}
     for col in ("metrics.clean_acc", "metrics.asr", "metrics.lambda_1", "metrics.max_overlap_sq", "metrics.geom_d_ratio"):
-        assert children[col].notna().all(), col
-    assert (children["tags.sweeper.status"] == "completed").all()
+        assert done[col].notna().all(), col
+    diverged = children[children["tags.sweeper.status"] == "diverged"]
+    assert set(diverged["params.kappa"]) == {"100000000.0"}  # recorded, and the sweep went on
+    assert (diverged["tags.sweeper.diverged_epoch"] == "1").all()
     assert children["tags.sweeper.git_commit"].notna().all()
-    run_id = children["run_id"].iloc[0]
+    run_id = done["run_id"].iloc[0]
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
     assert {"eigenvectors.png", "spectrum.json", "geometry.csv", "trigger.png"} <= arts
     st = sweep_status("grid", str(storage))
-    assert (st["completed"], st["pending"], st["total"]) == (4, 0, 4)
+    assert (st["completed"], st["diverged"], st["pending"], st["total"]) == (4, 2, 0, 6)
 
 
 def test_existing_sweep_is_never_overwritten(grid_sweep, capsys):

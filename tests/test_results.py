@@ -1,0 +1,53 @@
+"""Tidy frames from a real sweep, through MLflow and through the Ray Tune folder."""
+
+import shutil
+
+import pandas as pd
+
+from analysis.results import concat_results, load_eigenvectors, load_history, load_results
+
+
+def test_mlflow_and_ray_folder_give_the_same_rows(grid_sweep):
+    storage, _ = grid_sweep
+    a = load_results("grid", storage, source="mlflow").sort_values(["theta", "kappa"]).reset_index(drop=True)
+    b = load_results("grid", storage, source="ray").sort_values(["theta", "kappa"]).reset_index(drop=True)
+    assert len(a) == len(b) == 6
+    assert a["theta"].dtype.kind == "f" and a["augment"].dtype == bool and a["epochs"].dtype.kind == "i"
+    assert a["status"].tolist() == b["status"].tolist()
+    assert sorted(a["status"]) == ["completed"] * 4 + ["diverged"] * 2
+    ok = a["status"] == "completed"
+    pd.testing.assert_series_equal(a.loc[ok, "clean_acc"], b.loc[ok, "clean_acc"], check_names=False)
+    pd.testing.assert_series_equal(a.loc[ok, "max_overlap_sq"], b.loc[ok, "max_overlap_sq"], check_names=False)
+    assert (a["run_id"] == b["run_id"]).all() and a["trial_key"].is_unique
+
+
+def test_ray_folder_is_used_when_mlflow_is_gone(grid_sweep, tmp_path):
+    storage, _ = grid_sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(storage / "grid", copy / "grid")  # no mlflow.db beside it
+    (copy / "grid" / "sweeper.json").unlink()
+    df = load_results("grid", copy)
+    assert len(df) == 6 and set(df["status"]) == {"completed", "diverged"}
+
+
+def test_histories_and_several_sweeps(grid_sweep):
+    storage, _ = grid_sweep
+    h = load_history("grid", storage)
+    assert set(h.columns) == {"sweep", "run_id", "trial_key", "epoch", "metric", "value"}
+    assert set(h[h.metric == "clean_acc"]["epoch"]) == {1}
+    assert not h.duplicated(["run_id", "epoch", "metric"]).any()
+    hr = load_history("grid", storage, source="ray")
+    assert set(hr[hr.metric == "clean_acc"]["trial_key"]) == set(h[h.metric == "clean_acc"]["trial_key"])
+    both = concat_results([load_results("grid", storage), load_results("grid", storage, source="ray")])
+    assert len(both) == 12
+
+
+def test_eigenvectors_from_mlflow_and_from_checkpoints(grid_sweep):
+    storage, _ = grid_sweep
+    df = load_results("grid", storage)
+    row = df[df.status == "completed"].iloc[0]
+    v = load_eigenvectors(row, storage)
+    assert v.shape == (3, 1, 8, 8)
+    no_run = row.copy()
+    no_run["run_id"] = None  # forces the Ray checkpoint path
+    assert (load_eigenvectors(no_run, storage) == v).all()
