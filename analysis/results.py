@@ -18,7 +18,18 @@ import pandas as pd
 
 from trainables.config import SweeperError, TrialConfig
 
-CONFIG_FIELDS = {f.name: str(f.type) for f in dataclasses.fields(TrialConfig)}
+
+def _all_fields() -> dict[str, str]:
+    from trainables.kernel import KernelConfig
+    from trainables.linear import LinearConfig
+
+    out: dict[str, str] = {}
+    for cls in (KernelConfig, LinearConfig, TrialConfig):  # network last: its types win on shared names
+        out.update({f.name: str(f.type) for f in dataclasses.fields(cls)})
+    return out
+
+
+CONFIG_FIELDS = _all_fields()
 HISTORY_METRICS = ("train_loss", "penalty", "train_acc", "clean_acc", "asr", "fisher_trace", "n_poisoned", "lr",
                    "lambda_1", "eig_gap", "overlap_sq", "max_overlap_sq")
 

@@ -73,6 +73,15 @@ class DType(str, Enum):
     float64 = "float64"
 
 
+class Kind(str, Enum):
+    network = "network"
+    kernel = "kernel"
+    linear = "linear"
+
+
+KindOpt = Annotated[Kind, typer.Option(help="Trial kind: network (train a net), kernel (KRR laws, Sec. 3) or linear (QR update, Sec. 4).")]
+
+
 @app.callback()
 def _root() -> None:
     """Sweep data-poisoning trials, track them in MLflow and draw the safety-efficacy frontier."""
@@ -157,17 +166,35 @@ def trial(
     spectrum_every: Annotated[int, _opt("Also measure the spectrum every N epochs (0: only at the end).", min=0)] = _D["spectrum_every"],
     geometry: Annotated[bool, _opt("Penultimate-feature geometry table (Appendix B).")] = _D["geometry"],
     config: Annotated[Path | None, _opt("YAML/JSON file of trial fields; explicit flags override it.")] = None,
+    kind: KindOpt = Kind.network,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any trial field FIELD=VALUE (the only way to reach kernel/linear fields such as m, r, ell); repeatable.", show_default=False)] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write {config, metrics, status, history} here.")] = None,
     checkpoint: Annotated[Path | None, _opt("Checkpoint file: written every epoch, resumed from if it exists.")] = None,
     overwrite: Annotated[bool, _opt("Allow --json to replace an existing file.")] = False,
     quiet: Annotated[bool, _opt("No progress bar.")] = False,
 ) -> dict[str, Any]:
-    """Run one trial locally: poison, train with the penalty, evaluate, analyse."""
+    """Run one trial locally: poison, train with the penalty, evaluate, analyse (or a kernel / linear trial)."""
     params = {k: v for k, v in ctx.params.items()
-              if k not in ("config", "json_path", "checkpoint", "overwrite", "quiet")}
-    cfg = config_from_cli(ctx, params, config)
+              if k not in ("config", "json_path", "checkpoint", "overwrite", "quiet", "kind", "set_")}
+    sets = _parse_sets(set_, kind.value)
+    if kind is Kind.network:
+        explicit = {k: v for k, v in sets.items()}
+        cfg = config_from_cli(ctx, {**params, **explicit}, config)
+    else:
+        cfg = _other_kind_config(ctx, kind.value, params, sets, config)
     if json_path is not None:
         _check_writable(json_path, overwrite)
+    if kind is not Kind.network:
+        from trainables import run_any
+
+        result = run_any(cfg)
+        if json_path is not None:
+            from trainables.train import write_json
+
+            write_json(result, json_path)
+        m = result.metrics
+        typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        return result.to_json_dict()
     from .progress import run_with_progress
 
     result = run_with_progress(cfg, checkpoint=checkpoint, quiet=quiet)
@@ -206,15 +233,27 @@ MlflowOpt = Annotated[str | None, typer.Option(help="Tracking server URI [defaul
 
 
 def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str | None,
-               sets: list[str] | None):
-    """The sweep's search space: sweep file (or the embedded digits defaults), then flags, then --set."""
-    from .spaces import DEFAULT_AXES, DEFAULT_FIXED, SpaceError, SweepSpec, load_sweep_file, parse_seeds, parse_values
+               sets: list[str] | None, kind: str = "network"):
+    """The sweep's search space: sweep file (or the embedded defaults of the kind), then flags, then --set."""
+    from .spaces import (
+        DEFAULT_AXES,
+        DEFAULT_FIXED,
+        DEFAULT_KIND_AXES,
+        SpaceError,
+        SweepSpec,
+        load_sweep_file,
+        parse_seeds,
+        parse_values,
+    )
 
     if sweep_file is not None:
         spec, file_name = load_sweep_file(sweep_file)
         axes, fixed, seed_list = dict(spec.axes), dict(spec.fixed), spec.seeds
-    else:
+        kind = spec.kind if kind == "network" else kind
+    elif kind == "network":
         file_name, axes, fixed, seed_list = None, dict(DEFAULT_AXES), dict(DEFAULT_FIXED), None
+    else:
+        file_name, axes, fixed, seed_list = None, dict(DEFAULT_KIND_AXES[kind]), {}, None
     given = [(k, v) for k, v in flags.items() if v is not None]
     for item in sets or []:
         if "=" not in item:
@@ -222,7 +261,7 @@ def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str
         k, v = item.split("=", 1)
         given.append((k.strip().replace("-", "_"), v))
     for key, text in given:
-        vals = parse_values(key, text)
+        vals = parse_values(key, text, kind=kind)
         axes.pop(key, None)
         fixed.pop(key, None)
         if len(vals) == 1:
@@ -233,7 +272,7 @@ def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str
         seed_list = parse_seeds(seeds)
         axes.pop("seed", None)
         fixed.pop("seed", None)
-    return SweepSpec(axes=axes, fixed=fixed, seeds=seed_list), file_name
+    return SweepSpec(axes=axes, fixed=fixed, seeds=seed_list, kind=kind), file_name
 
 
 def _print_rows(rows: list[dict[str, Any]], varying: list[str], group: list[str] | None = None) -> None:
@@ -267,6 +306,7 @@ def run(
     theta: ThetaAxis = None, kappa: KappaAxis = None, augment: AugmentAxis = None, epochs: EpochsAxis = None,
     seeds: SeedsOpt = None, dataset: DatasetAxis = None, model: ModelAxis = None, trigger: TriggerAxis = None,
     poison_mode: PoisonModeAxis = None, sweep_file: SweepFileOpt = None, set_: SetOpt = None,
+    kind: KindOpt = Kind.network,
     name: NameOpt = None, storage: StorageOpt = "./sweeps", address: AddressOpt = None,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial (> 0); also its torch threads.")] = 1.0,
     gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed [default: 1 if the cluster has GPUs, else 0].", show_default=False)] = None,
@@ -282,8 +322,9 @@ def run(
     from .orchestrate import SweepOptions, run_sweep
 
     flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
-    spec, file_name = build_spec(sweep_file, flags, seeds, set_)
-    opts = SweepOptions(name=name or file_name or "digits-demo", storage=storage, address=address,
+    spec, file_name = build_spec(sweep_file, flags, seeds, set_, kind.value)
+    default_name = "digits-demo" if spec.kind == "network" else f"{spec.kind}-demo"
+    opts = SweepOptions(name=name or file_name or default_name, storage=storage, address=address,
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                         mlflow_uri=mlflow_uri, max_failures=max_failures, verbose=0 if quiet else 1)
     report = run_sweep(spec, opts)
@@ -426,10 +467,51 @@ def report(
 
 
 @app.command()
+def theory(
+    out: Annotated[Path, typer.Option(help="Folder for theory.png/.svg, by_m.csv, by_r.csv and summary.json.")] = Path("theory"),
+    m: Annotated[str, typer.Option(help="Poison counts (include 0 for the small-m slope).")] = "0,1,2,4,8,16,32,64,128,256,512,1024,4096",
+    r: Annotated[str, typer.Option(help="Trigger distances r = ||x0 - zeta||.")] = "log:0.001:2:16",
+    m_for_r: Annotated[int, typer.Option("--m-for-r", help="Poison count of the r sweep.", min=1)] = 64,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Other kernel-trial fields, FIELD=VALUE (ell, lam, n_clean, dim, jitter...).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out folder.")] = False,
+) -> dict[str, Any]:
+    """KRR laws numerically vs closed form over m and r: linear-then-saturating efficacy, curvature
+    quadratic in efficacy, and the near-clone twilight zone where the spike vanishes but efficacy stays."""
+    import json as _json
+
+    from analysis import theory as th
+    from trainables.kernel import KernelConfig
+
+    from .spaces import parse_values
+
+    out = out.expanduser().absolute()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SweeperError(f"--out {out} is not empty; refusing to overwrite (pass --overwrite or another folder)")
+    base = KernelConfig.from_dict({"kind": "kernel", "lam": 0.1, **_parse_sets(set_, "kernel")})
+    ms = [int(v) for v in parse_values("m", m, kind="kernel")]
+    rs = parse_values("r", r, kind="kernel")
+    if len(ms) < 2:
+        raise SweeperError(f"--m {m!r} needs at least two values")
+    by_m = th.kernel_sweep(base, "m", ms)
+    by_r = th.kernel_sweep(KernelConfig.from_dict({**base.to_dict(), "m": m_for_r}), "r", rs)
+    summary = th.summarize(by_m, by_r)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = th.plot_theory(by_m, by_r, out)
+    by_m.to_csv(out / "by_m.csv", index=False)
+    by_r.to_csv(out / "by_r.csv", index=False)
+    (out / "summary.json").write_text(_json.dumps(summary, indent=2))
+    for k, v in summary.items():
+        typer.echo(f"{k:28} {v:.6g}" if isinstance(v, float) else f"{k:28} {v}")
+    typer.echo(f"figures: {', '.join(str(f) for f in figures)}")
+    return summary
+
+
+@app.command()
 def plan(
     theta: ThetaAxis = None, kappa: KappaAxis = None, augment: AugmentAxis = None, epochs: EpochsAxis = None,
     seeds: SeedsOpt = None, dataset: DatasetAxis = None, model: ModelAxis = None, trigger: TriggerAxis = None,
     poison_mode: PoisonModeAxis = None, sweep_file: SweepFileOpt = None, set_: SetOpt = None,
+    kind: KindOpt = Kind.network,
     concurrency: Annotated[int, typer.Option(help="Trials at once, for the wall-clock estimate.", min=1)] = 2,
 ) -> dict[str, Any]:
     """Print the grid size, every trial and a rough CPU cost, without running anything."""
@@ -438,7 +520,7 @@ def plan(
     from .spaces import estimate_seconds
 
     flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
-    spec, _ = build_spec(sweep_file, flags, seeds, set_)
+    spec, _ = build_spec(sweep_file, flags, seeds, set_, kind.value)
     configs = spec.configs()
     varying = list(spec.axes) + (["seed"] if spec.seeds else [])
     cost = [estimate_seconds(c) for c in configs]
@@ -482,6 +564,58 @@ def status(
     typer.echo(f"sweep {st['name']} ({st['path']}): " + ", ".join(
         f"{st[k]} {k}" for k in ("completed", "diverged", "failed", "running", "pending", "total")))
     return st
+
+
+def _parse_sets(items: list[str] | None, kind: str) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` pairs of one trial, typed by the kind's config."""
+    from .spaces import SpaceError, parse_values
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        vals = parse_values(k, v, kind=kind)
+        if len(vals) != 1:
+            raise SpaceError(f"--set {item!r} is invalid: a single trial takes one value (use sweeper run for lists)")
+        out[k] = vals[0]
+    return out
+
+
+def _other_kind_config(ctx: typer.Context, kind: str, params: dict[str, Any], sets: dict[str, Any],
+                       config_file: Path | None):
+    """Kernel / linear configs: --set values, shared flags given explicitly, and the config file."""
+    from trainables import config_class
+
+    cls = config_class(kind)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = load_config_file_for(config_file, names) if config_file else {}
+    for name, value in params.items():
+        if ctx.get_parameter_source(name) in (_click_core.ParameterSource.DEFAULT, None):
+            continue
+        if name not in names:
+            raise SweeperError(f"--{name.replace('_', '-')} does not apply to --kind {kind}; its fields "
+                               f"(set with --set FIELD=VALUE): {sorted(names - {'kind'})}")
+        values[name] = value.value if isinstance(value, Enum) else value
+    values.update(sets)
+    values["kind"] = kind
+    if "data_dir" in values:
+        values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())
+    return cls.from_dict(values)
+
+
+def load_config_file_for(path: Path, names: set[str]) -> dict[str, Any]:
+    """Like :func:`load_config_file`, for another trial kind's fields."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SweeperError(f"config file {path} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or set(data) - names:
+        raise SweeperError(f"config file {path}: unknown field(s) {sorted(set(data or {}) - names)}; valid fields: {sorted(names)}")
+    return data
 
 
 def _check_writable(path: Path, overwrite: bool) -> None:

@@ -160,6 +160,8 @@ def trainable(config: dict[str, Any]) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     sweep = config["sweep"]
     torch.set_num_threads(max(1, int(sweep["threads"])))
+    if config["trial"].get("kind", "network") != "network":
+        return _closed_form_trial(config["trial"], sweep)
     cfg = TrialConfig.from_dict(config["trial"])
     trial = Trial(cfg)
     ckpt = tune.get_checkpoint()
@@ -194,6 +196,26 @@ def trainable(config: dict[str, Any]) -> None:
     except Exception as e:
         tracker.log_failure(e)
         raise
+
+
+def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Kernel and linear trials: one dense computation, logged and reported once."""
+    import ray
+    from ray import tune
+
+    from trainables import make_config, run_any
+
+    cfg = make_config(trial)
+    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
+                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id())
+    try:
+        result = run_any(cfg)
+        tracker.log_final(result)
+    except Exception as e:
+        tracker.log_failure(e)
+        raise
+    tune.report({**result.metrics, "status": result.status, "trial_key": tracker.key, "diverged": 0,
+                 "mlflow_run_id": tracker.run_id or "", "node_id": ray.get_runtime_context().get_node_id()})
 
 
 def _trainable_for(meta: dict[str, Any]):

@@ -23,9 +23,20 @@ from typing import Any
 from trainables.config import SweeperError, TrialConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
+
+
+def fields_for(kind: str) -> dict[str, dataclasses.Field]:
+    """Config fields of a trial kind (network, kernel, linear)."""
+    from trainables import config_class
+
+    return {f.name: f for f in dataclasses.fields(config_class(kind))}
 # the paper's defaults: a small, minutes-long sweep on digits that shows the trade-off
 DEFAULT_AXES: dict[str, list[Any]] = {"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]}
 DEFAULT_FIXED: dict[str, Any] = {"dataset": "digits", "epochs": 15}
+DEFAULT_KIND_AXES: dict[str, dict[str, list[Any]]] = {
+    "kernel": {"m": [1, 2, 4, 8, 16, 32, 64], "r": [0.05, 0.5]},
+    "linear": {"theta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]},
+}
 MAX_TRIALS = 100_000
 
 
@@ -33,8 +44,8 @@ class SpaceError(SweeperError):
     """A bad search-space value: names the flag or key, the value and the valid syntax."""
 
 
-def _kind(name: str) -> type:
-    ann = str(FIELDS[name].type)
+def _kind(name: str, fields: dict | None = None) -> type:
+    ann = str((fields or FIELDS)[name].type)
     if ann.startswith("bool"):
         return bool
     if ann.startswith("int"):
@@ -44,8 +55,8 @@ def _kind(name: str) -> type:
     return str
 
 
-def _scalar(name: str, text: Any, where: str) -> Any:
-    kind = _kind(name)
+def _scalar(name: str, text: Any, where: str, fields: dict | None = None) -> Any:
+    kind = _kind(name, fields)
     if not isinstance(text, str):
         if kind is float and isinstance(text, int | float) and not isinstance(text, bool):
             return float(text)
@@ -76,25 +87,26 @@ def _scalar(name: str, text: Any, where: str) -> Any:
     return t
 
 
-def parse_values(name: str, spec: Any, where: str = "--") -> list[Any]:
+def parse_values(name: str, spec: Any, where: str = "--", kind: str = "network") -> list[Any]:
     """Parse one axis (a string in the syntax above, a list, or a scalar) into a list of values."""
-    if name not in FIELDS:
-        raise SpaceError(f"{where}{name} is not a trial field; valid fields: {sorted(FIELDS)}")
+    fields = fields_for(kind)
+    if name not in fields:
+        raise SpaceError(f"{where}{name} is not a {kind}-trial field; valid fields: {sorted(fields)}")
     label = f"{where}{name.replace('_', '-')}" if where == "--" else f"{where} {name}"
     if isinstance(spec, list | tuple):
-        vals = [_scalar(name, v, label) for v in spec]
+        vals = [_scalar(name, v, label, fields) for v in spec]
     elif not isinstance(spec, str):
-        vals = [_scalar(name, spec, label)]
+        vals = [_scalar(name, spec, label, fields)]
     else:
         s = spec.strip()
-        kind = _kind(name)
+        kind = _kind(name, fields)
         if kind is bool and s.lower() == "both":
             vals = [False, True]
         elif s.lower().startswith("log:"):
             parts = s.split(":")
             if len(parts) != 4 or kind is not float:
                 raise SpaceError(f"{label}={spec!r} is invalid: log ranges are log:START:STOP:COUNT for numeric fields")
-            a, b, n = _scalar(name, parts[1], label), _scalar(name, parts[2], label), parts[3]
+            a, b, n = _scalar(name, parts[1], label, fields), _scalar(name, parts[2], label, fields), parts[3]
             if not n.isdigit() or int(n) < 1 or a <= 0 or b <= 0:
                 raise SpaceError(f"{label}={spec!r} is invalid: log:START:STOP:COUNT needs START, STOP > 0 and COUNT >= 1")
             n = int(n)
@@ -103,7 +115,7 @@ def parse_values(name: str, spec: Any, where: str = "--") -> list[Any]:
             parts = s.split(":")
             if len(parts) != 3:
                 raise SpaceError(f"{label}={spec!r} is invalid: ranges are START:STOP:STEP")
-            a, b, step = (_scalar(name, p, label) for p in parts)
+            a, b, step = (_scalar(name, p, label, fields) for p in parts)
             if step <= 0 or b < a:
                 raise SpaceError(f"{label}={spec!r} is invalid: START:STOP:STEP needs STEP > 0 and STOP >= START")
             n = int(math.floor((b - a) / step + 1e-9)) + 1
@@ -111,7 +123,7 @@ def parse_values(name: str, spec: Any, where: str = "--") -> list[Any]:
                 raise SpaceError(f"{label}={spec!r} gives {n} values, more than {MAX_TRIALS}")
             vals = [kind(float(f"{a + i * step:.12g}")) for i in range(n)]
         else:
-            vals = [_scalar(name, v, label) for v in s.split(",") if v.strip() != ""]
+            vals = [_scalar(name, v, label, fields) for v in s.split(",") if v.strip() != ""]
     if not vals:
         raise SpaceError(f"{label}={spec!r} is invalid: no values")
     return list(dict.fromkeys(vals))  # drop repeats, keep order
@@ -124,6 +136,7 @@ class SweepSpec:
     axes: dict[str, list[Any]] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] | None = None  # None: the TrialConfig seed (or an axis/fixed value)
+    kind: str = "network"  # network | kernel | linear
 
     def __post_init__(self):
         both = set(self.axes) & set(self.fixed)
@@ -152,16 +165,22 @@ class SweepSpec:
                 out.append(d)
         return out
 
-    def configs(self) -> list[TrialConfig]:
-        """Validated TrialConfigs of the whole grid; the first bad point is one error naming it."""
+    def configs(self) -> list[Any]:
+        """Validated configs of the whole grid; the first bad point is one error naming it."""
+        from trainables import make_config
+
         if self.size > MAX_TRIALS:
             raise SpaceError(f"the grid has {self.size} trials, more than {MAX_TRIALS}")
+        fields = fields_for(self.kind)
         out = []
         for point in self.points():
-            # absolute: Ray runs trials elsewhere, and the config (hence the trial key) must not depend on cwd
-            point["data_dir"] = str(Path(point.get("data_dir", FIELDS["data_dir"].default)).expanduser().absolute())
+            if "data_dir" in fields:
+                # absolute: Ray runs trials elsewhere, and the config (hence its key) must not depend on cwd
+                point["data_dir"] = str(Path(point.get("data_dir", fields["data_dir"].default)).expanduser().absolute())
+            if self.kind != "network":
+                point["kind"] = self.kind
             try:
-                out.append(TrialConfig.from_dict(point))
+                out.append(make_config(point))
             except SweeperError as e:
                 shown = {k: v for k, v in point.items() if k in self.axes or k == "seed"}
                 raise SpaceError(f"{e} (grid point {shown})" if shown else str(e)) from None
@@ -169,12 +188,13 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (kept in the sweep folder)."""
-        return {"axes": self.axes, "fixed": self.fixed, "seeds": self.seeds}
+        return {"axes": self.axes, "fixed": self.fixed, "seeds": self.seeds, "kind": self.kind}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
         """Inverse of :meth:`to_dict`."""
-        return cls(axes=dict(d.get("axes", {})), fixed=dict(d.get("fixed", {})), seeds=d.get("seeds"))
+        return cls(axes=dict(d.get("axes", {})), fixed=dict(d.get("fixed", {})), seeds=d.get("seeds"),
+                   kind=d.get("kind", "network"))
 
 
 def parse_seeds(spec: Any, where: str = "--seeds") -> list[int]:
@@ -201,22 +221,26 @@ def load_sweep_file(path: Path) -> tuple[SweepSpec, str | None]:
         raise SpaceError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise SpaceError(f"sweep file {path} must be a mapping with keys name, grid, fixed, seeds")
-    unknown = sorted(set(data) - {"name", "grid", "fixed", "seeds"})
+    unknown = sorted(set(data) - {"name", "grid", "fixed", "seeds", "kind"})
     if unknown:
-        raise SpaceError(f"sweep file {path}: unknown key(s) {unknown}; valid keys: fixed, grid, name, seeds")
+        raise SpaceError(f"sweep file {path}: unknown key(s) {unknown}; valid keys: fixed, grid, kind, name, seeds")
+    kind = data.get("kind", "network")
+    if kind not in ("network", "kernel", "linear"):
+        raise SpaceError(f"sweep file {path}: kind={kind!r} is invalid: must be network, kernel or linear")
     grid, fixed = data.get("grid") or {}, data.get("fixed") or {}
     if not isinstance(grid, dict) or not isinstance(fixed, dict):
         raise SpaceError(f"sweep file {path}: grid and fixed must be mappings of field: value")
     where = f"sweep file {path}:"
-    axes = {k: parse_values(k, v, where) for k, v in grid.items()}
+    axes = {k: parse_values(k, v, where, kind) for k, v in grid.items()}
+    fields = fields_for(kind)
     for k in fixed:
-        if k not in FIELDS:
-            raise SpaceError(f"{where} fixed field {k!r} is not a trial field; valid fields: {sorted(FIELDS)}")
+        if k not in fields:
+            raise SpaceError(f"{where} fixed field {k!r} is not a trial field; valid fields: {sorted(fields)}")
     seeds = parse_seeds(data["seeds"], f"{where} seeds") if data.get("seeds") is not None else None
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         raise SpaceError(f"{where} name={name!r} must be a string")
-    return SweepSpec(axes=axes, fixed=dict(fixed), seeds=seeds), name
+    return SweepSpec(axes=axes, fixed=dict(fixed), seeds=seeds, kind=kind), name
 
 
 # rough seconds per training sample-step on one CPU core pair (measured in benchmarks/train_step.py)
@@ -225,8 +249,10 @@ _TRAIN_SIZE = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10"
 _PIXELS = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "cifar10": 3072, "cifar100": 3072}
 
 
-def estimate_seconds(cfg: TrialConfig) -> float:
+def estimate_seconds(cfg) -> float:
     """A rough CPU cost of one trial (training, evaluation and spectrum); GPUs are much faster."""
+    if getattr(cfg, "kind", "network") != "network":
+        return 1.0  # closed-form trials: dense solves, about a second
     if cfg.model.startswith("preresnet"):
         per = _STEP_COST["preresnet"] * int(cfg.model[len("preresnet"):]) * _PIXELS[cfg.dataset] / 3072
     else:

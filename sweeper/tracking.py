@@ -264,9 +264,16 @@ def write_artifacts(result, folder: Path) -> list[Path]:
     if "trigger_direction" in art:
         files.append(eigenvector_image(art["trigger_direction"][None], None, None, folder / "trigger.png",
                                        titles=["trigger direction"]))
-    p = folder / "history.json"
-    p.write_text(json.dumps(result.history, default=float))
-    files.append(p)
+    if "weight_images" in art:  # linear trials: the weight differences of Fig. 4
+        import torch
+
+        imgs = art["weight_images"]
+        stack = torch.stack([torch.as_tensor(v, dtype=torch.float32)[None] for v in imgs.values()])
+        files.append(eigenvector_image(stack, None, None, folder / "weights.png", titles=list(imgs)))
+    if result.history:
+        p = folder / "history.json"
+        p.write_text(json.dumps(result.history, default=float))
+        files.append(p)
     return files
 
 

@@ -99,3 +99,31 @@ def test_console_script_exit_code():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "theta=2.0" in r.stderr
     r = subprocess.run(exe + ["trial", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--kappa" in r.stdout
+
+
+def test_kernel_and_linear_trials_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    code, stdout, err = run(["trial", "--kind", "kernel", "--set", "m=16", "--set", "r=0.1", "--json", str(out)], capsys)
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    assert d["config"]["kind"] == "kernel" and d["config"]["m"] == 16
+    assert d["metrics"]["delta_f_rel_err"] < 1e-3
+    code, stdout, err = run(["trial", "--kind", "linear", "--theta", "0.05"], capsys)
+    assert code == 0 and "step_rel_err=" in stdout, err
+    code, _, err = run(["trial", "--kind", "kernel", "--epochs", "3"], capsys)
+    assert code == 2 and "--epochs does not apply to --kind kernel" in err
+    code, _, err = run(["trial", "--kind", "kernel", "--set", "m=-1"], capsys)
+    assert code == 2 and "m=-1 is invalid" in err
+
+
+def test_theory_command_writes_figures_and_summary(tmp_path, capsys):
+    out = tmp_path / "th"
+    code, stdout, err = run(["theory", "--out", str(out), "--m", "0,1,2,8,64,512", "--r", "log:0.001:1:6",
+                             "--set", "dim=5"], capsys)
+    assert code == 0, err
+    assert (out / "theory.png").read_bytes().startswith(b"\x89PNG") and (out / "theory.svg").exists()
+    s = json.loads((out / "summary.json").read_text())
+    # the secant over m in [0, 1] vs eq 12's tangent: equal up to c / (c + 1 + lam), c = 20 here
+    assert s["slope_small_m"] == pytest.approx(s["slope_small_m_closed"], rel=0.1)
+    assert s["max_rel_err_delta_f"] < 1e-3 and s["max_rel_err_spike"] < 1e-3
+    assert run(["theory", "--out", str(out)], capsys)[0] == 2  # never overwrites

@@ -82,7 +82,7 @@ def test_existing_sweep_is_never_overwritten(grid_sweep, capsys):
     (["run", "--mlflow-uri", "http://127.0.0.1:1"], "is unreachable"),
     (["run", "--mlflow-uri", "mysql://x"], "--mlflow-uri 'mysql://x' is invalid"),
     (["run", "--set", "lr"], "expected FIELD=VALUE"),
-    (["run", "--set", "bogus=1"], "not a trial field"),
+    (["run", "--set", "bogus=1"], "not a network-trial field"),
     (["resume", "nosuchsweep"], "no sweep 'nosuchsweep'"),
     (["status", "nosuchsweep"], "no sweep 'nosuchsweep'"),
 ])
@@ -231,3 +231,22 @@ def test_search_stores_its_optuna_study_in_the_sweep_folder_and_resumes(tmp_path
     assert len(study.trials) == 3
     assert main(["search", "--storage", str(storage), "--name", "x", "--theta", "0.3:0.1"]) == 2
     assert "LO < HI" in capsys.readouterr().err
+
+
+def test_linear_and_kernel_trials_sweep_through_the_same_path(tmp_path):
+    from analysis.results import load_results
+
+    report = run_sweep(SweepSpec(kind="linear", axes={"theta": [0.0, 0.1]}),
+                       SweepOptions(name="lin", storage=str(tmp_path), verbose=0))
+    assert report.counts["completed"] == 2
+    uri = default_uri(tmp_path)
+    runs = child_runs(uri, "lin")
+    assert len(runs) == 2 and all(r.data.params["kind"] == "linear" for r in runs)
+    assert "weights.png" in {a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id)}
+    df = load_results("lin", tmp_path)
+    assert sorted(df["theta"]) == [0.0, 0.1] and df["step_rel_err"].max() < 1e-8
+    report = run_sweep(SweepSpec(kind="kernel", axes={"m": [1, 4]}, fixed={"n_clean": 50}),
+                       SweepOptions(name="krr", storage=str(tmp_path), verbose=0))
+    assert report.counts["completed"] == 2
+    df = load_results("krr", tmp_path)
+    assert sorted(df["m"]) == [1, 4] and (df["delta_f_rel_err"] < 1e-3).all()

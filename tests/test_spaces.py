@@ -23,7 +23,7 @@ def test_lists_ranges_and_log_ranges():
     ("theta", "0.1:0:0.01", "STOP >= START"),
     ("theta", "0:1:0", "STEP > 0"),
     ("augment", "maybe", "on, off or both"),
-    ("thetaa", "0.1", "not a trial field"),
+    ("thetaa", "0.1", "not a network-trial field"),
 ])
 def test_bad_values_name_flag_value_and_syntax(name, text, needle):
     with pytest.raises(SpaceError) as e:
