@@ -43,12 +43,18 @@ def _cols(df: pd.DataFrame) -> list[str]:
     return [c for c in SHOW if c in df.columns]
 
 
-def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
-                 overwrite: bool = False, log_to_mlflow: bool = True, source: str = "auto") -> dict[str, Any]:
-    """Write figures (PNG + SVG), ``summary.md``, ``summary.html`` and ``results.csv`` into ``out``."""
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """The absolute output folder; a non-empty one is refused unless ``overwrite`` (nothing is lost)."""
     out = Path(out).expanduser().absolute()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SweeperError(f"--out {out} is not empty; refusing to overwrite (pass --overwrite or another folder)")
+    return out
+
+
+def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
+                 overwrite: bool = False, log_to_mlflow: bool = True, source: str = "auto") -> dict[str, Any]:
+    """Write figures (PNG + SVG), ``summary.md``, ``summary.html`` and ``results.csv`` into ``out``."""
+    out = check_out_dir(out, overwrite)
     df = load_results(name, storage, mlflow_uri, source)
     if df.empty:
         raise SweeperError(f"sweep {name!r} has no trials yet")

@@ -14,30 +14,14 @@ Epoch time is extrapolated from timed steps.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from common import print_table, timed
 
 from trainables.hessian import InputHessian, top_eigenpairs
 from trainables.models import make_model
 from trainables.penalty import penalized_loss
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats=1):
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def epoch_seconds(model, shape, device, batch=128, n_epoch=50_000, steps=4):
@@ -80,7 +64,7 @@ def measure(name, model_name, shape, device, samples, n_loop=100):
         op = InputHessian(model, x, y, chunk_size=500, method=method)
         t = timed(lambda op=op: top_eigenpairs(op, k=5, iterations=20), device)
         rows.append((f"spectrum (top-5, 20 it, {samples} samples, {method}) / epoch of 50k  [{name}]",
-                     t / ep, f"{t:.1f} s vs epoch {ep:.1f} s", "<= 2" if "preresnet" in model_name else ""))
+                     t / ep, "<= 2" if "preresnet" in model_name else "", f"{t:.1f} s vs epoch {ep:.1f} s"))
     v = torch.randn(x[0].numel(), device=device)
     xs, ys = x[:n_loop], y[:n_loop]
     op_db = InputHessian(model, xs, ys, chunk_size=n_loop)
@@ -89,9 +73,9 @@ def measure(name, model_name, shape, device, samples, n_loop=100):
     t_gn = timed(lambda: op_gn @ v, device, 3)
     t_loop = timed(lambda: per_sample_loop(op_db.model, xs, ys, v), device, 1)
     rows.append((f"per-sample loop / batched double-backward HVP  [{name}, {n_loop} samples]",
-                 t_loop / t_batched, f"{t_loop * 1e3:.0f} ms vs {t_batched * 1e3:.0f} ms", ""))
-    rows.append((f"double-backward / Gauss-Newton HVP  [{name}]", t_batched / t_gn,
-                 f"{t_batched * 1e3:.0f} ms vs {t_gn * 1e3:.0f} ms", ""))
+                 t_loop / t_batched, "", f"{t_loop * 1e3:.0f} ms vs {t_batched * 1e3:.0f} ms"))
+    rows.append((f"double-backward / Gauss-Newton HVP  [{name}]", t_batched / t_gn, "",
+                 f"{t_batched * 1e3:.0f} ms vs {t_gn * 1e3:.0f} ms"))
     return rows
 
 
@@ -106,10 +90,7 @@ def main():
     for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
                                     ("small CNN, digits-shaped", "cnn", (1, 8, 8))):
         rows += measure(name, model_name, shape, device, args.samples)
-    w = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(w)}  {'ratio':>7}  {'target':>7}  detail")
-    for name, ratio, detail, target in rows:
-        print(f"{name.ljust(w)}  {ratio:7.2f}  {target:>7}  {detail}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

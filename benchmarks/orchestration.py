@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import ray
+from common import print_table
 
 from sweeper import orchestrate
 from sweeper.orchestrate import SweepOptions
@@ -56,11 +57,8 @@ def main():
         ("compute share  sum(train + spectrum) / (fit wall x concurrency)", compute / (wall * c), "",
          f"{compute:.1f} s"),
     ]
-    w = max(len(r[0]) for r in rows)
     print(f"{n} trials x {args.epochs} epochs (digits, cnn), concurrency {c}, 1 CPU per trial")
-    print(f"{'measure'.ljust(w)}  {'ratio':>7}  {'target':>7}  detail")
-    for name, ratio, target, detail in rows:
-        print(f"{name.ljust(w)}  {ratio:7.2f}  {target:>7}  {detail}")
+    print_table(rows)
     print(f"per-trial overhead (wall x concurrency - compute) / trials: {(wall * c - compute) / n:.2f} s")
     print(f"per-trial overhead inside the trial (time_total_s - compute): {(trial_time - compute) / n:.2f} s")
 

@@ -13,21 +13,16 @@ Targets (issue 2): penalty step <= 3.5x plain on preresnet20; augmentation >= 5x
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from common import print_table, sync, timed
 
 from trainables.config import TrialConfig
 from trainables.models import make_model
 from trainables.penalty import penalized_loss
 from trainables.train import augment_batch
 from trainables.triggers import make_trigger
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_steps(model_name, shape, batch, kappa, device, steps, repeats):
@@ -46,15 +41,7 @@ def time_steps(model_name, shape, batch, kappa, device, steps, repeats):
 
     for _ in range(2):
         step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        times.append((time.perf_counter() - t0) / steps)
-    return float(np.median(times))
+    return timed(lambda: [step() for _ in range(steps)], device, repeats) / steps
 
 
 class Listing3Dataset(torch.utils.data.Dataset):
@@ -98,7 +85,7 @@ def augmentation_throughput(device, n, repeats):
             idx = perm[s:s + 128]
             b = augment_batch(xd[idx], 4, g)
             b = (trig.apply(b, maskd[idx]) - meand) / stdd
-        _sync(device)
+        sync(device)
 
     ds = Listing3Dataset(x, y, 0.1, 0, mean, std, trig.pixels)
     loader = torch.utils.data.DataLoader(ds, batch_size=128, shuffle=True, num_workers=0)
@@ -106,20 +93,13 @@ def augmentation_throughput(device, n, repeats):
     def per_sample():
         for b, _ in loader:
             b.to(device)
-        _sync(device)
+        sync(device)
 
     rates = {}
     for name, fn in (("ours", ours), ("per_sample", per_sample)):
         fn()
-        best = min(_timed(fn) for _ in range(repeats))
-        rates[name] = n / best
+        rates[name] = n / timed(fn, device, repeats)
     return rates["ours"], rates["per_sample"]
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main():
@@ -137,14 +117,11 @@ def main():
         plain = time_steps(model, shape, batch, 0.0, device, steps, args.repeats)
         exact = time_steps(model, shape, batch, kappa, device, steps, args.repeats)
         rows.append((f"exact-penalty step / plain step  [{label}]", exact / plain,
-                     f"{plain * 1e3:.1f} ms -> {exact * 1e3:.1f} ms", "<= 3.5" if "preresnet" in model else ""))
+                     "<= 3.5" if "preresnet" in model else "", f"{plain * 1e3:.1f} ms -> {exact * 1e3:.1f} ms"))
     ours, per = augmentation_throughput(device, 10_000, args.repeats)
-    rows.append(("on-device augmentation / per-sample DataLoader  [images/s]", ours / per,
-                 f"{per:,.0f} -> {ours:,.0f} img/s", ">= 5"))
-    w = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(w)}  {'ratio':>7}  {'target':>7}  detail")
-    for name, ratio, detail, target in rows:
-        print(f"{name.ljust(w)}  {ratio:7.2f}  {target:>7}  {detail}")
+    rows.append(("on-device augmentation / per-sample DataLoader  [images/s]", ours / per, ">= 5",
+                 f"{per:,.0f} -> {ours:,.0f} img/s"))
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def _opt(help: str, **kw: Any) -> Any:
     return typer.Option(help=help, show_default=True, **kw)
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """A YAML or JSON mapping of TrialConfig fields; unknown fields are rejected by name."""
+def load_config_file(path: Path, names: set[str] | None = None) -> dict[str, Any]:
+    """A YAML or JSON mapping of trial fields (``names``, default TrialConfig's); unknown ones are rejected."""
     import yaml
 
     try:
@@ -106,7 +106,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise SweeperError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {first}") from None
     if not isinstance(data, dict):
         raise SweeperError(f"config file {path} must hold a mapping of field: value, found {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(TrialConfig)}
+    names = names if names is not None else {f.name for f in dataclasses.fields(TrialConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise SweeperError(f"config file {path}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
@@ -120,9 +120,9 @@ def config_from_cli(ctx: typer.Context, params: dict[str, Any], config_file: Pat
         explicit = ctx.get_parameter_source(name) not in (_click_core.ParameterSource.DEFAULT, None)
         if explicit or name not in values:
             values[name] = value.value if isinstance(value, Enum) else value
-    if "data_dir" in values:  # Ray and other drivers change the working directory
-        values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())
-    return TrialConfig.from_dict(values)
+    from .spaces import absolute_data_dir
+
+    return TrialConfig.from_dict(absolute_data_dir(values))
 
 
 @app.command()
@@ -230,6 +230,11 @@ NameOpt = Annotated[str | None, typer.Option(help="Sweep name: folder, MLflow ex
 StorageOpt = Annotated[str, typer.Option(help="Folder (or URI) holding sweeps, checkpoints and the embedded MLflow store.")]
 AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT [default: start a local Ray].", show_default=False)]
 MlflowOpt = Annotated[str | None, typer.Option(help="Tracking server URI [default: sqlite:///<storage>/mlflow.db].", show_default=False)]
+CpusOpt = Annotated[float, typer.Option(help="CPUs per trial (> 0); also its torch threads.")]
+GpusOpt = Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed [default: 1 if the cluster has GPUs, else 0].", show_default=False)]
+MaxConcurrentOpt = Annotated[int | None, typer.Option(help="At most this many trials at once [default: as resources allow].", show_default=False)]
+MaxFailuresOpt = Annotated[int, typer.Option(help="Retries of a trial that raised (>= 0); it resumes from its checkpoint.")]
+QuietOpt = Annotated[bool, typer.Option(help="No per-epoch progress lines.")]
 
 
 def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str | None,
@@ -239,7 +244,6 @@ def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str
         DEFAULT_AXES,
         DEFAULT_FIXED,
         DEFAULT_KIND_AXES,
-        SpaceError,
         SweepSpec,
         load_sweep_file,
         parse_seeds,
@@ -254,12 +258,7 @@ def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str
         file_name, axes, fixed, seed_list = None, dict(DEFAULT_AXES), dict(DEFAULT_FIXED), None
     else:
         file_name, axes, fixed, seed_list = None, dict(DEFAULT_KIND_AXES[kind]), {}, None
-    given = [(k, v) for k, v in flags.items() if v is not None]
-    for item in sets or []:
-        if "=" not in item:
-            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        given.append((k.strip().replace("-", "_"), v))
+    given = [(k, v) for k, v in flags.items() if v is not None] + _split_sets(sets)
     for key, text in given:
         vals = parse_values(key, text, kind=kind)
         axes.pop(key, None)
@@ -308,12 +307,8 @@ def run(
     poison_mode: PoisonModeAxis = None, sweep_file: SweepFileOpt = None, set_: SetOpt = None,
     kind: KindOpt = Kind.network,
     name: NameOpt = None, storage: StorageOpt = "./sweeps", address: AddressOpt = None,
-    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial (> 0); also its torch threads.")] = 1.0,
-    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed [default: 1 if the cluster has GPUs, else 0].", show_default=False)] = None,
-    max_concurrent: Annotated[int | None, typer.Option(help="At most this many trials at once [default: as resources allow].", show_default=False)] = None,
-    mlflow_uri: MlflowOpt = None,
-    max_failures: Annotated[int, typer.Option(help="Retries of a trial that raised (>= 0); it resumes from its checkpoint.")] = 2,
-    quiet: Annotated[bool, typer.Option(help="Less Ray Tune output.")] = False,
+    cpus_per_trial: CpusOpt = 1.0, gpus_per_trial: GpusOpt = None, max_concurrent: MaxConcurrentOpt = None,
+    mlflow_uri: MlflowOpt = None, max_failures: MaxFailuresOpt = 2, quiet: QuietOpt = False,
 ) -> dict[str, Any]:
     """Run a grid sweep on Ray Tune, tracked in MLflow; prints the trials and the frontier.
 
@@ -357,12 +352,8 @@ def search(
     seed: Annotated[int, typer.Option(help="Sampler seed.", min=0)] = 0,
     name: Annotated[str, typer.Option(help="Sweep name: folder, MLflow experiment and Optuna study.")] = "digits-search",
     storage: StorageOpt = "./sweeps", address: AddressOpt = None,
-    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial (> 0).")] = 1.0,
-    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed.", show_default=False)] = None,
-    max_concurrent: Annotated[int | None, typer.Option(help="At most this many trials at once.", show_default=False)] = None,
-    mlflow_uri: MlflowOpt = None,
-    max_failures: Annotated[int, typer.Option(help="Retries of a trial that raised.")] = 2,
-    quiet: Annotated[bool, typer.Option(help="Less output.")] = False,
+    cpus_per_trial: CpusOpt = 1.0, gpus_per_trial: GpusOpt = None, max_concurrent: MaxConcurrentOpt = None,
+    mlflow_uri: MlflowOpt = None, max_failures: MaxFailuresOpt = 2, quiet: QuietOpt = False,
 ) -> dict[str, Any]:
     """Adaptive multi-objective search (maximize clean_acc, minimize asr) with Optuna on Ray Tune."""
     from .orchestrate import SweepOptions, run_search
@@ -371,14 +362,7 @@ def search(
     spec = SearchSpec(fixed=dict(DEFAULT_FIXED))
     given = [(k, v) for k, v in (("theta", theta), ("kappa", kappa), ("augment", augment), ("epochs", epochs),
                                  ("dataset", dataset), ("model", model), ("trigger", trigger),
-                                 ("poison_mode", poison_mode)) if v is not None]
-    for item in set_ or []:
-        if "=" not in item:
-            from .spaces import SpaceError
-
-            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        given.append((k.strip().replace("-", "_"), v))
+                                 ("poison_mode", poison_mode)) if v is not None] + _split_sets(set_)
     for key, text in given:
         where, value = parse_search_axis(key, text)
         for part in (spec.continuous, spec.categorical, spec.fixed):
@@ -480,13 +464,12 @@ def theory(
     import json as _json
 
     from analysis import theory as th
+    from analysis.report import check_out_dir
     from trainables.kernel import KernelConfig
 
     from .spaces import parse_values
 
-    out = out.expanduser().absolute()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SweeperError(f"--out {out} is not empty; refusing to overwrite (pass --overwrite or another folder)")
+    out = check_out_dir(out, overwrite)
     base = KernelConfig.from_dict({"kind": "kernel", "lam": 0.1, **_parse_sets(set_, "kernel")})
     ms = [int(v) for v in parse_values("m", m, kind="kernel")]
     rs = parse_values("r", r, kind="kernel")
@@ -566,19 +549,28 @@ def status(
     return st
 
 
+def _split_sets(items: list[str] | None) -> list[tuple[str, str]]:
+    """``--set FIELD=VALUE`` items as (field, text) pairs."""
+    from .spaces import SpaceError
+
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        out.append((k.strip().replace("-", "_"), v))
+    return out
+
+
 def _parse_sets(items: list[str] | None, kind: str) -> dict[str, Any]:
     """``--set FIELD=VALUE`` pairs of one trial, typed by the kind's config."""
     from .spaces import SpaceError, parse_values
 
     out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        k = k.strip().replace("-", "_")
+    for k, v in _split_sets(items):
         vals = parse_values(k, v, kind=kind)
         if len(vals) != 1:
-            raise SpaceError(f"--set {item!r} is invalid: a single trial takes one value (use sweeper run for lists)")
+            raise SpaceError(f"--set {k}={v!r} is invalid: a single trial takes one value (use sweeper run for lists)")
         out[k] = vals[0]
     return out
 
@@ -590,7 +582,7 @@ def _other_kind_config(ctx: typer.Context, kind: str, params: dict[str, Any], se
 
     cls = config_class(kind)
     names = {f.name for f in dataclasses.fields(cls)}
-    values = load_config_file_for(config_file, names) if config_file else {}
+    values = load_config_file(config_file, names) if config_file else {}
     for name, value in params.items():
         if ctx.get_parameter_source(name) in (_click_core.ParameterSource.DEFAULT, None):
             continue
@@ -600,22 +592,9 @@ def _other_kind_config(ctx: typer.Context, kind: str, params: dict[str, Any], se
         values[name] = value.value if isinstance(value, Enum) else value
     values.update(sets)
     values["kind"] = kind
-    if "data_dir" in values:
-        values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())
-    return cls.from_dict(values)
+    from .spaces import absolute_data_dir
 
-
-def load_config_file_for(path: Path, names: set[str]) -> dict[str, Any]:
-    """Like :func:`load_config_file`, for another trial kind's fields."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SweeperError(f"config file {path} cannot be read: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or set(data) - names:
-        raise SweeperError(f"config file {path}: unknown field(s) {sorted(set(data or {}) - names)}; valid fields: {sorted(names)}")
-    return data
+    return cls.from_dict(absolute_data_dir(values))
 
 
 def _check_writable(path: Path, overwrite: bool) -> None:

@@ -187,12 +187,7 @@ def trainable(config: dict[str, Any]) -> None:
         trial.analyze()
         result = trial.result()
         tracker.log_final(result)
-        import ray
-
-        objectives = {"clean_acc": float("nan"), "asr": float("nan")}  # a diverged trial has none
-        report({**objectives, **result.metrics, "status": result.status, "trial_key": tracker.key,
-                "diverged": int(result.status == "diverged"), "mlflow_run_id": tracker.run_id or "",
-                "node_id": ray.get_runtime_context().get_node_id()})
+        report(_final_metrics(result, tracker))
     except Exception as e:
         tracker.log_failure(e)
         raise
@@ -200,7 +195,6 @@ def trainable(config: dict[str, Any]) -> None:
 
 def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Kernel and linear trials: one dense computation, logged and reported once."""
-    import ray
     from ray import tune
 
     from trainables import make_config, run_any
@@ -214,8 +208,17 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
     except Exception as e:
         tracker.log_failure(e)
         raise
-    tune.report({**result.metrics, "status": result.status, "trial_key": tracker.key, "diverged": 0,
-                 "mlflow_run_id": tracker.run_id or "", "node_id": ray.get_runtime_context().get_node_id()})
+    tune.report(_final_metrics(result, tracker))
+
+
+def _final_metrics(result, tracker: tracking.TrialTracker) -> dict[str, Any]:
+    """A trial's last report: final metrics, status, its MLflow run and the node it ran on."""
+    import ray
+
+    objectives = {"clean_acc": float("nan"), "asr": float("nan")}  # a diverged trial has none: NaN for searchers
+    return {**objectives, **result.metrics, "status": result.status, "trial_key": tracker.key,
+            "diverged": int(result.status == "diverged"), "mlflow_run_id": tracker.run_id or "",
+            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _trainable_for(meta: dict[str, Any]):

@@ -40,6 +40,18 @@ DEFAULT_KIND_AXES: dict[str, dict[str, list[Any]]] = {
 MAX_TRIALS = 100_000
 
 
+def absolute_data_dir(point: dict[str, Any], fields: dict | None = None) -> dict[str, Any]:
+    """``data_dir`` made absolute (Ray runs trials elsewhere; the trial key must not depend on cwd).
+
+    With ``fields`` given, a kind that has a data_dir gets its default filled in first.
+    """
+    if fields is not None and "data_dir" in fields:
+        point.setdefault("data_dir", fields["data_dir"].default)
+    if "data_dir" in point:
+        point["data_dir"] = str(Path(point["data_dir"]).expanduser().absolute())
+    return point
+
+
 class SpaceError(SweeperError):
     """A bad search-space value: names the flag or key, the value and the valid syntax."""
 
@@ -174,9 +186,7 @@ class SweepSpec:
         fields = fields_for(self.kind)
         out = []
         for point in self.points():
-            if "data_dir" in fields:
-                # absolute: Ray runs trials elsewhere, and the config (hence its key) must not depend on cwd
-                point["data_dir"] = str(Path(point.get("data_dir", fields["data_dir"].default)).expanduser().absolute())
+            absolute_data_dir(point, fields)
             if self.kind != "network":
                 point["kind"] = self.kind
             try:
@@ -282,8 +292,7 @@ class SearchSpec:
         choices = [[lo, hi] for _, lo, hi in self.continuous.values()] + list(self.categorical.values())
         out = []
         for combo in itertools.product(*choices):
-            point = {**self.fixed, **dict(zip(names, combo, strict=True))}
-            point["data_dir"] = str(Path(point.get("data_dir", FIELDS["data_dir"].default)).expanduser().absolute())
+            point = absolute_data_dir({**self.fixed, **dict(zip(names, combo, strict=True))}, FIELDS)
             try:
                 out.append(TrialConfig.from_dict(point))
             except SweeperError as e:

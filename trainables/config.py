@@ -42,8 +42,27 @@ class ConfigError(SweeperError):
     """A bad config field: the message names the field, the value and what is valid."""
 
 
+class ConfigFields:
+    """``to_dict`` / ``from_dict`` shared by the trial configs (network, kernel, linear)."""
+
+    _label = "config"  # how errors name this kind of config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON- and MLflow-friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build from a dict, rejecting unknown keys by name."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls._label} field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class TrialConfig:
+class TrialConfig(ConfigFields):
     """A single poisoning trial. Units and meaning are given per field."""
 
     # --- data -------------------------------------------------------------------
@@ -105,18 +124,6 @@ class TrialConfig:
         """Number of classes of the dataset."""
         return DATASETS[self.dataset][2]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (JSON- and MLflow-friendly)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
 
 
 def _derived_default(cfg: TrialConfig, key: str) -> Any:

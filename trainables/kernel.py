@@ -10,21 +10,21 @@ reported beside the closed forms of ``analysis.theory`` with their relative erro
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .config import ConfigError, _check_float, _check_int, _fail
+from .config import ConfigFields, _check_float, _check_int, _fail
 from .train import TrialResult
 
 
 @dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(ConfigFields):
     """One KRR poisoning trial (RBF kernel)."""
+
+    _label = "kernel-trial"
 
     kind: str = "kernel"  # fixed: tells sweeps which trial to run
     data: str = "gaussian"  # gaussian: N(0, I_p) clean inputs; digits: flattened, standardised digits
@@ -56,17 +56,6 @@ class KernelConfig:
         _check_float(self, "jitter", 0.0, 1e6)
         _check_float(self, "y_t", -1e6, 1e6)
         _check_int(self, "seed", 0, 2**31 - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KernelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown kernel-trial field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
 
 
 def rbf(x: torch.Tensor, z: torch.Tensor, ell: float) -> torch.Tensor:

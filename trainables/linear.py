@@ -16,21 +16,21 @@ model is compared with the trigger pattern (Figs 4-5).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from .config import DATASETS, ConfigError, _check_float, _check_int, _fail
+from .config import DATASETS, ConfigFields, _check_float, _check_int, _fail
 from .train import TrialResult
 
 
 @dataclass(frozen=True)
-class LinearConfig:
+class LinearConfig(ConfigFields):
     """One linear-regression poisoning trial."""
+
+    _label = "linear-trial"
 
     kind: str = "linear"  # fixed: tells sweeps which trial to run
     dataset: str = "digits"  # digits | mnist | fashion-mnist (grey images)
@@ -57,17 +57,6 @@ class LinearConfig:
             object.__setattr__(self, "trigger_margin", 0 if h < 16 else 1)
         _check_int(self, "trigger_size", 1, h)
         _check_int(self, "trigger_margin", 0, h - self.trigger_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LinearConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown linear-trial field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
 
 
 def qr_add_feature(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> dict[str, np.ndarray]:
