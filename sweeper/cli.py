@@ -330,6 +330,11 @@ def run(
 def _report(report, varying: list[str], group: list[str] | None = None) -> None:
     typer.echo(f"\nsweep {report.name}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
     _print_rows(report.rows, varying, group)
+    c = report.counts
+    if c["interrupted"] or c["pending"] or c["failed"]:
+        storage = report.path.rsplit("/", 1)[0]
+        typer.echo(f"\nnot finished: continue with `sweeper resume {report.name} --storage {storage}` "
+                   f"(finished trials are kept, interrupted ones continue from their last epoch)")
     typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})"
                f"\nbrowse: mlflow ui --backend-store-uri {report.mlflow_uri}")
 

@@ -456,17 +456,22 @@ def _finish(meta: dict[str, Any], grid) -> SweepReport:
     rows = []
     for res in grid:
         cfg = (res.config or {}).get("trial", {})
+        if not cfg:  # never started (the sweep was interrupted first): counted as pending below
+            continue
         metrics = dict(res.metrics or {})
-        status = metrics.get("status", "failed" if res.error else "unknown")
+        status = metrics.get("status", "pending")
         if res.error is not None:
             status = "failed"
+        elif status == "running":  # the tuner has returned, so this trial stopped part-way
+            status = "interrupted"
         row = {**cfg, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}, "status": status,
                "error": str(res.error).splitlines()[0][:300] if res.error else ""}
         rows.append(row)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "running")}
-    counts["total"] = len(rows)
-    status = "completed" if counts["failed"] == 0 and counts["running"] == 0 else "incomplete"
-    tracking.finish_parent(meta["mlflow_uri"], meta["parent_run_id"], status,
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "interrupted")}
+    counts["pending"] = max(0, int(meta["n_trials"]) - len(rows) + sum(r["status"] == "pending" for r in rows))
+    counts["total"] = int(meta["n_trials"])
+    done = counts["completed"] + counts["diverged"] == counts["total"]
+    tracking.finish_parent(meta["mlflow_uri"], meta["parent_run_id"], "completed" if done else "incomplete",
                            {f"n_{k}": v for k, v in counts.items()})
     return SweepReport(meta["name"], sweep_path(meta["storage"], meta["name"]), meta["mlflow_uri"],
                        meta["experiment_id"], meta["parent_run_id"], rows, counts)

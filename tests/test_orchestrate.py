@@ -37,7 +37,7 @@ def child_runs(uri: str, experiment: str):
 
 def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
     storage, report = grid_sweep
-    assert report.counts == {"completed": 4, "diverged": 2, "failed": 0, "running": 0, "total": 6}
+    assert report.counts == {"completed": 4, "diverged": 2, "failed": 0, "interrupted": 0, "pending": 0, "total": 6}
     uri = default_uri(storage)
     mlflow.set_tracking_uri(uri)
     df = mlflow.search_runs(experiment_names=["grid"])
