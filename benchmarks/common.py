@@ -32,3 +32,17 @@ def print_table(rows: Sequence[tuple[str, float, str, str]]) -> None:
     print(f"{'measure'.ljust(w)}  {'ratio':>7}  {'target':>7}  detail")
     for name, ratio, target, detail in rows:
         print(f"{name.ljust(w)}  {ratio:7.2f}  {target:>7}  {detail}")
+
+
+def device_parser(doc: str):
+    """An argparse parser with ``--device`` (cuda when available), described by the script's docstring."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
+def header(device: torch.device) -> None:
+    """The line every benchmark starts with: where it ran."""
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")

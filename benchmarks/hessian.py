@@ -13,11 +13,9 @@ Epoch time is extrapolated from timed steps.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from common import print_table, timed
+from common import device_parser, header, print_table, timed
 
 from trainables.hessian import InputHessian, top_eigenpairs
 from trainables.models import make_model
@@ -80,12 +78,11 @@ def measure(name, model_name, shape, device, samples, n_loop=100):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = device_parser(__doc__)
     ap.add_argument("--samples", type=int, default=1000)
     args = ap.parse_args()
     device = torch.device(args.device)
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    header(device)
     rows = []
     for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
                                     ("small CNN, digits-shaped", "cnn", (1, 8, 8))):

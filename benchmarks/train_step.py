@@ -12,11 +12,9 @@ Targets (issue 2): penalty step <= 3.5x plain on preresnet20; augmentation >= 5x
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
-from common import print_table, sync, timed
+from common import device_parser, header, print_table, sync, timed
 
 from trainables.config import TrialConfig
 from trainables.models import make_model
@@ -103,12 +101,11 @@ def augmentation_throughput(device, n, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = device_parser(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     device = torch.device(args.device)
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    header(device)
     rows = []
     for label, model, shape, batch, kappa, steps in (
         ("preresnet20 CIFAR-shaped, batch 128", "preresnet20", (3, 32, 32), 128, 1e4, 3),
