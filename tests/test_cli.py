@@ -127,3 +127,15 @@ def test_theory_command_writes_figures_and_summary(tmp_path, capsys):
     assert s["slope_small_m"] == pytest.approx(s["slope_small_m_closed"], rel=0.1)
     assert s["max_rel_err_delta_f"] < 1e-3 and s["max_rel_err_spike"] < 1e-3
     assert run(["theory", "--out", str(out)], capsys)[0] == 2  # never overwrites
+
+
+def test_cifar_preresnet_warp_trial_end_to_end(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    code, _, err = run(["trial", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--no-verify-checksums",
+                        "--model", "preresnet8", "--trigger", "warp", "--augment", "--kappa", "100", "--epochs", "2",
+                        "--poison-mode", "stochastic", "--hessian-samples", "40", "--hessian-iterations", "6",
+                        "--json", str(out)], capsys)
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    assert d["status"] == "completed" and d["config"]["lr"] == 0.1 and d["config"]["batch_size"] == 128
+    assert len(d["eigenvalues"]) == 5 and 1 <= len(d["geometry"]) <= 10  # classes absent from the tiny test set are skipped
