@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .pareto import DEFAULT_OBJECTIVES, frontier  # noqa: E402
+from .results import completed  # noqa: E402
 
 FORMATS = ("png", "svg")
 
@@ -38,11 +39,6 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
         paths.append(p)
     plt.close(fig)
     return paths
-
-
-def completed(df: pd.DataFrame) -> pd.DataFrame:
-    """Trials with final metrics (completed); diverged and failed ones are listed elsewhere."""
-    return df[df["status"] == "completed"] if "status" in df.columns else df
 
 
 def _facets(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -154,7 +150,7 @@ def plot_frontier(df: pd.DataFrame, out: Path, objectives: Sequence[tuple[str, s
     group_by = [c for c in (group_by or []) if c in ok.columns]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(ok[y], ok[x], color="0.8", s=18, label="all trials", zorder=1)
-    front = frontier(ok, objectives, group_by or None) if not ok.empty else ok
+    front = frontier(ok, objectives, group_by or None)
     groups = front.groupby(group_by, sort=True) if group_by else [("", front)]
     for key, g in groups:
         g = g.sort_values(y)

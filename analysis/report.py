@@ -17,7 +17,7 @@ from trainables.config import SweeperError
 
 from . import plots
 from .pareto import DEFAULT_OBJECTIVES, frontier
-from .results import load_eigenvectors, load_results, parent_run_id, sweep_meta
+from .results import completed, default_groups, load_eigenvectors, load_results, parent_run_id, sweep_meta, unfinished
 
 SHOW = ["theta", "kappa", "augment", "epochs", "seed", "status", "clean_acc", "asr", "overlap_sq", "max_overlap_sq",
         "max_overlap_index", "lambda_1"]
@@ -60,18 +60,18 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
         raise SweeperError(f"sweep {name!r} has no trials yet")
     out.mkdir(parents=True, exist_ok=True)
     uri = mlflow_uri or (sweep_meta(name, storage) or {}).get("mlflow_uri")
-    ok = plots.completed(df)
+    ok = completed(df)
     figures: list[Path] = []
     figures += plots.plot_asr_vs_theta(df, out)
     figures += plots.plot_overlap_vs_theta(df, out)
     figures += plots.plot_eigenvector_grid(df, lambda row: load_eigenvectors(row, storage, uri), out)
-    group = ["theta"] if "theta" in df.columns and ok["theta"].nunique() > 1 else None
+    group = default_groups(df) or None
     figures += plots.plot_frontier(df, out, DEFAULT_OBJECTIVES, group)
     lag = plots.detectability_lag(df)
     if not lag.empty:
         figures += plots.plot_lag(lag, out)
-    front = frontier(ok, DEFAULT_OBJECTIVES, group) if not ok.empty else ok
-    problems = df[df["status"] != "completed"]
+    front = frontier(ok, DEFAULT_OBJECTIVES, group)
+    problems = unfinished(df)
     df.to_csv(out / "results.csv", index=False)
     counts = df["status"].value_counts().to_dict()
     sections = [

@@ -160,6 +160,22 @@ def load_results(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
         return results_from_ray(name, storage)
 
 
+def completed(df: pd.DataFrame) -> pd.DataFrame:
+    """Trials with final metrics (completed); diverged, failed and unfinished ones are listed apart."""
+    return df[df["status"] == "completed"] if "status" in df.columns else df
+
+
+def unfinished(df: pd.DataFrame) -> pd.DataFrame:
+    """Every trial that is not completed (diverged, failed, interrupted, pending)."""
+    return df[df["status"] != "completed"] if "status" in df.columns else df.iloc[:0]
+
+
+def default_groups(df: pd.DataFrame) -> list[str]:
+    """Frontiers are per theta when the completed trials vary it (the attacker's choice), else global."""
+    ok = completed(df)
+    return ["theta"] if "theta" in ok.columns and ok["theta"].nunique() > 1 else []
+
+
 def concat_results(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Several sweeps in one frame (the ``sweep`` column tells them apart)."""
     return pd.concat([f for f in frames if not f.empty], ignore_index=True) if frames else pd.DataFrame()

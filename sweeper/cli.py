@@ -278,6 +278,7 @@ def _print_rows(rows: list[dict[str, Any]], varying: list[str], group: list[str]
     import pandas as pd
 
     from analysis.pareto import frontier
+    from analysis.results import completed, unfinished
 
     df = pd.DataFrame(rows)
     if df.empty:
@@ -287,14 +288,14 @@ def _print_rows(rows: list[dict[str, Any]], varying: list[str], group: list[str]
                                                                    "max_overlap_sq", "lambda_1") if c in df.columns]
     typer.echo(df[cols].sort_values([c for c in varying if c in df.columns] or cols[:1]).to_string(
         index=False, float_format=lambda v: f"{v:.4g}"))
-    ok = df[df["status"].isin(["completed"])] if "status" in df else df
+    ok = completed(df)
     if {"clean_acc", "asr"} <= set(ok.columns) and not ok.empty:
         attack = [c for c in ("dataset", "model", "trigger", "poison_mode", "theta") if c in (varying if group is None else group)]
         front = frontier(ok, group_by=attack or None)
         typer.echo("\nsafety-efficacy frontier (maximize clean_acc, minimize asr" +
                    (f"; per {', '.join(attack)}" if attack else "") + "):")
         typer.echo(front[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    bad = df[~df["status"].isin(["completed"])] if "status" in df else df.iloc[:0]
+    bad = unfinished(df)
     if not bad.empty:
         typer.echo("\nnot on any frontier (diverged / failed / unfinished):")
         typer.echo(bad[[c for c in cols + ["error"] if c in bad.columns]].to_string(index=False))
@@ -394,7 +395,7 @@ def frontier_cmd(
     """Print a sweep's safety-efficacy frontier as a table."""
     from analysis.pareto import aggregate_seeds as agg_seeds
     from analysis.pareto import frontier, parse_objectives
-    from analysis.results import load_results
+    from analysis.results import completed, default_groups, load_results, unfinished
 
     try:
         objs = parse_objectives(objectives)
@@ -410,21 +411,20 @@ def frontier_cmd(
     if missing:
         raise SweeperError(f"--objectives: metric(s) {missing} not in the results; available: "
                            f"{sorted(c for c in df.columns if df[c].dtype.kind == 'f')}")
-    ok = df[df["status"] == "completed"]
-    groups = [g.strip() for g in group_by.split(",")] if group_by else (
-        ["theta"] if "theta" in ok.columns and ok["theta"].nunique() > 1 else [])
+    ok = completed(df)
+    groups = [g.strip() for g in group_by.split(",")] if group_by else default_groups(df)
     bad = [g for g in groups if g not in df.columns]
     if bad:
         raise SweeperError(f"--group-by: column(s) {bad} not in the results; available: {sorted(df.columns)}")
     if aggregate_seeds and not ok.empty:
         ok = agg_seeds(ok, metrics)
-    front = frontier(ok, objs, groups or None) if not ok.empty else ok
+    front = frontier(ok, objs, groups or None)
     shown = [c for c in ["theta", "kappa", "augment", "epochs", "seed", "n_seeds", *groups] if c in front.columns]
     shown = list(dict.fromkeys(shown + [c for m in metrics for c in (m, f"{m}_std") if c in front.columns]))
     typer.echo(f"frontier of {name} ({', '.join(f'{m} {d}' for m, d in objs)}"
                + (f"; per {', '.join(groups)}" if groups else "") + f"): {len(front)} of {len(ok)} completed trials")
     typer.echo(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if not front.empty else "(empty)")
-    skipped = df[df["status"] != "completed"]
+    skipped = unfinished(df)
     if not skipped.empty:
         typer.echo(f"not completed ({len(skipped)}): " + ", ".join(
             f"{r.get('trial_id')} {r['status']}" for _, r in skipped.iterrows()))

@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ class SweepOptions:
     mlflow_uri: str | None = None  # None: sqlite:///<storage>/mlflow.db
     max_failures: int = 2
     verbose: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -238,7 +237,6 @@ def start_ray(address: str | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
@@ -372,7 +370,7 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
             "n_trials": len(configs), "cpus_per_trial": opts.cpus_per_trial,
             "gpus_per_trial": opts.gpus_per_trial, "max_concurrent": opts.max_concurrent,
             "max_failures": opts.max_failures, "address": opts.address, "verbose": opts.verbose,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": tracking.git_commit(), **opts.extra}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": tracking.git_commit()}
     return configs, meta
 
 
