@@ -48,10 +48,12 @@ def _front2(w: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero(np.r_[True, f0[1:] != f0[:-1]])  # groups of equal f0
     group_min = np.minimum.reduceat(f1, starts)
     sizes = np.diff(np.r_[starts, len(f0)])
-    # best f1 among groups with strictly smaller f0
+    # best f1 among groups with strictly smaller f0; the first group has none (not "+inf": a point
+    # whose f1 is +inf must still survive when nothing has a smaller f0)
     prev_best = np.r_[np.inf, np.minimum.accumulate(group_min)[:-1]]
-    gmin_rep, prev_rep = np.repeat(group_min, sizes), np.repeat(prev_best, sizes)
-    keep_sorted = (f1 == gmin_rep) & (f1 < prev_rep)
+    first = np.r_[True, np.zeros(len(starts) - 1, dtype=bool)]
+    gmin_rep, prev_rep, first_rep = (np.repeat(a, sizes) for a in (group_min, prev_best, first))
+    keep_sorted = (f1 == gmin_rep) & ((f1 < prev_rep) | first_rep)
     keep = np.empty_like(keep_sorted)
     keep[order] = keep_sorted
     return keep

@@ -30,7 +30,8 @@ from .results import completed  # noqa: E402
 FORMATS = ("png", "svg")
 
 
-def _save(fig, out: Path, stem: str) -> list[Path]:
+def save_figure(fig, out: Path, stem: str) -> list[Path]:
+    """Save ``fig`` as PNG and SVG into ``out`` and close it; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in FORMATS:
@@ -52,31 +53,43 @@ def _facets(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _mean_std(df: pd.DataFrame, x: str, group: str, y: str) -> pd.DataFrame:
-    return df.groupby([group, x])[y].agg(["mean", "std"]).reset_index()
+    """Mean and std of ``y`` per (group, x); a frame without ``group`` (a linear-trial sweep has no
+    kappa) is one group."""
+    if group not in df.columns:
+        df = df.assign(**{group: math.nan})
+    return df.groupby([group, x], dropna=False)[y].agg(["mean", "std"]).reset_index()
+
+
+def _line_label(group: str, value) -> str:
+    return f"{'κ' if group == 'kappa' else group}={value:g}" if isinstance(value, float) and not math.isnan(value) else ""
+
+
+def _has(df: pd.DataFrame, *cols: str) -> bool:
+    return not df.empty and all(c in df.columns for c in cols)
 
 
 def plot_asr_vs_theta(df: pd.DataFrame, out: Path) -> list[Path]:
     """ASR vs theta, a line per kappa, clean accuracy in an inset (Figs 6, 7, 9)."""
     paths = []
     for tag, g in _facets(completed(df)):
-        if g.empty:
+        if not _has(g, "theta", "asr", "clean_acc"):
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
         inset = ax.inset_axes([0.58, 0.1, 0.38, 0.33])
-        for kappa, part in _mean_std(g, "theta", "kappa", "asr").groupby("kappa"):
+        for kappa, part in _mean_std(g, "theta", "kappa", "asr").groupby("kappa", dropna=False):
             ax.errorbar(part["theta"], part["mean"], yerr=part["std"].fillna(0), marker="o", capsize=2,
-                        label=f"κ={kappa:g}")
-        for kappa, part in _mean_std(g, "theta", "kappa", "clean_acc").groupby("kappa"):
+                        label=_line_label("kappa", kappa) or None)
+        for _, part in _mean_std(g, "theta", "kappa", "clean_acc").groupby("kappa", dropna=False):
             inset.plot(part["theta"], part["mean"], marker=".", lw=1)
-            del kappa
         ax.set_xlabel("poison fraction θ")
         ax.set_ylabel("attack success rate")
         ax.set_ylim(-0.02, 1.02)
         inset.set_title("clean acc.", fontsize=7)
         inset.tick_params(labelsize=6)
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_title(f"ASR vs θ {tag}".strip(), fontsize=9)
-        paths += _save(fig, out, f"asr_vs_theta{'_' + tag if tag else ''}")
+        paths += save_figure(fig, out, f"asr_vs_theta{'_' + tag if tag else ''}")
     return paths
 
 
@@ -84,20 +97,20 @@ def plot_overlap_vs_theta(df: pd.DataFrame, out: Path) -> list[Path]:
     """overlap^2 of v1 and max_k overlap^2 vs theta, a line per kappa (Figs 6, 9, 13)."""
     paths = []
     for tag, g in _facets(completed(df)):
-        if g.empty or "overlap_sq" not in g.columns:
+        if not _has(g, "theta", "overlap_sq", "max_overlap_sq"):
             continue
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
         for ax, metric, title in ((axes[0], "overlap_sq", "cos²(v₁, trigger)"),
                                   (axes[1], "max_overlap_sq", "maxₖ cos²(vₖ, trigger)")):
-            for kappa, part in _mean_std(g, "theta", "kappa", metric).groupby("kappa"):
+            for kappa, part in _mean_std(g, "theta", "kappa", metric).groupby("kappa", dropna=False):
                 ax.errorbar(part["theta"], part["mean"], yerr=part["std"].fillna(0), marker="o", capsize=2,
-                            label=f"κ={kappa:g}")
+                            label=_line_label("kappa", kappa) or None)
             ax.set_xlabel("poison fraction θ")
             ax.set_title(title, fontsize=9)
         axes[0].set_ylabel("overlap²")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"trigger visibility in the input Hessian {tag}".strip(), fontsize=9)
-        paths += _save(fig, out, f"overlap_vs_theta{'_' + tag if tag else ''}")
+        paths += save_figure(fig, out, f"overlap_vs_theta{'_' + tag if tag else ''}")
     return paths
 
 
@@ -105,6 +118,8 @@ def plot_eigenvector_grid(df: pd.DataFrame, load: Callable[[pd.Series], np.ndarr
     """Top eigenvector v1 of each (theta, kappa) cell (first seed), rows kappa, columns theta (Fig 8)."""
     paths = []
     for tag, g in _facets(completed(df)):
+        if not _has(g, "theta", "kappa"):
+            continue
         g = g.sort_values("seed").drop_duplicates(["theta", "kappa"]) if "seed" in g.columns else g
         thetas, kappas = sorted(g["theta"].unique()), sorted(g["kappa"].unique())
         if not thetas:
@@ -129,17 +144,39 @@ def plot_eigenvector_grid(df: pd.DataFrame, load: Callable[[pd.Series], np.ndarr
                 if j == 0:
                     ax.set_ylabel(f"κ={k:g}", fontsize=7)
         fig.suptitle(f"top input-Hessian eigenvector v₁ {tag}".strip(), fontsize=9)
-        paths += _save(fig, out, f"eigenvectors{'_' + tag if tag else ''}")
+        paths += save_figure(fig, out, f"eigenvectors{'_' + tag if tag else ''}")
     return paths
 
 
 def _label(row: pd.Series) -> str:
-    parts = [f"κ={row['kappa']:g}"] if "kappa" in row else []
-    if "augment" in row:
+    parts = [f"κ={row['kappa']:g}"] if isinstance(row.get("kappa"), float) and not math.isnan(row["kappa"]) else []
+    if isinstance(row.get("augment"), bool | np.bool_):
         parts.append("aug" if row["augment"] else "no-aug")
-    if "epochs" in row:
+    if isinstance(row.get("epochs"), int | float | np.integer) and not pd.isna(row["epochs"]):
         parts.append(f"{int(row['epochs'])}ep")
     return " ".join(parts)
+
+
+def plot_metric_vs(df: pd.DataFrame, out: Path, x: str, metrics: Sequence[str], hue: str | None,
+                   stem: str, logx: bool = False) -> list[Path]:
+    """One panel per metric against ``x``, a line per ``hue`` value (seeds averaged, std as error bars)."""
+    ok = completed(df)
+    metrics = [m for m in metrics if m in ok.columns]
+    if not metrics or not _has(ok, x):
+        return []
+    hue = hue if hue in ok.columns else None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.5), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for value, part in _mean_std(ok, x, hue or "_all", m).groupby(hue or "_all", dropna=False):
+            ax.errorbar(part[x], part["mean"], yerr=part["std"].fillna(0), marker="o", capsize=2,
+                        label=_line_label(hue, value) if hue else None)
+        ax.set_xlabel(x)
+        ax.set_title(m, fontsize=9)
+        if logx:
+            ax.set_xscale("symlog", linthresh=1)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+    return save_figure(fig, out, stem)
 
 
 def plot_frontier(df: pd.DataFrame, out: Path, objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
@@ -163,13 +200,13 @@ def plot_frontier(df: pd.DataFrame, out: Path, objectives: Sequence[tuple[str, s
     ax.set_ylabel(f"{x} ({dict(objectives)[x]})")
     ax.set_title("safety–efficacy frontier", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, out, "frontier")
+    return save_figure(fig, out, "frontier")
 
 
 def table1(df: pd.DataFrame, theta: float | None = None) -> pd.DataFrame:
     """Accuracy and ASR (%) per epochs (rows) x kappa (columns) at one theta (default: the largest), as Table 1."""
     ok = completed(df)
-    if ok.empty:
+    if not _has(ok, "theta", "epochs", "kappa", "clean_acc", "asr"):
         return pd.DataFrame()
     theta = float(ok["theta"].max()) if theta is None else theta
     g = ok[np.isclose(ok["theta"], theta)]
@@ -182,7 +219,7 @@ def table2(df: pd.DataFrame) -> pd.DataFrame:
     """max overlap^2 and the eigenvector index where it occurs, per kappa and theta (Table 2)."""
     ok = completed(df)
     cols = [c for c in ("kappa", "theta", "max_overlap_sq", "max_overlap_index") if c in ok.columns]
-    if ok.empty or "max_overlap_sq" not in ok.columns:
+    if not _has(ok, "kappa", "theta", "max_overlap_sq", "max_overlap_index"):
         return pd.DataFrame(columns=cols)
     return ok.groupby(["kappa", "theta"])[["max_overlap_sq", "max_overlap_index"]].agg(
         {"max_overlap_sq": "mean", "max_overlap_index": lambda s: int(s.mode().iloc[0])}).reset_index()
@@ -198,7 +235,7 @@ def detectability_lag(df: pd.DataFrame, asr_level: float = 0.5, sigmas: float = 
     """
     ok = completed(df)
     rows = []
-    if ok.empty or metric not in ok.columns:
+    if not _has(ok, metric, "theta", "kappa", "asr"):
         return pd.DataFrame(columns=["kappa", "theta_asr", "theta_visible", "lag", "threshold"])
     pooled = ok[ok["theta"] == 0][metric]
     for kappa, g in ok.groupby("kappa", sort=True):
@@ -228,4 +265,4 @@ def plot_lag(lag: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_ylabel("poison fraction θ")
     ax.set_title("detectability lag (NaN: level never reached)", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, out, "detectability_lag")
+    return save_figure(fig, out, "detectability_lag")

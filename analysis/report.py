@@ -13,14 +13,109 @@ from typing import Any
 
 import pandas as pd
 
+from trainables import trial_kind
 from trainables.config import SweeperError
 
 from . import plots
-from .pareto import DEFAULT_OBJECTIVES, frontier
-from .results import completed, default_groups, load_eigenvectors, load_results, parent_run_id, sweep_meta, unfinished
+from .pareto import frontier
+from .results import (
+    completed,
+    default_groups,
+    load_eigenvectors,
+    load_results,
+    parent_run_id,
+    sweep_kind,
+    sweep_meta,
+    unfinished,
+)
 
 SHOW = ["theta", "kappa", "augment", "epochs", "seed", "status", "clean_acc", "asr", "overlap_sq", "max_overlap_sq",
         "max_overlap_index", "lambda_1"]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def sweep_summary(rows: list[dict[str, Any]] | pd.DataFrame, varying: list[str],
+                  groups: list[str] | None = None) -> str:
+    """The text a sweep run or resume prints: every trial, the frontier, the trials not on it.
+
+    Columns and objectives come from the trial kind's registry entry (network, kernel, linear);
+    ``groups`` None draws one frontier per attack field that varies.
+    """
+    df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
+    if df.empty:
+        return "no trials"
+    kind = trial_kind(sweep_kind(df))
+    keys = [c for c in varying if c in df.columns]
+    cols = list(dict.fromkeys(keys + ["status"] + [c for c in kind.columns if c in df.columns]))
+    out = [df[cols].sort_values(keys or cols[:1], kind="stable").to_string(index=False, float_format=_fmt)]
+    ok = completed(df)
+    objectives = list(kind.objectives)
+    if not ok.empty and all(m in ok.columns for m, _ in objectives):
+        groups = default_groups(df) if groups is None else [g for g in groups if g in ok.columns]
+        front = frontier(ok, objectives, groups or None)
+        what = ", ".join(f"{'maximize' if d == 'max' else 'minimize'} {m}" for m, d in objectives)
+        out.append(f"\nfrontier ({what}" + (f"; per {', '.join(groups)}" if groups else "") + "):")
+        out.append(front[cols].to_string(index=False, float_format=_fmt))
+    bad = unfinished(df)
+    if not bad.empty:
+        out.append("\nnot on any frontier (diverged / failed / interrupted / pending):")
+        shown = cols + (["error"] if "error" in bad.columns and bad["error"].fillna("").astype(bool).any() else [])
+        out.append(bad[shown].to_string(index=False, float_format=_fmt))
+    return "\n".join(out)
+
+
+def varying_fields(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> list[str]:
+    """The config fields that tell the trials apart: the sweep's axes first, then any other that varies."""
+    from .results import CONFIG_FIELDS
+
+    axes = list(((meta or {}).get("spec") or {}).get("axes", {}))
+    others = [c for c in CONFIG_FIELDS if c in df.columns and c not in axes and df[c].nunique(dropna=True) > 1]
+    return [c for c in axes if c in df.columns] + others
+
+
+def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
+                   source: str = "auto", objectives: str | None = None, group_by: str | None = None,
+                   aggregate: bool = False) -> dict[str, Any]:
+    """A sweep's frontier: its rows loaded, seeds optionally averaged, one frontier per group.
+
+    ``objectives`` as ``clean_acc:max,asr:min`` (default: the trial kind's); ``group_by`` a comma
+    list of columns, ``none`` for one global frontier, or None for the attack fields that vary.
+    Returns the frontier, the objectives and groups used, the completed count and the unfinished rows.
+    """
+    from .pareto import aggregate_seeds, parse_objectives
+
+    df = load_results(name, storage, mlflow_uri, source)
+    if df.empty:
+        raise SweeperError(f"sweep {name!r} has no trials yet")
+    kind = trial_kind(sweep_kind(df))
+    try:
+        objs = parse_objectives(objectives) if objectives else list(kind.objectives)
+    except ValueError as e:
+        raise SweeperError(f"--objectives: {e}") from None
+    metrics = [m for m, _ in objs]
+    missing = [m for m in metrics if m not in df.columns]
+    if missing:
+        raise SweeperError(f"--objectives: metric(s) {missing} not in the results; available: "
+                           f"{sorted(c for c in df.columns if df[c].dtype.kind == 'f')}")
+    ok = completed(df)
+    if group_by is None:
+        groups = default_groups(df)
+    elif group_by.strip().lower() == "none":
+        groups = []
+    else:
+        groups = [g.strip() for g in group_by.split(",") if g.strip()]
+    bad = [g for g in groups if g not in df.columns]
+    if bad:
+        raise SweeperError(f"--group-by: column(s) {bad} not in the results; available: none, {', '.join(sorted(df.columns))}")
+    if aggregate and not ok.empty:
+        ok = aggregate_seeds(ok, metrics)
+    varying = varying_fields(df, sweep_meta(name, storage))
+    return {"frontier": frontier(ok, objs, groups or None), "objectives": objs, "groups": groups,
+            "n_completed": len(completed(df)), "unfinished": unfinished(df), "varying": varying,
+            "source": df.attrs.get("source", "")}
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -59,29 +154,41 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
     if df.empty:
         raise SweeperError(f"sweep {name!r} has no trials yet")
     out.mkdir(parents=True, exist_ok=True)
-    uri = mlflow_uri or (sweep_meta(name, storage) or {}).get("mlflow_uri")
+    meta = sweep_meta(name, storage)
+    uri = mlflow_uri or (meta or {}).get("mlflow_uri")
+    kind = trial_kind(sweep_kind(df))
+    objectives = list(kind.objectives)
     ok = completed(df)
     figures: list[Path] = []
+    if kind.name == "kernel":  # the KRR laws: efficacy and curvature against the poison count
+        figures += plots.plot_metric_vs(df, out, "m", ["delta_f", "spike", "lambda_max"], "r", "kernel_vs_m", logx=True)
     figures += plots.plot_asr_vs_theta(df, out)
     figures += plots.plot_overlap_vs_theta(df, out)
     figures += plots.plot_eigenvector_grid(df, lambda row: load_eigenvectors(row, storage, uri), out)
     group = default_groups(df) or None
-    figures += plots.plot_frontier(df, out, DEFAULT_OBJECTIVES, group)
+    if all(m in ok.columns for m, _ in objectives) and not ok.empty:
+        figures += plots.plot_frontier(df, out, objectives, group)
+        front = frontier(ok, objectives, group)
+    else:
+        front = ok.iloc[:0]
     lag = plots.detectability_lag(df)
     if not lag.empty:
         figures += plots.plot_lag(lag, out)
-    front = frontier(ok, DEFAULT_OBJECTIVES, group)
     problems = unfinished(df)
     df.to_csv(out / "results.csv", index=False)
     counts = df["status"].value_counts().to_dict()
+    shown = list(dict.fromkeys(varying_fields(df, meta) + [c for c in SHOW if c in df.columns] + list(kind.columns)))
+    shown = [c for c in shown if c in df.columns]
+    what = ", ".join(f"{'maximize' if d == 'max' else 'minimize'} {m}" for m, d in objectives)
     sections = [
         ("Trials", f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), None),
-        ("Safety–efficacy frontier" + (" (per θ)" if group else ""), "maximize clean_acc, minimize asr", front[_cols(front)]),
+        ("Safety–efficacy frontier" + (f" (per {', '.join(group)})" if group else ""), what, front[[c for c in shown if c in front.columns]]),
         ("Table 1: accuracy / ASR (%) per epochs × κ at the largest θ", "", plots.table1(df)),
         ("Table 2: max overlap² with the trigger and its eigenvector index", "", plots.table2(df)),
         ("Detectability lag", "θ for ASR ≥ 0.5 vs θ for overlap² > clean mean + 3σ", lag),
-        ("Not completed (diverged / failed / unfinished)", "", problems[_cols(problems) + ["error"]] if not problems.empty else problems),
-        ("All trials", "", df[_cols(df)]),
+        ("Not completed (diverged / failed / interrupted / pending)", "",
+         problems[[c for c in shown + ["error"] if c in problems.columns]] if not problems.empty else problems),
+        ("All trials", "", df[shown]),
     ]
     pngs = [p for p in figures if p.suffix == ".png"]
     md = [f"# Sweep `{name}`\n"]
@@ -109,12 +216,12 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
         "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>"
         + "\n".join(body) + "</body></html>")
     logged = None
-    if log_to_mlflow and uri:
-        from mlflow.tracking import MlflowClient
+    if log_to_mlflow and uri and str(df.attrs.get("source", "")).startswith("mlflow"):
+        from .schema import client
 
         run = parent_run_id(name, uri)
         if run is not None:
-            MlflowClient(uri).log_artifacts(run, str(out), "report")
+            client(uri).log_artifacts(run, str(out), "report")
             logged = run
     return {"out": out, "figures": figures, "frontier": front, "problems": problems, "mlflow_parent_run": logged,
             "counts": counts}

@@ -2,8 +2,11 @@
 
 Two sources, same columns: MLflow (the sweep's experiment on any tracking URI) and, when no
 MLflow is at hand, the sweep's Ray Tune folder (``params.json`` / ``result.json`` per trial).
-Config columns carry the TrialConfig types (floats, ints, bools, strings); every trial appears,
-whatever its status (completed, diverged, failed, running), so nothing is silently dropped.
+Config columns carry the TrialConfig types (floats, ints, bools, strings) under the fields' own
+names; a metric named like a config field is renamed (:mod:`analysis.schema`), so the ``penalty``
+column is the penalty convention that ran and ``penalty_value`` the last epoch's penalty. Every
+trial appears, whatever its status (completed, diverged, failed, running, interrupted), and the
+trials a sweep owes but never started appear as ``pending`` (from the sweep's ``sweeper.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 import pandas as pd
 
 from trainables.config import SweeperError, TrialConfig
+
+from . import schema
 
 
 def _all_fields() -> dict[str, str]:
@@ -54,20 +59,13 @@ def _typed(name: str, text: Any) -> Any:
 
 
 def sweep_meta(name: str, storage: str | Path = "./sweeps") -> dict[str, Any] | None:
-    """The sweep's ``sweeper.json`` (MLflow URI, ids, grid), or None."""
-    path = Path(storage).expanduser().absolute() / name / "sweeper.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _mlflow_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+    """The sweep's ``sweeper.json`` (MLflow URI, ids, grid), or None; local folders and URIs alike."""
+    return schema.read_meta(storage, name)
 
 
 def _experiment_runs(uri: str, name: str) -> tuple[list, list]:
     """(trial runs, sweep parent runs) of experiment ``name``."""
-    c = _mlflow_client(uri)
+    c = schema.client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
         raise SweeperError(f"no MLflow experiment {name!r} at {uri}")
@@ -78,8 +76,8 @@ def _experiment_runs(uri: str, name: str) -> tuple[list, list]:
         token = page.token
         if not token:
             break
-    trials = [r for r in runs if r.data.tags.get("sweeper.kind") == "trial"]
-    parents = [r for r in runs if r.data.tags.get("sweeper.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "trial"]
+    parents = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"]
     return trials, parents
 
 
@@ -88,18 +86,21 @@ def results_from_mlflow(name: str, uri: str) -> pd.DataFrame:
     trials, _ = _experiment_runs(uri, name)
     rows = []
     for r in trials:
-        row = {"sweep": name, "run_id": r.info.run_id, "trial_key": r.data.tags.get("sweeper.trial_key"),
-               "trial_id": r.data.tags.get("sweeper.trial_id"), "status": r.data.tags.get("sweeper.status", "running"),
-               "error": r.data.tags.get("sweeper.error", "")}
-        row.update({k: _typed(k, v) for k, v in r.data.params.items() if k in CONFIG_FIELDS})
-        row.update(r.data.metrics)
+        tags = r.data.tags
+        row = {"sweep": name, "run_id": r.info.run_id, "trial_key": tags.get(schema.TAG_KEY),
+               "trial_id": tags.get(schema.TAG_TRIAL_ID), "status": tags.get(schema.TAG_STATUS, "running"),
+               "error": tags.get(schema.TAG_ERROR, "")}
+        config = {k: _typed(k, v) for k, v in r.data.params.items()}
+        row.update(schema.trial_row(config, r.data.metrics, CONFIG_FIELDS))
         rows.append(row)
     return _tidy(pd.DataFrame(rows))
 
 
 def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFrame:
     """One row per trial folder of the sweep's Ray Tune experiment (no MLflow needed)."""
-    folder = Path(storage).expanduser().absolute() / name
+    folder = schema.local_folder(storage, name)
+    if folder is None:
+        raise SweeperError(f"--storage {storage} is remote: the Ray folder can be read only from a local path or file:// URI")
     if not folder.is_dir():
         raise SweeperError(f"no sweep folder {folder}")
     rows = []
@@ -110,12 +111,22 @@ def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFram
         status = last.get("status", "pending" if not results else "running")
         if (tdir / "error.txt").is_file() or (tdir / "error.pkl").is_file():
             status = "failed" if status not in ("completed", "diverged") else status
-        row = {"sweep": name, "run_id": last.get("mlflow_run_id"), "trial_key": last.get("trial_key"),
+        row = {"sweep": name, "run_id": last.get("mlflow_run_id"), "trial_key": last.get("trial_key") or _key_of(cfg),
                "trial_id": last.get("trial_id", tdir.name.removeprefix("trial_")), "status": status, "error": ""}
-        row.update({k: v for k, v in cfg.items() if k in CONFIG_FIELDS})
-        row.update({k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+        metrics = {k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        row.update(schema.trial_row(cfg, metrics, CONFIG_FIELDS))
         rows.append(row)
     return _tidy(pd.DataFrame(rows))
+
+
+def _key_of(trial: dict[str, Any]) -> str | None:
+    """The trial key of a Ray ``params.json`` trial dict (as the trial computes it)."""
+    from trainables import make_config
+
+    try:
+        return schema.trial_key(make_config(trial).to_dict())
+    except SweeperError:
+        return None
 
 
 def _read_results(tdir: Path) -> list[dict[str, Any]]:
@@ -135,29 +146,78 @@ def _read_results(tdir: Path) -> list[dict[str, Any]]:
 def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
+    df["kind"] = df["kind"].fillna("network") if "kind" in df.columns else "network"
     first = [c for c in ("sweep", "status", "theta", "kappa", "augment", "epochs", "seed") if c in df.columns]
     return df[first + [c for c in df.columns if c not in first]].reset_index(drop=True)
 
 
+def pending_rows(meta: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Rows for every trial a sweep owes (from its ``sweeper.json``), all with status ``pending``.
+
+    Callers drop those whose ``trial_key`` already has a row. A search owes ``n_trials`` trials
+    whose configs are not known in advance: those rows carry the status alone.
+    """
+    if not meta:
+        return []
+    if "trials" in meta:
+        return [{"sweep": meta["name"], "trial_key": t["key"], "status": "pending", "error": "", **t["point"]}
+                for t in meta["trials"]]
+    return [{"sweep": meta["name"], "trial_key": f"pending-{i}", "status": "pending", "error": ""}
+            for i in range(int(meta.get("n_trials", 0)))]
+
+
+def _with_pending(df: pd.DataFrame, meta: dict[str, Any] | None) -> pd.DataFrame:
+    """``df`` plus a pending row for each trial of the sweep that has no row yet."""
+    if not meta:
+        return df
+    if "trials" in meta:
+        seen = set(df["trial_key"]) if "trial_key" in df.columns else set()
+        extra = [r for r in pending_rows(meta) if r["trial_key"] not in seen]
+    else:  # a search: only a count is owed
+        extra = pending_rows(meta)[len(df):]
+    if not extra:
+        return df
+    return _tidy(pd.concat([df, pd.DataFrame(extra)], ignore_index=True) if not df.empty else pd.DataFrame(extra))
+
+
 def load_results(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
                  source: str = "auto") -> pd.DataFrame:
-    """A sweep's trials as a DataFrame. ``source``: auto (MLflow if it answers, else Ray folder), mlflow, ray."""
+    """A sweep's trials as a DataFrame, one row per trial it owes (never-started ones as ``pending``).
+
+    ``source``: ``mlflow``, ``ray`` (the sweep's Ray Tune folder, no MLflow needed) or ``auto``
+    (MLflow when it answers within seconds, else the Ray folder). ``df.attrs["source"]`` says
+    which was read, and why when ``auto`` fell back.
+    """
     if source not in ("auto", "mlflow", "ray"):
         raise SweeperError(f"source={source!r} is invalid: must be auto, mlflow or ray")
     meta = sweep_meta(name, storage)
     uri = mlflow_uri or (meta or {}).get("mlflow_uri")
     if source == "ray" or (source == "auto" and uri is None):
-        return results_from_ray(name, storage)
+        df = results_from_ray(name, storage)
+        df.attrs["source"] = "ray"
+        return _keep_attrs(df, _with_pending(df, meta))
     if uri is None:
         raise SweeperError(f"no MLflow URI for sweep {name!r}: pass --mlflow-uri (no sweeper.json in {storage})")
     try:
-        return results_from_mlflow(name, uri)
-    except SweeperError:
-        raise
+        schema.check_uri(uri)  # seconds, not MLflow's minutes of retries against a dead server
+        df = results_from_mlflow(name, uri)
+        df.attrs["source"] = f"mlflow {uri}"
+    except SweeperError as e:
+        if source == "mlflow" or meta is None:
+            raise
+        df = results_from_ray(name, storage)
+        df.attrs["source"] = f"ray (MLflow unavailable: {e})"
     except Exception as e:
         if source == "mlflow":
             raise SweeperError(f"MLflow at {uri} failed: {str(e).splitlines()[0]}") from None
-        return results_from_ray(name, storage)
+        df = results_from_ray(name, storage)
+        df.attrs["source"] = f"ray (MLflow failed: {str(e).splitlines()[0]})"
+    return _keep_attrs(df, _with_pending(df, meta))
+
+
+def _keep_attrs(src: pd.DataFrame, dst: pd.DataFrame) -> pd.DataFrame:
+    dst.attrs.update(src.attrs)
+    return dst
 
 
 def completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -171,9 +231,19 @@ def unfinished(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def default_groups(df: pd.DataFrame) -> list[str]:
-    """Frontiers are per theta when the completed trials vary it (the attacker's choice), else global."""
+    """Frontiers are per attack (the attacker's choices that vary among the completed trials:
+    theta, trigger, poison mode...), else global; the kind's registry names the attack fields."""
+    from trainables import trial_kind
+
     ok = completed(df)
-    return ["theta"] if "theta" in ok.columns and ok["theta"].nunique() > 1 else []
+    kind = str(ok["kind"].iloc[0]) if "kind" in ok.columns and len(ok) else "network"
+    return [c for c in trial_kind(kind).attack_fields if c in ok.columns and ok[c].nunique() > 1]
+
+
+def sweep_kind(df: pd.DataFrame) -> str:
+    """The trial kind of a results frame (network, kernel, linear)."""
+    kinds = df["kind"].dropna().unique() if "kind" in df.columns else []
+    return str(kinds[0]) if len(kinds) else "network"
 
 
 def concat_results(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -188,15 +258,15 @@ def load_history(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
     uri = mlflow_uri or (meta or {}).get("mlflow_uri")
     rows = []
     if source != "ray" and uri is not None:
-        c = _mlflow_client(uri)
+        c = schema.client(uri)
         trials, _ = _experiment_runs(uri, name)
         for r in trials:
             for m in metrics:
                 for point in c.get_metric_history(r.info.run_id, m):
-                    rows.append({"sweep": name, "run_id": r.info.run_id, "trial_key": r.data.tags.get("sweeper.trial_key"),
+                    rows.append({"sweep": name, "run_id": r.info.run_id, "trial_key": r.data.tags.get(schema.TAG_KEY),
                                  "epoch": point.step, "metric": m, "value": point.value})
     else:
-        folder = Path(storage).expanduser().absolute() / name
+        folder = schema.local_folder(storage, name)
         for tdir in sorted(p for p in folder.iterdir() if p.is_dir()):
             for res in _read_results(tdir):
                 if res.get("status") != "running" and "epoch" not in res:
@@ -228,11 +298,11 @@ def load_eigenvectors(row: pd.Series, storage: str | Path = "./sweeps", mlflow_u
     if uri and isinstance(row.get("run_id"), str) and row["run_id"]:
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                path = _mlflow_client(uri).download_artifacts(row["run_id"], "eigenvectors.npy", tmp)
+                path = schema.client(uri).download_artifacts(row["run_id"], "eigenvectors.npy", tmp)
                 return np.load(path)
         except Exception:  # no artifact (diverged trial, hessian off) or server down: try the checkpoint
             pass
-    folder = Path(storage).expanduser().absolute() / row["sweep"] / f"trial_{row.get('trial_id')}"
+    folder = (schema.local_folder(storage, row["sweep"]) or Path("/nonexistent")) / f"trial_{row.get('trial_id')}"
     ckpts = sorted(folder.glob("checkpoint_*/trial.pt"))
     if ckpts:
         import torch

@@ -8,7 +8,6 @@ before any training starts; :func:`main` is the only place that catches.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -91,38 +90,7 @@ def _opt(help: str, **kw: Any) -> Any:
     return typer.Option(help=help, show_default=True, **kw)
 
 
-def load_config_file(path: Path, names: set[str] | None = None) -> dict[str, Any]:
-    """A YAML or JSON mapping of trial fields (``names``, default TrialConfig's); unknown ones are rejected."""
-    import yaml
-
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SweeperError(f"config file {path} cannot be read: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        first = str(e).splitlines()[0]
-        raise SweeperError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {first}") from None
-    if not isinstance(data, dict):
-        raise SweeperError(f"config file {path} must hold a mapping of field: value, found {type(data).__name__}")
-    names = names if names is not None else {f.name for f in dataclasses.fields(TrialConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise SweeperError(f"config file {path}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
-    return data
-
-
-def config_from_cli(ctx: typer.Context, params: dict[str, Any], config_file: Path | None) -> TrialConfig:
-    """Merge a config file with the flags given explicitly (flags win), then validate once."""
-    values = load_config_file(config_file) if config_file else {}
-    for name, value in params.items():
-        explicit = ctx.get_parameter_source(name) not in (_click_core.ParameterSource.DEFAULT, None)
-        if explicit or name not in values:
-            values[name] = value.value if isinstance(value, Enum) else value
-    from .spaces import absolute_data_dir
-
-    return TrialConfig.from_dict(absolute_data_dir(values))
+_NOT_FIELDS = ("config", "json_path", "checkpoint", "overwrite", "quiet", "kind", "set_")
 
 
 @app.command()
@@ -156,6 +124,7 @@ def trial(
     eval_batch_size: Annotated[int, _opt("Batch size for evaluation and Hessian products.", min=1)] = _D["eval_batch_size"],
     seed: Annotated[int, _opt("Seed of init, shuffling, augmentation and poisoning.", min=0)] = _D["seed"],
     device: Annotated[str, _opt("auto | cpu | cuda | cuda:N.")] = _D["device"],
+    threads: Annotated[int, _opt("Torch CPU threads (results are bit-reproducible only for the same count; sweeps use --cpus-per-trial).", min=1)] = _D["threads"],
     hessian: Annotated[bool, _opt("Input-Hessian spectrum and trigger overlap after training.")] = _D["hessian"],
     hessian_split: Annotated[HessianSplit, _opt("Data averaged into H (auto: clean-train if stochastic, poisoned-train if deterministic).")] = _D["hessian_split"],
     hessian_samples: Annotated[int, _opt("At most this many samples averaged into H.", min=1)] = _D["hessian_samples"],
@@ -174,36 +143,32 @@ def trial(
     quiet: Annotated[bool, _opt("No progress bar.")] = False,
 ) -> dict[str, Any]:
     """Run one trial locally: poison, train with the penalty, evaluate, analyse (or a kernel / linear trial)."""
-    params = {k: v for k, v in ctx.params.items()
-              if k not in ("config", "json_path", "checkpoint", "overwrite", "quiet", "kind", "set_")}
-    sets = _parse_sets(set_, kind.value)
-    if kind is Kind.network:
-        explicit = {k: v for k, v in sets.items()}
-        cfg = config_from_cli(ctx, {**params, **explicit}, config)
-    else:
-        cfg = _other_kind_config(ctx, kind.value, params, sets, config)
+    from .spaces import trial_config
+
+    flags = {k: v.value if isinstance(v, Enum) else v for k, v in ctx.params.items()
+             if k not in _NOT_FIELDS and ctx.get_parameter_source(k) not in (_click_core.ParameterSource.DEFAULT, None)}
+    cfg = trial_config(kind.value, config, flags, set_)
     if json_path is not None:
         _check_writable(json_path, overwrite)
-    if kind is not Kind.network:
-        from trainables import run_any
+    from trainables.train import write_json
 
-        result = run_any(cfg)
-        if json_path is not None:
-            from trainables.train import write_json
-
-            write_json(result, json_path)
-        m = result.metrics
-        typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-        return result.to_json_dict()
     from .progress import run_with_progress
 
-    result = run_with_progress(cfg, checkpoint=checkpoint, quiet=quiet)
+    try:
+        result = run_with_progress(cfg, checkpoint=checkpoint, quiet=quiet)
+    except KeyboardInterrupt:
+        hint = (f"; the checkpoint {checkpoint} holds the last finished epoch: the same command resumes from it"
+                if checkpoint is not None and Path(checkpoint).is_file() else
+                "; nothing was saved (pass --checkpoint FILE to make a trial resumable)")
+        raise Interrupted(f"trial interrupted{hint}") from None
     if json_path is not None:
-        from trainables.train import write_json
-
         write_json(result, json_path)
     _print_summary(result)
     return result.to_json_dict()
+
+
+class Interrupted(Exception):
+    """Ctrl-C: one line saying what was kept, exit code 130."""
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -237,70 +202,6 @@ MaxFailuresOpt = Annotated[int, typer.Option(help="Retries of a trial that raise
 QuietOpt = Annotated[bool, typer.Option(help="No per-epoch progress lines.")]
 
 
-def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str | None,
-               sets: list[str] | None, kind: str = "network"):
-    """The sweep's search space: sweep file (or the embedded defaults of the kind), then flags, then --set."""
-    from .spaces import (
-        DEFAULT_AXES,
-        DEFAULT_FIXED,
-        DEFAULT_KIND_AXES,
-        SweepSpec,
-        load_sweep_file,
-        parse_seeds,
-        parse_values,
-    )
-
-    if sweep_file is not None:
-        spec, file_name = load_sweep_file(sweep_file)
-        axes, fixed, seed_list = dict(spec.axes), dict(spec.fixed), spec.seeds
-        kind = spec.kind if kind == "network" else kind
-    elif kind == "network":
-        file_name, axes, fixed, seed_list = None, dict(DEFAULT_AXES), dict(DEFAULT_FIXED), None
-    else:
-        file_name, axes, fixed, seed_list = None, dict(DEFAULT_KIND_AXES[kind]), {}, None
-    given = [(k, v) for k, v in flags.items() if v is not None] + _split_sets(sets)
-    for key, text in given:
-        vals = parse_values(key, text, kind=kind)
-        axes.pop(key, None)
-        fixed.pop(key, None)
-        if len(vals) == 1:
-            fixed[key] = vals[0]
-        else:
-            axes[key] = vals
-    if seeds is not None:
-        seed_list = parse_seeds(seeds)
-        axes.pop("seed", None)
-        fixed.pop("seed", None)
-    return SweepSpec(axes=axes, fixed=fixed, seeds=seed_list, kind=kind), file_name
-
-
-def _print_rows(rows: list[dict[str, Any]], varying: list[str], group: list[str] | None = None) -> None:
-    import pandas as pd
-
-    from analysis.pareto import frontier
-    from analysis.results import completed, unfinished
-
-    df = pd.DataFrame(rows)
-    if df.empty:
-        typer.echo("no trials")
-        return
-    cols = [c for c in varying if c in df.columns] + [c for c in ("seed", "status", "clean_acc", "asr",
-                                                                   "max_overlap_sq", "lambda_1") if c in df.columns]
-    typer.echo(df[cols].sort_values([c for c in varying if c in df.columns] or cols[:1]).to_string(
-        index=False, float_format=lambda v: f"{v:.4g}"))
-    ok = completed(df)
-    if {"clean_acc", "asr"} <= set(ok.columns) and not ok.empty:
-        attack = [c for c in ("dataset", "model", "trigger", "poison_mode", "theta") if c in (varying if group is None else group)]
-        front = frontier(ok, group_by=attack or None)
-        typer.echo("\nsafety-efficacy frontier (maximize clean_acc, minimize asr" +
-                   (f"; per {', '.join(attack)}" if attack else "") + "):")
-        typer.echo(front[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    bad = unfinished(df)
-    if not bad.empty:
-        typer.echo("\nnot on any frontier (diverged / failed / unfinished):")
-        typer.echo(bad[[c for c in cols + ["error"] if c in bad.columns]].to_string(index=False))
-
-
 @app.command()
 def run(
     theta: ThetaAxis = None, kappa: KappaAxis = None, augment: AugmentAxis = None, epochs: EpochsAxis = None,
@@ -316,28 +217,31 @@ def run(
     With no flags: theta in {0.05, 0.1} x kappa in {0, 200, 400, 800} on digits, 15 epochs.
     """
     from .orchestrate import SweepOptions, run_sweep
+    from .spaces import build_spec
 
     flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
-    spec, file_name = build_spec(sweep_file, flags, seeds, set_, kind.value)
+    spec, file_name = build_spec(sweep_file, flags, seeds, set_, kind.value)  # file < flags < --set
     default_name = "digits-demo" if spec.kind == "network" else f"{spec.kind}-demo"
     opts = SweepOptions(name=name or file_name or default_name, storage=storage, address=address,
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                         mlflow_uri=mlflow_uri, max_failures=max_failures, verbose=0 if quiet else 1)
     report = run_sweep(spec, opts)
-    _report(report, list(spec.axes) + (["seed"] if spec.seeds else []))
+    _report(report)
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
 
 
-def _report(report, varying: list[str], group: list[str] | None = None) -> None:
+def _report(report) -> None:
+    from analysis.report import sweep_summary
+
     typer.echo(f"\nsweep {report.name}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
-    _print_rows(report.rows, varying, group)
+    typer.echo(sweep_summary(report.rows, report.varying, report.groups))
     c = report.counts
     if c["interrupted"] or c["pending"] or c["failed"]:
         storage = report.path.rsplit("/", 1)[0]
         typer.echo(f"\nnot finished: continue with `sweeper resume {report.name} --storage {storage}` "
                    f"(finished trials are kept, interrupted ones continue from their last epoch)")
     typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})"
-               f"\nbrowse: mlflow ui --backend-store-uri {report.mlflow_uri}")
+               f"\nbrowse: sweeper ui {report.name} --storage {report.path.rsplit('/', 1)[0]}")
 
 
 class Sampler(str, Enum):
@@ -363,71 +267,49 @@ def search(
 ) -> dict[str, Any]:
     """Adaptive multi-objective search (maximize clean_acc, minimize asr) with Optuna on Ray Tune."""
     from .orchestrate import SweepOptions, run_search
-    from .spaces import DEFAULT_FIXED, SearchSpec, parse_search_axis
+    from .spaces import build_search_spec
 
-    spec = SearchSpec(fixed=dict(DEFAULT_FIXED))
-    given = [(k, v) for k, v in (("theta", theta), ("kappa", kappa), ("augment", augment), ("epochs", epochs),
-                                 ("dataset", dataset), ("model", model), ("trigger", trigger),
-                                 ("poison_mode", poison_mode)) if v is not None] + _split_sets(set_)
-    for key, text in given:
-        where, value = parse_search_axis(key, text)
-        for part in (spec.continuous, spec.categorical, spec.fixed):
-            part.pop(key, None)
-        getattr(spec, where)[key] = value
+    flags = {"theta": theta, "kappa": kappa, "augment": augment, "epochs": epochs, "dataset": dataset,
+             "model": model, "trigger": trigger, "poison_mode": poison_mode}
+    spec = build_search_spec(flags, set_)
     opts = SweepOptions(name=name, storage=storage, address=address, cpus_per_trial=cpus_per_trial,
                         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, mlflow_uri=mlflow_uri,
                         max_failures=max_failures, verbose=0 if quiet else 1)
     report = run_search(spec, opts, budget=budget, sampler=sampler.value, seed=seed)
-    _report(report, list(spec.continuous) + list(spec.categorical), group=list(spec.categorical))
+    _report(report)
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
 
 
 @app.command("frontier")
 def frontier_cmd(
     name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage / an MLflow experiment).")],
-    objectives: Annotated[str, typer.Option(help="METRIC:max|min, comma-separated (2 or more).")] = "clean_acc:max,asr:min",
-    group_by: Annotated[str | None, typer.Option(help="Columns to compute one frontier per group, e.g. theta or augment,epochs [default: theta when it varies].", show_default=False)] = None,
+    objectives: Annotated[str | None, typer.Option(help="METRIC:max|min, comma-separated (2 or more) [default: the trial kind's, clean_acc:max,asr:min for networks].", show_default=False)] = None,
+    group_by: Annotated[str | None, typer.Option(help="Columns to compute one frontier per group, e.g. theta or augment,epochs; none for one global frontier [default: the attack fields that vary].", show_default=False)] = None,
     aggregate_seeds: Annotated[bool, typer.Option(help="Average seeds (mean ± std) before the frontier.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Also write the frontier as CSV here (refuses to overwrite).", show_default=False)] = None,
     storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
     source: Annotated[str, typer.Option(help="auto (MLflow, else the Ray folder), mlflow or ray.")] = "auto",
 ) -> dict[str, Any]:
     """Print a sweep's safety-efficacy frontier as a table."""
-    from analysis.pareto import aggregate_seeds as agg_seeds
-    from analysis.pareto import frontier, parse_objectives
-    from analysis.results import completed, default_groups, load_results, unfinished
+    from analysis.report import sweep_frontier
 
-    try:
-        objs = parse_objectives(objectives)
-    except ValueError as e:
-        raise SweeperError(f"--objectives: {e}") from None
     if csv is not None and csv.exists():
         raise SweeperError(f"--csv {csv} already exists; refusing to overwrite it")
-    df = load_results(name, storage, mlflow_uri, source)
-    if df.empty:
-        raise SweeperError(f"sweep {name!r} has no trials yet")
+    res = sweep_frontier(name, storage, mlflow_uri, source, objectives, group_by, aggregate_seeds)
+    front, objs, groups = res["frontier"], res["objectives"], res["groups"]
     metrics = [m for m, _ in objs]
-    missing = [m for m in metrics if m not in df.columns]
-    if missing:
-        raise SweeperError(f"--objectives: metric(s) {missing} not in the results; available: "
-                           f"{sorted(c for c in df.columns if df[c].dtype.kind == 'f')}")
-    ok = completed(df)
-    groups = [g.strip() for g in group_by.split(",")] if group_by else default_groups(df)
-    bad = [g for g in groups if g not in df.columns]
-    if bad:
-        raise SweeperError(f"--group-by: column(s) {bad} not in the results; available: {sorted(df.columns)}")
-    if aggregate_seeds and not ok.empty:
-        ok = agg_seeds(ok, metrics)
-    front = frontier(ok, objs, groups or None)
-    shown = [c for c in ["theta", "kappa", "augment", "epochs", "seed", "n_seeds", *groups] if c in front.columns]
+    shown = [c for c in [*res["varying"], "n_seeds", *groups] if c in front.columns]
     shown = list(dict.fromkeys(shown + [c for m in metrics for c in (m, f"{m}_std") if c in front.columns]))
+    if res["source"] and not res["source"].startswith("mlflow"):
+        typer.echo(f"(read from {res['source']})", err=True)
     typer.echo(f"frontier of {name} ({', '.join(f'{m} {d}' for m, d in objs)}"
-               + (f"; per {', '.join(groups)}" if groups else "") + f"): {len(front)} of {len(ok)} completed trials")
+               + (f"; per {', '.join(groups)}" if groups else "") + f"): {len(front)} of {res['n_completed']} completed trials")
     typer.echo(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if not front.empty else "(empty)")
-    skipped = unfinished(df)
+    skipped = res["unfinished"]
     if not skipped.empty:
         typer.echo(f"not completed ({len(skipped)}): " + ", ".join(
-            f"{r.get('trial_id')} {r['status']}" for _, r in skipped.iterrows()))
+            f"{r.get('trial_id') if isinstance(r.get('trial_id'), str) else r.get('trial_key')} {r['status']}"
+            for _, r in skipped.iterrows()))
     if csv is not None:
         front.to_csv(csv, index=False)
     return {"frontier": front}
@@ -466,31 +348,18 @@ def theory(
 ) -> dict[str, Any]:
     """KRR laws numerically vs closed form over m and r: linear-then-saturating efficacy, curvature
     quadratic in efficacy, and the near-clone twilight zone where the spike vanishes but efficacy stays."""
-    import json as _json
-
-    from analysis import theory as th
-    from analysis.report import check_out_dir
+    from analysis.theory import run_theory
     from trainables.kernel import KernelConfig
 
-    from .spaces import parse_values
+    from .spaces import parse_sets, parse_values
 
-    out = check_out_dir(out, overwrite)
-    base = KernelConfig.from_dict({"kind": "kernel", "lam": 0.1, **_parse_sets(set_, "kernel")})
+    base = KernelConfig.from_dict({"kind": "kernel", "lam": 0.1, **parse_sets(set_, "kernel")})
     ms = [int(v) for v in parse_values("m", m, kind="kernel")]
-    rs = parse_values("r", r, kind="kernel")
-    if len(ms) < 2:
-        raise SweeperError(f"--m {m!r} needs at least two values")
-    by_m = th.kernel_sweep(base, "m", ms)
-    by_r = th.kernel_sweep(KernelConfig.from_dict({**base.to_dict(), "m": m_for_r}), "r", rs)
-    summary = th.summarize(by_m, by_r)
-    out.mkdir(parents=True, exist_ok=True)
-    figures = th.plot_theory(by_m, by_r, out)
-    by_m.to_csv(out / "by_m.csv", index=False)
-    by_r.to_csv(out / "by_r.csv", index=False)
-    (out / "summary.json").write_text(_json.dumps(summary, indent=2))
+    res = run_theory(base, ms, parse_values("r", r, kind="kernel"), m_for_r, out, overwrite)
+    summary = res["summary"]
     for k, v in summary.items():
         typer.echo(f"{k:28} {v:.6g}" if isinstance(v, float) else f"{k:28} {v}")
-    typer.echo(f"figures: {', '.join(str(f) for f in figures)}")
+    typer.echo(f"figures: {', '.join(str(f) for f in res['figures'])}")
     return summary
 
 
@@ -505,7 +374,7 @@ def plan(
     """Print the grid size, every trial and a rough CPU cost, without running anything."""
     import pandas as pd
 
-    from .spaces import estimate_seconds
+    from .spaces import build_spec, estimate_seconds
 
     flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
     spec, _ = build_spec(sweep_file, flags, seeds, set_, kind.value)
@@ -530,13 +399,10 @@ def resume(
     address: AddressOpt = None,
 ) -> dict[str, Any]:
     """Continue an interrupted sweep: nothing finished is re-run, unfinished trials continue from their last epoch."""
-    from .orchestrate import read_meta, resolve_storage, resume_sweep
+    from .orchestrate import resume_sweep
 
     report = resume_sweep(name, storage, errored=errored, address=address)
-    meta = read_meta(resolve_storage(storage), name) or {}
-    spec = meta.get("spec", {})
-    varying = list(spec.get("axes", {})) + (["seed"] if spec.get("seeds") else [])
-    _report(report, varying)
+    _report(report)
     return {"counts": report.counts, "rows": report.rows}
 
 
@@ -545,61 +411,25 @@ def status(
     name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage).")],
     storage: StorageOpt = "./sweeps",
 ) -> dict[str, Any]:
-    """Trials completed / diverged / failed / running (or interrupted) / pending of a sweep."""
+    """Trials completed / diverged / failed / running / interrupted / pending of a sweep."""
     from .orchestrate import sweep_status
 
     st = sweep_status(name, storage)
     typer.echo(f"sweep {st['name']} ({st['path']}): " + ", ".join(
-        f"{st[k]} {k}" for k in ("completed", "diverged", "failed", "running", "pending", "total")))
+        f"{st[k]} {k}" for k in ("completed", "diverged", "failed", "running", "interrupted", "pending", "total")))
     return st
 
 
-def _split_sets(items: list[str] | None) -> list[tuple[str, str]]:
-    """``--set FIELD=VALUE`` items as (field, text) pairs."""
-    from .spaces import SpaceError
+@app.command()
+def ui(
+    name: Annotated[str | None, typer.Argument(help="Sweep whose runs table to link [default: none, the experiment list].", show_default=False)] = None,
+    storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.", min=1, max=65535)] = 5000,
+) -> dict[str, Any]:
+    """Browse a sweep in the MLflow UI: starts it on the sweep store and prints the runs table's link (Ctrl-C stops it)."""
+    from .ui import serve_ui
 
-    out = []
-    for item in items or []:
-        if "=" not in item:
-            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        out.append((k.strip().replace("-", "_"), v))
-    return out
-
-
-def _parse_sets(items: list[str] | None, kind: str) -> dict[str, Any]:
-    """``--set FIELD=VALUE`` pairs of one trial, typed by the kind's config."""
-    from .spaces import SpaceError, parse_values
-
-    out: dict[str, Any] = {}
-    for k, v in _split_sets(items):
-        vals = parse_values(k, v, kind=kind)
-        if len(vals) != 1:
-            raise SpaceError(f"--set {k}={v!r} is invalid: a single trial takes one value (use sweeper run for lists)")
-        out[k] = vals[0]
-    return out
-
-
-def _other_kind_config(ctx: typer.Context, kind: str, params: dict[str, Any], sets: dict[str, Any],
-                       config_file: Path | None):
-    """Kernel / linear configs: --set values, shared flags given explicitly, and the config file."""
-    from trainables import config_class
-
-    cls = config_class(kind)
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = load_config_file(config_file, names) if config_file else {}
-    for name, value in params.items():
-        if ctx.get_parameter_source(name) in (_click_core.ParameterSource.DEFAULT, None):
-            continue
-        if name not in names:
-            raise SweeperError(f"--{name.replace('_', '-')} does not apply to --kind {kind}; its fields "
-                               f"(set with --set FIELD=VALUE): {sorted(names - {'kind'})}")
-        values[name] = value.value if isinstance(value, Enum) else value
-    values.update(sets)
-    values["kind"] = kind
-    from .spaces import absolute_data_dir
-
-    return cls.from_dict(absolute_data_dir(values))
+    return serve_ui(name, storage, mlflow_uri, port, echo=typer.echo)
 
 
 def _check_writable(path: Path, overwrite: bool) -> None:
@@ -614,6 +444,9 @@ def _check_writable(path: Path, overwrite: bool) -> None:
 
 def _print_summary(result) -> None:
     m = result.metrics
+    if getattr(result, "config", {}).get("kind", "network") != "network":
+        typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        return
     keys = [k for k in ("clean_acc", "asr", "train_acc", "n_poisoned", "penalty", "fisher_trace",
                         "lambda_1", "eig_gap", "overlap_sq", "max_overlap_sq", "max_overlap_index",
                         "train_seconds") if k in m]
@@ -633,6 +466,21 @@ def _given_value(argv: list[str], param) -> str:
     return ""
 
 
+def _set_hint(e, argv: list[str]) -> str:
+    """For ``--lr 0.01`` on a command without that flag: say that ``--set lr=0.01`` reaches the field."""
+    opt = getattr(e, "option_name", None)
+    if not isinstance(e, _click_exc.NoSuchOption) or not opt or not opt.startswith("--"):
+        return ""
+    from trainables import TRIAL_KINDS
+
+    field = opt[2:].split("=", 1)[0].replace("-", "_")
+    if not any(field in {f.name for f in dataclasses.fields(k.config())} for k in TRIAL_KINDS.values()):
+        return ""
+    value = next((argv[i + 1] for i, t in enumerate(argv[:-1]) if t == opt), None)
+    value = opt.split("=", 1)[1] if "=" in opt else value
+    return f"; {field} is a trial field: use --set {field}={value if value is not None else 'VALUE'}"
+
+
 def _one_line(msg: str) -> str:
     return " ".join(msg.split())
 
@@ -647,10 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     except _click_exc.UsageError as e:
         where = f" (sweeper {e.ctx.info_name})" if e.ctx is not None and e.ctx.info_name != "sweeper" else ""
         given = _given_value(argv, getattr(e, "param", None))
-        typer.echo(f"sweeper: error{where}: {_one_line(e.format_message())}{given}", err=True)
+        msg = _one_line(e.format_message()).replace(" (Possible options: --help)", "")  # click's non-suggestion
+        typer.echo(f"sweeper: error{where}: {msg}{given}{_set_hint(e, argv)}", err=True)
         return 2
-    except typer.Abort:
-        typer.echo("sweeper: aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("sweeper: interrupted", err=True)
+        return 130
+    except Interrupted as e:
+        typer.echo(f"sweeper: {e}", err=True)
         return 130
     except (typer.Exit, _click_exc.ClickException) as e:
         return getattr(e, "exit_code", 1)

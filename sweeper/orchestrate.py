@@ -9,7 +9,7 @@ continues from its last epoch and a finished one is never re-run.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 import socket
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from analysis.schema import META, is_uri, read_meta, sweep_exists, trial_row, write_meta  # noqa: F401 (re-exported)
 from trainables.config import SweeperError, TrialConfig
 
 from . import tracking
 from .spaces import SweepSpec
 
-META = "sweeper.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -48,10 +48,6 @@ def check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise SweeperError(f"--name {name!r} is invalid: use 1-100 letters, digits, '.', '_' or '-', "
                            f"starting with a letter or digit")
-
-
-def is_uri(storage: str) -> bool:
-    return "://" in storage
 
 
 def resolve_storage(storage: str) -> str:
@@ -101,44 +97,8 @@ def check_resources(opts: SweepOptions) -> None:
 
 
 # ----------------------------------------------------------------------------- sweep folder metadata
-def _fs(storage: str):
-    import pyarrow.fs
-
-    if is_uri(storage):
-        return pyarrow.fs.FileSystem.from_uri(storage)
-    return pyarrow.fs.LocalFileSystem(), storage
-
-
 def sweep_path(storage: str, name: str) -> str:
     return f"{storage}/{name}"
-
-
-def read_meta(storage: str, name: str) -> dict[str, Any] | None:
-    """The sweep's ``sweeper.json``, or None when there is no such sweep."""
-    import pyarrow.fs
-
-    fs, root = _fs(storage)
-    path = f"{root}/{name}/{META}"
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
-
-
-def write_meta(storage: str, name: str, meta: dict[str, Any]) -> None:
-    fs, root = _fs(storage)
-    fs.create_dir(f"{root}/{name}", recursive=True)
-    tmp, final = f"{root}/{name}/{META}.tmp", f"{root}/{name}/{META}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(meta, indent=2, default=str).encode())
-    fs.move(tmp, final)
-
-
-def sweep_exists(storage: str, name: str) -> bool:
-    import pyarrow.fs
-
-    fs, root = _fs(storage)
-    return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
 
 
 # ----------------------------------------------------------------------------- the trainable
@@ -158,17 +118,24 @@ def trainable(config: dict[str, Any]) -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     sweep = config["sweep"]
-    torch.set_num_threads(max(1, int(sweep["threads"])))
     if config["trial"].get("kind", "network") != "network":
+        torch.set_num_threads(max(1, int(sweep["threads"])))
         return _closed_form_trial(config["trial"], sweep)
     cfg = TrialConfig.from_dict(config["trial"])
+    torch.set_num_threads(cfg.threads)  # the config's count: the same numbers as `sweeper trial`
+    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
+                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
+                                    run_label(config["trial"], sweep.get("axes", [])))
+    if tracker.finished:  # it finished before an interrupt that Ray never recorded: report, never re-run
+        tune.report(_stored_final(tracker))
+        return
     trial = Trial(cfg)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             trial.load(Path(d) / "trial.pt")
-    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id())
+        if trial.done:  # only the final report carries a finished trial: Ray has it already
+            return
 
     def report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -200,7 +167,11 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
 
     cfg = make_config(trial)
     tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id())
+                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
+                                    run_label(trial, sweep.get("axes", [])))
+    if tracker.finished:
+        tune.report(_stored_final(tracker))
+        return
     try:
         result = run_any(cfg)
         tracker.log_final(result)
@@ -220,6 +191,22 @@ def _final_metrics(result, tracker: tracking.TrialTracker) -> dict[str, Any]:
             "node_id": ray.get_runtime_context().get_node_id()}
 
 
+def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
+    """The final report of a trial whose MLflow run already finished (from that run's metrics)."""
+    import ray
+
+    metrics = {"clean_acc": float("nan"), "asr": float("nan"), **tracker.final_metrics}
+    return {**metrics, "status": tracker.final_status, "trial_key": tracker.key,
+            "diverged": int(tracker.final_status == "diverged"), "mlflow_run_id": tracker.run_id or "",
+            "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def run_label(trial: dict[str, Any], axes: list[str]) -> str | None:
+    """``theta=0.05 kappa=400 seed=0``: a trial's varying axes, its MLflow run name."""
+    parts = [f"{a}={trial[a]:g}" if isinstance(trial.get(a), float) else f"{a}={trial.get(a)}" for a in axes]
+    return " ".join(parts) or None
+
+
 def _trainable_for(meta: dict[str, Any]):
     from ray import tune
 
@@ -228,7 +215,15 @@ def _trainable_for(meta: dict[str, Any]):
 
 def _sweep_settings(meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("mlflow_uri", "experiment_id", "parent_run_id", "name")
-    return {**{k: meta[k] for k in keys}, "threads": max(1, int(meta["cpus_per_trial"]))}
+    return {**{k: meta[k] for k in keys}, "threads": max(1, int(meta["cpus_per_trial"])),
+            "axes": label_axes(meta)}
+
+
+def label_axes(meta: dict[str, Any]) -> list[str]:
+    """The fields that tell a sweep's trials apart: its axes, and seed when seeds vary."""
+    spec = meta.get("spec", {})
+    axes = list(spec.get("axes", {}))
+    return axes + (["seed"] if spec.get("seeds") and "seed" not in axes else [])
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -238,6 +233,7 @@ def start_ray(address: str | None) -> None:
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints nothing: our own progress lines report
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
@@ -350,13 +346,16 @@ class SweepReport:
     parent_run_id: str
     rows: list[dict[str, Any]]  # one per trial: config fields, final metrics, status
     counts: dict[str, int]
+    varying: list[str] = dataclasses.field(default_factory=list)  # the fields that tell trials apart
+    groups: list[str] | None = None  # one frontier per combination of these (None: the attack fields that vary)
 
 
 def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]]:
     """Every check that can fail, before Ray: grid, name, storage, existing sweep, resources, MLflow."""
+    check_resources(opts)
+    _default_threads(spec, opts)
     configs = spec.configs() if isinstance(spec, SweepSpec) else spec.corner_configs()
     check_name(opts.name)
-    check_resources(opts)
     storage = resolve_storage(opts.storage)
     if sweep_exists(storage, opts.name):
         raise SweeperError(f"sweep {opts.name!r} already exists in {storage}; continue it with "
@@ -370,8 +369,22 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
             "n_trials": len(configs), "cpus_per_trial": opts.cpus_per_trial,
             "gpus_per_trial": opts.gpus_per_trial, "max_concurrent": opts.max_concurrent,
             "max_failures": opts.max_failures, "address": opts.address, "verbose": opts.verbose,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": tracking.git_commit()}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": tracking.git_commit(),
+            "driver": {"host": socket.gethostname(), "pid": os.getpid()}}
+    if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
+        axes = label_axes(meta)
+        meta["trials"] = [{"key": tracking.trial_key(c.to_dict()),
+                           "point": {a: c.to_dict().get(a) for a in axes}} for c in configs]
     return configs, meta
+
+
+def _default_threads(spec, opts: SweepOptions) -> None:
+    """Network trials run with one torch thread per CPU they hold, unless the space sets ``threads``."""
+    if getattr(spec, "kind", "network") != "network":
+        return
+    parts = (spec.axes, spec.fixed) if isinstance(spec, SweepSpec) else (spec.continuous, spec.categorical, spec.fixed)
+    if not any("threads" in p for p in parts):
+        spec.fixed["threads"] = max(1, int(opts.cpus_per_trial))
 
 
 def run_sweep(spec: SweepSpec, opts: SweepOptions) -> SweepReport:
@@ -435,6 +448,8 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
     tracking.check_uri(meta["mlflow_uri"])
     address = address if address is not None else meta.get("address")
     check_address(address)
+    meta["driver"] = {"host": socket.gethostname(), "pid": os.getpid()}
+    write_meta(storage, name, meta)
     start_ray(address)
     if not tune.Tuner.can_restore(path):
         raise SweeperError(f"sweep {name!r} in {storage} has no Ray Tune state to resume (it never started)")
@@ -451,45 +466,113 @@ def _flat_spec(spec: SweepSpec) -> dict[str, Any]:
 
 
 def _finish(meta: dict[str, Any], grid) -> SweepReport:
+    """Rows and counts of a sweep whose tuner returned, its parent run closed with the counts.
+
+    Ray knows which trials raised and which stopped part-way; a trial's own MLflow run knows
+    whether it finished (the trial writes that last, so it wins: a trial that finished after an
+    interrupt but before Ray recorded it is completed, and a resume never re-runs it).
+    """
+    from analysis.results import CONFIG_FIELDS, pending_rows
+
+    stored = _mlflow_states(meta)
     rows = []
     for res in grid:
         cfg = (res.config or {}).get("trial", {})
         if not cfg:  # never started (the sweep was interrupted first): counted as pending below
             continue
         metrics = dict(res.metrics or {})
-        status = metrics.get("status", "pending")
-        if res.error is not None:
+        key = metrics.get("trial_key") or tracking.trial_key(_full_config(cfg))
+        run = stored.get(key)
+        if run is not None:  # the trial's own record decides, as `sweeper status` reads it
+            status = _tuner_returned(run[0])
+            if status in tracking.FINAL_STATUSES:
+                metrics = {**metrics, **run[1]}
+        elif res.error is not None:
             status = "failed"
-        elif status == "running":  # the tuner has returned, so this trial stopped part-way
-            status = "interrupted"
-        row = {**cfg, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}, "status": status,
+        else:
+            status = "interrupted" if metrics.get("status") == "running" else metrics.get("status", "pending")
+        row = {**trial_row(cfg, metrics, CONFIG_FIELDS), "trial_key": key, "status": status,
                "error": str(res.error).splitlines()[0][:300] if res.error else ""}
         rows.append(row)
+    seen = {r["trial_key"] for r in rows}
+    rows += [r for r in pending_rows(meta) if r["trial_key"] not in seen]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "interrupted")}
-    counts["pending"] = max(0, int(meta["n_trials"]) - len(rows) + sum(r["status"] == "pending" for r in rows))
+    counts["pending"] = int(meta["n_trials"]) - sum(counts.values())
     counts["total"] = int(meta["n_trials"])
     done = counts["completed"] + counts["diverged"] == counts["total"]
     tracking.finish_parent(meta["mlflow_uri"], meta["parent_run_id"], "completed" if done else "incomplete",
                            {f"n_{k}": v for k, v in counts.items()})
     return SweepReport(meta["name"], sweep_path(meta["storage"], meta["name"]), meta["mlflow_uri"],
-                       meta["experiment_id"], meta["parent_run_id"], rows, counts)
+                       meta["experiment_id"], meta["parent_run_id"], rows, counts, label_axes(meta),
+                       summary_groups(meta))
+
+
+def summary_groups(meta: dict[str, Any]) -> list[str] | None:
+    """A search draws one frontier per categorical attack field (never per sampled theta); a grid
+    per attack field that varies (None lets the analysis decide from the rows)."""
+    if meta.get("kind") != "search":
+        return None
+    from trainables import trial_kind
+
+    categorical = meta["spec"].get("categorical", {})
+    return [a for a in trial_kind("network").attack_fields if a in categorical]
+
+
+def _tuner_returned(status: str) -> str:
+    """A trial status once no driver runs it any more: a run still marked running was interrupted."""
+    return "interrupted" if status == "running" else status
+
+
+def _full_config(trial: dict[str, Any]) -> dict[str, Any]:
+    from trainables import make_config
+
+    return make_config(trial).to_dict()
+
+
+def _mlflow_states(meta: dict[str, Any]) -> dict[str, tuple[str, dict[str, float]]]:
+    """trial key -> (status tag, final metrics) of the sweep's child runs; empty if MLflow is down."""
+    def _do():
+        c = tracking.client(meta["mlflow_uri"])
+        runs = c.search_runs([meta["experiment_id"]], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'",
+                             max_results=50_000)
+        return {r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
+                for r in runs}
+
+    return tracking.retry(_do, "reading the trials' states", attempts=2) or {}
 
 
 def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
-    """Trials done / running / failed / diverged / pending, from the sweep's MLflow runs."""
+    """Trials completed / diverged / failed / running / interrupted / pending of a sweep.
+
+    The same rows as ``sweeper frontier`` and ``sweeper report`` (:func:`analysis.results.load_results`);
+    a trial still marked running whose driver process is gone counts as interrupted.
+    """
+    from analysis.results import load_results
+
     check_name(name)
     storage = resolve_storage(storage)
     meta = read_meta(storage, name)
     if meta is None:
         raise SweeperError(f"no sweep {name!r} in {storage}")
-    tracking.check_uri(meta["mlflow_uri"])
-    c = tracking.client(meta["mlflow_uri"])
-    runs = c.search_runs([meta["experiment_id"]], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'",
-                         max_results=50_000)
-    by = {"completed": 0, "diverged": 0, "failed": 0, "running": 0}
-    for r in runs:
-        s = r.data.tags.get(tracking.TAG_STATUS, "running")
+    df = load_results(name, storage)
+    by = {s: 0 for s in ("completed", "diverged", "failed", "running", "interrupted", "pending")}
+    live = driver_alive(meta)
+    for s in (df["status"] if not df.empty else []):
+        s = s if live else _tuner_returned(s)
         by[s] = by.get(s, 0) + 1
-    by["pending"] = max(0, meta["n_trials"] - len(runs))
     by["total"] = meta["n_trials"]
     return {"name": name, "path": sweep_path(storage, name), "mlflow_uri": meta["mlflow_uri"], **by}
+
+
+def driver_alive(meta: dict[str, Any]) -> bool:
+    """Whether the process that runs the sweep is alive (True when it ran on another host: unknown)."""
+    driver = meta.get("driver") or {}
+    if driver.get("host") != socket.gethostname() or not driver.get("pid"):
+        return True
+    try:
+        os.kill(int(driver["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

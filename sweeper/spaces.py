@@ -331,3 +331,114 @@ def parse_search_axis(name: str, spec: str) -> tuple[str, Any]:
         return "continuous", ("log" if log else "uniform", lo, hi)
     vals = parse_values(name, s)
     return ("fixed", vals[0]) if len(vals) == 1 else ("categorical", vals)
+
+
+# ----------------------------------------------------------------------------- configs from files, flags and --set
+def load_config_file(path: Path, names: set[str] | None = None) -> dict[str, Any]:
+    """A YAML or JSON mapping of trial fields (``names``, default TrialConfig's); unknown ones are rejected."""
+    import json
+
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SweeperError(f"config file {path} cannot be read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        first = str(e).splitlines()[0]
+        raise SweeperError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {first}") from None
+    if not isinstance(data, dict):
+        raise SweeperError(f"config file {path} must hold a mapping of field: value, found {type(data).__name__}")
+    names = names if names is not None else set(FIELDS)
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SweeperError(f"config file {path}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    return data
+
+
+def split_sets(items: list[str] | None) -> list[tuple[str, str]]:
+    """``--set FIELD=VALUE`` items as (field, text) pairs."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise SpaceError(f"--set {item!r} is invalid: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        out.append((k.strip().replace("-", "_"), v))
+    return out
+
+
+def parse_sets(items: list[str] | None, kind: str = "network") -> dict[str, Any]:
+    """``--set FIELD=VALUE`` pairs of one trial, typed by the kind's config."""
+    out: dict[str, Any] = {}
+    for k, v in split_sets(items):
+        vals = parse_values(k, v, kind=kind)
+        if len(vals) != 1:
+            raise SpaceError(f"--set {k}={v!r} is invalid: a single trial takes one value (use sweeper run for lists)")
+        out[k] = vals[0]
+    return out
+
+
+def trial_config(kind: str = "network", config_file: Path | None = None, flags: dict[str, Any] | None = None,
+                 sets: list[str] | None = None):
+    """One validated trial config, merged in one order everywhere: defaults < config file < flags < ``--set``.
+
+    ``flags`` holds only the options given explicitly; a flag that is not a field of ``kind`` is an error.
+    """
+    fields = fields_for(kind)
+    values = load_config_file(config_file, set(fields)) if config_file else {}
+    for name, value in (flags or {}).items():
+        if name not in fields:
+            raise SweeperError(f"--{name.replace('_', '-')} does not apply to --kind {kind}; its fields "
+                               f"(set with --set FIELD=VALUE): {sorted(set(fields) - {'kind'})}")
+        values[name] = value
+    values.update(parse_sets(sets, kind))
+    if "kind" in fields:
+        values["kind"] = kind
+    from trainables import config_class
+
+    return config_class(kind).from_dict(absolute_data_dir(values, fields))
+
+
+def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str | None,
+               sets: list[str] | None, kind: str = "network") -> tuple[SweepSpec, str | None]:
+    """The sweep's grid in one order: sweep file (or the kind's embedded defaults) < flags < ``--set``.
+
+    Returns the spec and the sweep file's ``name`` (None without one).
+    """
+    if sweep_file is not None:
+        spec, file_name = load_sweep_file(sweep_file)
+        axes, fixed, seed_list = dict(spec.axes), dict(spec.fixed), spec.seeds
+        kind = spec.kind if kind == "network" else kind
+    elif kind == "network":
+        file_name, axes, fixed, seed_list = None, dict(DEFAULT_AXES), dict(DEFAULT_FIXED), None
+    else:
+        file_name, axes, fixed, seed_list = None, dict(DEFAULT_KIND_AXES[kind]), {}, None
+    given = [(k, v) for k, v in flags.items() if v is not None] + split_sets(sets)
+    for key, text in given:
+        vals = parse_values(key, text, kind=kind)
+        axes.pop(key, None)
+        fixed.pop(key, None)
+        if len(vals) == 1:
+            fixed[key] = vals[0]
+        else:
+            axes[key] = vals
+    if seeds is not None:
+        seed_list = parse_seeds(seeds)
+        axes.pop("seed", None)
+        fixed.pop("seed", None)
+    return SweepSpec(axes=axes, fixed=fixed, seeds=seed_list, kind=kind), file_name
+
+
+def build_search_spec(flags: dict[str, str | None], sets: list[str] | None) -> SearchSpec:
+    """``sweeper search``'s space: the embedded defaults < flags < ``--set``."""
+    spec = SearchSpec(fixed=dict(DEFAULT_FIXED))
+    given = [(k, v) for k, v in flags.items() if v is not None] + split_sets(sets)
+    for key, text in given:
+        where, value = parse_search_axis(key, text)
+        for part in (spec.continuous, spec.categorical, spec.fixed):
+            part.pop(key, None)
+        getattr(spec, where)[key] = value
+    return spec

@@ -10,42 +10,37 @@ persists is reported as a warning and never changes the trial's result.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trainables.config import SweeperError
+from analysis.schema import (  # noqa: F401 (re-exported: the writer's names are the readers' names)
+    FINAL_STATUSES,
+    TAG_COMMIT,
+    TAG_DIVERGED_EPOCH,
+    TAG_ERROR,
+    TAG_KEY,
+    TAG_KIND,
+    TAG_STATUS,
+    TAG_SWEEP,
+    TAG_TRIAL_ID,
+    check_uri,
+    client,
+    trial_key,
+)
 
 log = logging.getLogger("sweeper.tracking")
 T = TypeVar("T")
-
-TAG_SWEEP = "sweeper.sweep"
-TAG_KEY = "sweeper.trial_key"
-TAG_TRIAL_ID = "sweeper.trial_id"
-TAG_STATUS = "sweeper.status"
-TAG_KIND = "sweeper.kind"
-TAG_COMMIT = "sweeper.git_commit"
-FINAL_STATUSES = ("completed", "diverged")
 
 
 def default_uri(storage: Path) -> str:
     """The embedded store: one SQLite database for every sweep under ``storage``."""
     return f"sqlite:///{Path(storage).absolute() / 'mlflow.db'}"
-
-
-def trial_key(config: dict[str, Any]) -> str:
-    """A stable 16-hex id of a trial's full config (what makes two trials the same trial)."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @functools.cache
@@ -72,40 +67,6 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, delay: float = 0.5,
                 return None
             time.sleep(delay * 2**i)
     return None
-
-
-def check_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail early, with one line, when the tracking URI cannot work."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SweeperError(f"--mlflow-uri {uri}: cannot create folder {path.parent}: {e.strerror}") from None
-        if not os.access(path.parent, os.W_OK):
-            raise SweeperError(f"--mlflow-uri {uri}: folder {path.parent} is not writable")
-        return
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (user's tracking server)
-                if r.status != 200:
-                    raise SweeperError(f"--mlflow-uri {uri}: {url} answered HTTP {r.status}, expected 200")
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise SweeperError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
-                               f"(mlflow server --host 127.0.0.1 --port 5000) or omit the flag for the embedded store") from None
-        return
-    if uri.startswith("file:") or uri.startswith("/"):
-        return
-    raise SweeperError(f"--mlflow-uri {uri!r} is invalid: expected sqlite:///PATH, http(s)://HOST:PORT or file:PATH")
-
-
-def client(uri: str):
-    """An MlflowClient bound to ``uri`` (no global MLflow state is touched)."""
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
@@ -155,14 +116,17 @@ class TrialTracker:
     """Logs one trial into its (unique) child run."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, config: dict[str, Any],
-                 trial_id: str):
+                 trial_id: str, label: str | None = None):
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
         self.sweep, self.config, self.trial_id = sweep, config, trial_id
         self.key = trial_key(config)
+        self.label = label  # the run's name: its varying axes (theta=0.05 kappa=400 seed=0)
         self.client = client(uri)
         self.run_id: str | None = None
         self.logged_step = 0  # highest epoch already in the run
         self.finished = False
+        self.final_metrics: dict[str, float] = {}  # of a run that already finished (a trial never re-runs)
+        self.final_status: str | None = None
         retry(self._open, "opening the trial's run")
 
     def _open(self) -> None:
@@ -176,11 +140,16 @@ class TrialTracker:
             run = sorted(mine, key=lambda r: r.info.start_time)[0]
             self.run_id = run.info.run_id
             self.finished = run.data.tags.get(TAG_STATUS) in FINAL_STATUSES
+            if self.finished:
+                self.final_metrics = dict(run.data.metrics)
+                self.final_status = run.data.tags.get(TAG_STATUS)
+            else:  # a retry or a resume: the run is live again
+                self.client.set_tag(self.run_id, TAG_STATUS, "running")
             hist = self.client.get_metric_history(self.run_id, "train_loss")
             self.logged_step = max((m.step for m in hist), default=0)
             self.client.set_tag(self.run_id, TAG_TRIAL_ID, self.trial_id)
             return
-        name = f"{self.sweep}-{self.key[:8]}"
+        name = self.label or f"{self.sweep}-{self.key[:8]}"
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             "mlflow.parentRunId": self.parent, TAG_SWEEP: self.sweep, TAG_KEY: self.key,
             TAG_TRIAL_ID: self.trial_id, TAG_STATUS: "running", TAG_KIND: "trial", TAG_COMMIT: git_commit()})
@@ -219,7 +188,7 @@ class TrialTracker:
         def _close():
             self.client.set_tag(self.run_id, TAG_STATUS, result.status)
             if result.diverged_epoch is not None:
-                self.client.set_tag(self.run_id, "sweeper.diverged_epoch", str(result.diverged_epoch))
+                self.client.set_tag(self.run_id, TAG_DIVERGED_EPOCH, str(result.diverged_epoch))
             self.client.set_terminated(self.run_id, "FINISHED")
 
         retry(_close, "closing the trial's run")
@@ -232,7 +201,7 @@ class TrialTracker:
 
         def _do():
             self.client.set_tag(self.run_id, TAG_STATUS, "failed")
-            self.client.set_tag(self.run_id, "sweeper.error", f"{type(error).__name__}: {error}"[:5000])
+            self.client.set_tag(self.run_id, TAG_ERROR, f"{type(error).__name__}: {error}"[:5000])
             self.client.set_terminated(self.run_id, "FAILED")
 
         retry(_do, "marking the trial failed")

@@ -5,6 +5,7 @@ import pytest
 from trainables.config import ConfigError, SweeperError, TrialConfig
 
 BAD = [
+    ("threads", 0, "must be in [1, 1024]"),
     ("dataset", "imagenet", "must be one of"),
     ("model", "resnet50", "6n+2"),
     ("model", "preresnet21", "6n+2"),

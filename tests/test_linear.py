@@ -36,3 +36,15 @@ def test_linear_config_validation():
         LinearConfig(dataset="cifar10")
     with pytest.raises(ConfigError, match="unknown linear-trial field"):
         LinearConfig.from_dict({"epochs": 3})
+
+
+def test_qr_add_feature_takes_one_response_as_lemma_f1_states_it():
+    rng = np.random.default_rng(3)
+    x, x_new = rng.normal(size=(40, 5)), rng.normal(size=40)
+    y = rng.normal(size=40)
+    one = qr_add_feature(x, y, x_new)
+    many = qr_add_feature(x, y[:, None], x_new)
+    full = np.linalg.lstsq(np.hstack([x, x_new[:, None]]), y, rcond=None)[0]
+    assert one["beta"].shape == (5,) and np.ndim(one["beta_new"]) == 0
+    np.testing.assert_allclose(one["beta_old"], many["beta_old"][:, 0], rtol=1e-12)
+    np.testing.assert_allclose(np.r_[one["beta_old"], one["beta_new"]], full, rtol=1e-8, atol=1e-10)

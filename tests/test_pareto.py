@@ -92,3 +92,11 @@ def test_frontier_groups_and_seed_aggregation():
     assert parse_objectives("clean_acc:max,asr:min,lambda_1:min")[2] == ("lambda_1", "min")
     with pytest.raises(ValueError):
         parse_objectives("clean_acc:up,asr:min")
+
+
+def test_two_objective_path_keeps_a_point_whose_second_objective_is_inf():
+    # (0, inf) has the smallest first objective: nothing dominates it; brute force agrees
+    v = np.array([[0.0, np.inf], [1.0, 5.0]])
+    assert pareto_mask(v, ["min", "min"]).tolist() == [True, True]
+    assert pareto_mask(np.array([[0.0, np.inf], [1.0, np.inf]]), ["min", "min"]).tolist() == [True, False]
+    assert pareto_mask(np.array([[0.0, -np.inf], [1.0, 5.0]]), ["min", "max"]).tolist() == [True, True]

@@ -104,3 +104,16 @@ def test_hessian_eq4_at_x0_matches_torch_func_reference():
     torch.testing.assert_close(auto, by_hand, rtol=1e-10, atol=1e-14)
     met = run_kernel_trial(cfg).metrics
     assert met["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(by_hand)[-1]), rel=1e-10)
+
+
+def test_background_curvature_is_the_midpoint_median():
+    from trainables.kernel import background_curvature
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)  # an even count: lower and midpoint medians differ
+    model = KRR(x, torch.randn(6, dtype=torch.float64), 1.0, 0.1)
+    z = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(z).sum(), z)
+    curv = g.pow(2).sum(1).numpy()
+    assert background_curvature(model, x) == pytest.approx(float(np.median(curv)), rel=1e-12)
+    assert float(np.median(curv)) != pytest.approx(float(np.sort(curv)[2]), rel=1e-6)  # the lower median is another number

@@ -7,27 +7,105 @@ or calls :func:`run_any` for the closed-form trial kinds.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, SweeperError, TrialConfig
-from .train import Trial, TrialResult, run_trial
 
-KINDS = ("network", "kernel", "linear")
+if TYPE_CHECKING:
+    from .train import Trial, TrialResult, run_trial
+
+
+def __getattr__(name: str):
+    # torch and the training code load on first use: `sweeper --help` and `sweeper status` start fast
+    if name in ("Trial", "TrialResult", "run_trial"):
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class TrialKind:
+    """One kind of trial: its config class, how it runs, and how its results are summarised."""
+
+    name: str
+    config: Callable[[], type]  # the config dataclass (imported on demand)
+    run: Callable[..., Any]  # config -> TrialResult
+    columns: tuple[str, ...]  # metrics shown in a sweep's summary, after its varying axes
+    objectives: tuple[tuple[str, str], ...]  # the default frontier: (metric, max|min)
+    attack_fields: tuple[str, ...]  # the attacker's choices: one frontier per combination that varies
+
+
+def _run_network(cfg, **kwargs):
+    from .train import run_trial
+
+    return run_trial(cfg, **kwargs)
+
+
+def _kernel_config():
+    from .kernel import KernelConfig
+
+    return KernelConfig
+
+
+def _linear_config():
+    from .linear import LinearConfig
+
+    return LinearConfig
+
+
+def _run_kernel(cfg, **_):
+    from .kernel import run_kernel_trial
+
+    return run_kernel_trial(cfg)
+
+
+def _run_linear(cfg, **_):
+    from .linear import run_linear_trial
+
+    return run_linear_trial(cfg)
+
+
+TRIAL_KINDS: dict[str, TrialKind] = {}
+
+
+def register_kind(kind: TrialKind) -> TrialKind:
+    """Add a trial kind: the CLI's --kind, sweep files, validation and the analysis read this registry."""
+    TRIAL_KINDS[kind.name] = kind
+    return kind
+
+
+register_kind(TrialKind(
+    "network", lambda: TrialConfig, _run_network,
+    columns=("clean_acc", "asr", "max_overlap_sq", "lambda_1"),
+    objectives=(("clean_acc", "max"), ("asr", "min")),
+    attack_fields=("dataset", "model", "trigger", "poison_mode", "theta")))
+register_kind(TrialKind(
+    "kernel", _kernel_config, _run_kernel,
+    columns=("delta_f", "residual", "spike", "lambda_max", "detectable"),
+    # the defender keeps the clean fit (residual) and removes the poisons' efficacy (delta_f)
+    objectives=(("residual", "min"), ("delta_f", "min")),
+    attack_fields=("m", "r", "jitter", "zeta_dist")))
+register_kind(TrialKind(
+    "linear", _linear_config, _run_linear,
+    columns=("clean_acc", "asr", "trigger_cosine", "step_rel_err"),
+    objectives=(("clean_acc", "max"), ("asr", "min")),
+    attack_fields=("dataset", "theta")))
+KINDS = tuple(TRIAL_KINDS)  # the names, for messages
+
+
+def trial_kind(name: str) -> TrialKind:
+    """The registered kind ``name``; an unknown one is a one-line error naming the valid ones."""
+    if name not in TRIAL_KINDS:
+        raise ConfigError(f"kind={name!r} is invalid: must be one of {', '.join(TRIAL_KINDS)}")
+    return TRIAL_KINDS[name]
 
 
 def config_class(kind: str):
     """The config dataclass of a trial kind."""
-    if kind == "network":
-        return TrialConfig
-    if kind == "kernel":
-        from .kernel import KernelConfig
-
-        return KernelConfig
-    if kind == "linear":
-        from .linear import LinearConfig
-
-        return LinearConfig
-    raise ConfigError(f"kind={kind!r} is invalid: must be one of {', '.join(KINDS)}")
+    return trial_kind(kind).config()
 
 
 def make_config(d: dict[str, Any]):
@@ -39,19 +117,10 @@ def make_config(d: dict[str, Any]):
     return cls.from_dict(d)
 
 
-def run_any(cfg, **kwargs) -> TrialResult:
+def run_any(cfg, **kwargs):
     """Run a trial of any kind (network trials accept :func:`run_trial`'s keyword arguments)."""
-    kind = getattr(cfg, "kind", "network")
-    if kind == "kernel":
-        from .kernel import run_kernel_trial
-
-        return run_kernel_trial(cfg)
-    if kind == "linear":
-        from .linear import run_linear_trial
-
-        return run_linear_trial(cfg)
-    return run_trial(cfg, **kwargs)
+    return trial_kind(getattr(cfg, "kind", "network")).run(cfg, **kwargs)
 
 
-__all__ = ["KINDS", "ConfigError", "SweeperError", "Trial", "TrialConfig", "TrialResult", "config_class",
+__all__ = ["KINDS", "TRIAL_KINDS", "ConfigError", "TrialKind", "register_kind", "trial_kind", "SweeperError", "Trial", "TrialConfig", "TrialResult", "config_class",
            "make_config", "run_any", "run_trial"]

@@ -98,6 +98,7 @@ class TrialConfig(ConfigFields):
     eval_batch_size: int = 1000  # batch size for evaluation and Hessian products
     seed: int = 0  # seeds init, shuffling, augmentation and poisoning
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads of the trial; float reductions depend on it, so it is part of the config
     # --- input-space analysis (issue 3) -----------------------------------------
     hessian: bool = True  # run Lanczos on the input Hessian after training
     hessian_split: str = "auto"  # auto: clean-train if stochastic, poisoned-train if deterministic
@@ -206,6 +207,7 @@ def _validate(cfg: TrialConfig) -> None:
     _check_int(cfg, "lr_drops", 0, 100)
     _check_int(cfg, "eval_batch_size", 1, 1_000_000)
     _check_int(cfg, "seed", 0, 2**31 - 1)
+    _check_int(cfg, "threads", 1, 1024)
     _check_int(cfg, "hessian_samples", 1, 10_000_000)
     _check_int(cfg, "hessian_iterations", 1, 10_000)
     _check_int(cfg, "hessian_top_k", 1, 1000)

@@ -5,7 +5,7 @@ n clean points (Gaussian, or flattened digits) with labels y_i; m dirty-label po
 distance r from zeta. The exact KRR fit (eqs 1-2) and the gradient-regularised fit (eqs 26-27) are
 solved densely in float64; Delta f(x0), ||grad_x f(x0)||^2, lambda_max of the input Hessian of the
 squared loss at x0 (eq 4), df(kappa) and the training residual are measured with autograd and
-reported beside the closed forms of ``analysis.theory`` with their relative errors.
+reported beside the closed forms of ``trainables.closed_forms`` with their relative errors.
 """
 
 from __future__ import annotations
@@ -147,12 +147,12 @@ def background_curvature(model: KRR, points: torch.Tensor) -> float:
     the typical curvature a spectral defence sees as normal, against which a spike must stand out."""
     z = points.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad(model(z).sum(), z)  # row i depends on x_i only
-    return float(g.pow(2).sum(1).median())
+    return float(g.pow(2).sum(1).quantile(0.5))  # the midpoint median (torch.median takes the lower one)
 
 
 def run_kernel_trial(cfg: KernelConfig) -> TrialResult:
     """Fit clean and poisoned KRR, measure efficacy and curvature at x0, compare with the closed forms."""
-    from analysis import theory
+    from . import closed_forms as theory
 
     t0 = time.perf_counter()
     geo = geometry(cfg)

@@ -62,8 +62,13 @@ class LinearConfig(ConfigFields):
 def qr_add_feature(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> dict[str, np.ndarray]:
     """Lemma F.1 through the economy QR of X: add the column ``x_new`` to the least-squares fit of Y on X.
 
-    Returns beta (fit on X), beta_old' and beta_new (fit on [X, x_new]) and the RSS drop.
+    Returns beta (fit on X), beta_old' and beta_new (fit on [X, x_new]) and the RSS drop. ``y`` may be
+    one response (n,) or several (n, k); the results have the matching shapes.
     """
+    if np.ndim(y) == 1:  # Lemma F.1 is stated for one response: solve it as a single column
+        out = qr_add_feature(x, np.asarray(y)[:, None], x_new)
+        return {"beta": out["beta"][:, 0], "beta_old": out["beta_old"][:, 0],
+                "beta_new": out["beta_new"][0], "rss_drop": out["rss_drop"][0]}
     q, r = np.linalg.qr(x)
     beta = np.linalg.solve(r, q.T @ y)
     e = y - x @ beta

@@ -7,6 +7,7 @@ report and checkpoint between epochs; :func:`run_trial` is the plain loop over i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -359,8 +360,25 @@ def run_trial(cfg: TrialConfig, checkpoint: str | os.PathLike | None = None,
     then run the input-space analysis.
 
     An existing ``checkpoint`` is resumed; ``on_epoch`` receives every epoch's metrics and
-    ``on_lanczos`` every Hessian-vector product of the final spectrum.
+    ``on_lanczos`` every Hessian-vector product of the final spectrum. Torch runs with
+    ``cfg.threads`` CPU threads (restored afterwards), the same as in a sweep.
     """
+    with torch_threads(cfg.threads):
+        return _run(cfg, checkpoint, on_epoch, data, max_epochs, on_lanczos)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` torch CPU threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg, checkpoint, on_epoch, data, max_epochs, on_lanczos) -> TrialResult:
     trial = Trial(cfg, data)
     if checkpoint is not None and Path(checkpoint).is_file():
         trial.load(checkpoint)

@@ -1,0 +1,151 @@
+"""What the writer of a sweep (``sweeper``) and its readers (``analysis``) agree on, in one place.
+
+* the MLflow tag names, the one client factory and a quick reachability check of a tracking URI;
+* how a trial is keyed: a hash of its full config, the same on every node and after every restart;
+* how one row of results is made from a config and metrics: config fields keep their names, and
+  a metric whose name is also a config field is renamed (:data:`METRIC_RENAMES`, else
+  ``<name>_metric``), so a metric can never overwrite the config that produced it;
+* the sweep folder's ``sweeper.json``, read and written through pyarrow's filesystems, so a local
+  folder and a ``file://`` or ``s3://`` storage are read alike.
+
+Nothing here imports ``sweeper``: the analysis layer stays below the CLI and the orchestrator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from trainables.config import SweeperError
+
+TAG_SWEEP = "sweeper.sweep"
+TAG_KEY = "sweeper.trial_key"
+TAG_TRIAL_ID = "sweeper.trial_id"
+TAG_STATUS = "sweeper.status"
+TAG_KIND = "sweeper.kind"  # 'sweep' (the parent run) or 'trial' (a child run)
+TAG_COMMIT = "sweeper.git_commit"
+TAG_ERROR = "sweeper.error"
+TAG_DIVERGED_EPOCH = "sweeper.diverged_epoch"
+FINAL_STATUSES = ("completed", "diverged")
+META = "sweeper.json"
+
+# metrics that share a name with a config field: the per-epoch penalty value, the last epoch's
+# scheduled learning rate and the number of samples actually averaged into the Hessian
+METRIC_RENAMES = {"penalty": "penalty_value", "lr": "lr_last", "hessian_samples": "hessian_samples_used"}
+
+
+def client(uri: str):
+    """An MlflowClient bound to ``uri`` (no global MLflow state is touched)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with one line, when the tracking URI cannot work (a server gets ``timeout`` seconds)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SweeperError(f"--mlflow-uri {uri}: cannot create folder {path.parent}: {e.strerror}") from None
+        if not os.access(path.parent, os.W_OK):
+            raise SweeperError(f"--mlflow-uri {uri}: folder {path.parent} is not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (the user's tracking server)
+                if r.status != 200:
+                    raise SweeperError(f"--mlflow-uri {uri}: {url} answered HTTP {r.status}, expected 200")
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise SweeperError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
+                               f"(mlflow server --host 127.0.0.1 --port 5000) or omit the flag for the embedded store") from None
+        return
+    if uri.startswith("file:") or uri.startswith("/"):
+        return
+    raise SweeperError(f"--mlflow-uri {uri!r} is invalid: expected sqlite:///PATH, http(s)://HOST:PORT or file:PATH")
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """A stable 16-hex id of a trial's full config (what makes two trials the same trial)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def metric_column(name: str, config_fields) -> str:
+    """The results column of metric ``name``: renamed when a config field has that name."""
+    if name in METRIC_RENAMES:
+        return METRIC_RENAMES[name]
+    return f"{name}_metric" if name in config_fields else name
+
+
+def trial_row(config: dict[str, Any], metrics: dict[str, Any], config_fields) -> dict[str, Any]:
+    """One results row: every config field under its own name, then the metrics (scalars only)."""
+    row = {k: v for k, v in config.items() if k in config_fields}
+    for k, v in metrics.items():
+        if isinstance(v, dict | list):
+            continue
+        row[metric_column(k, config_fields)] = v
+    return row
+
+
+# ----------------------------------------------------------------------------- the sweep folder
+def is_uri(storage: str) -> bool:
+    """True for ``scheme://...`` storages (file://, s3://, gs://...), False for local paths."""
+    return "://" in str(storage)
+
+
+def _fs(storage: str):
+    import pyarrow.fs
+
+    storage = str(storage)
+    if is_uri(storage):
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage).expanduser().absolute())
+
+
+def read_meta(storage: str | Path, name: str) -> dict[str, Any] | None:
+    """The sweep's ``sweeper.json``, or None when there is no such sweep."""
+    import pyarrow.fs
+
+    fs, root = _fs(storage)
+    path = f"{root}/{name}/{META}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def write_meta(storage: str | Path, name: str, meta: dict[str, Any]) -> None:
+    """Write ``sweeper.json`` atomically (a temporary file moved into place)."""
+    fs, root = _fs(storage)
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    tmp, final = f"{root}/{name}/{META}.tmp", f"{root}/{name}/{META}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(meta, indent=2, default=str).encode())
+    fs.move(tmp, final)
+
+
+def sweep_exists(storage: str | Path, name: str) -> bool:
+    """Whether ``<storage>/<name>`` exists at all (a sweep folder is never reused)."""
+    import pyarrow.fs
+
+    fs, root = _fs(storage)
+    return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
+
+
+def local_folder(storage: str | Path, name: str) -> Path | None:
+    """The sweep's folder as a local path (a ``file://`` URI too), or None on a remote store."""
+    storage = str(storage)
+    if storage.startswith("file://"):
+        return Path(storage[len("file://"):]) / name
+    if is_uri(storage):
+        return None
+    return Path(storage).expanduser().absolute() / name

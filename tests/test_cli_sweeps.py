@@ -1,0 +1,199 @@
+"""Every normal path of the sweep commands ends right: run, resume, status, frontier and report, for
+network, kernel and linear sweeps, with seeds and after an interrupt (real Ray, real MLflow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import ray
+
+from analysis.results import CONFIG_FIELDS, load_results
+from analysis.schema import read_meta
+from sweeper.cli import frontier_cmd, main
+from sweeper.spaces import SweepSpec
+
+FAST = ["--epochs", "1", "--set", "hessian_samples=50", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3",
+        "--set", "geometry=false"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_ray():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cli(argv, capsys):
+    capsys.readouterr()  # what earlier calls printed is not this command's output
+    code = main(argv)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Traceback" not in text, text
+    return code, out.out, out.err
+
+
+def test_seeded_sweep_every_command_ends_right_and_config_round_trips(tmp_path, capsys):
+    st = str(tmp_path)
+    # seeds, two penalty conventions and an lr: the fields the metrics used to overwrite
+    code, out, err = cli(["run", "--theta", "0.1", "--kappa", "100", "--seeds", "2", "--set", "penalty=listing1,eq25",
+                          "--set", "lr=0.02", *FAST, "--name", "s", "--storage", st, "--quiet"], capsys)
+    assert code == 0, err
+    assert "sweep s: 4 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending, 4 total" in out
+    assert "frontier (maximize clean_acc, minimize asr" in out
+
+    meta = read_meta(st, "s")
+    expected = SweepSpec.from_dict(meta["spec"]).configs()
+    for source in ("mlflow", "ray"):
+        df = load_results("s", st, source=source)
+        assert len(df) == 4 and (df["status"] == "completed").all(), source
+        assert set(df["penalty"]) == {"listing1", "eq25"} and set(df["lr"]) == {0.02}, source
+        assert df["penalty_value"].notna().all() and df["hessian_samples_used"].eq(50).all(), source
+        for cfg in expected:
+            d = cfg.to_dict()
+            row = df[(df["seed"] == d["seed"]) & (df["penalty"] == d["penalty"])]
+            assert len(row) == 1, (source, d)
+            for field, value in d.items():
+                got = row.iloc[0][field]
+                assert got == value or (value is None and pd.isna(got)), (source, field, got, value)
+
+    agg = frontier_cmd("s", storage=st, aggregate_seeds=True, group_by="penalty")["frontier"]
+    assert (agg["n_seeds"] == 2).all() and set(agg["penalty"]) == {"listing1", "eq25"}
+    assert frontier_cmd("s", storage=st, group_by="none")["frontier"].shape[0] >= 1
+    code, out, _ = cli(["frontier", "s", "--storage", st, "--group-by", "none"], capsys)
+    assert code == 0 and "per " not in out.splitlines()[0]
+
+    code, out, _ = cli(["status", "s", "--storage", st], capsys)
+    assert code == 0 and "4 completed, 0 diverged, 0 failed, 0 running, 0 interrupted, 0 pending, 4 total" in out
+    code, out, err = cli(["report", "s", "--storage", st], capsys)
+    assert code == 0, err
+    csv = pd.read_csv(tmp_path / "s-report" / "results.csv")
+    assert set(csv["penalty"]) == {"listing1", "eq25"}
+
+    code, out, err = cli(["resume", "s", "--storage", st], capsys)
+    assert code == 0 and "4 completed" in out, err
+    runs = load_results("s", st, source="mlflow")
+    assert len(runs) == 4 and runs["trial_key"].is_unique
+
+
+def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_path, capsys):
+    st = str(tmp_path)
+    code, out, err = cli(["run", "--kind", "kernel", "--set", "m=1,8,64", "--set", "r=0.1",
+                          "--set", "kappa=0,1", "--name", "k", "--storage", st, "--quiet"], capsys)
+    assert code == 0, err
+    assert "6 completed" in out and "delta_f" in out and "frontier (minimize residual, minimize delta_f" in out
+    assert "Empty DataFrame" not in out
+    front = frontier_cmd("k", storage=st)["frontier"]
+    assert len(front) >= 1 and front["delta_f"].notna().all()
+    code, _, err = cli(["report", "k", "--storage", st], capsys)
+    assert code == 0, err
+    assert (tmp_path / "k-report" / "kernel_vs_m.png").is_file()
+
+    code, out, err = cli(["run", "--kind", "linear", "--set", "theta=0,0.05,0.1", "--name", "l", "--storage", st,
+                          "--quiet"], capsys)
+    assert code == 0 and "3 completed" in out and "clean_acc" in out, err
+    code, _, err = cli(["report", "l", "--storage", st], capsys)
+    assert code == 0, err
+    assert (tmp_path / "l-report" / "asr_vs_theta.png").is_file()
+    code, out, _ = cli(["status", "l", "--storage", st], capsys)
+    assert code == 0 and "3 completed" in out
+
+
+def _counts(text: str, name: str) -> dict[str, int]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"sweep {name}"))
+    parts = line.split(":", 1)[1] if line.startswith(f"sweep {name}:") else line.split("):", 1)[1]
+    return {k: int(v) for v, k in (p.split() for p in parts.strip().split(", "))}  # "3 completed, ..., 4 total"
+
+
+def test_interrupted_sweep_every_view_agrees_and_resume_finishes_without_repeats(tmp_path, capsys):
+    st = str(tmp_path)
+    argv = [sys.executable, "-m", "sweeper.cli", "run", "--theta", "0.1", "--kappa", "0,50,100,150",
+            "--epochs", "3", "--set", "hessian_samples=50", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3",
+            "--max-concurrent", "1", "--name", "i", "--storage", st]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.monotonic() + 300
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "[1/4 done]" in line:  # one trial finished, the second has started
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines) + rest
+    assert "Traceback" not in text, text
+    ran = _counts(text, "i")
+    assert ran["total"] == 4 and ran["completed"] >= 1 and ran["completed"] < 4, text
+    assert "sweeper resume i" in text
+
+    code, out, _ = cli(["status", "i", "--storage", st], capsys)
+    status = _counts(out, "i")
+    for k in ("completed", "interrupted", "pending", "failed"):
+        assert status[k] == ran[k], (k, status, ran)
+    code, out, err = cli(["report", "i", "--storage", st], capsys)
+    assert code == 0, err
+    csv = pd.read_csv(tmp_path / "i-report" / "results.csv")
+    assert len(csv) == 4 and (csv["status"] == "completed").sum() == ran["completed"]
+    summary = (tmp_path / "i-report" / "summary.md").read_text()
+    assert "4 trials" in summary and ("pending" in summary or "interrupted" in summary)
+
+    code, out, err = cli(["resume", "i", "--storage", st], capsys)
+    assert code == 0, err
+    assert "4 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending" in out
+    df = load_results("i", st, source="mlflow")
+    assert len(df) == 4 and df["trial_key"].is_unique
+    for tdir in (tmp_path / "i").glob("trial_*"):  # no step reported twice
+        epochs = [json.loads(ln).get("epoch") for ln in (tdir / "result.json").read_text().splitlines() if ln.strip()]
+        assert epochs == sorted(set(epochs)), (tdir.name, epochs)
+
+
+def test_bad_inputs_of_reading_commands_exit_2_quickly(tmp_path, capsys):
+    t0 = time.monotonic()
+    code, _, err = cli(["frontier", "nosuch", "--storage", str(tmp_path), "--source", "mlflow",
+                        "--mlflow-uri", "http://127.0.0.1:1"], capsys)
+    assert code == 2 and "unreachable" in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() - t0 < 30  # checked first, not minutes of MLflow retries
+    code, _, err = cli(["run", "--lr", "0.01"], capsys)
+    assert code == 2 and "use --set lr=0.01" in err
+
+
+def test_ctrl_c_of_a_trial_exits_130_and_says_the_checkpoint_resumes(tmp_path):
+    ck = tmp_path / "t.pt"
+    argv = [sys.executable, "-m", "sweeper.cli", "trial", "--epochs", "500", "--no-hessian", "--no-geometry",
+            "--checkpoint", str(ck)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ck.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"sweeper: trial interrupted; the checkpoint {ck}")
+
+
+def test_the_same_config_gives_the_same_numbers_in_trial_and_in_a_sweep(tmp_path, capsys):
+    st = str(tmp_path)
+    code, _, err = cli(["run", "--theta", "0.1", "--kappa", "50", "--epochs", "2", "--set", "hessian=false",
+                        "--set", "geometry=false", "--name", "one", "--storage", st, "--quiet"], capsys)
+    assert code == 0, err
+    swept = load_results("one", st, source="mlflow").iloc[0]
+    out = tmp_path / "t.json"
+    code, _, err = cli(["trial", "--theta", "0.1", "--kappa", "50", "--epochs", "2", "--no-hessian", "--no-geometry",
+                        "--json", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    alone = json.loads(out.read_text())
+    assert alone["config"]["threads"] == swept["threads"] == 1
+    assert alone["metrics"]["clean_acc"] == swept["clean_acc"] and alone["metrics"]["asr"] == swept["asr"]
+    assert alone["metrics"]["train_loss"] == pytest.approx(swept["train_loss"], rel=1e-12)
+    assert set(CONFIG_FIELDS) >= set(alone["config"])
