@@ -40,6 +40,7 @@ class SweepOptions:
     mlflow_uri: str | None = None  # None: sqlite:///<storage>/mlflow.db
     max_failures: int = 2
     verbose: int = 1
+    live: bool | None = None  # progress as one live bar (None: when stdout is a terminal) or plain lines
 
 
 # ----------------------------------------------------------------------------- checks
@@ -254,37 +255,98 @@ def default_gpus() -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _progress_callback(n_trials: int, axes: list[str]):
-    """One line per trial epoch and per finished trial: the sweep's progress without Tune's tables."""
+def _progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
+    """The sweep's progress without Tune's tables.
+
+    On a terminal: one live bar (done / running / pending / failed, ETA from the finished trials)
+    with a short line per finished trial, so hundreds of trials do not flood the screen. Otherwise
+    (CI, logs): one plain line per trial epoch and per finished trial.
+    """
+    import sys
+
     from ray import tune
 
-    class Progress(tune.Callback):
+    live = sys.stdout.isatty() if live is None else live
+    if live:
+        stop_progress()
+
+    def label(trial) -> str:
+        cfg = trial.config.get("trial", {})
+        return f"{trial.trial_id} " + " ".join(f"{a}={cfg.get(a)}" for a in axes)
+
+    def finished_line(trial) -> str:
+        r = trial.last_result or {}
+        return (f"{label(trial)} {r.get('status', '?')}: clean={r.get('clean_acc', float('nan')):.3f} "
+                f"asr={r.get('asr', float('nan')):.3f} max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}")
+
+    class Plain(tune.Callback):
         def __init__(self):
             self.done: set[str] = set()
 
-        def _label(self, trial) -> str:
-            cfg = trial.config.get("trial", {})
-            return f"{trial.trial_id} " + " ".join(f"{a}={cfg.get(a)}" for a in axes)
-
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("status") == "running":
-                print(f"[{len(self.done)}/{n_trials} done] {self._label(trial)} epoch {result.get('epoch')}/"
-                      f"{trial.config['trial']['epochs']} loss={result.get('train_loss', float('nan')):.3f} "
+                print(f"[{len(self.done)}/{n_trials} done] {label(trial)} epoch {result.get('epoch')}/"
+                      f"{trial.config['trial'].get('epochs')} loss={result.get('train_loss', float('nan')):.3f} "
                       f"clean={result.get('clean_acc', float('nan')):.3f} asr={result.get('asr', float('nan')):.3f}",
                       flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done.add(trial.trial_id)
-            r = trial.last_result or {}
-            print(f"[{len(self.done)}/{n_trials} done] {self._label(trial)} {r.get('status', '?')}: "
-                  f"clean={r.get('clean_acc', float('nan')):.3f} asr={r.get('asr', float('nan')):.3f} "
-                  f"max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}", flush=True)
+            print(f"[{len(self.done)}/{n_trials} done] {finished_line(trial)}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[{len(self.done)}/{n_trials} done] {self._label(trial)} raised an error (see {trial.local_path})",
+            print(f"[{len(self.done)}/{n_trials} done] {label(trial)} raised an error (see {trial.local_path})",
                   flush=True)
 
-    return Progress()
+    class Live(tune.Callback):
+        def __init__(self):
+            self.bar = None  # made on the first step: Tune pickles its callbacks, a live display cannot be
+
+        def __getstate__(self):
+            return {"bar": None}
+
+        def _start(self):
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.console = Console()
+            self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[counts]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task("trials", total=n_trials, counts="")
+            self.bar.start()
+            _LIVE.append(self)
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.bar is None:
+                self._start()
+            by = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "ERROR")}
+            pending = n_trials - sum(by.values())
+            self.bar.update(self.task, completed=by["TERMINATED"] + by["ERROR"],
+                            counts=f"{by['RUNNING']} running, {pending} pending, {by['ERROR']} failed")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if self.bar is not None:
+                self.console.print(finished_line(trial))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if self.bar is not None:
+                self.console.print(f"{label(trial)} raised an error (see {trial.local_path})")
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.on_step_begin(0, trials)  # the final counts
+                self.bar.stop()
+
+    return Live() if live else Plain()
+
+
+_LIVE: list[Any] = []  # live bars of the running tuner, stopped before the summary is printed
+
+
+def stop_progress() -> None:
+    """Stop any live progress bar (an interrupted tuner never calls ``on_experiment_end``)."""
+    while _LIVE:
+        _LIVE.pop().bar.stop()
 
 
 def _trial_dirname(trial) -> str:
@@ -320,7 +382,8 @@ def _tuner(meta: dict[str, Any], configs: list[TrialConfig] | None, restore: str
         failure_config=tune.FailureConfig(max_failures=meta["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
-        callbacks=[_progress_callback(meta["n_trials"], list(meta["spec"]["axes"]))] if meta.get("verbose", 1) else [],
+        callbacks=[_progress_callback(meta["n_trials"], list(meta["spec"]["axes"]), meta.get("live"))]
+        if meta.get("verbose", 1) else [],
     )
     # reused actors keep torch and the dataset imported between trials: no per-trial process start
     names = {"trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname, "reuse_actors": True}
@@ -368,7 +431,7 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
     meta = {"name": opts.name, "storage": storage, "mlflow_uri": uri, "spec": spec.to_dict(),
             "n_trials": len(configs), "cpus_per_trial": opts.cpus_per_trial,
             "gpus_per_trial": opts.gpus_per_trial, "max_concurrent": opts.max_concurrent,
-            "max_failures": opts.max_failures, "address": opts.address, "verbose": opts.verbose,
+            "max_failures": opts.max_failures, "address": opts.address, "verbose": opts.verbose, "live": opts.live,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": tracking.git_commit(),
             "driver": {"host": socket.gethostname(), "pid": os.getpid()}}
     if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
@@ -427,7 +490,10 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
         lambda: tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], opts.name, params),
         "creating the sweep's parent run", fatal=True)
     write_meta(meta["storage"], opts.name, meta)
-    grid = _tuner(meta, configs, search_space=search_space).fit()
+    try:
+        grid = _tuner(meta, configs, search_space=search_space).fit()
+    finally:
+        stop_progress()
     return _finish(meta, grid)
 
 
@@ -453,7 +519,10 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
     start_ray(address)
     if not tune.Tuner.can_restore(path):
         raise SweeperError(f"sweep {name!r} in {storage} has no Ray Tune state to resume (it never started)")
-    grid = _tuner(meta, None, restore=path, errored=errored).fit()
+    try:
+        grid = _tuner(meta, None, restore=path, errored=errored).fit()
+    finally:
+        stop_progress()
     return _finish(meta, grid)
 
 

@@ -220,12 +220,18 @@ def test_search_stores_its_optuna_study_in_the_sweep_folder_and_resumes(tmp_path
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "3 completed" in out and "frontier" in out
+    assert "per theta" not in out  # theta is sampled, not a threat group
     study = optuna.load_study(study_name="srch", storage=f"sqlite:///{storage / 'srch' / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 3 and all(len(t.values) == 2 for t in done)
     assert all(0.05 <= t.params["trial/theta"] <= 0.2 and 10 <= t.params["trial/kappa"] <= 1000 for t in done)
     ray.shutdown()
     assert main(["resume", "srch", "--storage", str(storage)]) == 0  # nothing left: nothing re-run
+    out = capsys.readouterr().out
+    assert "3 completed" in out and "frontier" in out and "per theta" not in out  # as search printed it
+    assert main(["frontier", "srch", "--storage", str(storage), "--group-by", "none"]) == 0
+    assert main(["report", "srch", "--storage", str(storage)]) == 0
+    assert "Traceback" not in capsys.readouterr().out
     assert len(child_runs(default_uri(storage), "srch")) == 3
     study = optuna.load_study(study_name="srch", storage=f"sqlite:///{storage / 'srch' / 'optuna.db'}")
     assert len(study.trials) == 3
@@ -250,3 +256,13 @@ def test_linear_and_kernel_trials_sweep_through_the_same_path(tmp_path):
     assert report.counts["completed"] == 2
     df = load_results("krr", tmp_path)
     assert sorted(df["m"]) == [1, 4] and (df["delta_f_rel_err"] < 1e-3).all()
+
+
+def test_live_progress_bar_counts_trials_and_prints_one_line_per_finished_trial(tmp_path, capsys):
+    spec = SweepSpec(axes={"kappa": [0.0, 10.0]}, fixed={**FAST, "geometry": False})
+    report = run_sweep(spec, SweepOptions(name="live", storage=str(tmp_path), live=True))
+    out = capsys.readouterr().out
+    assert report.counts["completed"] == 2
+    assert "trials" in out and "2/2" in out  # the bar's final state
+    assert sum(" completed: clean=" in line for line in out.splitlines()) == 2  # a line per finished trial
+    assert "epoch 1/1" not in out  # no per-epoch flood
