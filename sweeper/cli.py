@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import core as _click_core
     from click import exceptions as _click_exc
 
+from trainables import TRIAL_KINDS
 from trainables.config import DATASETS, SweeperError, TrialConfig
 
 app = typer.Typer(
@@ -49,11 +50,6 @@ class PoisonMode(str, Enum):
     deterministic = "deterministic"
 
 
-class Penalty(str, Enum):
-    listing1 = "listing1"
-    eq25 = "eq25"
-
-
 class HessianSplit(str, Enum):
     auto = "auto"
     clean_train = "clean-train"
@@ -72,10 +68,7 @@ class DType(str, Enum):
     float64 = "float64"
 
 
-class Kind(str, Enum):
-    network = "network"
-    kernel = "kernel"
-    linear = "linear"
+Kind = Enum("Kind", {k: k for k in TRIAL_KINDS}, type=str)  # the trial-kind registry
 
 
 KindOpt = Annotated[Kind, typer.Option(help="Trial kind: network (train a net), kernel (KRR laws, Sec. 3) or linear (QR update, Sec. 4).")]
@@ -100,7 +93,7 @@ def trial(
     data_dir: Annotated[str, _opt("Folder with the MNIST IDX / CIFAR pickle files.")] = _D["data_dir"],
     download: Annotated[bool, _opt("Download missing dataset files (needs internet).")] = _D["download"],
     verify_checksums: Annotated[bool, _opt("Check every dataset file against its published md5.")] = _D["verify_checksums"],
-    model: Annotated[str, _opt("cnn | linear | preresnet<6n+2> (preresnet20, preresnet110).")] = _D["model"],
+    model: Annotated[str, _opt("A registered model: cnn | linear | preresnet<6n+2> (preresnet20, preresnet110).")] = _D["model"],
     trigger: Annotated[TriggerName, _opt("Backdoor trigger.")] = _D["trigger"],
     trigger_size: Annotated[int | None, _opt("Trigger arm/side in px [default: 2 for lshape; square 4, or 2 on 8x8].", min=1)] = None,
     trigger_margin: Annotated[int | None, _opt("Trigger distance from the border in px [default: 3 for lshape, 1 for square; 0 on 8x8].", min=0)] = None,
@@ -111,7 +104,7 @@ def trial(
     theta: Annotated[float, _opt("Poison fraction of the non-target training samples, in [0, 1).")] = _D["theta"],
     target: Annotated[int, _opt("Target class of the backdoor, in [0, classes-1].")] = _D["target"],
     kappa: Annotated[float, _opt("Input-gradient penalty strength, >= 0 (scale set by --penalty).")] = _D["kappa"],
-    penalty: Annotated[Penalty, _opt("listing1: kappa*sum||grad_x mean CE||^2 (paper's code); eq25: kappa/2*mean||grad_x l_i||^2.")] = _D["penalty"],
+    penalty: Annotated[str, _opt("A registered penalty: listing1 = kappa*sum||grad_x mean CE||^2 (paper's code); eq25 = kappa/2*mean||grad_x l_i||^2.")] = _D["penalty"],
     augment: Annotated[bool, _opt("Random crop + horizontal flip, batched on the device.")] = _D["augment"],
     crop_padding: Annotated[int | None, _opt("Zero padding of the random crop in px [default: 4, or 1 on 8x8].", min=0)] = None,
     epochs: Annotated[int, _opt("Training epochs, >= 1.")] = _D["epochs"],

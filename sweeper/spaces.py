@@ -30,13 +30,6 @@ def fields_for(kind: str) -> dict[str, dataclasses.Field]:
     from trainables import config_class
 
     return {f.name: f for f in dataclasses.fields(config_class(kind))}
-# the paper's defaults: a small, minutes-long sweep on digits that shows the trade-off
-DEFAULT_AXES: dict[str, list[Any]] = {"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]}
-DEFAULT_FIXED: dict[str, Any] = {"dataset": "digits", "epochs": 15}
-DEFAULT_KIND_AXES: dict[str, dict[str, list[Any]]] = {
-    "kernel": {"m": [1, 2, 4, 8, 16, 32, 64], "r": [0.05, 0.5]},
-    "linear": {"theta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]},
-}
 MAX_TRIALS = 100_000
 
 
@@ -234,9 +227,11 @@ def load_sweep_file(path: Path) -> tuple[SweepSpec, str | None]:
     unknown = sorted(set(data) - {"name", "grid", "fixed", "seeds", "kind"})
     if unknown:
         raise SpaceError(f"sweep file {path}: unknown key(s) {unknown}; valid keys: fixed, grid, kind, name, seeds")
+    from trainables import TRIAL_KINDS
+
     kind = data.get("kind", "network")
-    if kind not in ("network", "kernel", "linear"):
-        raise SpaceError(f"sweep file {path}: kind={kind!r} is invalid: must be network, kernel or linear")
+    if kind not in TRIAL_KINDS:
+        raise SpaceError(f"sweep file {path}: kind={kind!r} is invalid: must be one of {', '.join(TRIAL_KINDS)}")
     grid, fixed = data.get("grid") or {}, data.get("fixed") or {}
     if not isinstance(grid, dict) or not isinstance(fixed, dict):
         raise SpaceError(f"sweep file {path}: grid and fixed must be mappings of field: value")
@@ -253,8 +248,6 @@ def load_sweep_file(path: Path) -> tuple[SweepSpec, str | None]:
     return SweepSpec(axes=axes, fixed=dict(fixed), seeds=seeds, kind=kind), name
 
 
-# rough seconds per training sample-step on one CPU core pair (measured in benchmarks/train_step.py)
-_STEP_COST = {"cnn": 1.4e-4, "linear": 2e-5, "preresnet": 2.1e-3 / 20}  # preresnet: per block-depth unit
 _TRAIN_SIZE = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 _PIXELS = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "cifar10": 3072, "cifar100": 3072}
 
@@ -263,10 +256,9 @@ def estimate_seconds(cfg) -> float:
     """A rough CPU cost of one trial (training, evaluation and spectrum); GPUs are much faster."""
     if getattr(cfg, "kind", "network") != "network":
         return 1.0  # closed-form trials: dense solves, about a second
-    if cfg.model.startswith("preresnet"):
-        per = _STEP_COST["preresnet"] * int(cfg.model[len("preresnet"):]) * _PIXELS[cfg.dataset] / 3072
-    else:
-        per = _STEP_COST[cfg.model] * _PIXELS[cfg.dataset] / 64
+    from trainables.models import model_entry
+
+    per = model_entry(cfg.model).cost(cfg.model) * _PIXELS[cfg.dataset] / 3072  # the model registry's step cost
     train = cfg.epochs * _TRAIN_SIZE[cfg.dataset] * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
     spectrum = (cfg.hessian_iterations + 2) * min(cfg.hessian_samples, _TRAIN_SIZE[cfg.dataset]) * per * 3 \
         if cfg.hessian else 0.0
@@ -412,10 +404,11 @@ def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str
         spec, file_name = load_sweep_file(sweep_file)
         axes, fixed, seed_list = dict(spec.axes), dict(spec.fixed), spec.seeds
         kind = spec.kind if kind == "network" else kind
-    elif kind == "network":
-        file_name, axes, fixed, seed_list = None, dict(DEFAULT_AXES), dict(DEFAULT_FIXED), None
     else:
-        file_name, axes, fixed, seed_list = None, dict(DEFAULT_KIND_AXES[kind]), {}, None
+        from trainables import trial_kind
+
+        entry = trial_kind(kind)
+        file_name, axes, fixed, seed_list = None, dict(entry.default_axes), dict(entry.default_fixed), None
     given = [(k, v) for k, v in flags.items() if v is not None] + split_sets(sets)
     for key, text in given:
         vals = parse_values(key, text, kind=kind)
@@ -434,7 +427,9 @@ def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str
 
 def build_search_spec(flags: dict[str, str | None], sets: list[str] | None) -> SearchSpec:
     """``sweeper search``'s space: the embedded defaults < flags < ``--set``."""
-    spec = SearchSpec(fixed=dict(DEFAULT_FIXED))
+    from trainables import trial_kind
+
+    spec = SearchSpec(fixed=dict(trial_kind("network").default_fixed))
     given = [(k, v) for k, v in flags.items() if v is not None] + split_sets(sets)
     for key, text in given:
         where, value = parse_search_axis(key, text)

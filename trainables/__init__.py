@@ -8,7 +8,7 @@ or calls :func:`run_any` for the closed-form trial kinds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, SweeperError, TrialConfig
@@ -36,6 +36,8 @@ class TrialKind:
     columns: tuple[str, ...]  # metrics shown in a sweep's summary, after its varying axes
     objectives: tuple[tuple[str, str], ...]  # the default frontier: (metric, max|min)
     attack_fields: tuple[str, ...]  # the attacker's choices: one frontier per combination that varies
+    default_axes: dict[str, list[Any]] = field(default_factory=dict)  # `sweeper run --kind NAME` with no flags
+    default_fixed: dict[str, Any] = field(default_factory=dict)
 
 
 def _run_network(cfg, **kwargs):
@@ -81,18 +83,23 @@ register_kind(TrialKind(
     "network", lambda: TrialConfig, _run_network,
     columns=("clean_acc", "asr", "max_overlap_sq", "lambda_1"),
     objectives=(("clean_acc", "max"), ("asr", "min")),
-    attack_fields=("dataset", "model", "trigger", "poison_mode", "theta")))
+    attack_fields=("dataset", "model", "trigger", "poison_mode", "theta"),
+    # the paper's trade-off in minutes on digits
+    default_axes={"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]},
+    default_fixed={"dataset": "digits", "epochs": 15}))
 register_kind(TrialKind(
     "kernel", _kernel_config, _run_kernel,
     columns=("delta_f", "residual", "spike", "lambda_max", "detectable"),
     # the defender keeps the clean fit (residual) and removes the poisons' efficacy (delta_f)
     objectives=(("residual", "min"), ("delta_f", "min")),
-    attack_fields=("m", "r", "jitter", "zeta_dist")))
+    attack_fields=("m", "r", "jitter", "zeta_dist"),
+    default_axes={"m": [1, 2, 4, 8, 16, 32, 64], "r": [0.05, 0.5]}))
 register_kind(TrialKind(
     "linear", _linear_config, _run_linear,
     columns=("clean_acc", "asr", "trigger_cosine", "step_rel_err"),
     objectives=(("clean_acc", "max"), ("asr", "min")),
-    attack_fields=("dataset", "theta")))
+    attack_fields=("dataset", "theta"),
+    default_axes={"theta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}))
 KINDS = tuple(TRIAL_KINDS)  # the names, for messages
 
 

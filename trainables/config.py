@@ -23,11 +23,9 @@ DATASETS = {  # name -> (channels, height, classes)
 }
 TRIGGERS = ("lshape", "square", "warp")
 POISON_MODES = ("deterministic", "stochastic")
-PENALTIES = ("listing1", "eq25")
 HESSIAN_SPLITS = ("auto", "clean-train", "poisoned-train", "test")
 HESSIAN_METHODS = ("auto", "double-backward", "gauss-newton")
 DTYPES = ("float32", "float64")
-_PRERESNET = re.compile(r"^preresnet(\d+)$")
 
 
 class SweeperError(ValueError):
@@ -175,14 +173,18 @@ def _check_choice(cfg: TrialConfig, name: str, choices) -> None:
 
 def _validate(cfg: TrialConfig) -> None:
     _check_choice(cfg, "dataset", tuple(DATASETS))
+    from .models import model_entry, model_syntax  # the registries (torch loads with the first config)
+    from .penalty import PENALTIES
+
     if not isinstance(cfg.model, str):
         _fail("model", cfg.model, "must be a string")
-    m = _PRERESNET.match(cfg.model)
-    if cfg.model not in ("cnn", "linear") and not (m and (int(m.group(1)) - 2) % 6 == 0 and int(m.group(1)) >= 8):
-        _fail("model", cfg.model, "must be cnn, linear or preresnet<depth> with depth = 6n+2 >= 8 (e.g. preresnet20)")
+    try:
+        model_entry(cfg.model)
+    except ValueError:
+        _fail("model", cfg.model, f"must be {model_syntax()}")
     _check_choice(cfg, "trigger", TRIGGERS)
     _check_choice(cfg, "poison_mode", POISON_MODES)
-    _check_choice(cfg, "penalty", PENALTIES)
+    _check_choice(cfg, "penalty", tuple(PENALTIES))
     _check_choice(cfg, "hessian_split", HESSIAN_SPLITS)
     _check_choice(cfg, "hessian_method", HESSIAN_METHODS)
     _check_choice(cfg, "hessian_dtype", DTYPES)

@@ -14,26 +14,53 @@ the convention; both are exact double-backward computations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def input_grad_sq(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce, sum_batch ||d/dx_i mean CE||^2)`` with the graph kept, so the penalty can be differentiated."""
+    x = x.detach().requires_grad_(True)
+    ce = F.cross_entropy(model(x), y)
+    (gx,) = torch.autograd.grad(ce, x, create_graph=True)
+    return ce, gx.pow(2).sum()
+
+
+def _listing1(model, x, y, kappa):
+    ce, sq = input_grad_sq(model, x, y)
+    return ce, kappa * sq  # kappa * sum_i ||grad_x mean CE||^2, exactly the paper's code
+
+
+def _eq25(model, x, y, kappa):
+    ce, sq = input_grad_sq(model, x, y)
+    return ce, 0.5 * kappa * x.shape[0] * sq  # (kappa / 2) mean_i ||grad_x l_i||^2 = (kappa B / 2) * sq
+
+
+# name -> (model, x, y, kappa) -> (ce, penalty), both differentiable; the config, the CLI and sweeps read it
+PENALTIES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"listing1": _listing1, "eq25": _eq25}
+
+
+def register_penalty(name: str, fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add a penalty convention: ``fn(model, x, y, kappa) -> (ce, penalty)``."""
+    PENALTIES[name] = fn
 
 
 def penalized_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kappa: float,
                    convention: str = "listing1") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(objective, ce, penalty)`` for one batch; ``objective = ce + penalty``.
 
-    With kappa == 0 the penalty is not computed (a plain step, no double backward).
+    With kappa == 0 the penalty is not computed (a plain step, no double backward). An unknown
+    ``convention`` is an error (it never silently falls back to another scale).
     """
+    if convention not in PENALTIES:
+        raise ValueError(f"penalty={convention!r} is invalid: must be one of {', '.join(PENALTIES)}")
     if kappa == 0:
         ce = F.cross_entropy(model(x), y)
         return ce, ce, torch.zeros((), device=x.device, dtype=ce.dtype)
-    x = x.detach().requires_grad_(True)
-    ce = F.cross_entropy(model(x), y)
-    (gx,) = torch.autograd.grad(ce, x, create_graph=True)  # graph kept: the penalty is differentiated
-    sq = gx.pow(2).sum()
-    scale = kappa if convention == "listing1" else 0.5 * kappa * x.shape[0]
-    penalty = scale * sq
+    ce, penalty = PENALTIES[convention](model, x, y, kappa)
     return ce + penalty, ce, penalty
 
 
