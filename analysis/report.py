@@ -67,11 +67,11 @@ def sweep_summary(rows: list[dict[str, Any]] | pd.DataFrame, varying: list[str],
     return "\n".join(out)
 
 
-def varying_fields(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> list[str]:
+def varying_fields(df: pd.DataFrame, meta=None) -> list[str]:
     """The config fields that tell the trials apart: the sweep's axes first, then any other that varies."""
     from .results import CONFIG_FIELDS
 
-    axes = list(((meta or {}).get("spec") or {}).get("axes", {}))
+    axes = list((meta.spec if meta else {}).get("axes", {}))
     others = [c for c in CONFIG_FIELDS if c in df.columns and c not in axes and df[c].nunique(dropna=True) > 1]
     return [c for c in axes if c in df.columns] + others
 
@@ -155,7 +155,7 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
         raise SweeperError(f"sweep {name!r} has no trials yet")
     out.mkdir(parents=True, exist_ok=True)
     meta = sweep_meta(name, storage)
-    uri = mlflow_uri or (meta or {}).get("mlflow_uri")
+    uri = mlflow_uri or (meta.mlflow_uri if meta else None)
     kind = trial_kind(sweep_kind(df))
     objectives = list(kind.objectives)
     ok = completed(df)

@@ -58,7 +58,7 @@ def _typed(name: str, text: Any) -> Any:
     return text
 
 
-def sweep_meta(name: str, storage: str | Path = "./sweeps") -> dict[str, Any] | None:
+def sweep_meta(name: str, storage: str | Path = "./sweeps") -> schema.SweepMeta | None:
     """The sweep's ``sweeper.json`` (MLflow URI, ids, grid), or None; local folders and URIs alike."""
     return schema.read_meta(storage, name)
 
@@ -151,26 +151,26 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     return df[first + [c for c in df.columns if c not in first]].reset_index(drop=True)
 
 
-def pending_rows(meta: dict[str, Any] | None) -> list[dict[str, Any]]:
+def pending_rows(meta: schema.SweepMeta | None) -> list[dict[str, Any]]:
     """Rows for every trial a sweep owes (from its ``sweeper.json``), all with status ``pending``.
 
     Callers drop those whose ``trial_key`` already has a row. A search owes ``n_trials`` trials
     whose configs are not known in advance: those rows carry the status alone.
     """
-    if not meta:
+    if meta is None:
         return []
-    if "trials" in meta:
-        return [{"sweep": meta["name"], "trial_key": t["key"], "status": "pending", "error": "", **t["point"]}
-                for t in meta["trials"]]
-    return [{"sweep": meta["name"], "trial_key": f"pending-{i}", "status": "pending", "error": ""}
-            for i in range(int(meta.get("n_trials", 0)))]
+    if meta.trials is not None:
+        return [{"sweep": meta.name, "trial_key": t["key"], "status": "pending", "error": "", **t["point"]}
+                for t in meta.trials]
+    return [{"sweep": meta.name, "trial_key": f"pending-{i}", "status": "pending", "error": ""}
+            for i in range(int(meta.n_trials))]
 
 
-def _with_pending(df: pd.DataFrame, meta: dict[str, Any] | None) -> pd.DataFrame:
+def _with_pending(df: pd.DataFrame, meta: schema.SweepMeta | None) -> pd.DataFrame:
     """``df`` plus a pending row for each trial of the sweep that has no row yet."""
-    if not meta:
+    if meta is None:
         return df
-    if "trials" in meta:
+    if meta.trials is not None:
         seen = set(df["trial_key"]) if "trial_key" in df.columns else set()
         extra = [r for r in pending_rows(meta) if r["trial_key"] not in seen]
     else:  # a search: only a count is owed
@@ -191,7 +191,7 @@ def load_results(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
     if source not in ("auto", "mlflow", "ray"):
         raise SweeperError(f"source={source!r} is invalid: must be auto, mlflow or ray")
     meta = sweep_meta(name, storage)
-    uri = mlflow_uri or (meta or {}).get("mlflow_uri")
+    uri = mlflow_uri or (meta.mlflow_uri if meta else None)
     if source == "ray" or (source == "auto" and uri is None):
         df = results_from_ray(name, storage)
         df.attrs["source"] = "ray"
@@ -255,7 +255,7 @@ def load_history(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
                  metrics: tuple[str, ...] = HISTORY_METRICS, source: str = "auto") -> pd.DataFrame:
     """Per-epoch metrics in long form: columns sweep, run_id, trial_key, epoch, metric, value."""
     meta = sweep_meta(name, storage)
-    uri = mlflow_uri or (meta or {}).get("mlflow_uri")
+    uri = mlflow_uri or (meta.mlflow_uri if meta else None)
     rows = []
     if source != "ray" and uri is not None:
         c = schema.client(uri)
@@ -294,7 +294,8 @@ def load_eigenvectors(row: pd.Series, storage: str | Path = "./sweeps", mlflow_u
     import numpy as np
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = mlflow_uri or (sweep_meta(row["sweep"], storage) or {}).get("mlflow_uri")
+    meta = sweep_meta(row["sweep"], storage)
+    uri = mlflow_uri or (meta.mlflow_uri if meta else None)
     if uri and isinstance(row.get("run_id"), str) and row["run_id"]:
         try:
             with tempfile.TemporaryDirectory() as tmp:

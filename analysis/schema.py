@@ -5,19 +5,21 @@
 * how one row of results is made from a config and metrics: config fields keep their names, and
   a metric whose name is also a config field is renamed (:data:`METRIC_RENAMES`, else
   ``<name>_metric``), so a metric can never overwrite the config that produced it;
-* the sweep folder's ``sweeper.json``, read and written through pyarrow's filesystems, so a local
-  folder and a ``file://`` or ``s3://`` storage are read alike.
+* the sweep folder's ``sweeper.json`` as a :class:`SweepMeta`, read and written through pyarrow's
+  filesystems, so a local folder and a ``file://`` or ``s3://`` storage are read alike.
 
 Nothing here imports ``sweeper``: the analysis layer stays below the CLI and the orchestrator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,43 @@ def trial_row(config: dict[str, Any], metrics: dict[str, Any], config_fields) ->
 
 
 # ----------------------------------------------------------------------------- the sweep folder
+@dataclass
+class SweepMeta:
+    """A sweep's ``sweeper.json``: what it owes, where it tracks, how it runs (written once at launch;
+    ``driver`` is rewritten by each resume). Read and written only through :func:`read_meta` /
+    :func:`write_meta`."""
+
+    name: str  # folder and MLflow experiment
+    storage: str  # absolute local folder, or a URI (file://, s3://...)
+    mlflow_uri: str  # the tracking store
+    spec: dict[str, Any]  # SweepSpec.to_dict() (grid) or the search space; spec["axes"] names what varies
+    n_trials: int  # trials the sweep owes (a search: its budget)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None until Ray says whether the cluster has GPUs
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    address: str | None = None  # the Ray cluster it joined (None: a local Ray)
+    verbose: int = 1
+    live: bool | None = None  # progress as a live bar (None: when stdout is a terminal)
+    created: str = ""  # local time of the launch
+    git_commit: str = ""
+    driver: dict[str, Any] = field(default_factory=dict)  # host and pid of the process running it
+    trials: list[dict[str, Any]] | None = None  # grid: every owed trial's key and varying values
+    kind: str = "grid"  # grid | search
+    search: dict[str, Any] | None = None  # budget, sampler, seed, optuna_storage
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepMeta:
+        """Tolerates keys of other versions: unknown ones are dropped, missing ones take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 def is_uri(storage: str) -> bool:
     """True for ``scheme://...`` storages (file://, s3://, gs://...), False for local paths."""
     return "://" in str(storage)
@@ -111,7 +150,7 @@ def _fs(storage: str):
     return pyarrow.fs.LocalFileSystem(), str(Path(storage).expanduser().absolute())
 
 
-def read_meta(storage: str | Path, name: str) -> dict[str, Any] | None:
+def read_meta(storage: str | Path, name: str) -> SweepMeta | None:
     """The sweep's ``sweeper.json``, or None when there is no such sweep."""
     import pyarrow.fs
 
@@ -120,16 +159,16 @@ def read_meta(storage: str | Path, name: str) -> dict[str, Any] | None:
     if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+        return SweepMeta.from_dict(json.loads(f.read().decode()))
 
 
-def write_meta(storage: str | Path, name: str, meta: dict[str, Any]) -> None:
+def write_meta(storage: str | Path, name: str, meta: SweepMeta) -> None:
     """Write ``sweeper.json`` atomically (a temporary file moved into place)."""
     fs, root = _fs(storage)
     fs.create_dir(f"{root}/{name}", recursive=True)
     tmp, final = f"{root}/{name}/{META}.tmp", f"{root}/{name}/{META}"
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(meta, indent=2, default=str).encode())
+        f.write(json.dumps(meta.to_dict(), indent=2, default=str).encode())
     fs.move(tmp, final)
 
 

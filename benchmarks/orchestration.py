@@ -38,10 +38,10 @@ def main():
         t0 = time.perf_counter()
         orchestrate.start_ray(None)
         t_ray = time.perf_counter() - t0
-        meta["gpus_per_trial"] = 0.0
-        meta["experiment_id"] = orchestrate.tracking.ensure_experiment(meta["mlflow_uri"], "bench", None)
-        meta["parent_run_id"] = orchestrate.tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], "bench", {})
-        orchestrate.write_meta(meta["storage"], "bench", meta)
+        meta.gpus_per_trial = 0.0
+        meta.experiment_id = orchestrate.tracking.ensure_experiment(meta.mlflow_uri, "bench", None)
+        meta.parent_run_id = orchestrate.tracking.start_parent(meta.mlflow_uri, meta.experiment_id, "bench", {})
+        orchestrate.write_meta(meta.storage, "bench", meta)
         t1 = time.perf_counter()
         grid = orchestrate._tuner(meta, configs).fit()
         wall = time.perf_counter() - t1

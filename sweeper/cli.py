@@ -319,8 +319,9 @@ def report(
 ) -> dict[str, Any]:
     """Write every figure (PNG + SVG) and a one-page Markdown + HTML summary; log them to MLflow."""
     from analysis.report import write_report
+    from analysis.schema import local_folder
 
-    folder = out if out is not None else Path(storage).expanduser().absolute() / f"{name}-report"
+    folder = out if out is not None else (local_folder(storage, f"{name}-report") or Path(f"{name}-report").absolute())
     res = write_report(name, folder, storage, mlflow_uri, overwrite=overwrite, log_to_mlflow=log_to_mlflow, source=source)
     typer.echo(f"report of {name}: {len([f for f in res['figures'] if f.suffix == '.png'])} figures, "
                f"{res['out'] / 'summary.md'}, {res['out'] / 'summary.html'}"

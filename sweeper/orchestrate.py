@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.schema import META, is_uri, read_meta, sweep_exists, trial_row, write_meta  # noqa: F401 (re-exported)
+from analysis.schema import (  # noqa: F401 (re-exported)
+    META,
+    SweepMeta,
+    is_uri,
+    read_meta,
+    sweep_exists,
+    trial_row,
+    write_meta,
+)
 from trainables.config import SweeperError, TrialConfig
 
 from . import tracking
@@ -208,21 +216,21 @@ def run_label(trial: dict[str, Any], axes: list[str]) -> str | None:
     return " ".join(parts) or None
 
 
-def _trainable_for(meta: dict[str, Any]):
+def _trainable_for(meta: SweepMeta):
     from ray import tune
 
-    return tune.with_resources(trainable, {"cpu": meta["cpus_per_trial"], "gpu": meta["gpus_per_trial"]})
+    return tune.with_resources(trainable, {"cpu": meta.cpus_per_trial, "gpu": meta.gpus_per_trial})
 
 
-def _sweep_settings(meta: dict[str, Any]) -> dict[str, Any]:
+def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
     keys = ("mlflow_uri", "experiment_id", "parent_run_id", "name")
-    return {**{k: meta[k] for k in keys}, "threads": max(1, int(meta["cpus_per_trial"])),
+    return {**{k: getattr(meta, k) for k in keys}, "threads": max(1, int(meta.cpus_per_trial)),
             "axes": label_axes(meta)}
 
 
-def label_axes(meta: dict[str, Any]) -> list[str]:
+def label_axes(meta: SweepMeta) -> list[str]:
     """The fields that tell a sweep's trials apart: its axes, and seed when seeds vary."""
-    spec = meta.get("spec", {})
+    spec = meta.spec or {}
     axes = list(spec.get("axes", {}))
     return axes + (["seed"] if spec.get("seeds") and "seed" not in axes else [])
 
@@ -353,11 +361,11 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _searcher(meta: dict[str, Any]):
+def _searcher(meta: SweepMeta):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    s = meta["search"]
+    s = meta.search
     seed = s["seed"]
     if s["sampler"] == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, s["budget"] // 3))
@@ -367,10 +375,10 @@ def _searcher(meta: dict[str, Any]):
         sampler = optuna.samplers.GPSampler(seed=seed)
     storage = optuna.storages.RDBStorage(s["optuna_storage"])
     return OptunaSearch(metric=["clean_acc", "asr"], mode=["max", "min"], sampler=sampler,
-                        study_name=meta["name"], storage=storage)
+                        study_name=meta.name, storage=storage)
 
 
-def _tuner(meta: dict[str, Any], configs: list[TrialConfig] | None, restore: str | None = None,
+def _tuner(meta: SweepMeta, configs: list[TrialConfig] | None, restore: str | None = None,
            errored: str = "restart", search_space: dict[str, Any] | None = None):
     from ray import tune
 
@@ -378,21 +386,21 @@ def _tuner(meta: dict[str, Any], configs: list[TrialConfig] | None, restore: str
         return tune.Tuner.restore(restore, trainable=_trainable_for(meta), resume_unfinished=True,
                                   resume_errored=errored == "resume", restart_errored=errored == "restart")
     run_config = tune.RunConfig(
-        name=meta["name"], storage_path=meta["storage"],
-        failure_config=tune.FailureConfig(max_failures=meta["max_failures"]),
+        name=meta.name, storage_path=meta.storage,
+        failure_config=tune.FailureConfig(max_failures=meta.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
-        callbacks=[_progress_callback(meta["n_trials"], list(meta["spec"]["axes"]), meta.get("live"))]
-        if meta.get("verbose", 1) else [],
+        callbacks=[_progress_callback(meta.n_trials, list(meta.spec["axes"]), meta.live)]
+        if meta.verbose else [],
     )
     # reused actors keep torch and the dataset imported between trials: no per-trial process start
     names = {"trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname, "reuse_actors": True}
     if search_space is not None:  # adaptive: Optuna proposes, Tune runs (no scheduler)
-        tune_config = tune.TuneConfig(max_concurrent_trials=meta.get("max_concurrent"), search_alg=_searcher(meta),
-                                      num_samples=meta["search"]["budget"], **names)
+        tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, search_alg=_searcher(meta),
+                                      num_samples=meta.search["budget"], **names)
         param_space = {"trial": search_space, "sweep": _sweep_settings(meta)}
     else:
-        tune_config = tune.TuneConfig(max_concurrent_trials=meta.get("max_concurrent"), num_samples=1, **names)
+        tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, num_samples=1, **names)
         param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": _sweep_settings(meta)}
     return tune.Tuner(_trainable_for(meta), param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -428,15 +436,14 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
     uri = opts.mlflow_uri or tracking.default_uri(Path(storage))
     tracking.check_uri(uri)
     check_address(opts.address)
-    meta = {"name": opts.name, "storage": storage, "mlflow_uri": uri, "spec": spec.to_dict(),
-            "n_trials": len(configs), "cpus_per_trial": opts.cpus_per_trial,
-            "gpus_per_trial": opts.gpus_per_trial, "max_concurrent": opts.max_concurrent,
-            "max_failures": opts.max_failures, "address": opts.address, "verbose": opts.verbose, "live": opts.live,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": tracking.git_commit(),
-            "driver": {"host": socket.gethostname(), "pid": os.getpid()}}
+    meta = SweepMeta(name=opts.name, storage=storage, mlflow_uri=uri, spec=spec.to_dict(), n_trials=len(configs),
+                     cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
+                     max_concurrent=opts.max_concurrent, max_failures=opts.max_failures, address=opts.address,
+                     verbose=opts.verbose, live=opts.live, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     git_commit=tracking.git_commit(), driver={"host": socket.gethostname(), "pid": os.getpid()})
     if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
-        meta["trials"] = [{"key": tracking.trial_key(c.to_dict()),
+        meta.trials = [{"key": tracking.trial_key(c.to_dict()),
                            "point": {a: c.to_dict().get(a) for a in axes}} for c in configs]
     return configs, meta
 
@@ -466,30 +473,30 @@ def run_search(spec, opts: SweepOptions, budget: int, sampler: str = "nsga2", se
     if budget < 1:
         raise SweeperError(f"--budget={budget} is invalid: must be >= 1")
     configs, meta = prepare(spec, opts)
-    if is_uri(meta["storage"]):
+    if is_uri(meta.storage):
         raise SweeperError("sweeper search keeps its Optuna study in a local folder: --storage must be a path")
-    meta["n_trials"] = budget
-    meta["kind"] = "search"
-    meta["spec"] = {"axes": {**spec.continuous, **spec.categorical}, **spec.to_dict()}
-    study = Path(meta["storage"]) / opts.name / "optuna.db"
-    meta["search"] = {"budget": budget, "sampler": sampler, "seed": seed, "optuna_storage": f"sqlite:///{study}"}
+    meta.n_trials = budget
+    meta.kind = "search"
+    meta.spec = {"axes": {**spec.continuous, **spec.categorical}, **spec.to_dict()}
+    study = Path(meta.storage) / opts.name / "optuna.db"
+    meta.search = {"budget": budget, "sampler": sampler, "seed": seed, "optuna_storage": f"sqlite:///{study}"}
     return _launch(meta, configs, spec, opts, spec.tune_space())
 
 
 def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepReport:
     start_ray(opts.address)
-    if meta["gpus_per_trial"] is None:
-        meta["gpus_per_trial"] = default_gpus()
-    artifact_root = None if is_uri(meta["storage"]) or opts.mlflow_uri else Path(meta["storage"]) / "mlartifacts"
-    meta["experiment_id"] = tracking.retry(
-        lambda: tracking.ensure_experiment(meta["mlflow_uri"], opts.name, artifact_root),
+    if meta.gpus_per_trial is None:
+        meta.gpus_per_trial = default_gpus()
+    artifact_root = None if is_uri(meta.storage) or opts.mlflow_uri else Path(meta.storage) / "mlartifacts"
+    meta.experiment_id = tracking.retry(
+        lambda: tracking.ensure_experiment(meta.mlflow_uri, opts.name, artifact_root),
         "creating the experiment", fatal=True)
-    params = {"n_trials": meta["n_trials"], **(_flat_spec(spec) if isinstance(spec, SweepSpec) else
-                                                {f"search.{k}": v for k, v in meta["spec"]["axes"].items()})}
-    meta["parent_run_id"] = tracking.retry(
-        lambda: tracking.start_parent(meta["mlflow_uri"], meta["experiment_id"], opts.name, params),
+    params = {"n_trials": meta.n_trials, **(_flat_spec(spec) if isinstance(spec, SweepSpec) else
+                                                {f"search.{k}": v for k, v in meta.spec["axes"].items()})}
+    meta.parent_run_id = tracking.retry(
+        lambda: tracking.start_parent(meta.mlflow_uri, meta.experiment_id, opts.name, params),
         "creating the sweep's parent run", fatal=True)
-    write_meta(meta["storage"], opts.name, meta)
+    write_meta(meta.storage, opts.name, meta)
     try:
         grid = _tuner(meta, configs, search_space=search_space).fit()
     finally:
@@ -511,10 +518,10 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
     if meta is None:
         raise SweeperError(f"no sweep {name!r} in {storage} (no {META}); start one with `sweeper run --name {name}`")
     path = sweep_path(storage, name)
-    tracking.check_uri(meta["mlflow_uri"])
-    address = address if address is not None else meta.get("address")
+    tracking.check_uri(meta.mlflow_uri)
+    address = address if address is not None else meta.address
     check_address(address)
-    meta["driver"] = {"host": socket.gethostname(), "pid": os.getpid()}
+    meta.driver = {"host": socket.gethostname(), "pid": os.getpid()}
     write_meta(storage, name, meta)
     start_ray(address)
     if not tune.Tuner.can_restore(path):
@@ -534,7 +541,7 @@ def _flat_spec(spec: SweepSpec) -> dict[str, Any]:
     return out
 
 
-def _finish(meta: dict[str, Any], grid) -> SweepReport:
+def _finish(meta: SweepMeta, grid) -> SweepReport:
     """Rows and counts of a sweep whose tuner returned, its parent run closed with the counts.
 
     Ray knows which trials raised and which stopped part-way; a trial's own MLflow run knows
@@ -566,24 +573,24 @@ def _finish(meta: dict[str, Any], grid) -> SweepReport:
     seen = {r["trial_key"] for r in rows}
     rows += [r for r in pending_rows(meta) if r["trial_key"] not in seen]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "interrupted")}
-    counts["pending"] = int(meta["n_trials"]) - sum(counts.values())
-    counts["total"] = int(meta["n_trials"])
+    counts["pending"] = int(meta.n_trials) - sum(counts.values())
+    counts["total"] = int(meta.n_trials)
     done = counts["completed"] + counts["diverged"] == counts["total"]
-    tracking.finish_parent(meta["mlflow_uri"], meta["parent_run_id"], "completed" if done else "incomplete",
+    tracking.finish_parent(meta.mlflow_uri, meta.parent_run_id, "completed" if done else "incomplete",
                            {f"n_{k}": v for k, v in counts.items()})
-    return SweepReport(meta["name"], sweep_path(meta["storage"], meta["name"]), meta["mlflow_uri"],
-                       meta["experiment_id"], meta["parent_run_id"], rows, counts, label_axes(meta),
+    return SweepReport(meta.name, sweep_path(meta.storage, meta.name), meta.mlflow_uri,
+                       meta.experiment_id, meta.parent_run_id, rows, counts, label_axes(meta),
                        summary_groups(meta))
 
 
-def summary_groups(meta: dict[str, Any]) -> list[str] | None:
+def summary_groups(meta: SweepMeta) -> list[str] | None:
     """A search draws one frontier per categorical attack field (never per sampled theta); a grid
     per attack field that varies (None lets the analysis decide from the rows)."""
-    if meta.get("kind") != "search":
+    if meta.kind != "search":
         return None
     from trainables import trial_kind
 
-    categorical = meta["spec"].get("categorical", {})
+    categorical = meta.spec.get("categorical", {})
     return [a for a in trial_kind("network").attack_fields if a in categorical]
 
 
@@ -598,11 +605,11 @@ def _full_config(trial: dict[str, Any]) -> dict[str, Any]:
     return make_config(trial).to_dict()
 
 
-def _mlflow_states(meta: dict[str, Any]) -> dict[str, tuple[str, dict[str, float]]]:
+def _mlflow_states(meta: SweepMeta) -> dict[str, tuple[str, dict[str, float]]]:
     """trial key -> (status tag, final metrics) of the sweep's child runs; empty if MLflow is down."""
     def _do():
-        c = tracking.client(meta["mlflow_uri"])
-        runs = c.search_runs([meta["experiment_id"]], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'",
+        c = tracking.client(meta.mlflow_uri)
+        runs = c.search_runs([meta.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'",
                              max_results=50_000)
         return {r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
                 for r in runs}
@@ -629,13 +636,13 @@ def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
     for s in (df["status"] if not df.empty else []):
         s = s if live else _tuner_returned(s)
         by[s] = by.get(s, 0) + 1
-    by["total"] = meta["n_trials"]
-    return {"name": name, "path": sweep_path(storage, name), "mlflow_uri": meta["mlflow_uri"], **by}
+    by["total"] = meta.n_trials
+    return {"name": name, "path": sweep_path(storage, name), "mlflow_uri": meta.mlflow_uri, **by}
 
 
-def driver_alive(meta: dict[str, Any]) -> bool:
+def driver_alive(meta: SweepMeta) -> bool:
     """Whether the process that runs the sweep is alive (True when it ran on another host: unknown)."""
-    driver = meta.get("driver") or {}
+    driver = meta.driver or {}
     if driver.get("host") != socket.gethostname() or not driver.get("pid"):
         return True
     try:

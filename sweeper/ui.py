@@ -48,9 +48,9 @@ def serve_ui(name: str | None, storage: str, mlflow_uri: str | None, port: int, 
         meta = read_meta(storage, name)
         if meta is None and mlflow_uri is None:
             raise SweeperError(f"no sweep {name!r} in {storage}; list them with `ls {storage}` or pass --mlflow-uri")
-    uri = mlflow_uri or (meta or {}).get("mlflow_uri") or default_uri(Path(storage))
+    uri = mlflow_uri or (meta.mlflow_uri if meta else None) or default_uri(Path(storage))
     check_uri(uri)
-    exp_id, parent = (meta or {}).get("experiment_id"), (meta or {}).get("parent_run_id")
+    exp_id, parent = (meta.experiment_id, meta.parent_run_id) if meta else (None, None)
     if meta is None and name is not None:
         exp = retry(lambda: client(uri).get_experiment_by_name(name), "finding the experiment", attempts=2)
         exp_id = exp.experiment_id if exp is not None else None

@@ -49,7 +49,7 @@ def test_seeded_sweep_every_command_ends_right_and_config_round_trips(tmp_path, 
     assert "frontier (maximize clean_acc, minimize asr" in out
 
     meta = read_meta(st, "s")
-    expected = SweepSpec.from_dict(meta["spec"]).configs()
+    expected = SweepSpec.from_dict(meta.spec).configs()
     for source in ("mlflow", "ray"):
         df = load_results("s", st, source=source)
         assert len(df) == 4 and (df["status"] == "completed").all(), source
@@ -80,6 +80,10 @@ def test_seeded_sweep_every_command_ends_right_and_config_round_trips(tmp_path, 
     assert code == 0 and "4 completed" in out, err
     runs = load_results("s", st, source="mlflow")
     assert len(runs) == 4 and runs["trial_key"].is_unique
+    from analysis.schema import client
+
+    names = {r.info.run_name for r in client(meta.mlflow_uri).search_runs([meta.experiment_id])}
+    assert {"penalty=listing1 seed=0", "penalty=eq25 seed=1", "s"} <= names  # child runs read at a glance
 
 
 def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_path, capsys):
@@ -197,3 +201,20 @@ def test_the_same_config_gives_the_same_numbers_in_trial_and_in_a_sweep(tmp_path
     assert alone["metrics"]["clean_acc"] == swept["clean_acc"] and alone["metrics"]["asr"] == swept["asr"]
     assert alone["metrics"]["train_loss"] == pytest.approx(swept["train_loss"], rel=1e-12)
     assert set(CONFIG_FIELDS) >= set(alone["config"])
+
+
+def test_a_sweep_stored_at_a_file_uri_runs_and_is_read_back(tmp_path, capsys):
+    uri = (tmp_path / "remote").as_uri()  # file:///...: read through pyarrow like s3:// or gs://
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out, err = cli(["run", "--theta", "0.1", "--kappa", "0,50", *FAST, "--name", "u", "--storage", uri,
+                          "--mlflow-uri", db, "--quiet"], capsys)
+    assert code == 0 and "2 completed" in out, err
+    assert read_meta(uri, "u").mlflow_uri == db
+    code, out, err = cli(["frontier", "u", "--storage", uri], capsys)
+    assert code == 0 and "of 2 completed trials" in out, err
+    code, out, err = cli(["frontier", "u", "--storage", uri, "--source", "ray"], capsys)
+    assert code == 0 and "of 2 completed trials" in out, err
+    code, out, err = cli(["report", "u", "--storage", uri, "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0 and (tmp_path / "rep" / "summary.md").is_file(), err
+    code, out, _ = cli(["status", "u", "--storage", uri], capsys)
+    assert code == 0 and "2 completed" in out

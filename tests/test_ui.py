@@ -39,8 +39,8 @@ def test_ui_serves_the_sweep_store_prints_links_and_stops_on_ctrl_c(grid_sweep):
                 break
             assert time.monotonic() < deadline
         text = "".join(lines)
-        assert f"runs: http://127.0.0.1:{port}/#/experiments/{meta['experiment_id']}/runs" in text, text
-        url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get?experiment_id={meta['experiment_id']}"
+        assert f"runs: http://127.0.0.1:{port}/#/experiments/{meta.experiment_id}/runs" in text, text
+        url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get?experiment_id={meta.experiment_id}"
         with urllib.request.urlopen(url, timeout=10) as r:  # the UI reads the sweep's own store
             assert json.loads(r.read())["experiment"]["name"] == "grid"
         proc.send_signal(signal.SIGINT)
