@@ -69,10 +69,38 @@ def check_uri(uri: str, timeout: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             raise SweeperError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
                                f"(mlflow server --host 127.0.0.1 --port 5000) or omit the flag for the embedded store") from None
+        _check_credentials(uri, timeout)
         return
     if uri.startswith("file:") or uri.startswith("/"):
         return
     raise SweeperError(f"--mlflow-uri {uri!r} is invalid: expected sqlite:///PATH, http(s)://HOST:PORT or file:PATH")
+
+
+def _check_credentials(uri: str, timeout: float) -> None:
+    """One authenticated read, with the credentials MLflow's client will send (MLFLOW_TRACKING_USERNAME /
+    _PASSWORD, or MLFLOW_TRACKING_TOKEN): a server with authentication answers 401 to missing or wrong ones."""
+    import base64
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    req = urllib.request.Request(url)
+    if user and password:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout):  # noqa: S310 (the user's tracking server)
+            return
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            return  # not an authentication answer: left to MLflow's own client
+        if user and password:
+            raise SweeperError(f"--mlflow-uri {uri}: the server refused the credentials of MLFLOW_TRACKING_USERNAME="
+                               f"{user!r} (HTTP {e.code}); check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
+        raise SweeperError(f"--mlflow-uri {uri} requires authentication (HTTP {e.code}); set MLFLOW_TRACKING_USERNAME "
+                           f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)") from None
+    except (urllib.error.URLError, OSError):
+        return
 
 
 def trial_key(config: dict[str, Any]) -> str:

@@ -92,6 +92,64 @@ def check_address(address: str | None, timeout: float = 3.0) -> None:
     except OSError as e:
         raise SweeperError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
                            f"start the cluster (ray start --head / ray up cluster.yaml) or omit --address") from None
+    if not m.group(1):  # a GCS address (not Ray Client): does it take this driver's auth token?
+        check_ray_auth(address)
+
+
+_TOKEN_HELP = ("copy the head's ~/.ray/auth_token to this machine's ~/.ray/auth_token, or set RAY_AUTH_TOKEN "
+               "(the token) or RAY_AUTH_TOKEN_PATH (its file); `ray get-auth-token` on the head prints it")
+
+
+def ray_auth_token() -> tuple[str, str] | None:
+    """(where, token) of the Ray auth token this process would send, in Ray's own order, or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN", os.environ["RAY_AUTH_TOKEN"].strip()
+    for where in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
+        if where and Path(where).is_file():
+            return where, Path(where).read_text().strip()
+    return None
+
+
+def _auth_env() -> dict[str, str]:
+    """The environment with token mode on when a token is at hand (Ray >= 2.59 heads demand one)."""
+    env = dict(os.environ)
+    if ray_auth_token() is not None:
+        env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
+_PROBE = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_keys(b"", namespace=None, timeout=10)
+except Exception as e:
+    print(type(e).__name__)
+"""
+
+
+def check_ray_auth(address: str, timeout: float = 60.0) -> None:
+    """Ask the cluster's GCS, in a child process, whether it takes this driver (and its auth token).
+
+    A child process because a driver in token mode without a token aborts inside Ray's C++ code.
+    A refused token is one line naming where it came from; any other outcome is left to ray.init.
+    """
+    import subprocess
+    import sys
+
+    token = ray_auth_token()
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, address], env=_auth_env(), capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return
+    refused = "AuthenticationError" in out.stdout or "InvalidAuthToken" in out.stderr
+    if refused and token is None:
+        raise SweeperError(f"--address {address}: the Ray cluster requires an auth token and this machine has none; "
+                           f"{_TOKEN_HELP}")
+    if refused:
+        raise SweeperError(f"--address {address}: the Ray cluster refused the auth token from {token[0]}; "
+                           f"use the head's token: {_TOKEN_HELP}")
 
 
 def check_resources(opts: SweepOptions) -> None:
@@ -246,7 +304,16 @@ def start_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    if address not in (None, "local") and ray_auth_token() is not None and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"  # send the token a Ray >= 2.59 head demands
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray read its config when imported: make it see token mode
+    env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        if os.environ.get(name):  # trials on other nodes log with the driver's tracking credentials
+            env_vars[name] = os.environ[name]
+    runtime_env = {"env_vars": env_vars}
     kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="WARNING", runtime_env=runtime_env)
     try:
         if address in (None, "local"):
