@@ -103,6 +103,41 @@ def _check_credentials(uri: str, timeout: float) -> None:
         return
 
 
+def trial_statuses(uri: str, experiment_id: str) -> dict[str, str]:
+    """trial key -> status tag of an experiment's trial runs (what ``sweeper status`` counts).
+
+    On the embedded SQLite store the tags are read directly, read-only, in milliseconds: importing
+    MLflow and opening its store takes seconds. Any other store, or any surprise in the SQLite file,
+    goes through MLflow's client (tests compare the two).
+    """
+    if uri.startswith("sqlite:///"):
+        import sqlite3
+
+        path = uri[len("sqlite:///"):]
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                rows = con.execute(
+                    "SELECT k.value, s.value FROM runs r "
+                    "JOIN tags kind ON kind.run_uuid = r.run_uuid AND kind.key = ? AND kind.value = 'trial' "
+                    "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? "
+                    "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? "
+                    "WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'",
+                    (TAG_KIND, TAG_KEY, TAG_STATUS, int(experiment_id))).fetchall()
+            finally:
+                con.close()
+            return {key: status or "running" for key, status in rows}
+        except (sqlite3.Error, ValueError):
+            pass
+    return trial_statuses_mlflow(uri, experiment_id)
+
+
+def trial_statuses_mlflow(uri: str, experiment_id: str) -> dict[str, str]:
+    """:func:`trial_statuses` through MLflow's client (any store)."""
+    runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=50_000)
+    return {r.data.tags.get(TAG_KEY): r.data.tags.get(TAG_STATUS, "running") for r in runs}
+
+
 def trial_key(config: dict[str, Any]) -> str:
     """A stable 16-hex id of a trial's full config (what makes two trials the same trial)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()

@@ -687,22 +687,26 @@ def _mlflow_states(meta: SweepMeta) -> dict[str, tuple[str, dict[str, float]]]:
 def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
     """Trials completed / diverged / failed / running / interrupted / pending of a sweep.
 
-    The same rows as ``sweeper frontier`` and ``sweeper report`` (:func:`analysis.results.load_results`);
-    a trial still marked running whose driver process is gone counts as interrupted.
+    Each trial's status is its MLflow run's, as in every other view; a trial still marked running
+    whose driver process is gone counts as interrupted; a trial without a run yet is pending.
     """
-    from analysis.results import load_results
+    from analysis.schema import trial_statuses
 
     check_name(name)
     storage = resolve_storage(storage)
     meta = read_meta(storage, name)
     if meta is None:
         raise SweeperError(f"no sweep {name!r} in {storage}")
-    df = load_results(name, storage)
+    tracking.check_uri(meta.mlflow_uri)
+    states = trial_statuses(meta.mlflow_uri, meta.experiment_id) if meta.experiment_id else {}
+    if meta.trials is not None:  # a grid: only its own trials count (keys of other sweeps never do)
+        states = {t["key"]: states[t["key"]] for t in meta.trials if t["key"] in states}
     by = {s: 0 for s in ("completed", "diverged", "failed", "running", "interrupted", "pending")}
     live = driver_alive(meta)
-    for s in (df["status"] if not df.empty else []):
+    for s in states.values():
         s = s if live else _tuner_returned(s)
         by[s] = by.get(s, 0) + 1
+    by["pending"] = max(0, int(meta.n_trials) - len(states))
     by["total"] = meta.n_trials
     return {"name": name, "path": sweep_path(storage, name), "mlflow_uri": meta.mlflow_uri, **by}
 

@@ -56,3 +56,14 @@ def test_check_uri_and_trial_run_reuse(tmp_path):
     assert sorted(steps) == [1, 2, 3]
     other = tracking.TrialTracker(uri, exp, parent, "s", {**cfg, "kappa": 1.0}, "trial-b")
     assert other.run_id != a.run_id and other.key != a.key
+
+
+def test_status_fast_path_reads_the_same_states_as_mlflows_client(grid_sweep):
+    from analysis.schema import read_meta, trial_statuses, trial_statuses_mlflow
+
+    storage, _ = grid_sweep
+    meta = read_meta(str(storage), "grid")
+    fast, ref = trial_statuses(meta.mlflow_uri, meta.experiment_id), trial_statuses_mlflow(meta.mlflow_uri, meta.experiment_id)
+    assert fast == ref and len(fast) == 6 and sorted(fast.values()).count("completed") == 4
+    # the comparison can fail: another experiment's states are not these
+    assert trial_statuses(meta.mlflow_uri, "0") != ref
