@@ -49,7 +49,6 @@ from torch import nn
 
 from .config import SweeperError
 
-HESSIAN_PATHS = ("exact", "gram-lanczos", "double-backward", "gauss-newton")
 EXACT_BYTES_PER_D2 = 24  # eigh in float64 holds the Gram, the eigenvectors and about one D x D of workspace
 
 
@@ -255,12 +254,15 @@ def factor_chunks(model: nn.Module, x: torch.Tensor, chunk_size: int = 1000,
         yield torch.stack(rows, dim=1)
 
 
+def _not_piecewise_linear(method: str, name: str) -> HessianMethodError:
+    return HessianMethodError(
+        f"hessian_method={method!r} is invalid for model {name!r}: it is not piecewise linear, so its "
+        "input Hessian is not J^T S J; valid: auto, double-backward")
+
+
 def _require_piecewise_linear(model: nn.Module, method: str, name: str | None = None) -> None:
     if not getattr(model, "piecewise_linear", False):
-        name = name or type(model).__name__
-        raise HessianMethodError(
-            f"hessian_method={method!r} is invalid for model {name!r}: it is not piecewise linear, so its "
-            "input Hessian is not J^T S J; valid: auto, double-backward")
+        raise _not_piecewise_linear(method, name or type(model).__name__)
 
 
 def _row_weights(weights: torch.Tensor | None, n: int, device) -> torch.Tensor:
@@ -410,9 +412,7 @@ def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: in
     a_bytes = n * classes * d * itemsize
     exact_fits = dense_bytes <= budget or (n * classes < d and svd_bytes <= budget)
     if requested in ("exact", "gram-lanczos", "gauss-newton") and not piecewise_linear:
-        raise HessianMethodError(
-            f"hessian_method={requested!r} is invalid for model {model_name!r}: it is not piecewise linear, "
-            "so its input Hessian is not J^T S J; valid: auto, double-backward")
+        raise _not_piecewise_linear(requested, model_name)
     mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     if requested == "exact":
         if not exact_fits:
@@ -438,13 +438,12 @@ def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: in
     return "double-backward", f"D={d}: neither D x D nor A ({mb(a_bytes)}) fits in hessian_dense_mb={dense_mb:g}"
 
 
-def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int,
-                     on_chunk: Callable[[int], None] | None = None) -> Spectrum:
+def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int) -> Spectrum:
     """Gram accumulated chunk by chunk (never N*K*D at once), or an SVD of A when N*K < D (A is
     then smaller than the Gram). ``model`` is an eval-mode copy in ``x``'s dtype."""
     n, d = len(x), x[0].numel()
     g, kept = None, []
-    for i, a in enumerate(factor_chunks(model, x, chunk_size)):
+    for a in factor_chunks(model, x, chunk_size):
         small = n * a.shape[1] < d
         a = a.reshape(-1, d).to(torch.float64) / math.sqrt(n)
         if small:
@@ -453,8 +452,6 @@ def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int,
             if g is None:
                 g = torch.zeros(d, d, dtype=torch.float64, device=a.device)
             g.addmm_(a.T, a)
-        if on_chunk is not None:
-            on_chunk(i + 1)
     return exact_from_factor(torch.cat(kept), k) if kept else exact_from_gram(g, k)
 
 
@@ -467,8 +464,8 @@ def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     picks for ``method``; the returned :class:`Spectrum` says which (``method``, ``reason``).
 
     exact: whole spectrum, residuals measured, ``converged`` true. Lanczos paths: Ritz residuals
-    and restarts per :func:`converged_eigenpairs`. ``on_iteration`` gets Lanczos products (or, on
-    the exact path, chunks done).
+    and restarts per :func:`converged_eigenpairs`; ``on_iteration`` gets their Lanczos steps (the
+    exact path has none).
     """
     name = model_name or type(model).__name__
     n, d = len(y), x[0].numel()
@@ -478,7 +475,7 @@ def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     path, reason = plan_spectrum(method, bool(getattr(model, "piecewise_linear", False)), name, d, n, classes,
                                  dense_mb, torch.empty((), dtype=dtype).element_size())
     if path == "exact":
-        spec = _exact_streaming(m, x.to(dtype), k, chunk_size, on_iteration)
+        spec = _exact_streaming(m, x.to(dtype), k, chunk_size)
     else:
         if path == "gram-lanczos":
             op = SampleFactors(model, x, chunk_size, dtype, name).operator()
