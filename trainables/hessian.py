@@ -26,8 +26,9 @@ exactly J_i^T S_i J_i, with J_i the K x D logit Jacobian and S_i = diag(p_i) - p
 factor L_i = diag(sqrt p_i) (I - 1 p_i^T), i.e. row c = sqrt(p_ic) (e_c - p_i), one checks
 L_i^T L_i = diag(p) - 2 p p^T + p (sum_c p_c) p^T = S_i, so H = (1/N) sum_i A_i^T A_i with
 A_i = L_i J_i. Row c of A_i is the input gradient of sum_j L_i,cj logit_ij, so one forward and K
-backward passes give every A_i of a chunk (measured faster on CPU than torch.func's vmap(jacrev)
-for preresnet20, and lighter than ``is_grads_batched``, which holds K backward graphs at once).
+backward passes give every A_i of a chunk. On the shared 2-core CPU this loop, ``is_grads_batched``
+and torch.func's vmap(jacrev) timed within the (large) noise of each other, except vmap(jacrev),
+2-5x slower on preresnet20; the loop holds one backward graph at a time, the others K at once.
 From A: the D x D Gram accumulated chunk by chunk and ``eigh`` in float64 (``exact``; an SVD of A
 when N*K < D), or Lanczos on the explicit Gram operator, two matmuls a product (``gram-lanczos``).
 ``SampleFactors`` keeps A, so the spectrum of any weighted subset of samples costs no new
