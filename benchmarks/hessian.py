@@ -5,10 +5,15 @@ Prints, from one run:
     samples (plain SGD steps, batch 128), for preresnet20 on CIFAR-shaped data, and the same
     for the small CNN on digits-shaped data (target, issue 3: <= 2 epochs on preresnet20);
   * the batched double-backward HVP against a per-sample loop (same samples, same vector);
-  * the Gauss-Newton HVP (piecewise-linear nets) against the batched double backward.
-Epoch time is extrapolated from timed steps.
+  * the Gauss-Newton HVP (piecewise-linear nets) against the batched double backward;
+  * (issue 9) the exact path (Jacobians + float64 eigh, float32 Jacobians as in a default trial)
+    against the 20-iteration double-backward Lanczos a trial ran before, on cnn 1x8x8, cnn 1x28x28
+    and preresnet20 3x32x32 (target: ratio <= 0.25), with each one's top-5 error against a float64
+    reference (the exact path in float64, itself checked against torch.func.hessian in
+    tests/test_hessian.py): max_j |lambda_j - ref_j| / ref_1 and the worst 1 - |cos(v_j, ref_j)|.
+Epoch time is extrapolated from timed steps. One run each, random init, N random inputs.
 
-    python benchmarks/hessian.py [--device cpu|cuda]
+    python benchmarks/hessian.py [--device cpu|cuda] [--samples N] [--only exact|hvp]
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from common import device_parser, header, print_table, timed
 
-from trainables.hessian import InputHessian, top_eigenpairs
+from trainables.hessian import InputHessian, input_hessian_spectrum, top_eigenpairs
 from trainables.models import make_model
 from trainables.penalty import penalized_loss
 
@@ -77,16 +82,55 @@ def measure(name, model_name, shape, device, samples, n_loop=100):
     return rows
 
 
+def top5_error(spec, ref):
+    """(max_j |lambda_j - ref_j| / ref_1, max_j 1 - |cos(v_j, ref_j)|) over the top 5."""
+    lam = spec.eigenvalues.double().cpu()
+    err = float((lam - ref.eigenvalues.cpu()).abs().max() / ref.eigenvalues[0].abs())
+    cos = (spec.eigenvectors.double().cpu() * ref.eigenvectors.cpu()).sum(0).abs()
+    return err, float((1 - cos).max())
+
+
+def compare_exact(name, model_name, shape, device, samples, chunk=1000):
+    """Exact spectrum vs today's 20-iteration HVP Lanczos: time ratio and top-5 errors."""
+    torch.manual_seed(0)
+    model = make_model(model_name, shape, 10).to(device)
+    x = torch.randn(samples, *shape, device=device)
+    y = torch.randint(0, 10, (samples,), device=device)
+    out = {}
+
+    def lanczos():
+        out["lanczos"] = top_eigenpairs(InputHessian(model, x, y, chunk_size=chunk), k=5, iterations=20)
+
+    def exact():
+        out["exact"] = input_hessian_spectrum(model, x, y, method="exact", k=5, chunk_size=chunk)
+
+    t_l = timed(lanczos, device)
+    t_e = timed(exact, device)
+    ref = input_hessian_spectrum(model, x, y, method="exact", k=5, chunk_size=chunk, dtype=torch.float64)
+    (el, cl), (ee, ce) = top5_error(out["lanczos"], ref), top5_error(out["exact"], ref)
+    return [(f"exact / 20-it HVP Lanczos spectrum  [{name}, N={samples}]", t_e / t_l, "<= 0.25",
+             f"{t_e:.1f} s vs {t_l:.1f} s; top-5 err exact {ee:.1e} (1-|cos| {ce:.0e}), "
+             f"Lanczos {el:.1e} (1-|cos| {cl:.0e}); lambda_1 {float(ref.eigenvalues[0]):.4g}")]
+
+
 def main():
     ap = device_parser(__doc__)
     ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--only", choices=("exact", "hvp"), default=None,
+                    help="exact: only the exact-vs-Lanczos comparison; hvp: only the older rows")
     args = ap.parse_args()
     device = torch.device(args.device)
     header(device)
     rows = []
-    for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
-                                    ("small CNN, digits-shaped", "cnn", (1, 8, 8))):
-        rows += measure(name, model_name, shape, device, args.samples)
+    if args.only != "exact":
+        for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
+                                        ("small CNN, digits-shaped", "cnn", (1, 8, 8))):
+            rows += measure(name, model_name, shape, device, args.samples)
+    if args.only != "hvp":
+        for name, model_name, shape in (("cnn 1x8x8", "cnn", (1, 8, 8)), ("cnn 1x28x28", "cnn", (1, 28, 28)),
+                                        ("preresnet20 3x32x32", "preresnet20", (3, 32, 32))):
+            rows += compare_exact(name, model_name, shape, device, args.samples)
+            print_table(rows[-1:])  # as they come: the whole run takes minutes on 2 cores
     print_table(rows)
 
 

@@ -59,6 +59,8 @@ class HessianSplit(str, Enum):
 
 class HessianMethod(str, Enum):
     auto = "auto"
+    exact = "exact"
+    gram_lanczos = "gram-lanczos"
     double_backward = "double-backward"
     gauss_newton = "gauss-newton"
 
@@ -123,8 +125,11 @@ def trial(
     hessian_samples: Annotated[int, _opt("At most this many samples averaged into H.", min=1)] = _D["hessian_samples"],
     hessian_iterations: Annotated[int, _opt("Lanczos iterations (paper: 10).", min=1)] = _D["hessian_iterations"],
     hessian_top_k: Annotated[int, _opt("Eigenpairs kept, <= iterations.", min=1)] = _D["hessian_top_k"],
-    hessian_method: Annotated[HessianMethod, _opt("Hessian-vector product; gauss-newton (J^T S J) is exact on our piecewise-linear nets; auto = double-backward.")] = _D["hessian_method"],
+    hessian_method: Annotated[HessianMethod, _opt("Spectrum path: exact (Jacobians + eigh, piecewise-linear nets), gram-lanczos, or HVP Lanczos (double-backward, gauss-newton); auto picks exact when it fits --hessian-dense-mb.")] = _D["hessian_method"],
     hessian_dtype: Annotated[DType, _opt("Precision of the spectrum computation.")] = _D["hessian_dtype"],
+    hessian_dense_mb: Annotated[int, _opt("Memory budget in MiB for the exact path (24*D^2 bytes) or gram-lanczos's A (N*K*D values).", min=1)] = _D["hessian_dense_mb"],
+    hessian_tol: Annotated[float, _opt("Lanczos restarts until every top-k residual ||Hv - lambda v||/|lambda_1| is <= this, in (0, 1].")] = _D["hessian_tol"],
+    hessian_max_iterations: Annotated[int, _opt("Cap on Lanczos iterations over restarts, >= --hessian-iterations.", min=1)] = _D["hessian_max_iterations"],
     spectrum_every: Annotated[int, _opt("Also measure the spectrum every N epochs (0: only at the end).", min=0)] = _D["spectrum_every"],
     geometry: Annotated[bool, _opt("Penultimate-feature geometry table (Appendix B).")] = _D["geometry"],
     config: Annotated[Path | None, _opt("YAML/JSON file of trial fields; explicit flags override it.")] = None,

@@ -260,8 +260,16 @@ def estimate_seconds(cfg) -> float:
 
     per = model_entry(cfg.model).cost(cfg.model) * _PIXELS[cfg.dataset] / 3072  # the model registry's step cost
     train = cfg.epochs * _TRAIN_SIZE[cfg.dataset] * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
-    spectrum = (cfg.hessian_iterations + 2) * min(cfg.hessian_samples, _TRAIN_SIZE[cfg.dataset]) * per * 3 \
-        if cfg.hessian else 0.0
+    n = min(cfg.hessian_samples, _TRAIN_SIZE[cfg.dataset])
+    d = _PIXELS[cfg.dataset]
+    if not cfg.hessian:
+        spectrum = 0.0
+    elif cfg.hessian_method in ("auto", "exact") and 24 * d * d <= cfg.hessian_dense_mb * 2**20:
+        # exact path (every shipped model is piecewise linear): one forward + K backward passes,
+        # the float64 Gram (N*K*D^2 flops) and eigh (~10 D^3), at ~1e10 flop/s
+        spectrum = (cfg.num_classes + 1) * n * per + (n * cfg.num_classes * d * d + 10 * d**3) / 1e10
+    else:
+        spectrum = (cfg.hessian_iterations + 2) * n * per * 3
     return train + spectrum
 
 

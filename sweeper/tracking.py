@@ -214,7 +214,8 @@ def write_artifacts(result, folder: Path) -> list[Path]:
     if "eigenvalues" in art:
         p = folder / "spectrum.json"
         p.write_text(json.dumps({"eigenvalues": art["eigenvalues"], "overlaps": art.get("overlaps"),
-                                 "max_overlap_index": result.metrics.get("max_overlap_index")}, indent=2))
+                                 "max_overlap_index": result.metrics.get("max_overlap_index"),
+                                 **art.get("hessian", {})}, indent=2))
         files.append(p)
     if "geometry" in art:
         import pandas as pd

@@ -24,6 +24,9 @@ def run(argv, capsys):
     (["trial", "--model", "vgg"], "model='vgg' is invalid"),
     (["trial", "--epochs", "0"], "epochs=0 is invalid"),
     (["trial", "--no-such-flag"], "No such option"),
+    (["trial", "--hessian-tol", "0"], "hessian_tol=0.0 is invalid: must be in (0.0, 1.0]"),
+    (["trial", "--hessian-max-iterations", "5"], "hessian_max_iterations=5 is invalid: must be >= hessian_iterations (20)"),
+    (["trial", "--hessian-method", "lanczos"], "'lanczos' is not one of"),
     (["trial", "--dataset", "mnist", "--data-dir", "/nonexistent"], "missing dataset file"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):

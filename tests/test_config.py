@@ -44,6 +44,12 @@ BAD = [
     ("hessian_iterations", 0, "[1, 10000]"),
     ("hessian_top_k", 0, "[1, 1000]"),
     ("spectrum_every", -1, "[0, 100000]"),
+    ("hessian_dense_mb", 0, "[1, 10000000]"),
+    ("hessian_dense_mb", 1.5, "integer"),
+    ("hessian_tol", 0.0, "(0.0, 1.0]"),
+    ("hessian_tol", float("nan"), "finite"),
+    ("hessian_max_iterations", 0, "[1, 100000]"),
+    ("hessian_max_iterations", 10, ">= hessian_iterations (20)"),
 ]
 
 

@@ -157,3 +157,227 @@ def test_trial_reports_spectrum_and_resumes_identically(tmp_path):
     assert strip(resumed.history) == strip(full.history)
     for key in ("lambda_1", "max_overlap_sq", "geom_d_ratio"):
         assert resumed.metrics[key] == full.metrics[key]
+
+
+# ---------------------------------------------------------------------------- the spectrum engine (issue 9)
+from trainables.config import SweeperError  # noqa: E402
+from trainables.hessian import (  # noqa: E402
+    GramOperator,
+    HessianMethodError,
+    SampleFactors,
+    ce_hessian_factor,
+    converged_eigenpairs,
+    eval_copy,
+    factor_chunks,
+    input_hessian_spectrum,
+    plan_spectrum,
+    subset_spectrum,
+)
+from trainables.models import PreResNet, SmallCNN  # noqa: E402
+
+EXACT_RTOL = 1e-10  # float64 exact path vs dense float64 torch.func.hessian (we see ~1e-15)
+
+
+def per_sample_hessians(model, x, y):
+    """(N, D, D) float64 per-sample input Hessians of the CE, by torch.func (second derivatives included)."""
+    m = eval_copy(model, torch.float64)
+
+    def loss(xi, yi):
+        return F.cross_entropy(m(xi[None]), yi[None])
+
+    d = x[0].numel()
+    return vmap(hessian(loss))(x.double(), y).reshape(len(y), d, d)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def bn_net_trained_then_eval():
+    """preresnet8 (BatchNorm) on 1x8x8, a few SGD steps in train mode so the running stats move."""
+    torch.manual_seed(1)
+    net = PreResNet(8, (1, 8, 8), 10)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    x, y = DIGITS.normalize(DIGITS.train_x[:64]), DIGITS.train_y[:64]
+    net.train()
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval(), DIGITS.normalize(DIGITS.train_x[100:124]), DIGITS.train_y[100:124]
+
+
+def small_image_cnn():
+    """A narrow cnn on 1x12x12 with 8 samples: N*K = 80 < D = 144, the SVD-of-A branch."""
+    torch.manual_seed(2)
+    return SmallCNN((1, 12, 12), 10, width=4), torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+
+
+def test_ce_hessian_factor_squares_to_the_logit_hessian():
+    p = torch.randn(7, 10, dtype=torch.float64).softmax(1)
+    lf = ce_hessian_factor(p)
+    s = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(lf.transpose(1, 2) @ lf, s, rtol=0, atol=1e-15)
+
+
+@pytest.fixture(scope="module")
+def trained_per_sample(trained):
+    model, x, y = trained
+    return per_sample_hessians(model, x, y)
+
+
+@pytest.mark.parametrize("case", ["cnn-digits", "preresnet8-bn-eval", "cnn-12x12-svd"])
+def test_exact_path_equals_dense_float64_hessian(trained, trained_per_sample, case):
+    per = None
+    if case == "cnn-digits":
+        (model, x, y), per = trained, trained_per_sample
+    elif case == "preresnet8-bn-eval":
+        model, x, y = bn_net_trained_then_eval()
+    else:
+        model, x, y = small_image_cnn()
+    ref = (per if per is not None else per_sample_hessians(model, x, y)).mean(0)
+    ref_vals, ref_vecs = torch.linalg.eigh(ref)
+    ref_vals, ref_vecs = ref_vals.flip(0), ref_vecs.flip(1)
+    spec = input_hessian_spectrum(model, x, y, method="exact", k=5, dtype=torch.float64, chunk_size=5)
+    assert spec.method == "exact" and spec.iterations == 0 and spec.converged
+    d = x[0].numel()
+    full = torch.cat([spec.all_eigenvalues, torch.zeros(d - len(spec.all_eigenvalues), dtype=torch.float64)])
+    assert float((full - ref_vals).abs().max() / ref_vals[0]) <= EXACT_RTOL  # the whole spectrum
+    assert float((spec.eigenvalues - ref_vals[:5]).abs().max() / ref_vals[0]) <= EXACT_RTOL
+    gaps = (ref_vals[:6].diff().abs() / ref_vals[0]).min()
+    assert gaps > 1e-4  # distinct top eigenvalues: the eigenvectors are defined up to sign
+    cos = (spec.eigenvectors * ref_vecs[:, :5]).sum(0).abs()
+    assert float((1 - cos).max()) <= 1e-8, cos
+    assert float(spec.residuals.max()) <= 1e-12
+    assert spec.trace == pytest.approx(float(ref.trace()), rel=EXACT_RTOL)
+    factors = SampleFactors(model, x, chunk_size=5, dtype=torch.float64)
+    assert rel(factors.gram(), ref) <= EXACT_RTOL  # the matrix itself, not only its spectrum
+
+
+def test_wrong_logit_hessian_fails_the_same_comparison(trained, trained_per_sample):
+    """Negative control: S = diag(p) (dropping -p p^T) is visibly wrong at the test's tolerance."""
+    model, x, y = trained
+    ref = trained_per_sample.mean(0)
+    m = eval_copy(model, torch.float64)
+
+    def gram(factor):
+        a = torch.cat(list(factor_chunks(m, x.double(), 16, factor))).reshape(-1, x[0].numel())
+        return a.T @ a / len(y)
+
+    assert rel(gram(ce_hessian_factor), ref) <= EXACT_RTOL
+    assert rel(gram(lambda p: torch.diag_embed(p.sqrt())), ref) > 1e-2
+
+
+def test_subset_spectrum_equals_direct_computation_on_the_subset(trained, trained_per_sample):
+    model, x, y = trained
+    per = trained_per_sample
+    factors = SampleFactors(model, x, chunk_size=16, dtype=torch.float64)
+    for mask in (y == y[0], torch.arange(len(y)) < 30):  # one class (SVD branch, N*K < D), most samples (Gram)
+        ref = torch.linalg.eigvalsh(per[mask].mean(0)).flip(0)
+        spec = subset_spectrum(factors, mask, k=5)
+        assert float((spec.eigenvalues - ref[:5]).abs().max() / ref[0]) <= EXACT_RTOL
+        assert float(spec.residuals.max()) <= 1e-12
+    w = torch.rand(len(y), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref_w = (per * w[:, None, None]).sum(0) / w.sum()
+    assert rel(factors.gram(w), ref_w) <= EXACT_RTOL
+    op = factors.operator(w)
+    v = torch.randn(64, 3, dtype=torch.float64)
+    torch.testing.assert_close(op @ v, ref_w @ v, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        factors.spectrum(-w)
+
+
+def test_float32_exact_path_is_close_to_float64(trained):
+    model, x, y = trained
+    ref = input_hessian_spectrum(model, x, y, method="exact", dtype=torch.float64)
+    f32 = input_hessian_spectrum(model, x, y, method="exact", dtype=torch.float32)
+    assert float((f32.eigenvalues - ref.eigenvalues).abs().max() / ref.eigenvalues[0]) < 1e-4
+
+
+def test_gram_lanczos_matches_exact_and_reports_trace(trained):
+    model, x, y = trained
+    exact = input_hessian_spectrum(model, x, y, method="exact", dtype=torch.float64)
+    gl = input_hessian_spectrum(model, x, y, method="gram-lanczos", dtype=torch.float64, iterations=20,
+                                max_iterations=64, tol=1e-8)
+    assert gl.method == "gram-lanczos" and gl.converged and float(gl.residuals.max()) <= 1e-8
+    torch.testing.assert_close(gl.eigenvalues, exact.eigenvalues, rtol=1e-9, atol=0)
+    assert gl.trace == pytest.approx(exact.trace, rel=1e-12)
+    assert isinstance(SampleFactors(model, x).operator(), GramOperator)
+
+
+def gelu_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 5))
+    return net, torch.randn(10, 1, 4, 4), torch.randint(0, 5, (10,))
+
+
+@pytest.mark.parametrize("method", ["exact", "gram-lanczos", "gauss-newton"])
+def test_smooth_model_is_refused_for_jts_j_paths(method):
+    net, x, y = gelu_net()
+    with pytest.raises(HessianMethodError) as e:
+        input_hessian_spectrum(net, x, y, method=method, model_name="gelu-mlp")
+    msg = str(e.value)
+    assert isinstance(e.value, SweeperError) and "\n" not in msg
+    assert f"hessian_method={method!r}" in msg and "'gelu-mlp'" in msg and "valid: auto, double-backward" in msg
+    with pytest.raises(HessianMethodError):
+        SampleFactors(net, x)
+
+
+def test_auto_uses_hvp_lanczos_on_a_smooth_model():
+    net, x, y = gelu_net()
+    ref = torch.linalg.eigvalsh(per_sample_hessians(net, x, y).mean(0)).flip(0)
+    spec = input_hessian_spectrum(net, x, y, method="auto", k=3, dtype=torch.float64, iterations=16, tol=1e-8)
+    assert spec.method == "double-backward" and "not piecewise linear" in spec.reason
+    assert spec.converged
+    torch.testing.assert_close(spec.eigenvalues, ref[:3], rtol=1e-8, atol=0)
+
+
+def test_auto_plan_follows_the_memory_budget():
+    pl = dict(piecewise_linear=True, model_name="cnn", n=1000, classes=10)
+    for d in (64, 784, 3072):  # the shipped shapes: exact under the default 1024 MiB
+        assert plan_spectrum("auto", d=d, dense_mb=1024, **pl)[0] == "exact"
+    path, why = plan_spectrum("auto", d=3072, dense_mb=200, **pl)  # 24*D^2 = 216 MiB > 200; A = 117 MiB
+    assert path == "gram-lanczos" and "A (117 MiB) fits" in why
+    assert plan_spectrum("auto", d=3072, dense_mb=100, **pl)[0] == "double-backward"
+    assert plan_spectrum("auto", d=3072, dense_mb=10, **{**pl, "n": 10})[0] == "exact"  # N*K < D: SVD of A
+    with pytest.raises(HessianMethodError, match="needs 216 MiB > hessian_dense_mb=200"):
+        plan_spectrum("exact", d=3072, dense_mb=200, **pl)
+    with pytest.raises(HessianMethodError, match="gram-lanczos"):
+        plan_spectrum("gram-lanczos", d=3072, dense_mb=100, **pl)
+
+
+def flat_top_matrix(d=300):
+    """Top five eigenvalues 1.0 ... 0.98 (gaps of 0.5%) above a bulk in [0, 0.97]: slow for Lanczos."""
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.tensor([1.0, 0.995, 0.99, 0.985, 0.98], dtype=torch.float64),
+                     torch.linspace(0.97, 0.0, d - 5, dtype=torch.float64)])
+    return q @ torch.diag(lam) @ q.T, lam, q
+
+
+def test_lanczos_tolerance_converges_on_a_flat_spectrum_and_flags_when_it_cannot():
+    a, lam, q = flat_top_matrix()
+    short = converged_eigenpairs(a, k=5, iterations=20, max_iterations=20, tol=1e-3)
+    assert not short.converged and float(short.residuals.max()) > 1e-3  # negative control: flagged
+    err_short = float((short.eigenvalues - lam[:5]).abs().max())
+    assert err_short > 1e-3  # and it was indeed wrong
+    full = converged_eigenpairs(a, k=5, iterations=20, max_iterations=300, tol=1e-6)
+    assert full.converged and full.iterations > 20 and float(full.residuals.max()) <= 1e-6
+    torch.testing.assert_close(full.eigenvalues, lam[:5], rtol=1e-9, atol=0)
+    cos = (full.eigenvectors * q[:, :5]).sum(0).abs()
+    assert float((1 - cos).max()) < 1e-6, cos
+    # residuals are measured, not estimated: they equal ||A v - lambda v|| recomputed here
+    r = (a @ full.eigenvectors - full.eigenvectors * full.eigenvalues).norm(dim=0)
+    torch.testing.assert_close(full.residuals, r / lam[0], rtol=1e-6, atol=1e-15)
+
+
+def test_trial_records_the_exact_path_and_its_summary():
+    cfg = TrialConfig(epochs=1, theta=0.1, hessian_samples=100, geometry=False)
+    res = run_trial(cfg, data=DIGITS)
+    m = res.metrics
+    assert m["hessian_exact"] == 1.0 and m["spectrum_converged"] == 1.0 and m["lanczos_iterations"] == 0
+    assert m["ritz_residual_max"] < 1e-6  # float32 Jacobians, float64 eigh
+    assert 1.0 <= m["effective_rank"] <= 64 and 0 < m["top_k_trace_fraction"] <= 1
+    assert m["hessian_trace"] >= m["lambda_1"] > 0
+    info = res.to_json_dict()["hessian"]
+    assert info["method_used"] == "exact" and "piecewise linear" in info["reason"]

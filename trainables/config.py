@@ -24,7 +24,7 @@ DATASETS = {  # name -> (channels, height, classes)
 TRIGGERS = ("lshape", "square", "warp")
 POISON_MODES = ("deterministic", "stochastic")
 HESSIAN_SPLITS = ("auto", "clean-train", "poisoned-train", "test")
-HESSIAN_METHODS = ("auto", "double-backward", "gauss-newton")
+HESSIAN_METHODS = ("auto", "exact", "gram-lanczos", "double-backward", "gauss-newton")
 DTYPES = ("float32", "float64")
 
 
@@ -103,8 +103,11 @@ class TrialConfig(ConfigFields):
     hessian_samples: int = 1000  # samples averaged into H (cap; fewer if the split is smaller)
     hessian_iterations: int = 20  # Lanczos iterations (paper: 10)
     hessian_top_k: int = 5  # eigenpairs kept
-    hessian_method: str = "auto"  # auto = double-backward (measured no slower than gauss-newton on CPU)
+    hessian_method: str = "auto"  # auto: exact for piecewise-linear nets within hessian_dense_mb, else gram-lanczos, else double-backward
     hessian_dtype: str = "float32"  # float64 for reference-quality spectra
+    hessian_dense_mb: int = 1024  # MiB for the exact path (24*D^2 bytes) or gram-lanczos's A (N*K*D*itemsize), >= 1
+    hessian_tol: float = 1e-3  # Lanczos restarts until every top-k ||Hv - lambda v||/|lambda_1| <= this, in (0, 1]
+    hessian_max_iterations: int = 160  # cap on Lanczos iterations over restarts (doubling), >= hessian_iterations
     spectrum_every: int = 0  # also measure every N epochs during training (0: only at the end)
     geometry: bool = True  # penultimate-feature geometry table (Appendix B)
 
@@ -214,6 +217,12 @@ def _validate(cfg: TrialConfig) -> None:
     _check_int(cfg, "hessian_iterations", 1, 10_000)
     _check_int(cfg, "hessian_top_k", 1, 1000)
     _check_int(cfg, "spectrum_every", 0, 100_000)
+    _check_int(cfg, "hessian_dense_mb", 1, 10_000_000)
+    _check_float(cfg, "hessian_tol", 0.0, 1.0, lo_open=True)
+    _check_int(cfg, "hessian_max_iterations", 1, 100_000)
+    if cfg.hessian_max_iterations < cfg.hessian_iterations:
+        _fail("hessian_max_iterations", cfg.hessian_max_iterations,
+              f"must be >= hessian_iterations ({cfg.hessian_iterations})")
     if cfg.hessian_top_k > cfg.hessian_iterations:
         _fail("hessian_top_k", cfg.hessian_top_k, f"must be <= hessian_iterations ({cfg.hessian_iterations})")
 

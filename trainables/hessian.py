@@ -16,13 +16,30 @@ operator divided by a Hutchinson estimate of its Frobenius norm: the routine sto
 |beta| < 1e-6 in absolute terms, which on an unscaled operator with lambda_1 ~ 1e-5 (random-init or
 strongly penalised nets) ends after a few iterations with a wrong spectrum. The tridiagonal matrix
 is diagonalised with ``torch.linalg.eigh`` (``lanczos_tridiag_to_diag`` would replace negative
-Ritz values by 1; the input Hessian is indefinite).
+Ritz values by 1; the input Hessian is indefinite). ``converged_eigenpairs`` adds the Ritz
+residuals ||H v - lambda v|| / |lambda_1| and restarts with more iterations until they are below a
+tolerance (issue 10, item 1).
+
+The exact path (piecewise-linear networks). The logits of such a network are piecewise linear in
+x, so their second derivative is zero almost everywhere and the input Hessian of sample i's CE is
+exactly J_i^T S_i J_i, with J_i the K x D logit Jacobian and S_i = diag(p_i) - p_i p_i^T. With the
+factor L_i = diag(sqrt p_i) (I - 1 p_i^T), i.e. row c = sqrt(p_ic) (e_c - p_i), one checks
+L_i^T L_i = diag(p) - 2 p p^T + p (sum_c p_c) p^T = S_i, so H = (1/N) sum_i A_i^T A_i with
+A_i = L_i J_i. Row c of A_i is the input gradient of sum_j L_i,cj logit_ij, so one forward and K
+backward passes give every A_i of a chunk. On the shared 2-core CPU this loop, ``is_grads_batched``
+and torch.func's vmap(jacrev) timed within the (large) noise of each other, except vmap(jacrev),
+2-5x slower on preresnet20; the loop holds one backward graph at a time, the others K at once.
+From A: the D x D Gram accumulated chunk by chunk and ``eigh`` in float64 (``exact``; an SVD of A
+when N*K < D), or Lanczos on the explicit Gram operator, two matmuls a product (``gram-lanczos``).
+``SampleFactors`` keeps A, so the spectrum of any weighted subset of samples costs no new
+backward pass. ``input_hessian_spectrum`` picks among the paths (``plan_spectrum``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +47,22 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import nn
+
+from .config import SweeperError
+
+EXACT_BYTES_PER_D2 = 24  # eigh in float64 holds the Gram, the eigenvectors and about one D x D of workspace
+
+
+class HessianMethodError(SweeperError):
+    """A spectrum method that cannot run on this model or within the memory budget."""
+
+
+def eval_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A private eval-mode, gradient-free copy in ``dtype``: the trained model is left untouched."""
+    m = copy.deepcopy(model).to(dtype).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
 
 
 class InputHessian:
@@ -39,10 +72,7 @@ class InputHessian:
                  method: str = "double-backward", dtype: torch.dtype = torch.float32):
         if method not in ("double-backward", "gauss-newton"):
             raise ValueError(f"method={method!r} is invalid: must be double-backward or gauss-newton")
-        # a private eval-mode copy in the requested precision: the trained model is left untouched
-        self.model = copy.deepcopy(model).to(dtype).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = eval_copy(model, dtype)
         self.x = x.to(dtype)
         self.y = y
         self.chunk_size = chunk_size
@@ -101,8 +131,14 @@ class Spectrum:
 
     eigenvalues: torch.Tensor  # (k,)
     eigenvectors: torch.Tensor  # (D, k), orthonormal columns
-    iterations: int  # Lanczos iterations actually run
+    iterations: int  # Lanczos iterations actually run (0: a dense decomposition)
     scale: float  # the norm estimate the operator was divided by
+    residuals: torch.Tensor | None = None  # (k,) ||H v_j - lambda_j v_j|| / |lambda_1|; None: not measured
+    converged: bool | None = None  # every finite residual <= the tolerance (always true for exact)
+    all_eigenvalues: torch.Tensor | None = None  # the whole spectrum, descending (exact path only)
+    trace: float | None = None  # tr H = ||A||_F^2 / N, when known without the whole spectrum
+    method: str = ""  # the path that computed it (exact, gram-lanczos, double-backward, gauss-newton)
+    reason: str = ""  # why that path was used
 
 
 def frobenius_estimate(op, probes: int, generator: torch.Generator) -> float:
@@ -146,6 +182,313 @@ def top_eigenpairs(op, k: int = 5, iterations: int = 20, seed: int = 0, probes: 
     return Spectrum(values, vectors, q.shape[-1], scale)
 
 
+def ritz_residuals(op, values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """||H v_j - lambda_j v_j|| / |lambda_1| for each pair (k products of ``op``); NaN where lambda_j is."""
+    finite = torch.isfinite(values)
+    out = torch.full(values.shape, float("nan"), dtype=torch.float64)
+    if not bool(finite.any()):
+        return out
+    lam1 = float(values[finite].abs().max())
+    v = vectors[:, finite].to(op.dtype)
+    r = (op @ v).to(torch.float64) - v.to(torch.float64) * values[finite].to(torch.float64).to(v.device)
+    norms = r.norm(dim=0).cpu()
+    out[finite.cpu()] = norms / lam1 if lam1 > 0 else torch.zeros_like(norms)
+    return out
+
+
+def converged_eigenpairs(op, k: int = 5, iterations: int = 20, max_iterations: int | None = None,
+                         tol: float = 1e-3, seed: int = 0,
+                         on_iteration: Callable[[int], None] | None = None) -> Spectrum:
+    """:func:`top_eigenpairs` with measured Ritz residuals, restarted until they are below ``tol``.
+
+    Each round runs ``iterations`` Lanczos steps from the same seeded start vector, then applies
+    the operator to the k Ritz vectors; while some ||H v - lambda v|| / |lambda_1| exceeds ``tol``
+    the run restarts with twice the iterations, up to ``max_iterations`` (default: ``iterations``,
+    i.e. no restart). A restart rather than a continuation keeps the solver a black box; doubling
+    bounds the waste to about the cost of the last round. ``converged`` says whether the top-k
+    residuals ended below ``tol``; a Krylov space that closed early (an invariant subspace smaller
+    than k) is judged on the pairs it has.
+    """
+    d = op.shape[0]
+    cap = max(iterations, max_iterations or iterations)
+    it = iterations
+    while True:
+        spec = top_eigenpairs(op, k, it, seed=seed, on_iteration=on_iteration)
+        spec.residuals = ritz_residuals(op, spec.eigenvalues, spec.eigenvectors)
+        finite = spec.residuals[torch.isfinite(spec.residuals)]
+        spec.converged = bool(len(finite)) and bool((finite <= tol).all())
+        closed = spec.iterations < min(it, d)  # stopped early: more iterations cannot help
+        if spec.converged or closed or it >= min(cap, d):
+            return spec
+        it = min(2 * it, cap, d)
+
+
+# ---------------------------------------------------------------------------- the exact path
+def ce_hessian_factor(p: torch.Tensor) -> torch.Tensor:
+    """L with L^T L = diag(p) - p p^T (the CE Hessian in the logits), batched: (B, K) -> (B, K, K).
+
+    Row c is sqrt(p_c) (e_c - p); see the module docstring for the check.
+    """
+    sq = p.sqrt()
+    return torch.diag_embed(sq) - sq[:, :, None] * p[:, None, :]
+
+
+def factor_chunks(model: nn.Module, x: torch.Tensor, chunk_size: int = 1000,
+                  factor: Callable[[torch.Tensor], torch.Tensor] = ce_hessian_factor) -> Iterator[torch.Tensor]:
+    """Per-sample A_i = L_i J_i, (B, K, D) per chunk, from one forward and K backward passes.
+
+    ``model`` must already be an eval-mode copy (:func:`eval_copy`) in ``x``'s dtype: in eval mode
+    sample i's logits depend on x_i alone, so one backward of sum_i <l_i, logits_i> gives every
+    l_i^T J_i of the chunk. Only one chunk's factors exist at a time. ``factor`` maps the
+    probabilities (float64) to L; tests swap it for a wrong one.
+    """
+    for s in range(0, len(x), chunk_size):
+        xc = x[s:s + chunk_size].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(xc)
+            lf = factor(logits.detach().to(torch.float64).softmax(dim=1)).to(logits.dtype)
+            k = logits.shape[1]
+            rows = []
+            for c in range(k):
+                (g,) = torch.autograd.grad(logits, xc, lf[:, c, :], retain_graph=c < k - 1)
+                rows.append(g.reshape(len(xc), -1))
+        yield torch.stack(rows, dim=1)
+
+
+def _not_piecewise_linear(method: str, name: str) -> HessianMethodError:
+    return HessianMethodError(
+        f"hessian_method={method!r} is invalid for model {name!r}: it is not piecewise linear, so its "
+        "input Hessian is not J^T S J; valid: auto, double-backward")
+
+
+def _require_piecewise_linear(model: nn.Module, method: str, name: str | None = None) -> None:
+    if not getattr(model, "piecewise_linear", False):
+        raise _not_piecewise_linear(method, name or type(model).__name__)
+
+
+def _row_weights(weights: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """Sample weights normalised to sum 1 (a boolean mask selects samples); uniform when None."""
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+    w = torch.as_tensor(weights, device=device).to(torch.float64).reshape(-1)
+    if w.shape[0] != n:
+        raise ValueError(f"weights has {w.shape[0]} entries for {n} samples")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError("weights must be finite, >= 0 and not all zero")
+    return w / w.sum()
+
+
+class GramOperator:
+    """v -> sum_i w_i A_i^T (A_i v) with A held explicitly: two matmuls per product.
+
+    ``factors`` is (N, K, D); ``weights`` (N,) sum to 1. Has ``shape``, ``dtype``, ``device``, ``@``.
+    """
+
+    def __init__(self, factors: torch.Tensor, weights: torch.Tensor):
+        n, k, d = factors.shape
+        keep = weights > 0
+        self.a = factors[keep].reshape(-1, d)
+        self.rw = weights[keep].repeat_interleave(k).to(factors.dtype)
+        self.shape = (d, d)
+        self.dtype = factors.dtype
+        self.device = factors.device
+        self.products = 0
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1 if v.dim() == 1 else v.shape[1]
+        av = self.a @ v.to(self.dtype)
+        return self.a.T @ (av * (self.rw if v.dim() == 1 else self.rw[:, None]))
+
+    def trace(self) -> float:
+        """tr(A^T W A) = sum of the weighted squared row norms."""
+        return float((self.a.to(torch.float64).pow(2).sum(1) * self.rw.to(torch.float64)).sum())
+
+
+def exact_from_gram(gram: torch.Tensor, k: int) -> Spectrum:
+    """Top-k pairs and the whole spectrum of a dense symmetric float64 matrix by ``eigh``."""
+    evals, evecs = torch.linalg.eigh(gram)
+    values, vectors = evals.flip(0), evecs.flip(1)[:, :k]
+    res = ritz_residuals(gram, values[:k], vectors)
+    return Spectrum(values[:k].clone(), vectors.clone(), 0, 1.0, res, True, values.cpu(), float(evals.sum()))
+
+
+def exact_from_factor(a: torch.Tensor, k: int) -> Spectrum:
+    """The same from a thin SVD of the (M, D) factor A (H = A^T A) when M < D: cheaper than D x D."""
+    a = a.to(torch.float64)
+    _, sv, vh = torch.linalg.svd(a, full_matrices=False)
+    values = sv.pow(2)  # descending; the other D - M eigenvalues are exactly 0
+    if len(values) < k:  # fewer rows than k: the zero eigenvalues' vectors are needed too
+        return exact_from_gram(a.T @ a, k)
+    vectors = vh[:k].T
+    op = GramOperator(a[:, None, :], torch.ones(len(a), dtype=torch.float64, device=a.device))
+    res = ritz_residuals(op, values[:k], vectors)
+    return Spectrum(values[:k].clone(), vectors.contiguous(), 0, 1.0, res, True, values.cpu(), float(values.sum()))
+
+
+class SampleFactors:
+    """The per-sample factors A_i (N, K, D) of a piecewise-linear model's input Hessian, kept.
+
+    H_w = sum_i w_i A_i^T A_i / sum_i w_i for any weights w >= 0 (a boolean mask selects a subset),
+    with no new forward or backward pass: :meth:`spectrum` (exact), :meth:`operator` (for Lanczos),
+    :meth:`gram` (dense). Memory N*K*D in ``dtype``.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, chunk_size: int = 1000,
+                 dtype: torch.dtype = torch.float32, name: str | None = None):
+        _require_piecewise_linear(model, "exact", name)
+        m = eval_copy(model, dtype)
+        self.factors = torch.cat(list(factor_chunks(m, x.to(dtype), chunk_size)))
+        self.n, self.classes, self.d = self.factors.shape
+        self.item_shape = tuple(x.shape[1:])
+
+    def operator(self, weights: torch.Tensor | None = None) -> GramOperator:
+        """H_w as an explicit Gram operator (two matmuls a product)."""
+        return GramOperator(self.factors, _row_weights(weights, self.n, self.factors.device))
+
+    def gram(self, weights: torch.Tensor | None = None, chunk_size: int = 1000) -> torch.Tensor:
+        """H_w as a dense D x D float64 matrix, accumulated chunk by chunk."""
+        w = _row_weights(weights, self.n, self.factors.device)
+        g = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.factors.device)
+        for s in range(0, self.n, chunk_size):
+            a = self.factors[s:s + chunk_size].to(torch.float64) * w[s:s + chunk_size, None, None].sqrt()
+            a = a.reshape(-1, self.d)
+            g.addmm_(a.T, a)
+        return g
+
+    def spectrum(self, weights: torch.Tensor | None = None, k: int = 5) -> Spectrum:
+        """Exact top-k pairs and whole spectrum of H_w (SVD of the selected rows when fewer than D)."""
+        w = _row_weights(weights, self.n, self.factors.device)
+        keep = w > 0
+        if int(keep.sum()) * self.classes < self.d:
+            a = self.factors[keep].to(torch.float64) * w[keep, None, None].sqrt()
+            spec = exact_from_factor(a.reshape(-1, self.d), k)
+        else:
+            spec = exact_from_gram(self.gram(w), k)
+        spec.method, spec.reason = "exact", "explicit factors"
+        return spec
+
+
+def subset_spectrum(factors: SampleFactors, subset: torch.Tensor, k: int = 5) -> Spectrum:
+    """Exact spectrum of the input Hessian averaged over a subset of samples (boolean mask over the
+    N samples) or with per-sample weights, e.g. per source class or poisoned vs clean samples."""
+    return factors.spectrum(subset, k)
+
+
+def spectrum_summary(all_eigenvalues: torch.Tensor | None, k: int, trace: float | None = None) -> dict[str, float]:
+    """hessian_trace, effective_rank and top_k_trace_fraction of a (PSD) spectrum.
+
+    effective_rank = exp(entropy of lambda_j / sum lambda) over the positive part (Roy & Vetterli
+    2007): D for a flat spectrum, 1 for rank one. Roundoff-negative eigenvalues count as 0.
+    """
+    out: dict[str, float] = {}
+    if all_eigenvalues is not None:
+        lam = all_eigenvalues.to(torch.float64).clamp(min=0)
+        total = float(lam.sum())
+        out["hessian_trace"] = total
+        if total > 0:
+            q = lam[lam > 0] / total
+            out["effective_rank"] = float(torch.exp(-(q * q.log()).sum()))
+            out["top_k_trace_fraction"] = float(lam[:k].sum()) / total
+        else:
+            out["effective_rank"] = out["top_k_trace_fraction"] = math.nan
+    elif trace is not None:
+        out["hessian_trace"] = trace
+    return out
+
+
+# ---------------------------------------------------------------------------- choosing a path
+def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: int, n: int, classes: int,
+                  dense_mb: float, itemsize: int = 4) -> tuple[str, str]:
+    """(path, reason) for a spectrum of D = ``d`` inputs averaged over ``n`` samples, ``classes`` logits.
+
+    exact needs a piecewise-linear model and either 24*D^2 bytes (float64 Gram, eigenvectors,
+    workspace) within ``dense_mb`` MiB, or N*K < D and the float64 factor (16*N*K*D bytes with the
+    SVD's copy) within it; gram-lanczos holds A (N*K*D*itemsize bytes); double-backward needs
+    neither. A smooth model asked for a J^T S J path is refused (:class:`HessianMethodError`); an
+    explicit path whose memory is over the budget too.
+    """
+    budget = dense_mb * 2**20
+    dense_bytes = EXACT_BYTES_PER_D2 * d * d
+    svd_bytes = 16 * n * classes * d
+    a_bytes = n * classes * d * itemsize
+    exact_fits = dense_bytes <= budget or (n * classes < d and svd_bytes <= budget)
+    if requested in ("exact", "gram-lanczos", "gauss-newton") and not piecewise_linear:
+        raise _not_piecewise_linear(requested, model_name)
+    mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    if requested == "exact":
+        if not exact_fits:
+            raise HessianMethodError(
+                f"hessian_method='exact' needs {mb(min(dense_bytes, svd_bytes))} > hessian_dense_mb={dense_mb:g} "
+                f"(D={d}); valid: raise hessian_dense_mb, or gram-lanczos / double-backward")
+        return "exact", "requested"
+    if requested == "gram-lanczos":
+        if a_bytes > budget:
+            raise HessianMethodError(
+                f"hessian_method='gram-lanczos' needs {mb(a_bytes)} for A > hessian_dense_mb={dense_mb:g}; "
+                "valid: raise hessian_dense_mb, fewer hessian_samples, or double-backward")
+        return "gram-lanczos", "requested"
+    if requested != "auto":
+        return requested, "requested"
+    if not piecewise_linear:
+        return "double-backward", f"{model_name} is not piecewise linear: HVP Lanczos"
+    if exact_fits:
+        how = "SVD of A, N*K < D" if n * classes < d and dense_bytes > budget else f"D={d}: D x D fits"
+        return "exact", f"piecewise linear, {how} in hessian_dense_mb={dense_mb:g}"
+    if a_bytes <= budget:
+        return "gram-lanczos", f"piecewise linear, D={d}: D x D over hessian_dense_mb={dense_mb:g}, A ({mb(a_bytes)}) fits"
+    return "double-backward", f"D={d}: neither D x D nor A ({mb(a_bytes)}) fits in hessian_dense_mb={dense_mb:g}"
+
+
+def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int) -> Spectrum:
+    """Gram accumulated chunk by chunk (never N*K*D at once), or an SVD of A when N*K < D (A is
+    then smaller than the Gram). ``model`` is an eval-mode copy in ``x``'s dtype."""
+    n, d = len(x), x[0].numel()
+    g, kept = None, []
+    for a in factor_chunks(model, x, chunk_size):
+        small = n * a.shape[1] < d
+        a = a.reshape(-1, d).to(torch.float64) / math.sqrt(n)
+        if small:
+            kept.append(a)
+        else:
+            if g is None:
+                g = torch.zeros(d, d, dtype=torch.float64, device=a.device)
+            g.addmm_(a.T, a)
+    return exact_from_factor(torch.cat(kept), k) if kept else exact_from_gram(g, k)
+
+
+def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "auto",
+                           k: int = 5, iterations: int = 20, max_iterations: int | None = None,
+                           tol: float = 1e-3, dense_mb: float = 1024, chunk_size: int = 1000,
+                           dtype: torch.dtype = torch.float32, seed: int = 0, model_name: str | None = None,
+                           on_iteration: Callable[[int], None] | None = None) -> Spectrum:
+    """Top-k eigenpairs of H = mean_i Hess_x CE(model(x_i), y_i) by the path :func:`plan_spectrum`
+    picks for ``method``; the returned :class:`Spectrum` says which (``method``, ``reason``).
+
+    exact: whole spectrum, residuals measured, ``converged`` true. Lanczos paths: Ritz residuals
+    and restarts per :func:`converged_eigenpairs`; ``on_iteration`` gets their Lanczos steps (the
+    exact path has none).
+    """
+    name = model_name or type(model).__name__
+    n, d = len(y), x[0].numel()
+    m = eval_copy(model, dtype)
+    with torch.no_grad():
+        classes = int(m(x[:1].to(dtype)).shape[1])
+    path, reason = plan_spectrum(method, bool(getattr(model, "piecewise_linear", False)), name, d, n, classes,
+                                 dense_mb, torch.empty((), dtype=dtype).element_size())
+    if path == "exact":
+        spec = _exact_streaming(m, x.to(dtype), k, chunk_size)
+    else:
+        if path == "gram-lanczos":
+            op = SampleFactors(model, x, chunk_size, dtype, name).operator()
+        else:
+            op = InputHessian(model, x, y, chunk_size, path, dtype)
+        spec = converged_eigenpairs(op, k, iterations, max_iterations, tol, seed, on_iteration)
+        if path == "gram-lanczos":
+            spec.trace = op.trace()
+    spec.method, spec.reason = path, reason
+    return spec
+
+
 def listing7_overlap(eigvec: torch.Tensor, direction: torch.Tensor) -> float:
     """Listing 7: cosine of the zero-mean, normalized eigenvector with the zero-mean, normalized trigger."""
     v = eigvec.reshape(-1).to(torch.float64)
@@ -159,6 +502,10 @@ def listing7_overlap(eigvec: torch.Tensor, direction: torch.Tensor) -> float:
 
 def spectrum_metrics(spec: Spectrum, direction: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, list[float]]:
     """lambda_1..k, eig_gap, overlap (v1), overlap_sq, max_overlap_sq and its index (Table 2).
+
+    Plus, when the spectrum carries them: ``ritz_residual_1..k`` / ``ritz_residual_max`` and
+    ``spectrum_converged`` (0/1), ``hessian_exact`` (1 on the exact path), and the
+    :func:`spectrum_summary` (hessian_trace; effective_rank and top_k_trace_fraction when exact).
 
     Eigenvector signs are arbitrary; each is flipped so that its overlap is >= 0, so ``overlap``
     is Listing 7's value up to that sign. Returns the metrics, the sign-fixed eigenvectors and
@@ -182,4 +529,13 @@ def spectrum_metrics(spec: Spectrum, direction: torch.Tensor) -> tuple[dict[str,
     metrics["max_overlap_sq"] = sq[best]
     metrics["max_overlap_index"] = best  # 0-based, as in the paper's Table 2
     metrics["lanczos_iterations"] = spec.iterations
+    if spec.residuals is not None:
+        res = [float(r) for r in spec.residuals]
+        metrics.update({f"ritz_residual_{j + 1}": r for j, r in enumerate(res)})
+        finite = [r for r in res if math.isfinite(r)]
+        metrics["ritz_residual_max"] = max(finite) if finite else math.nan
+        metrics["spectrum_converged"] = float(bool(spec.converged))
+    if spec.method:
+        metrics["hessian_exact"] = float(spec.method == "exact")
+    metrics.update(spectrum_summary(spec.all_eigenvalues, k, spec.trace))
     return metrics, vecs, overlaps

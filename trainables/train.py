@@ -24,7 +24,7 @@ import torch
 from .config import SweeperError, TrialConfig
 from .data import ImageData, load_dataset
 from .geometry import feature_geometry, features, geometry_summary
-from .hessian import InputHessian, spectrum_metrics, top_eigenpairs
+from .hessian import InputHessian, input_hessian_spectrum, plan_spectrum, spectrum_metrics
 from .models import make_model
 from .penalty import penalized_loss, per_sample_input_grad_sq
 from .poison import Poisoner
@@ -49,10 +49,10 @@ class TrialResult:
     artifacts: dict[str, Any] = field(default_factory=dict)  # arrays/tables for tracking (not JSON)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The JSON-able part: config, metrics, status, history, spectrum and geometry table."""
+        """The JSON-able part: config, metrics, status, history, spectrum (with the path used) and geometry table."""
         out = {"config": self.config, "metrics": self.metrics, "status": self.status,
                "diverged_epoch": self.diverged_epoch, "history": self.history}
-        for key in ("eigenvalues", "overlaps", "geometry"):
+        for key in ("eigenvalues", "overlaps", "hessian", "geometry"):
             if key in self.artifacts:
                 out[key] = self.artifacts[key]
         return out
@@ -103,6 +103,8 @@ class Trial:
         self.direction = self.trigger.direction(self.data)  # (C, H, W) unit, zero-mean
         self.poisoner = Poisoner(self.data.train_y, cfg.theta, cfg.target, cfg.poison_mode, cfg.seed)
         self.model = make_model(cfg.model, cfg.image_shape, cfg.num_classes).to(self.device)
+        if cfg.hessian:  # a method this model or budget cannot run is refused before training, not after
+            self.hessian_plan()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
@@ -113,6 +115,7 @@ class Trial:
         self.last_mask: torch.Tensor | None = None  # poison mask of the last epoch trained
         self.analysis: dict[str, float] = {}  # final spectrum + geometry metrics, once analysed
         self.artifacts: dict[str, Any] = {}  # eigenvectors, eigenvalues, geometry rows
+        self.hessian_info: dict[str, Any] = {}  # the spectrum path used last and why
         nontarget = self.data.test_y != cfg.target  # ASR never counts target-class images
         self.asr_x = self.data.normalize(self.trigger.apply(self.data.test_x[nontarget]))
         self.test_x = self.data.normalize(self.data.test_x)
@@ -223,28 +226,47 @@ class Trial:
             x, y = x[idx], y[idx]
         return data.normalize(x), y
 
-    def hessian_operator(self) -> InputHessian:
-        """The input Hessian of the current model on :meth:`hessian_data`."""
+    def hessian_plan(self) -> tuple[str, str]:
+        """(path, reason) the spectrum will use (:func:`trainables.hessian.plan_spectrum`)."""
         cfg = self.cfg
-        method = cfg.hessian_method
-        if method == "auto":  # gauss-newton measured no faster on CPU (benchmarks/hessian.py)
-            method = "double-backward"
-        elif method == "gauss-newton" and not getattr(self.model, "piecewise_linear", False):
-            raise ValueError(f"hessian_method='gauss-newton' is exact only for piecewise-linear nets, not {cfg.model}")
+        c, h, w = cfg.image_shape
+        n = min(cfg.hessian_samples, len(self.data.train_y) if cfg.hessian_split != "test" else len(self.data.test_y))
+        itemsize = 8 if cfg.hessian_dtype == "float64" else 4
+        return plan_spectrum(cfg.hessian_method, bool(getattr(self.model, "piecewise_linear", False)), cfg.model,
+                             c * h * w, n, cfg.num_classes, cfg.hessian_dense_mb, itemsize)
+
+    def hessian_operator(self) -> InputHessian:
+        """The input Hessian of the current model on :meth:`hessian_data`, as an HVP operator
+        (``auto`` and the J^T S J paths: double-backward; gauss-newton as asked)."""
+        cfg = self.cfg
+        method = "gauss-newton" if cfg.hessian_method == "gauss-newton" else "double-backward"
+        if method == "gauss-newton":
+            self.hessian_plan()  # refuses smooth models
         dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
         x, y = self.hessian_data()
         return InputHessian(self.model, x, y, cfg.eval_batch_size, method, dtype)
 
     def spectrum(self, on_iteration: Callable[[int], None] | None = None
                  ) -> tuple[dict[str, float], torch.Tensor, list[float]]:
-        """Top-k input-Hessian eigenpairs and trigger overlaps: (metrics, (k, C, H, W) vectors, overlaps)."""
+        """Top-k input-Hessian eigenpairs and trigger overlaps: (metrics, (k, C, H, W) vectors, overlaps).
+
+        The path (exact, gram-lanczos, HVP Lanczos) and why it was picked are kept in
+        ``self.hessian_info`` (the ``hessian`` entry of the trial's JSON).
+        """
         cfg = self.cfg
         t0 = time.perf_counter()
-        op = self.hessian_operator()
-        spec = top_eigenpairs(op, cfg.hessian_top_k, cfg.hessian_iterations, seed=cfg.seed, on_iteration=on_iteration)
+        x, y = self.hessian_data()
+        dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
+        spec = input_hessian_spectrum(
+            self.model, x, y, method=cfg.hessian_method, k=cfg.hessian_top_k, iterations=cfg.hessian_iterations,
+            max_iterations=cfg.hessian_max_iterations, tol=cfg.hessian_tol, dense_mb=cfg.hessian_dense_mb,
+            chunk_size=cfg.eval_batch_size, dtype=dtype, seed=cfg.seed, model_name=cfg.model,
+            on_iteration=on_iteration)
         metrics, vecs, overlaps = spectrum_metrics(spec, self.direction)
-        metrics["hessian_samples"] = len(op.y)
+        metrics["hessian_samples"] = len(y)
         metrics["hessian_seconds"] = time.perf_counter() - t0
+        self.hessian_info = {"method_used": spec.method, "reason": spec.reason,
+                             "converged": bool(spec.converged), "lanczos_iterations": spec.iterations}
         return metrics, vecs.T.reshape(-1, *cfg.image_shape).float().cpu(), overlaps
 
     def analyze(self, on_iteration: Callable[[int], None] | None = None) -> dict[str, float]:
@@ -258,6 +280,7 @@ class Trial:
             out.update(metrics)
             self.artifacts["eigenvalues"] = [out[f"lambda_{j + 1}"] for j in range(cfg.hessian_top_k)]
             self.artifacts["overlaps"] = overlaps
+            self.artifacts["hessian"] = dict(self.hessian_info)
             self.artifacts["eigenvectors"] = vecs
             self.artifacts["trigger_direction"] = self.direction.float().cpu()
         if cfg.geometry:
