@@ -51,7 +51,7 @@ class TrialResult:
         """The JSON-able part: config, metrics, status, history, spectrum and geometry table."""
         out = {"config": self.config, "metrics": self.metrics, "status": self.status,
                "diverged_epoch": self.diverged_epoch, "history": self.history}
-        for key in ("eigenvalues", "overlaps", "geometry"):
+        for key in ("eigenvalues", "overlaps", "geometry", "detection"):
             if key in self.artifacts:
                 out[key] = self.artifacts[key]
         return out
@@ -265,6 +265,12 @@ class Trial:
             rows = feature_geometry(clean, trig, data.test_y, cfg.target, cfg.num_classes)
             self.artifacts["geometry"] = rows
             out.update(geometry_summary(rows, cfg.target))
+        if cfg.detect or cfg.detect_baselines:  # after the spectrum: reads its eigenpairs from artifacts
+            from .detect import run_detection
+
+            found, artifacts = run_detection(self)
+            out.update(found)
+            self.artifacts.update(artifacts)
         self.analysis = out
         return out
 
@@ -372,7 +378,8 @@ def run_trial(cfg: TrialConfig, checkpoint: str | os.PathLike | None = None,
             trial.save(checkpoint)
         if on_epoch is not None:
             on_epoch(metrics)
-    if trial.status == "completed" and not trial.analysis and (cfg.hessian or cfg.geometry):
+    if trial.status == "completed" and not trial.analysis and (cfg.hessian or cfg.geometry or cfg.detect
+                                                               or cfg.detect_baselines):
         trial.analyze(on_lanczos)
         if checkpoint is not None:
             trial.save(checkpoint)
