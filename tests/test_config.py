@@ -58,6 +58,7 @@ BAD = [
     ("detect_norms", "0.5,abc", "> 0"),
     ("detect_samples", 0, "[1, 10000000]"),
     ("detect_probes", 0, "[1, 1000]"),
+    ("detect_trace_samples", 0, "[1, 10000000]"),
     ("nc_steps", 0, "[1, 100000]"),
     ("nc_batch_size", 0, "[1, 100000]"),
 ]

@@ -10,6 +10,7 @@ from trainables.detect import (
     DETECTORS,
     SCORES,
     flip_concentration,
+    gauss_newton_trace,
     hutchinson_trace,
     inverse_participation_ratio,
     localisation,
@@ -73,6 +74,16 @@ def test_hutchinson_trace_matches_the_dense_hessian_trace():
     assert est == pytest.approx(exact, rel=0.05)
     again = hutchinson_trace(model, x.double(), y, probes=20, generator=torch.Generator().manual_seed(0), chunk_size=128)
     assert again == est  # seeded
+
+
+def test_gauss_newton_trace_matches_the_dense_trace_of_a_piecewise_linear_net():
+    torch.manual_seed(0)
+    model = SmallCNN((1, 4, 4), 3, width=4).double().eval()
+    x = torch.randn(300, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (300,))
+    exact = float(InputHessian(model, x, y, method="double-backward", dtype=torch.float64).dense().trace())
+    est = gauss_newton_trace(model, x, y, probes=20, generator=torch.Generator().manual_seed(0), chunk_size=128)
+    assert est == pytest.approx(exact, rel=0.05)
 
 
 def test_spectral_shape_ratios():

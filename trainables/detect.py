@@ -4,8 +4,9 @@ A defender knows neither the trigger nor the target class; these statistics use 
 model, clean held-out images and the spectrum the trial already computed (``eigenvalues``,
 ``eigenvectors`` of H = mean_i Hess_x CE(f(x_i), y_i), in the normalized input space):
 
-* **spectral shape**: lambda_1 / lambda_2 and lambda_1 / tr(H), tr(H) by Hutchinson. A rank-1
-  poison spike (Sec. 3.2, Thm 3.4) raises both.
+* **spectral shape**: lambda_1 / |lambda_2| and lambda_1 / tr(H), tr(H) by a seeded Hutchinson
+  estimate (in the logit space for piecewise-linear nets). A rank-1 poison spike (Sec. 3.2,
+  Thm 3.4) raises both.
 * **spatial localisation** of each top eigenvector v: its per-pixel energy p(h, w) =
   sum_c v(c, h, w)^2 (sums to 1), the inverse participation ratio IPR = sum p^2 (1/(HW) for a
   uniform vector, 1 for a single pixel) and the largest energy fraction in any w x w window.
@@ -160,6 +161,38 @@ def hutchinson_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes:
     return total / (probes * max(len(y), 1))
 
 
+def gauss_newton_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes: int = 2,
+                       generator: torch.Generator | None = None, chunk_size: int = 1000) -> float:
+    """tr(H) for a piecewise-linear network, where H_i = J_i^T S_i J_i exactly (S_i = diag p - p p^T).
+
+    Hutchinson in the K-dimensional logit space instead of the D-dimensional input space: with
+    B_i = diag(sqrt p_i) - p_i sqrt(p_i)^T one has B_i B_i^T = S_i, so for u ~ N(0, I_K)
+    E ||J_i^T B_i u||^2 = tr(J_i^T S_i J_i) = tr(H_i). Each pass costs one forward and one backward
+    over the data (half a Hessian-vector product). Measured on a trained digits CNN against the
+    dense trace, one probe per sample over 1000 samples: 5% mean / 11% max relative error over 6
+    seeds (input-space Hutchinson: 9% / 17%); over 200 samples both are ~20% off, as a few
+    low-confidence samples carry most of the trace. ``y`` is unused: the CE Hessian in the logits
+    does not depend on the label.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(probes):
+        for s in range(0, len(x), chunk_size):
+            xc = x[s:s + chunk_size].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(xc)
+                p = logits.detach().softmax(1)
+                u = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
+                sq = p.sqrt()
+                w = sq * u - p * (sq * u).sum(1, keepdim=True)  # B u, per sample
+                (g,) = torch.autograd.grad((logits * w).sum(), xc)  # J_i^T B_i u for every sample at once
+            total += float(g.pow(2).sum())
+    model.train(was_training)
+    return total / (probes * max(len(x), 1))
+
+
 def spectral_shape(eigenvalues: list[float], trace: float) -> dict[str, float]:
     """lambda_1 / |lambda_2| and lambda_1 / tr(H) (NaN where undefined)."""
     lam = [v for v in eigenvalues if not math.isnan(v)]
@@ -277,9 +310,17 @@ def flip_summary(table: FlipTable, control: FlipTable, norms: list[float]) -> De
 
 # ----------------------------------------------------------------------------- registry
 def spectral_detector(ctx: DetectionContext) -> Detection:
-    """lambda ratios with a seeded Hutchinson trace on the spectrum's own data."""
+    """lambda ratios with a seeded trace estimate on (a seeded subset of) the spectrum's own data.
+
+    Piecewise-linear nets (all of ours) use :func:`gauss_newton_trace`, others input-space
+    :func:`hutchinson_trace`; both are unbiased for the trace of the spectrum's H.
+    """
     x, y = ctx.trial.hessian_data()
-    trace = hutchinson_trace(ctx.model, x, y, ctx.cfg.detect_probes, ctx.generator(13), ctx.batch_size)
+    if len(y) > ctx.cfg.detect_trace_samples:
+        idx = torch.randperm(len(y), generator=ctx.generator(23))[:ctx.cfg.detect_trace_samples].to(y.device)
+        x, y = x[idx], y[idx]
+    estimate = gauss_newton_trace if getattr(ctx.model, "piecewise_linear", False) else hutchinson_trace
+    trace = estimate(ctx.model, x, y, ctx.cfg.detect_probes, ctx.generator(13), ctx.batch_size)
     return Detection(metrics=spectral_shape(ctx.eigenvalues, trace))
 
 
