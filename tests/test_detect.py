@@ -158,7 +158,7 @@ def test_score_directions_cover_the_families():
     assert score_direction("det_flip_r0.5") == "higher"
     assert score_direction("det_flip_random_r0.5") is None
     assert score_direction("nc_anomaly_index") == "higher"
-    assert score_direction("det_flip_class") is None
+    assert score_direction("det_flip_class") is None and score_direction("det_flip_class_r0.5") is None
     assert set(SCORES.values()) == {"higher"}
     assert list(DETECTORS) == ["spectral", "localisation", "flip"]
 
@@ -174,7 +174,7 @@ def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
     m = res.metrics
     names = {"det_trace", "det_lambda_ratio", "det_lambda_trace_ratio", "det_ipr_1", "det_ipr_max",
              "det_window_frac_w2", "det_window_frac_w3", "det_window_row_w3", "det_flip_max", "det_flip_class",
-             "det_flip_r0.5", "det_flip_r1", "det_flip_random_max", "det_flip_excess", "ss_score_max", "ss_auroc",
+             "det_flip_r0.5", "det_flip_r1", "det_flip_class_r0.5", "det_flip_random_max", "det_flip_excess", "ss_score_max", "ss_auroc",
              "ac_silhouette_max", "ac_auroc", "det_seconds"}
     assert names <= set(m), names - set(m)
     assert "nc_anomaly_index" not in m

@@ -23,6 +23,7 @@ Pure PyTorch: nothing here imports Ray or MLflow.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ SCORES: dict[str, str] = {
     "det_flip_max": "higher",  # flip concentration of the best eigenvector (max over j, sign, norm)
     "det_flip_excess": "higher",  # det_flip_max minus the same maximum over random directions
     # det_flip_r{r}: flip concentration at relative norm r, max over j and sign, "higher"
+    # (det_flip_class_r{r}, its class, is a descriptor)
 }
 
 
@@ -58,7 +60,7 @@ def score_direction(name: str) -> str | None:
 
     if name in SCORES or name in BASELINE_SCORES:
         return (SCORES | BASELINE_SCORES)[name]
-    if name.startswith(("det_window_frac_w", "det_flip_r")) and not name.startswith("det_flip_random"):
+    if re.fullmatch(r"det_window_frac_w\d+|det_flip_r[0-9.e+-]+", name):
         return "higher"
     return None
 
@@ -302,7 +304,9 @@ def flip_summary(table: FlipTable, control: FlipTable, norms: list[float]) -> De
     m["det_flip_excess"] = m["det_flip_max"] - m["det_flip_random_max"]
     for r in norms:
         at = (table.norm - r).abs() < 1e-12
-        m[f"det_flip_r{r:g}"] = float(table.concentration[at].max())
+        best = int(torch.where(at, table.concentration, -1.0).argmax())
+        m[f"det_flip_r{r:g}"] = float(table.concentration[best])
+        m[f"det_flip_class_r{r:g}"] = int(table.target[best])  # the candidate target at this norm
         m[f"det_flip_random_r{r:g}"] = float(control.concentration[(control.norm - r).abs() < 1e-12].max())
     details = {key: getattr(table, key).tolist() for key in ("concentration", "target", "direction", "sign", "norm")}
     return Detection(metrics=m, details=details)
