@@ -55,7 +55,8 @@ def main() -> None:
           f"{epoch:.2f}s of {[round(t, 2) for t in epoch_times]}; ratios below are in epochs")
     print(f"nc: {cfg.nc_steps} steps x {cfg.num_classes} classes x {cfg.nc_batch_size} images; flip: "
           f"{len(vecs)} eigenvectors + {len(vecs)} random x 2 signs x {len(cfg.detect_norms.split(','))} norms "
-          f"x {len(ctx.heldout[1])} held-out images; Hutchinson: {cfg.detect_probes} passes")
+          f"x {len(ctx.heldout[1])} held-out images; trace: {cfg.detect_probes} probe pass(es) over "
+          f"{min(cfg.detect_trace_samples, cfg.hessian_samples)} samples")
     print_table(rows)
 
 

@@ -115,7 +115,7 @@ class TrialConfig(ConfigFields):
     detect: bool = True  # trigger-agnostic spectrum statistics + eigenvector flip concentration (cheap; needs hessian)
     detect_baselines: str = ""  # comma- or +-separated subset of nc, ss, ac (Neural Cleanse, Spectral Signatures, Activation Clustering); "" = none
     detect_windows: str = "2,3,4"  # side lengths w (px) of the w x w localisation windows, each in [1, image side]
-    detect_norms: str = "0.5,1"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
+    detect_norms: str = "0.5"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
     detect_samples: int = 100  # held-out clean test images (seeded subset) for flip concentration and Neural Cleanse
     detect_trace_samples: int = 1000  # of the spectrum's samples (seeded subset, all by default) in the trace estimate
     detect_probes: int = 1  # trace-estimate passes; each draws one random probe per sample (5% mean error on digits at 1000 x 1)
