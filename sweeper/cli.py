@@ -43,6 +43,7 @@ class TriggerName(str, Enum):
     lshape = "lshape"
     square = "square"
     warp = "warp"
+    blend = "blend"
 
 
 class PoisonMode(str, Enum):
@@ -102,6 +103,9 @@ def trial(
     warp_strength: Annotated[float, _opt("WaNet strength phi: displacement in [-1,1] image coordinates, in (0, 1].")] = _D["warp_strength"],
     warp_grid: Annotated[int, _opt("WaNet control grid side k, in [2, 64].")] = _D["warp_grid"],
     warp_seed: Annotated[int, _opt("Seed of the WaNet warp field.", min=0)] = _D["warp_seed"],
+    trigger_amplitude: Annotated[float, _opt("Patch triggers: pixels become (1-a)*x + a, a in (0, 1]; 1 sets them to 1.0.")] = _D["trigger_amplitude"],
+    blend_alpha: Annotated[float, _opt("Blend trigger strength alpha in (0, 1]: (1-alpha)*x + alpha*pattern.")] = _D["blend_alpha"],
+    blend_seed: Annotated[int, _opt("Seed of the blend trigger's random pattern.", min=0)] = _D["blend_seed"],
     poison_mode: Annotated[PoisonMode, _opt("stochastic: redrawn every epoch (Listing 4); deterministic: fixed per index (Listing 3).")] = _D["poison_mode"],
     theta: Annotated[float, _opt("Poison fraction of the non-target training samples, in [0, 1).")] = _D["theta"],
     target: Annotated[int, _opt("Target class of the backdoor, in [0, classes-1].")] = _D["target"],
@@ -132,6 +136,15 @@ def trial(
     hessian_max_iterations: Annotated[int, _opt("Cap on Lanczos iterations over restarts, >= --hessian-iterations.", min=1)] = _D["hessian_max_iterations"],
     spectrum_every: Annotated[int, _opt("Also measure the spectrum every N epochs (0: only at the end).", min=0)] = _D["spectrum_every"],
     geometry: Annotated[bool, _opt("Penultimate-feature geometry table (Appendix B).")] = _D["geometry"],
+    detect: Annotated[bool, _opt("Trigger-agnostic detection statistics from the spectrum (cheap; needs --hessian).")] = _D["detect"],
+    detect_baselines: Annotated[str, _opt("Baseline detectors, comma-separated subset of nc,ss,ac (Neural Cleanse, Spectral Signatures, Activation Clustering).")] = _D["detect_baselines"],
+    detect_windows: Annotated[str, _opt("Localisation window sides in px, comma-separated, each <= the image side.")] = _D["detect_windows"],
+    detect_norms: Annotated[str, _opt("Eigenvector perturbation norms relative to the images' mean norm, comma-separated, > 0.")] = _D["detect_norms"],
+    detect_samples: Annotated[int, _opt("Held-out clean test images for flip concentration and Neural Cleanse.")] = _D["detect_samples"],
+    detect_trace_samples: Annotated[int, _opt("Spectrum samples (seeded subset) in the trace estimate of H.")] = _D["detect_trace_samples"],
+    detect_probes: Annotated[int, _opt("Trace-estimate passes (one random probe per sample each).")] = _D["detect_probes"],
+    nc_steps: Annotated[int, _opt("Neural Cleanse optimisation steps.")] = _D["nc_steps"],
+    nc_batch_size: Annotated[int, _opt("Neural Cleanse clean images per class per step.")] = _D["nc_batch_size"],
     config: Annotated[Path | None, _opt("YAML/JSON file of trial fields; explicit flags override it.")] = None,
     kind: KindOpt = Kind.network,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any trial field FIELD=VALUE (the only way to reach kernel/linear fields such as m, r, ell); repeatable.", show_default=False)] = None,
@@ -185,7 +198,7 @@ EpochsAxis = Annotated[str | None, _axis_opt("Epoch counts >= 1.")]
 SeedsOpt = Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list a,b,c.", show_default=False)]
 DatasetAxis = Annotated[str | None, typer.Option(help=f"Datasets, comma-separated: {', '.join(DATASETS)}.", show_default=False)]
 ModelAxis = Annotated[str | None, typer.Option(help="Models: cnn, linear, preresnet<6n+2>.", show_default=False)]
-TriggerAxis = Annotated[str | None, typer.Option(help="Triggers: lshape, square, warp.", show_default=False)]
+TriggerAxis = Annotated[str | None, typer.Option(help="Triggers: lshape, square, warp, blend.", show_default=False)]
 PoisonModeAxis = Annotated[str | None, typer.Option(help="Poison modes: deterministic, stochastic.", show_default=False)]
 SweepFileOpt = Annotated[Path | None, typer.Option(help="YAML sweep file (name, grid, fixed, seeds); flags override it.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other trial field, FIELD=VALUE(S); repeatable (e.g. --set lr=0.01).", show_default=False)]
@@ -448,7 +461,8 @@ def _print_summary(result) -> None:
         return
     keys = [k for k in ("clean_acc", "asr", "train_acc", "n_poisoned", "penalty", "fisher_trace",
                         "lambda_1", "eig_gap", "overlap_sq", "max_overlap_sq", "max_overlap_index",
-                        "train_seconds") if k in m]
+                        "det_lambda_ratio", "det_ipr_max", "det_flip_max", "det_flip_class", "nc_anomaly_index",
+                        "nc_class", "ss_auroc", "ac_auroc", "train_seconds") if k in m]
     line = "  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys)
     status = result.status + (f" at epoch {result.diverged_epoch}" if result.diverged_epoch else "")
     typer.echo(f"status={status}  {line}")

@@ -240,10 +240,33 @@ def write_artifacts(result, folder: Path) -> list[Path]:
         imgs = art["weight_images"]
         stack = torch.stack([torch.as_tensor(v, dtype=torch.float32)[None] for v in imgs.values()])
         files.append(eigenvector_image(stack, None, None, folder / "weights.png", titles=list(imgs)))
+    if "detection" in art:
+        p = folder / "detection.json"
+        p.write_text(json.dumps(art["detection"], indent=2, default=float))
+        files.append(p)
+    files += _detection_images(art.get("detection_images", {}), art.get("detection", {}), folder)
     if result.history:
         p = folder / "history.json"
         p.write_text(json.dumps(result.history, default=float))
         files.append(p)
+    return files
+
+
+def _detection_images(images: dict, detection: dict, folder: Path) -> list[Path]:
+    """Localisation maps of the top eigenvectors and Neural Cleanse's reversed triggers (<= 20 classes shown)."""
+    files = []
+    details = detection.get("details", {})
+    if "localisation" in images:
+        ipr = details.get("localisation", {}).get("ipr", [])
+        maps = images["localisation"]
+        titles = [f"v{j + 1} energy" + (f"\nIPR={ipr[j]:.2f}" if j < len(ipr) else "") for j in range(len(maps))]
+        files.append(eigenvector_image(maps, None, None, folder / "localisation.png", titles=titles))
+    for key, name in (("nc_triggers", "nc_triggers.png"), ("nc_masks", "nc_masks.png")):
+        if key in images:
+            stack = images[key][:20]
+            idx = details.get("nc", {}).get("anomaly_index", [])
+            titles = [f"class {c}" + (f"\nindex={idx[c]:.2f}" if c < len(idx) else "") for c in range(len(stack))]
+            files.append(eigenvector_image(stack, None, None, folder / name, titles=titles))
     return files
 
 

@@ -142,3 +142,39 @@ def test_cifar_preresnet_warp_trial_end_to_end(cifar_dir, tmp_path, capsys):
     d = json.loads(out.read_text())
     assert d["status"] == "completed" and d["config"]["lr"] == 0.1 and d["config"]["batch_size"] == 128
     assert len(d["eigenvalues"]) == 5 and 1 <= len(d["geometry"]) <= 10  # classes absent from the tiny test set are skipped
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--detect-baselines", "nc,strip"], "unknown baseline(s) strip; valid: nc, ss, ac"),
+    (["--detect-norms", "-0.5"], "detect_norms='-0.5' is invalid"),
+    (["--detect-windows", "2,9"], "detect_windows='2,9' is invalid: each window must be an integer in [1, 8]"),
+    (["--trigger", "blend", "--blend-alpha", "0"], "blend_alpha=0.0 is invalid"),
+])
+def test_bad_detection_values_are_one_line_exit_2(argv, needle, capsys):
+    code, out, err = run(["trial", "--epochs", "1", *argv], capsys)
+    assert code == 2 and needle in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_trial_with_every_baseline_end_to_end(tmp_path, capsys):
+    from sweeper.tracking import write_artifacts
+    from trainables import TrialConfig, run_trial
+
+    out = tmp_path / "d.json"
+    code, stdout, err = run(["trial", "--trigger", "square", "--epochs", "2", "--lr", "0.05", "--hessian-samples", "200",
+                             "--hessian-iterations", "8", "--hessian-top-k", "3", "--detect-baselines", "nc,ss,ac",
+                             "--nc-steps", "30", "--detect-samples", "100", "--json", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    m = d["metrics"]
+    for key in ("det_lambda_ratio", "det_lambda_trace_ratio", "det_ipr_max", "det_window_frac_w2", "det_flip_max",
+                "nc_anomaly_index", "nc_flagged", "nc_class", "ss_score_max", "ss_auroc", "ac_silhouette_max", "ac_auroc"):
+        assert key in m, key
+    assert d["config"]["detect_baselines"] == "nc,ss,ac"
+    assert set(d["detection"]["details"]) == {"spectral", "localisation", "flip", "nc", "ss", "ac"}
+    assert "det_flip_max=" in stdout and "nc_anomaly_index=" in stdout
+    # the files a tracked trial logs: detection.json and the PNGs
+    res = run_trial(TrialConfig(**d["config"]))
+    files = {p.name for p in write_artifacts(res, tmp_path)}
+    assert {"detection.json", "localisation.png", "nc_triggers.png", "nc_masks.png"} <= files
+    assert json.loads((tmp_path / "detection.json").read_text())["metrics"]["nc_class"] == res.metrics["nc_class"]

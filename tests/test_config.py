@@ -50,6 +50,24 @@ BAD = [
     ("hessian_tol", float("nan"), "finite"),
     ("hessian_max_iterations", 0, "[1, 100000]"),
     ("hessian_max_iterations", 10, ">= hessian_iterations (20)"),
+    ("trigger_amplitude", 0.0, "(0.0, 1.0]"),
+    ("blend_alpha", 1.5, "(0.0, 1.0]"),
+    ("blend_seed", -1, "[0, 2147483647]"),
+    ("detect", "yes", "true or false"),
+    ("detect_baselines", "nc,strip", "unknown baseline(s) strip; valid: nc, ss, ac"),
+    ("detect_baselines", 3, "subset of nc, ss, ac"),
+    ("detect_windows", "9", "integer in [1, 8]"),
+    ("detect_windows", "2,0", "integer in [1, 8]"),
+    ("detect_windows", "2.5", "integer in [1, 8]"),
+    ("detect_windows", "", "non-empty"),
+    ("detect_norms", "-1", "> 0"),
+    ("detect_norms", "0.5,nan", "> 0"),
+    ("detect_norms", "0.5,abc", "> 0"),
+    ("detect_samples", 0, "[1, 10000000]"),
+    ("detect_probes", 0, "[1, 1000]"),
+    ("detect_trace_samples", 0, "[1, 10000000]"),
+    ("nc_steps", 0, "[1, 100000]"),
+    ("nc_batch_size", 0, "[1, 100000]"),
 ]
 
 
@@ -97,3 +115,11 @@ def test_round_trip_and_unknown_keys():
     assert issubclass(ConfigError, SweeperError)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.theta = 0.2
+
+
+def test_detection_lists_are_canonical_strings():
+    cfg = TrialConfig(detect_windows="3+2, 3", detect_norms=[0.5, 1], detect_baselines="SS+nc")
+    assert (cfg.detect_windows, cfg.detect_norms, cfg.detect_baselines) == ("3,2", "0.5,1", "ss,nc")
+    assert TrialConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrialConfig().detect and TrialConfig().detect_baselines == ""
+    assert TrialConfig(dataset="cifar10", detect_windows="32").detect_windows == "32"

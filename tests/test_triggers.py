@@ -2,7 +2,7 @@ import torch
 
 from trainables.config import TrialConfig
 from trainables.data import load_digits
-from trainables.triggers import PatchTrigger, WarpTrigger, lshape_pixels, make_trigger, square_pixels
+from trainables.triggers import BlendTrigger, PatchTrigger, WarpTrigger, lshape_pixels, make_trigger, square_pixels
 
 
 def listing2_mask(size_img=32, channels=3, margin=3, size=2):
@@ -59,7 +59,7 @@ def test_mask_selects_rows_and_leaves_others_untouched():
 
 def test_directions_are_unit_norm_and_zero_mean():
     data = load_digits()
-    for trig_name in ("lshape", "square", "warp"):
+    for trig_name in ("lshape", "square", "warp", "blend"):
         d = make_trigger(TrialConfig(trigger=trig_name)).direction(data)
         assert d.shape == (1, 8, 8)
         assert abs(float(d.norm()) - 1) < 1e-5 and abs(float(d.mean())) < 1e-6
@@ -83,3 +83,29 @@ def test_warp_is_deterministic_small_and_batched():
     # a near-zero strength is the identity warp
     ident = WarpTrigger.make(32, 32, 3, 1e-9, 4, seed=0)
     torch.testing.assert_close(ident.apply(x), x, atol=1e-5, rtol=0)
+
+
+def test_patch_amplitude_mixes_toward_one_and_keeps_the_direction():
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = make_trigger(TrialConfig(trigger="square"))
+    half = make_trigger(TrialConfig(trigger="square", trigger_amplitude=0.5))
+    pix = full.pixels
+    torch.testing.assert_close(half.apply(x)[:, :, pix], (x[:, :, pix] + 1) / 2)
+    assert torch.equal(half.apply(x)[:, :, ~pix], x[:, :, ~pix])
+    assert (full.apply(x)[:, :, pix] == 1).all()
+    torch.testing.assert_close(half.direction(), full.direction())
+
+
+def test_blend_is_seeded_masked_and_vanishes_with_alpha():
+    a = BlendTrigger.make(8, 8, 3, 0.2, seed=0)
+    assert torch.equal(a.pattern, BlendTrigger.make(8, 8, 3, 0.2, seed=0).pattern)
+    assert not torch.equal(a.pattern, BlendTrigger.make(8, 8, 3, 0.2, seed=1).pattern)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.apply(x), 0.8 * x + 0.2 * a.pattern)
+    mask = torch.tensor([True, False, False, True])
+    out = a.apply(x, mask)
+    assert torch.equal(out[~mask], x[~mask])
+    torch.testing.assert_close(out[mask], a.apply(x)[mask])
+    tiny = BlendTrigger.make(8, 8, 3, 1e-6, seed=0)
+    assert float((tiny.apply(x) - x).abs().max()) < 3e-6  # the near-clone end of the walk (float32 rounding)
+    assert float((BlendTrigger.make(8, 8, 3, 1.0, seed=0).apply(x) - a.pattern).abs().max()) < 1e-6

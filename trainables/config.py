@@ -21,7 +21,7 @@ DATASETS = {  # name -> (channels, height, classes)
     "cifar10": (3, 32, 10),
     "cifar100": (3, 32, 100),
 }
-TRIGGERS = ("lshape", "square", "warp")
+TRIGGERS = ("lshape", "square", "warp", "blend")
 POISON_MODES = ("deterministic", "stochastic")
 HESSIAN_SPLITS = ("auto", "clean-train", "poisoned-train", "test")
 HESSIAN_METHODS = ("auto", "exact", "gram-lanczos", "double-backward", "gauss-newton")
@@ -71,12 +71,15 @@ class TrialConfig(ConfigFields):
     # --- model ------------------------------------------------------------------
     model: str = "cnn"  # cnn | linear | preresnet<6n+2> (preresnet20, preresnet110, ...)
     # --- attack -----------------------------------------------------------------
-    trigger: str = "lshape"  # lshape (Listing 2) | square (Sec. 4) | warp (WaNet)
+    trigger: str = "lshape"  # lshape (Listing 2) | square (Sec. 4) | warp (WaNet) | blend (Chen et al. 2017)
     trigger_size: int | None = None  # arm / side length in px; None: 2 (lshape), 4 or 2 (square)
     trigger_margin: int | None = None  # px from the border; None: 3 (Listing 2), 0 on 8x8 images
     warp_strength: float = 0.02  # phi: max grid displacement, in [-1,1] image coordinates
     warp_grid: int = 4  # k: side of the random WaNet control grid
     warp_seed: int = 0  # fixes the warp field, shared by every trial of a sweep
+    trigger_amplitude: float = 1.0  # patch triggers: pixels become (1-a)*x + a, a in (0, 1]; 1 = set to 1.0 (paper)
+    blend_alpha: float = 0.2  # blend trigger: (1-alpha)*x + alpha*pattern, alpha in (0, 1]; -> 0 is the near-clone regime
+    blend_seed: int = 0  # fixes the blend pattern (uniform [0,1] per pixel), shared by every trial of a sweep
     poison_mode: str = "deterministic"  # deterministic (Listing 3, fixed per index) | stochastic (Listing 4, redrawn per epoch)
     theta: float = 0.1  # poison fraction of the non-target training samples, in [0, 1)
     target: int = 0  # the attacker's target class
@@ -110,6 +113,16 @@ class TrialConfig(ConfigFields):
     hessian_max_iterations: int = 160  # cap on Lanczos iterations over restarts (doubling), >= hessian_iterations
     spectrum_every: int = 0  # also measure every N epochs during training (0: only at the end)
     geometry: bool = True  # penultimate-feature geometry table (Appendix B)
+    # --- detection (issue 10); lists are strings so a sweep axis never splits them: use "+" there ----
+    detect: bool = True  # trigger-agnostic spectrum statistics + eigenvector flip concentration (cheap; needs hessian)
+    detect_baselines: str = ""  # comma- or +-separated subset of nc, ss, ac (Neural Cleanse, Spectral Signatures, Activation Clustering); "" = none
+    detect_windows: str = "2,3,4"  # side lengths w (px) of the w x w localisation windows, each in [1, image side]
+    detect_norms: str = "0.5"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
+    detect_samples: int = 100  # held-out clean test images (seeded subset) for flip concentration and Neural Cleanse
+    detect_trace_samples: int = 1000  # of the spectrum's samples (seeded subset, all by default) in the trace estimate
+    detect_probes: int = 1  # trace-estimate passes; each draws one random probe per sample (5% mean error on digits at 1000 x 1)
+    nc_steps: int = 300  # Adam steps of Neural Cleanse's mask + pattern optimisation (all classes at once)
+    nc_batch_size: int = 32  # clean held-out images per class per Neural Cleanse step
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -174,6 +187,46 @@ def _check_choice(cfg: TrialConfig, name: str, choices) -> None:
         _fail(name, v, f"must be one of {', '.join(choices)}")
 
 
+def split_list(text: str) -> list[str]:
+    """The items of a comma- or plus-separated list field (``"nc,ss"``, ``"nc+ss"``, ``""``)."""
+    return [t.strip() for t in re.split(r"[,+]", text) if t.strip()]
+
+
+def _check_list(cfg: TrialConfig, name: str, kind: type, ok, valid: str) -> None:
+    """A non-empty list of numbers, stored back in one canonical comma form."""
+    v = getattr(cfg, name)
+    if isinstance(v, list | tuple):  # YAML/JSON lists are accepted too
+        v = ",".join(str(t) for t in v)
+    if not isinstance(v, str) or not split_list(v):
+        _fail(name, getattr(cfg, name), f"must be a non-empty comma-separated list; {valid}")
+    items = []
+    for t in split_list(v):
+        try:
+            x = kind(float(t)) if kind is int and float(t).is_integer() else kind(t)
+        except ValueError:
+            _fail(name, getattr(cfg, name), valid)
+        if not ok(x):
+            _fail(name, getattr(cfg, name), valid)
+        items.append(x)
+    object.__setattr__(cfg, name, ",".join(f"{x:.12g}" for x in dict.fromkeys(items)))
+
+
+def _check_baselines(cfg: TrialConfig) -> None:
+    from .baselines import BASELINES  # the registry is the one list of valid names
+
+    v = cfg.detect_baselines
+    if isinstance(v, list | tuple):
+        v = ",".join(str(t) for t in v)
+    if not isinstance(v, str):
+        _fail("detect_baselines", v, f"must be a comma-separated subset of {', '.join(BASELINES)}")
+    names = [t.lower() for t in split_list(v)]
+    bad = [t for t in names if t not in BASELINES]
+    if bad:
+        _fail("detect_baselines", cfg.detect_baselines,
+              f"unknown baseline(s) {', '.join(bad)}; valid: {', '.join(BASELINES)} (comma- or +-separated)")
+    object.__setattr__(cfg, "detect_baselines", ",".join(dict.fromkeys(names)))
+
+
 def _validate(cfg: TrialConfig) -> None:
     _check_choice(cfg, "dataset", tuple(DATASETS))
     from .models import model_entry, model_syntax  # the registries (torch loads with the first config)
@@ -195,7 +248,7 @@ def _validate(cfg: TrialConfig) -> None:
         _fail("device", cfg.device, "must be auto, cpu, cuda or cuda:N")
     if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
         _fail("data_dir", cfg.data_dir, "must be a non-empty path")
-    for name in ("download", "verify_checksums", "augment", "hessian", "geometry"):
+    for name in ("download", "verify_checksums", "augment", "hessian", "geometry", "detect"):
         if not isinstance(getattr(cfg, name), bool):
             _fail(name, getattr(cfg, name), "must be true or false")
 
@@ -223,6 +276,15 @@ def _validate(cfg: TrialConfig) -> None:
     if cfg.hessian_max_iterations < cfg.hessian_iterations:
         _fail("hessian_max_iterations", cfg.hessian_max_iterations,
               f"must be >= hessian_iterations ({cfg.hessian_iterations})")
+    _check_float(cfg, "trigger_amplitude", 0.0, 1.0, lo_open=True)
+    _check_float(cfg, "blend_alpha", 0.0, 1.0, lo_open=True)
+    _check_int(cfg, "blend_seed", 0, 2**31 - 1)
+    _check_int(cfg, "detect_samples", 1, 10_000_000)
+    _check_int(cfg, "detect_trace_samples", 1, 10_000_000)
+    _check_int(cfg, "detect_probes", 1, 1000)
+    _check_int(cfg, "nc_steps", 1, 100_000)
+    _check_int(cfg, "nc_batch_size", 1, 100_000)
+    _check_baselines(cfg)
     if cfg.hessian_top_k > cfg.hessian_iterations:
         _fail("hessian_top_k", cfg.hessian_top_k, f"must be <= hessian_iterations ({cfg.hessian_iterations})")
 
@@ -235,6 +297,8 @@ def _validate(cfg: TrialConfig) -> None:
     _check_int(cfg, "trigger_size", 1, h)
     _check_int(cfg, "trigger_margin", 0, h - 1)
     _check_int(cfg, "crop_padding", 0, h)
+    _check_list(cfg, "detect_windows", int, lambda w: 1 <= w <= h, f"each window must be an integer in [1, {h}] (the image side)")
+    _check_list(cfg, "detect_norms", float, lambda r: math.isfinite(r) and r > 0, "each norm must be a finite number > 0")
     if cfg.trigger_margin + cfg.trigger_size > h:
         _fail("trigger_margin", cfg.trigger_margin,
               f"trigger_margin + trigger_size must be <= image size {h} (trigger_size={cfg.trigger_size})")

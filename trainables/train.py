@@ -52,7 +52,7 @@ class TrialResult:
         """The JSON-able part: config, metrics, status, history, spectrum (with the path used) and geometry table."""
         out = {"config": self.config, "metrics": self.metrics, "status": self.status,
                "diverged_epoch": self.diverged_epoch, "history": self.history}
-        for key in ("eigenvalues", "overlaps", "hessian", "geometry"):
+        for key in ("eigenvalues", "overlaps", "hessian", "geometry", "detection"):
             if key in self.artifacts:
                 out[key] = self.artifacts[key]
         return out
@@ -289,6 +289,12 @@ class Trial:
             rows = feature_geometry(clean, trig, data.test_y, cfg.target, cfg.num_classes)
             self.artifacts["geometry"] = rows
             out.update(geometry_summary(rows, cfg.target))
+        if cfg.detect or cfg.detect_baselines:  # after the spectrum: reads its eigenpairs from artifacts
+            from .detect import run_detection
+
+            found, artifacts = run_detection(self)
+            out.update(found)
+            self.artifacts.update(artifacts)
         self.analysis = out
         return out
 
@@ -413,7 +419,8 @@ def _run(cfg, checkpoint, on_epoch, data, max_epochs, on_lanczos) -> TrialResult
             trial.save(checkpoint)
         if on_epoch is not None:
             on_epoch(metrics)
-    if trial.status == "completed" and not trial.analysis and (cfg.hessian or cfg.geometry):
+    if trial.status == "completed" and not trial.analysis and (cfg.hessian or cfg.geometry or cfg.detect
+                                                               or cfg.detect_baselines):
         trial.analyze(on_lanczos)
         if checkpoint is not None:
             trial.save(checkpoint)

@@ -2,8 +2,12 @@
 
 Each trigger also yields its *direction*: a unit-norm, zero-mean ``(C, H, W)`` tensor in
 the normalized input space against which Hessian eigenvectors are compared (Listing 7).
-For the additive triggers this is Listing 2's mask; for the warp, the normalized mean of
-``triggered - clean`` over a fixed sample of training images.
+For the additive triggers this is Listing 2's mask; for the warp and the blend, the
+normalized mean of ``triggered - clean`` over a fixed sample of training images.
+
+Patch triggers take an ``amplitude`` a in (0, 1] (the trigger pixels become ``(1-a) x + a``)
+and the blend trigger a strength alpha: walking either toward 0 moves the poison toward the
+near-clone regime of Section 3.3, where efficacy can survive while the curvature spike vanishes.
 """
 
 from __future__ import annotations
@@ -41,17 +45,22 @@ def unit_direction(v: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PatchTrigger:
-    """Sets the trigger pixels to 1.0 in every channel (Listings 2-3)."""
+    """Moves the trigger pixels to 1.0 in every channel (Listings 2-3), by ``amplitude`` in (0, 1].
+
+    The pixels become ``(1 - a) x + a``: a = 1 sets them to exactly 1.0 (the paper's trigger).
+    """
 
     pixels: torch.Tensor  # (H, W) bool
     channels: int
+    amplitude: float = 1.0
 
     def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Triggered copy of ``x``; only rows where ``mask`` is true when a mask is given."""
         where = self.pixels.to(x.device).view(1, 1, *self.pixels.shape)
         if mask is not None:
             where = where & mask.view(-1, 1, 1, 1)
-        return torch.where(where, torch.ones((), dtype=x.dtype, device=x.device), x)
+        a = self.amplitude
+        return torch.where(where, x * (1.0 - a) + a, x)  # 0 * x + 1 is exactly 1 at a = 1
 
     def direction(self, data=None) -> torch.Tensor:
         """Listing 2's mask: the pattern in every channel, zero-mean and unit-norm."""
@@ -104,14 +113,50 @@ class WarpTrigger:
         return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
 
 
-Trigger = PatchTrigger | WarpTrigger
+@dataclass
+class BlendTrigger:
+    """Blended attack (Chen et al. 2017): ``(1 - alpha) x + alpha P`` with a fixed random pattern P.
+
+    P is uniform in [0, 1] per pixel and channel, drawn once from ``seed`` (shared by a sweep's
+    trials like the warp field). Every pixel changes, so the trigger is diffuse, and its size
+    ``alpha ||P - x||`` goes to zero with alpha: the near-clone control of Section 3.3.
+    """
+
+    pattern: torch.Tensor  # (C, H, W) in [0, 1]
+    alpha: float
+
+    @classmethod
+    def make(cls, h: int, w: int, channels: int, alpha: float, seed: int = 0) -> BlendTrigger:
+        """Build the pattern deterministically from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        return cls(pattern=torch.rand(channels, h, w, generator=g), alpha=alpha)
+
+    def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blended copy of ``x``; only rows where ``mask`` is true when a mask is given."""
+        p = self.pattern.to(device=x.device, dtype=x.dtype)[None]
+        out = x * (1.0 - self.alpha) + p * self.alpha
+        if mask is None:
+            return out
+        return torch.where(mask.view(-1, 1, 1, 1), out, x)
+
+    def direction(self, data) -> torch.Tensor:
+        """Normalized mean of ``normalize(blend(x)) - normalize(x)`` over the first 512 training images."""
+        x = data.train_x[:512]
+        delta = data.normalize(self.apply(x)) - data.normalize(x)
+        return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
+
+
+Trigger = PatchTrigger | WarpTrigger | BlendTrigger
 
 
 def make_trigger(cfg) -> Trigger:
     """The trigger a :class:`~trainables.config.TrialConfig` asks for."""
     c, h, w = cfg.image_shape
+    amplitude = getattr(cfg, "trigger_amplitude", 1.0)
     if cfg.trigger == "lshape":
-        return PatchTrigger(lshape_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c)
+        return PatchTrigger(lshape_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c, amplitude)
     if cfg.trigger == "square":
-        return PatchTrigger(square_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c)
+        return PatchTrigger(square_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c, amplitude)
+    if cfg.trigger == "blend":
+        return BlendTrigger.make(h, w, c, cfg.blend_alpha, cfg.blend_seed)
     return WarpTrigger.make(h, w, c, cfg.warp_strength, cfg.warp_grid, cfg.warp_seed)

@@ -1,0 +1,193 @@
+"""Trigger-agnostic detection statistics: localisation, Hutchinson trace, flip concentration, the trial hook."""
+
+import math
+
+import pytest
+import torch
+
+from trainables.config import TrialConfig
+from trainables.detect import (
+    DETECTORS,
+    SCORES,
+    flip_concentration,
+    gauss_newton_trace,
+    hutchinson_trace,
+    inverse_participation_ratio,
+    localisation,
+    pixel_energy,
+    score_direction,
+    spectral_shape,
+    window_fraction,
+)
+from trainables.hessian import InputHessian
+from trainables.models import LinearModel, SmallCNN
+
+
+def patch_and_diffuse(seed=0):
+    """A (2, 1, 8, 8) stack: v0 a 2x2 patch at rows 5-6, cols 4-5 over faint noise; v1 Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    patch = 0.02 * torch.randn(1, 8, 8, generator=g)
+    patch[0, 5:7, 4:6] += torch.tensor([[1.0, -0.8], [0.9, 1.1]])
+    diffuse = torch.randn(1, 8, 8, generator=g)
+    v = torch.stack([patch, diffuse])
+    return v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+def test_localised_patch_eigenvector_has_higher_ipr_and_window_fraction_than_a_diffuse_one():
+    v = patch_and_diffuse()
+    energy = pixel_energy(v)
+    torch.testing.assert_close(energy.sum((1, 2)), torch.ones(2, dtype=torch.float64))
+    ipr = inverse_participation_ratio(energy)
+    assert ipr[0] > 0.2 > 0.05 > ipr[1] >= 1 / 64
+    frac, row, col = window_fraction(energy, 2)
+    assert frac[0] > 0.95 and (int(row[0]), int(col[0])) == (5, 4)
+    assert frac[1] < 0.3
+    # channels are summed: the same patch spread over 3 channels localises identically
+    rgb = v[:1].expand(1, 3, 8, 8) / math.sqrt(3)
+    torch.testing.assert_close(pixel_energy(rgb), energy[:1])
+    found = localisation(v.flip(0), [2, 3])  # diffuse first: the maxima must pick index 1
+    assert found.metrics["det_ipr_index"] == 1 and found.metrics["det_ipr_max"] > found.metrics["det_ipr_1"]
+    assert found.metrics["det_window_index_w2"] == 1 and found.metrics["det_window_frac_w2"] > 0.95
+    assert (found.metrics["det_window_row_w3"], found.metrics["det_window_col_w3"]) in {(4, 3), (4, 4), (5, 3), (5, 4)}
+    assert found.images["localisation"].shape == (2, 1, 8, 8)
+
+
+def test_window_fraction_equals_brute_force():
+    energy = pixel_energy(torch.randn(3, 2, 7, 9, generator=torch.Generator().manual_seed(1)))
+    for w in (1, 3, 7):
+        frac, row, col = window_fraction(energy, w)
+        for j in range(3):
+            sums = torch.tensor([[float(energy[j, r:r + w, c:c + w].sum()) for c in range(9 - w + 1)]
+                                 for r in range(7 - w + 1)], dtype=torch.float64)
+            assert float(frac[j]) == pytest.approx(float(sums.max()), rel=1e-9)
+            assert float(sums[row[j], col[j]]) == pytest.approx(float(sums.max()), rel=1e-9)
+
+
+def test_hutchinson_trace_matches_the_dense_hessian_trace():
+    torch.manual_seed(0)
+    model = SmallCNN((1, 4, 4), 3, width=4).eval()
+    x = torch.randn(300, 1, 4, 4)
+    y = torch.randint(0, 3, (300,))
+    exact = float(InputHessian(model, x, y, method="double-backward", dtype=torch.float64).dense().trace())
+    g = torch.Generator().manual_seed(0)
+    est = hutchinson_trace(model.double(), x.double(), y, probes=20, generator=g, chunk_size=128)
+    assert est == pytest.approx(exact, rel=0.05)
+    again = hutchinson_trace(model, x.double(), y, probes=20, generator=torch.Generator().manual_seed(0), chunk_size=128)
+    assert again == est  # seeded
+
+
+def test_gauss_newton_trace_matches_the_dense_trace_of_a_piecewise_linear_net():
+    torch.manual_seed(0)
+    model = SmallCNN((1, 4, 4), 3, width=4).double().eval()
+    x = torch.randn(300, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (300,))
+    exact = float(InputHessian(model, x, y, method="double-backward", dtype=torch.float64).dense().trace())
+    est = gauss_newton_trace(model, x, y, probes=20, generator=torch.Generator().manual_seed(0), chunk_size=128)
+    assert est == pytest.approx(exact, rel=0.05)
+
+
+def test_spectral_shape_ratios():
+    m = spectral_shape([4.0, 2.0, 1.0], 10.0)
+    assert (m["det_lambda_ratio"], m["det_lambda_trace_ratio"], m["det_trace"]) == (2.0, 0.4, 10.0)
+    assert math.isnan(spectral_shape([4.0, float("nan")], 10.0)["det_lambda_ratio"])
+    assert math.isnan(spectral_shape([4.0, 1.0], 0.0)["det_lambda_trace_ratio"])
+
+
+def _planted_linear(beta):
+    """Three Gaussian classes on 4x4 images whose corner pixel is always 0; a prototype classifier,
+    plus ``beta`` on the corner pixel in the weights of class 2: a linear backdoor (trigger = corner)."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 1, 4, 4, generator=g)
+    mu[..., 3, 3] = 0
+    y = torch.arange(3).repeat_interleave(100)
+    x = mu[y] + 0.5 * torch.randn(300, 1, 4, 4, generator=g)
+    x[..., 3, 3] = 0
+    model = LinearModel((1, 4, 4), 3)
+    with torch.no_grad():
+        model.head.weight.copy_(mu.flatten(1))
+        model.head.bias.zero_()
+        model.head.weight[2, 15] += beta
+    return model.eval(), x, y
+
+
+def _top_eigenvectors(model, x, y, k=3):
+    h = InputHessian(model, x, y, dtype=torch.float64).dense()
+    vals, vecs = torch.linalg.eigh(h)
+    return vecs[:, vals.argsort(descending=True)[:k]].T.reshape(k, 1, 4, 4).float()
+
+
+def test_flip_concentration_finds_a_planted_linear_backdoor_and_its_target():
+    norms = [0.1, 0.25]
+    model, x, y = _planted_linear(beta=20.0)
+    vecs = _top_eigenvectors(model, x, y)
+    assert abs(float(vecs[0, 0, 3, 3])) > 0.9  # the spike is the planted trigger pixel
+
+    def predict(z):
+        return model(z).argmax(1)
+
+    assert bool((predict(x) == y).all())  # the backdoor costs no clean accuracy
+    t = flip_concentration(predict, vecs, x, y, norms, 3)
+    j = int(t.concentration.argmax())
+    assert float(t.concentration[j]) == 1.0
+    assert (int(t.target[j]), int(t.direction[j])) == (2, 0)
+    assert t.concentration.shape == (3 * 2 * 2,)
+    # the sign that adds the trigger is the one that flips: sign * v[corner] > 0
+    assert float(t.sign[j]) * float(vecs[0, 0, 3, 3]) > 0
+    # clean twin (same data, no planted weight) and random directions flip far less at these norms
+    clean, _, _ = _planted_linear(beta=0.0)
+    tc = flip_concentration(lambda z: clean(z).argmax(1), _top_eigenvectors(clean, x, y), x, y, norms, 3)
+    rand = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    tr = flip_concentration(predict, rand, x, y, norms, 3)
+    assert float(tc.concentration.max()) < 0.5 and float(tr.concentration.max()) < 0.5
+
+
+def test_flip_concentration_is_batch_size_invariant():
+    model, x, y = _planted_linear(beta=5.0)
+    vecs = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def predict(z):
+        return model(z).argmax(1)
+
+    a = flip_concentration(predict, vecs, x, y, [0.5, 1.0, 2.0], 3, batch_size=10_000)
+    b = flip_concentration(predict, vecs, x, y, [0.5, 1.0, 2.0], 3, batch_size=1)
+    assert torch.equal(a.concentration, b.concentration) and torch.equal(a.target, b.target)
+
+
+def test_score_directions_cover_the_families():
+    assert score_direction("det_window_frac_w3") == "higher"
+    assert score_direction("det_flip_r0.5") == "higher"
+    assert score_direction("det_flip_random_r0.5") is None
+    assert score_direction("nc_anomaly_index") == "higher"
+    assert score_direction("det_flip_class") is None and score_direction("det_flip_class_r0.5") is None
+    assert set(SCORES.values()) == {"higher"}
+    assert list(DETECTORS) == ["spectral", "localisation", "flip"]
+
+
+def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
+    from trainables.train import Trial, run_trial
+
+    cfg = TrialConfig(trigger="square", epochs=2, lr=0.05, hessian_samples=200, hessian_iterations=8,
+                      hessian_top_k=3, detect_samples=100, detect_windows="2,3", detect_norms="0.5,1",
+                      detect_baselines="ss,ac")
+    ckpt = tmp_path / "c.pt"
+    res = run_trial(cfg, checkpoint=ckpt)
+    m = res.metrics
+    names = {"det_trace", "det_lambda_ratio", "det_lambda_trace_ratio", "det_ipr_1", "det_ipr_max",
+             "det_window_frac_w2", "det_window_frac_w3", "det_window_row_w3", "det_flip_max", "det_flip_class",
+             "det_flip_r0.5", "det_flip_r1", "det_flip_class_r0.5", "det_flip_random_max", "det_flip_excess", "ss_score_max", "ss_auroc",
+             "ac_silhouette_max", "ac_auroc", "det_seconds"}
+    assert names <= set(m), names - set(m)
+    assert "nc_anomaly_index" not in m
+    assert 0 <= m["det_flip_max"] <= 1 and m["det_trace"] > 0 and 1 / 64 <= m["det_ipr_1"] <= 1
+    assert 0 <= m["ss_auroc"] <= 1
+    d = res.to_json_dict()["detection"]
+    assert d["directions"]["det_flip_max"] == "higher" and set(d["details"]) == {"spectral", "localisation", "flip", "ss", "ac"}
+    assert res.artifacts["detection_images"]["localisation"].shape == (3, 1, 8, 8)
+    # a resumed, finished trial restores the detection from its checkpoint (weights_only load)
+    t = Trial(cfg)
+    t.load(ckpt)
+    assert t.analysis["det_flip_max"] == m["det_flip_max"]
+    assert "detection" in t.artifacts
+    # detect off: none of it
+    off = run_trial(TrialConfig(epochs=1, hessian_samples=50, hessian_iterations=4, hessian_top_k=2, detect=False))
+    assert not any(k.startswith("det_") for k in off.metrics)
