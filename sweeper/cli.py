@@ -39,13 +39,6 @@ _D = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
 DatasetName = Enum("DatasetName", {k.replace("-", "_"): k for k in DATASETS}, type=str)
 
 
-class TriggerName(str, Enum):
-    lshape = "lshape"
-    square = "square"
-    warp = "warp"
-    blend = "blend"
-
-
 class PoisonMode(str, Enum):
     stochastic = "stochastic"
     deterministic = "deterministic"
@@ -97,7 +90,7 @@ def trial(
     download: Annotated[bool, _opt("Download missing dataset files (needs internet).")] = _D["download"],
     verify_checksums: Annotated[bool, _opt("Check every dataset file against its published md5.")] = _D["verify_checksums"],
     model: Annotated[str, _opt("A registered model: cnn | linear | preresnet<6n+2> (preresnet20, preresnet110).")] = _D["model"],
-    trigger: Annotated[TriggerName, _opt("Backdoor trigger.")] = _D["trigger"],
+    trigger: Annotated[str, _opt("A registered backdoor trigger: lshape, square, warp, blend.")] = _D["trigger"],
     trigger_size: Annotated[int | None, _opt("Trigger arm/side in px [default: 2 for lshape; square 4, or 2 on 8x8].", min=1)] = None,
     trigger_margin: Annotated[int | None, _opt("Trigger distance from the border in px [default: 3 for lshape, 1 for square; 0 on 8x8].", min=0)] = None,
     warp_strength: Annotated[float, _opt("WaNet strength phi: displacement in [-1,1] image coordinates, in (0, 1].")] = _D["warp_strength"],

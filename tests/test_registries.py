@@ -14,6 +14,7 @@ from trainables import TRIAL_KINDS, TrialConfig, trial_kind
 from trainables.config import ConfigError
 from trainables.models import MODELS, ModelEntry, register_model
 from trainables.penalty import PENALTIES, register_penalty
+from trainables.triggers import TRIGGERS, PatchTrigger, TriggerEntry, register_trigger
 
 
 class ToyMLP(nn.Module):
@@ -42,6 +43,19 @@ def toy_model():
 
 
 @pytest.fixture
+def toy_trigger():
+    def dot(cfg):  # one bright pixel in the image centre
+        c, h, w = cfg.image_shape
+        pix = torch.zeros(h, w, dtype=torch.bool)
+        pix[h // 2, w // 2] = True
+        return PatchTrigger(pix, c)
+
+    register_trigger(TriggerEntry("dot", dot, lambda small: (1, 0)))
+    yield "dot"
+    TRIGGERS.pop("dot")
+
+
+@pytest.fixture
 def toy_penalty():
     def half_listing1(model, x, y, kappa):
         from trainables.penalty import input_grad_sq
@@ -66,6 +80,18 @@ def test_a_model_registered_outside_the_package_validates_plans_and_trains(toy_m
     assert d["status"] == "completed" and d["config"]["model"] == "toymlp" and len(d["eigenvalues"]) == 2
 
 
+def test_a_trigger_registered_outside_the_package_validates_plans_and_poisons(toy_trigger, tmp_path, capsys):
+    cfg = TrialConfig(trigger=toy_trigger, epochs=1)
+    assert (cfg.trigger_size, cfg.trigger_margin) == (1, 0)  # the entry's default geometry
+    assert main(["plan", "--trigger", "dot,square", "--epochs", "1", "--theta", "0.1", "--kappa", "0"]) == 0
+    assert "2 trials" in capsys.readouterr().out
+    out = tmp_path / "t.json"
+    assert main(["trial", "--trigger", toy_trigger, "--theta", "0.2", "--epochs", "1", "--no-hessian", "--no-geometry",
+                 "--json", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    d = json.loads(out.read_text())
+    assert d["config"]["trigger"] == "dot" and d["metrics"]["n_poisoned"] > 0
+
+
 def test_unknown_names_list_the_registered_ones(toy_model, capsys):
     with pytest.raises(ConfigError, match="toymlp"):
         TrialConfig(model="vgg")
@@ -73,6 +99,8 @@ def test_unknown_names_list_the_registered_ones(toy_model, capsys):
     assert "must be one of listing1, eq25" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="network, kernel, linear"):
         trial_kind("gp")
+    with pytest.raises(ConfigError, match="lshape, square, warp, blend"):
+        TrialConfig(trigger="star")
 
 
 def test_a_registered_penalty_is_used_by_name_never_silently_replaced(toy_penalty):

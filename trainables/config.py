@@ -21,7 +21,6 @@ DATASETS = {  # name -> (channels, height, classes)
     "cifar10": (3, 32, 10),
     "cifar100": (3, 32, 100),
 }
-TRIGGERS = ("lshape", "square", "warp", "blend")
 POISON_MODES = ("deterministic", "stochastic")
 HESSIAN_SPLITS = ("auto", "clean-train", "poisoned-train", "test")
 HESSIAN_METHODS = ("auto", "exact", "gram-lanczos", "double-backward", "gauss-newton")
@@ -144,13 +143,14 @@ class TrialConfig(ConfigFields):
 def _derived_default(cfg: TrialConfig, key: str) -> Any:
     small = cfg.image_shape[1] < 16
     if key == "lr":
-        return 0.1 if cfg.model.startswith("preresnet") else 0.01
-    if key == "trigger_size":
-        return 2 if (cfg.trigger != "square" or small) else 4
-    if key == "trigger_margin":
-        if cfg.trigger == "square":
-            return 0 if small else 1
-        return 0 if small else 3
+        from .models import model_entry
+
+        return model_entry(cfg.model).lr  # the model registry's default
+    if key in ("trigger_size", "trigger_margin"):
+        from .triggers import TRIGGERS
+
+        size, margin = TRIGGERS[cfg.trigger].size_margin(small)  # the trigger registry's default geometry
+        return size if key == "trigger_size" else margin
     if key == "batch_size":
         return 32 if cfg.dataset == "digits" else 128
     if key == "crop_padding":
@@ -238,7 +238,9 @@ def _validate(cfg: TrialConfig) -> None:
         model_entry(cfg.model)
     except ValueError:
         _fail("model", cfg.model, f"must be {model_syntax()}")
-    _check_choice(cfg, "trigger", TRIGGERS)
+    from .triggers import TRIGGERS
+
+    _check_choice(cfg, "trigger", tuple(TRIGGERS))
     _check_choice(cfg, "poison_mode", POISON_MODES)
     _check_choice(cfg, "penalty", tuple(PENALTIES))
     _check_choice(cfg, "hessian_split", HESSIAN_SPLITS)

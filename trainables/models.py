@@ -123,6 +123,7 @@ class ModelEntry:
     accepts: Callable[[str], bool]  # whether a model name belongs to this family (preresnet20, preresnet110...)
     cost: Callable[[str], float]  # rough CPU seconds per training sample on a 3x32x32 image (sweeper plan)
     syntax: str  # how its names read in messages: cnn, preresnet<6n+2>
+    lr: float = 0.01  # default SGD learning rate (0.05 diverges for the small nets on digits at kappa >= 10)
 
 
 MODELS: dict[str, ModelEntry] = {}
@@ -165,4 +166,5 @@ register_model(ModelEntry("linear", lambda n, s, k: LinearModel(s, k), lambda n:
                           lambda n: 2e-5 * 48, "linear"))
 register_model(ModelEntry("preresnet", lambda n, s, k: PreResNet(_preresnet_depth(n), s, k),
                           lambda n: _preresnet_depth(n) is not None,
-                          lambda n: 2.1e-3 / 20 * _preresnet_depth(n), "preresnet<depth = 6n+2 >= 8> (e.g. preresnet20)"))
+                          lambda n: 2.1e-3 / 20 * _preresnet_depth(n), "preresnet<depth = 6n+2 >= 8> (e.g. preresnet20)",
+                          lr=0.1))  # Sec. 5

@@ -12,7 +12,9 @@ near-clone regime of Section 3.3, where efficacy can survive while the curvature
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,14 +151,42 @@ class BlendTrigger:
 Trigger = PatchTrigger | WarpTrigger | BlendTrigger
 
 
+@dataclass(frozen=True)
+class TriggerEntry:
+    """A trigger in the registry: how a config builds it, and its default geometry."""
+
+    name: str
+    build: Callable[[Any], Trigger]  # TrialConfig -> Trigger
+    size_margin: Callable[[bool], tuple[int, int]] = lambda small: (2, 0 if small else 3)  # px; small: 8x8 images
+
+
+TRIGGERS: dict[str, TriggerEntry] = {}
+
+
+def register_trigger(entry: TriggerEntry) -> TriggerEntry:
+    """Add a trigger: config validation, its default size/margin, the CLI and every trial read this."""
+    TRIGGERS[entry.name] = entry
+    return entry
+
+
 def make_trigger(cfg) -> Trigger:
-    """The trigger a :class:`~trainables.config.TrialConfig` asks for."""
-    c, h, w = cfg.image_shape
-    amplitude = getattr(cfg, "trigger_amplitude", 1.0)
-    if cfg.trigger == "lshape":
-        return PatchTrigger(lshape_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c, amplitude)
-    if cfg.trigger == "square":
-        return PatchTrigger(square_pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c, amplitude)
-    if cfg.trigger == "blend":
-        return BlendTrigger.make(h, w, c, cfg.blend_alpha, cfg.blend_seed)
-    return WarpTrigger.make(h, w, c, cfg.warp_strength, cfg.warp_grid, cfg.warp_seed)
+    """The trigger a :class:`~trainables.config.TrialConfig` asks for (by its registry name)."""
+    if cfg.trigger not in TRIGGERS:
+        raise ValueError(f"trigger={cfg.trigger!r} is invalid: must be one of {', '.join(TRIGGERS)}")
+    return TRIGGERS[cfg.trigger].build(cfg)
+
+
+def _patch(pixels):
+    def build(cfg) -> Trigger:
+        c, h, w = cfg.image_shape
+        return PatchTrigger(pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c, getattr(cfg, "trigger_amplitude", 1.0))
+    return build
+
+
+register_trigger(TriggerEntry("lshape", _patch(lshape_pixels)))  # Listing 2: arm 2, margin 3 (0 on 8x8)
+register_trigger(TriggerEntry("square", _patch(square_pixels),  # Sec. 4: 4x4, 1 px from the corner (2x2, 0 on 8x8)
+                              lambda small: (2, 0) if small else (4, 1)))
+register_trigger(TriggerEntry("warp", lambda cfg: WarpTrigger.make(
+    cfg.image_shape[1], cfg.image_shape[2], cfg.image_shape[0], cfg.warp_strength, cfg.warp_grid, cfg.warp_seed)))
+register_trigger(TriggerEntry("blend", lambda cfg: BlendTrigger.make(
+    cfg.image_shape[1], cfg.image_shape[2], cfg.image_shape[0], cfg.blend_alpha, cfg.blend_seed)))
