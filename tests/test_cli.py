@@ -178,3 +178,12 @@ def test_trial_with_every_baseline_end_to_end(tmp_path, capsys):
     files = {p.name for p in write_artifacts(res, tmp_path)}
     assert {"detection.json", "localisation.png", "nc_triggers.png", "nc_masks.png"} <= files
     assert json.loads((tmp_path / "detection.json").read_text())["metrics"]["nc_class"] == res.metrics["nc_class"]
+
+
+def test_set_beats_config_file_and_flags_in_trial(tmp_path, capsys):
+    cfgf = tmp_path / "trial.yaml"
+    cfgf.write_text("lr: 0.02\nepochs: 1\nhessian: false\ngeometry: false\n")
+    out = tmp_path / "r.json"
+    code, _, err = run(["trial", "--config", str(cfgf), "--lr", "0.03", "--set", "lr=0.05", "--json", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["config"]["lr"] == 0.05

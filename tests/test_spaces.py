@@ -69,3 +69,22 @@ def test_seeds_and_cost():
     spec = SweepSpec(axes={"kappa": [0.0, 100.0]}, fixed={"epochs": 15})
     a, b = (estimate_seconds(c) for c in spec.configs())
     assert 0 < a < b  # the penalty costs extra
+
+
+def test_one_merge_order_everywhere_defaults_file_flags_set(tmp_path):
+    from sweeper.spaces import build_search_spec, build_spec, trial_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 0.02\nkappa: 5\nepochs: 3\n")
+    # trial: the file beats the defaults, a flag beats the file, --set beats the flag
+    cfg = trial_config("network", cfg_file, {"kappa": 7.0}, ["lr=0.05", "kappa=9"])
+    assert (cfg.lr, cfg.kappa, cfg.epochs) == (0.05, 9.0, 3)
+    assert trial_config("network", cfg_file, {"lr": 0.03}, None).lr == 0.03
+    # run / plan: the sweep file, then flags, then --set
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\ngrid: {kappa: [0, 1]}\nfixed: {epochs: 4, lr: 0.02}\n")
+    spec, name = build_spec(sweep, {"kappa": "2,3"}, None, ["kappa=5,6,7", "lr=0.04"])
+    assert name == "s" and spec.axes["kappa"] == [5.0, 6.0, 7.0] and spec.fixed["lr"] == 0.04 and spec.fixed["epochs"] == 4
+    # search: the defaults, then flags, then --set
+    search = build_search_spec({"kappa": "log:10:100"}, ["kappa=3"])
+    assert search.fixed["kappa"] == 3.0 and "kappa" not in search.continuous
