@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .screening import Detection
+
 # "higher": a larger value is more suspicious (see trainables.detect.SCORES for the cheap statistics).
 SCORES: dict[str, str] = {
     "nc_anomaly_index": "higher",  # MAD anomaly index of the smallest reversed mask (Wang et al.: > 2 flags)
@@ -152,8 +154,6 @@ def cleanse_summary(res: CleanseResult) -> dict[str, float]:
 
 def nc_baseline(ctx):
     """Registry entry: Neural Cleanse on the clean held-out images."""
-    from .detect import Detection
-
     raw, _ = ctx.heldout
     res = neural_cleanse(ctx.model, raw, ctx.normalize, ctx.num_classes, ctx.cfg.nc_steps, ctx.cfg.nc_batch_size,
                          ctx.generator(19))
@@ -222,8 +222,6 @@ def _data_level_auroc(prefix: str, scores: torch.Tensor, labels: torch.Tensor, p
 
 def ss_baseline(ctx):
     """Registry entry: Spectral Signatures on the training set as trained."""
-    from .detect import Detection
-
     _, labels = ctx.train_as_trained
     m, scores = spectral_signatures(ctx.train_features, labels, ctx.poison_mask, ctx.num_classes, ctx.cfg.target)
     return Detection(metrics=m, details={"score_quantiles": _quantiles(scores)})
@@ -311,8 +309,6 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, poison: 
 
 def ac_baseline(ctx):
     """Registry entry: Activation Clustering on the training set as trained."""
-    from .detect import Detection
-
     _, labels = ctx.train_as_trained
     m, scores = activation_clustering(ctx.train_features, labels, ctx.poison_mask, ctx.num_classes, ctx.cfg.target,
                                       seed=ctx.cfg.seed)
