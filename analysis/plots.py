@@ -266,3 +266,50 @@ def plot_lag(lag: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_title("detectability lag (NaN: level never reached)", fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, out, "detectability_lag")
+
+
+def plot_detection(table: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
+    """Per cell of defence settings: ASR vs theta beside AUROC vs theta per statistic (95% bootstrap
+    bands; oracles dashed), and the ROC curves at the largest theta — the detectability lag made visible."""
+    from .detect import roc_points
+
+    cells = [c for c in table.columns if c not in {"theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc",
+                                                   "auroc_lo", "auroc_hi", "tpr_at_5fpr", "asr", "clean_acc"}]
+    paths = []
+    groups = table.groupby(cells, dropna=False, sort=True) if cells else [((), table)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        cell = dict(zip(cells, key, strict=True))
+        tag = "_".join(f"{k}-{v:g}" if isinstance(v, float) else f"{k}-{v}" for k, v in cell.items())
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        first = g.drop_duplicates("theta").sort_values("theta")
+        axes[0].plot(first["theta"], first["asr"], marker="o", color="k", label="ASR")
+        axes[0].plot(first["theta"], first["clean_acc"], marker=".", color="0.6", label="clean acc.")
+        axes[0].axhline(0.5, ls=":", color="0.7")
+        axes[0].set_xlabel("poison fraction θ")
+        axes[0].set_ylim(-0.02, 1.02)
+        axes[0].legend(fontsize=7)
+        axes[0].set_title("attack", fontsize=9)
+        tmax = float(g["theta"].max())
+        for stat, part in g.groupby("statistic", sort=True):
+            part = part.sort_values("theta")
+            oracle = bool(part["oracle"].iloc[0])
+            line, = axes[1].plot(part["theta"], part["auroc"], marker="o", ls="--" if oracle else "-",
+                                 label=stat + (" (oracle)" if oracle else ""))
+            axes[1].fill_between(part["theta"], part["auroc_lo"], part["auroc_hi"], color=line.get_color(), alpha=0.12)
+            f, t = roc_points(df, stat, tmax, cell)
+            axes[2].plot(f, t, ls="--" if oracle else "-", color=line.get_color())
+        axes[1].axhline(0.9, ls=":", color="0.7")
+        axes[1].axhline(0.5, ls=":", color="0.85")
+        axes[1].set_xlabel("poison fraction θ")
+        axes[1].set_ylabel("AUROC (poisoned vs clean models)")
+        axes[1].set_ylim(0.0, 1.02)
+        axes[1].legend(fontsize=6)
+        axes[1].set_title("detection", fontsize=9)
+        axes[2].plot([0, 1], [0, 1], color="0.8", lw=1)
+        axes[2].set_xlabel("false-positive rate")
+        axes[2].set_ylabel("true-positive rate")
+        axes[2].set_title(f"ROC at θ = {tmax:g}", fontsize=9)
+        fig.suptitle(f"detection over model populations {tag}".strip(), fontsize=9)
+        paths += save_figure(fig, out, f"detection{'_' + tag if tag else ''}")
+    return paths

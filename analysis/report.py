@@ -17,6 +17,7 @@ from trainables import trial_kind
 from trainables.config import SweeperError
 
 from . import plots
+from .detect import detectability_lag as detect_lag
 from .pareto import frontier
 from .results import (
     completed,
@@ -35,6 +36,24 @@ SHOW = ["theta", "kappa", "augment", "epochs", "seed", "status", "clean_acc", "a
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
+
+
+def _detection(df: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+    """The population detection table, or None and the reason (what to add to the sweep)."""
+    from .detect import detection_table
+
+    try:
+        return detection_table(df), ("AUROC of telling poisoned from clean models per θ, 95% bootstrap interval "
+                                     "over models, TPR at 5% FPR; oracle rows need the trigger")
+    except SweeperError as e:
+        return None, f"not scored: {e}"
+
+
+def _detection_summary(table: pd.DataFrame) -> pd.DataFrame:
+    t = table.copy()
+    t["AUROC [95% CI]"] = [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in zip(t["auroc"], t["auroc_lo"], t["auroc_hi"], strict=True)]
+    keep = [c for c in t.columns if c not in ("auroc", "auroc_lo", "auroc_hi", "clean_acc")]
+    return t[keep]
 
 
 def sweep_summary(rows: list[dict[str, Any]] | pd.DataFrame, varying: list[str],
@@ -174,6 +193,9 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
     lag = plots.detectability_lag(df)
     if not lag.empty:
         figures += plots.plot_lag(lag, out)
+    detection, detect_note = _detection(df)
+    if detection is not None:
+        figures += plots.plot_detection(detection, df, out)
     problems = unfinished(df)
     df.to_csv(out / "results.csv", index=False)
     counts = df["status"].value_counts().to_dict()
@@ -185,7 +207,14 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
         ("Safety–efficacy frontier" + (f" (per {', '.join(group)})" if group else ""), what, front[[c for c in shown if c in front.columns]]),
         ("Table 1: accuracy / ASR (%) per epochs × κ at the largest θ", "", plots.table1(df)),
         ("Table 2: max overlap² with the trigger and its eigenvector index", "", plots.table2(df)),
-        ("Detectability lag", "θ for ASR ≥ 0.5 vs θ for overlap² > clean mean + 3σ", lag),
+        ("Detection over model populations", detect_note,
+         _detection_summary(detection) if detection is not None else None),
+        ("Detectability lag (populations)", "per statistic: the smallest θ with mean ASR ≥ 0.5 against the "
+         "smallest θ whose AUROC lower 95% bound ≥ 0.9",
+         detect_lag(detection) if detection is not None else None),
+        ("Detectability lag (single clean model, kept for comparison)",
+         "θ for ASR ≥ 0.5 vs θ for overlap² > clean mean + 3σ; with one clean model σ = 0, so this is no statistic",
+         lag),
         ("Not completed (diverged / failed / interrupted / pending)", "",
          problems[[c for c in shown + ["error"] if c in problems.columns]] if not problems.empty else problems),
         ("All trials", "", df[shown]),

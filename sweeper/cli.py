@@ -320,6 +320,28 @@ def frontier_cmd(
 
 
 @app.command()
+def detect(
+    name: Annotated[str, typer.Argument(help="Sweep name: clean (theta 0) and poisoned models, several seeds each.")],
+    statistics: Annotated[str | None, typer.Option(help="Comma-separated statistics [default: every detection score in the results, then the oracles].", show_default=False)] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the AUROC's 95% interval.", min=100, max=100_000)] = 1000,
+    csv: Annotated[Path | None, typer.Option(help="Also write the table as CSV here (refuses to overwrite).", show_default=False)] = None,
+    storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
+    source: Annotated[str, typer.Option(help="auto (MLflow, else the Ray folder), mlflow or ray.")] = "auto",
+) -> dict[str, Any]:
+    """Score every detection statistic over the sweep's populations of models: AUROC [95% CI] and TPR at
+    5% FPR per statistic x theta x defence settings, and the detectability lag."""
+    from analysis.detect import detect_sweep
+
+    if csv is not None and csv.exists():
+        raise SweeperError(f"--csv {csv} already exists; refusing to overwrite it")
+    res = detect_sweep(name, storage, mlflow_uri, source, statistics, bootstrap)
+    typer.echo(res["text"])
+    if csv is not None:
+        res["table"].to_csv(csv, index=False)
+    return {"table": res["table"], "lag": res["lag"]}
+
+
+@app.command()
 def report(
     name: Annotated[str, typer.Argument(help="Sweep name.")],
     out: Annotated[Path | None, typer.Option(help="Folder for figures and summary [default: <storage>/<name>-report].", show_default=False)] = None,

@@ -1,0 +1,216 @@
+"""Detection scored like the field scores it: AUROC over populations of models.
+
+A detection statistic is judged over many models, as in the Trojan Detection Challenge (NeurIPS
+2022) and TrojAI: for every cell of defence settings (kappa, augmentation, epochs, model, dataset,
+trigger... every config field that varies except theta and the seed), the poisoned models at one
+theta > 0 against the clean models (theta = 0) of the same cell:
+
+* **AUROC** (scikit-learn's ``roc_auc_score``) with a **bootstrap 95% interval** over models
+  (resampled with replacement within the poisoned and the clean group, seeded, percentile interval);
+* **TPR at 5% FPR** (the largest true-positive rate of ``roc_curve`` whose false-positive rate is
+  at most 0.05).
+
+Directions are fixed in advance, never chosen per cell to maximise the AUROC: every statistic is
+oriented so that higher means more suspicious by the registry of the trial code
+(:func:`trainables.detect.score_direction`); the known-trigger overlap (``max_overlap_sq``,
+``overlap_sq``) is included as an **oracle** row, marked as such (a defender cannot compute it).
+
+The **detectability lag** per cell: the smallest theta whose mean ASR >= 0.5 against, per
+statistic, the smallest theta whose AUROC's lower bound >= 0.9.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainables.config import SweeperError
+
+from .results import CONFIG_FIELDS, completed
+
+ORACLES = ("max_overlap_sq", "overlap_sq")  # need the trigger: upper references, not detectors
+NOT_DEFENCE = {"theta", "seed", "data_dir", "download", "verify_checksums", "device", "threads", "kind"}
+
+
+def detection_statistics(df: pd.DataFrame) -> list[str]:
+    """Score columns present in ``df`` (registry direction "higher"), then the oracles."""
+    from trainables.detect import score_direction
+
+    scores = [c for c in df.columns if score_direction(c) == "higher" and df[c].notna().any()]
+    return sorted(scores) + [o for o in ORACLES if o in df.columns and df[o].notna().any()]
+
+
+def defence_fields(df: pd.DataFrame) -> list[str]:
+    """The config fields that vary among the trials, theta and the seed excepted: a cell is one combination."""
+    return [c for c in CONFIG_FIELDS if c in df.columns and c not in NOT_DEFENCE
+            and df[c].map(lambda v: v if isinstance(v, int | float | str | bool) else str(v)).nunique(dropna=False) > 1]
+
+
+def auroc_with_ci(poisoned: np.ndarray, clean: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float, float]:
+    """AUROC of telling ``poisoned`` scores from ``clean`` ones, with a stratified bootstrap percentile
+    interval over models. NaN scores are dropped; NaN when either group is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    p = np.asarray(poisoned, dtype=float)
+    c = np.asarray(clean, dtype=float)
+    p, c = p[~np.isnan(p)], c[~np.isnan(c)]
+    if len(p) == 0 or len(c) == 0:
+        return math.nan, math.nan, math.nan
+    y = np.r_[np.ones(len(p)), np.zeros(len(c))]
+    auc = float(roc_auc_score(y, np.r_[p, c]))
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for b in range(n_boot):  # resample models within each group: both stay present
+        bp = p[rng.integers(0, len(p), len(p))]
+        bc = c[rng.integers(0, len(c), len(c))]
+        boots[b] = roc_auc_score(y, np.r_[bp, bc])
+    lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return auc, float(lo), float(hi)
+
+
+def tpr_at_fpr(poisoned: np.ndarray, clean: np.ndarray, fpr: float = 0.05) -> float:
+    """The largest true-positive rate whose false-positive rate is at most ``fpr``."""
+    from sklearn.metrics import roc_curve
+
+    p = np.asarray(poisoned, dtype=float)
+    c = np.asarray(clean, dtype=float)
+    p, c = p[~np.isnan(p)], c[~np.isnan(c)]
+    if len(p) == 0 or len(c) == 0:
+        return math.nan
+    f, t, _ = roc_curve(np.r_[np.ones(len(p)), np.zeros(len(c))], np.r_[p, c])
+    return float(t[f <= fpr + 1e-12].max())
+
+
+def check_population(df: pd.DataFrame) -> None:
+    """A sweep that cannot be scored gets a message saying what to add, not an empty table."""
+    ok = completed(df)
+    if ok.empty or "theta" not in ok.columns:
+        raise SweeperError("no completed network trials to score; run a sweep with --theta 0,... --seeds N first")
+    if not (ok["theta"] == 0).any():
+        raise SweeperError("detection needs clean models: add theta 0 to the grid (e.g. --theta 0,0.05,0.1)")
+    if not (ok["theta"] > 0).any():
+        raise SweeperError("detection needs poisoned models: add a theta > 0 (e.g. --theta 0,0.05,0.1)")
+    if "seed" not in ok.columns or ok["seed"].nunique() < 2:
+        raise SweeperError("detection is scored over populations of models: add seeds (e.g. --seeds 10)")
+    if not detection_statistics(ok):
+        raise SweeperError("the trials carry no detection statistic: run them with --detect (the default) "
+                           "or --detect-baselines nc,ss,ac")
+
+
+def detection_table(df: pd.DataFrame, statistics: Sequence[str] | None = None, n_boot: int = 1000,
+                    seed: int = 0) -> pd.DataFrame:
+    """One row per (cell, theta > 0, statistic): n_poisoned, n_clean, auroc, auroc_lo, auroc_hi,
+    tpr_at_5fpr, oracle, and the cell's mean ASR and clean accuracy at that theta."""
+    check_population(df)
+    ok = completed(df)
+    stats = list(statistics) if statistics else detection_statistics(ok)
+    missing = [s for s in stats if s not in ok.columns]
+    if missing:
+        raise SweeperError(f"--statistics: {missing} not in the results; available: {detection_statistics(ok)}")
+    cells = defence_fields(ok)
+    rows: list[dict[str, Any]] = []
+    groups = ok.groupby(cells, dropna=False, sort=True) if cells else [((), ok)]
+    for key, cell in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        clean = cell[cell["theta"] == 0]
+        if clean.empty:
+            continue
+        for theta, pois in cell[cell["theta"] > 0].groupby("theta", sort=True):
+            for s in stats:
+                auc, lo, hi = auroc_with_ci(pois[s].to_numpy(), clean[s].to_numpy(), n_boot, seed)
+                rows.append({**dict(zip(cells, key, strict=True)), "theta": theta, "statistic": s,
+                             "oracle": s in ORACLES, "n_poisoned": int(pois[s].notna().sum()),
+                             "n_clean": int(clean[s].notna().sum()), "auroc": auc, "auroc_lo": lo, "auroc_hi": hi,
+                             "tpr_at_5fpr": tpr_at_fpr(pois[s].to_numpy(), clean[s].to_numpy()),
+                             "asr": float(pois["asr"].mean()) if "asr" in pois else math.nan,
+                             "clean_acc": float(pois["clean_acc"].mean()) if "clean_acc" in pois else math.nan})
+    if not rows:
+        raise SweeperError("no cell of defence settings has both clean (theta 0) and poisoned models; "
+                           "give every setting a theta 0 (e.g. --theta 0,0.05,0.1)")
+    return pd.DataFrame(rows)
+
+
+def data_level_auroc(df: pd.DataFrame) -> pd.DataFrame:
+    """The data-level baselines' per-sample AUROC of finding the poisoned training samples, over
+    the poisoned models of each theta: mean, std and count of the per-model values (``ss_auroc``,
+    ``ac_auroc``...)."""
+    ok = completed(df)
+    cols = [c for c in ok.columns if c.endswith("_auroc") and ok[c].notna().any()]
+    if not cols or "theta" not in ok.columns:
+        return pd.DataFrame()
+    pois = ok[ok["theta"] > 0]
+    out = pois.groupby("theta")[cols].agg(["mean", "std", "count"])
+    out.columns = [f"{c}_{s}" for c, s in out.columns]
+    return out.reset_index()
+
+
+def detectability_lag(table: pd.DataFrame, asr_level: float = 0.5, auroc_floor: float = 0.9) -> pd.DataFrame:
+    """Per cell and statistic: the smallest theta whose mean ASR >= ``asr_level`` (theta_asr), the
+    smallest theta whose AUROC lower bound >= ``auroc_floor`` (theta_detect), and the lag between
+    them (NaN where a level is never reached)."""
+    cells = [c for c in table.columns if c not in {"theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc",
+                                                   "auroc_lo", "auroc_hi", "tpr_at_5fpr", "asr", "clean_acc"}]
+    rows = []
+    for key, g in table.groupby(cells + ["statistic"], dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.sort_values("theta")
+        hit = g.loc[g["asr"] >= asr_level, "theta"]
+        det = g.loc[g["auroc_lo"] >= auroc_floor, "theta"]
+        t_asr = float(hit.iloc[0]) if len(hit) else math.nan
+        t_det = float(det.iloc[0]) if len(det) else math.nan
+        rows.append({**dict(zip(cells + ["statistic"], key, strict=True)), "oracle": bool(g["oracle"].iloc[0]),
+                     "theta_asr": t_asr, "theta_detect": t_det, "lag": t_det - t_asr})
+    return pd.DataFrame(rows)
+
+
+def roc_points(df: pd.DataFrame, statistic: str, theta: float, cell: dict[str, Any] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of one statistic at one theta against the clean models of the same cell."""
+    from sklearn.metrics import roc_curve
+
+    ok = completed(df)
+    for k, v in (cell or {}).items():
+        ok = ok[ok[k] == v]
+    p = ok.loc[np.isclose(ok["theta"], theta), statistic].dropna().to_numpy()
+    c = ok.loc[ok["theta"] == 0, statistic].dropna().to_numpy()
+    if len(p) == 0 or len(c) == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    f, t, _ = roc_curve(np.r_[np.ones(len(p)), np.zeros(len(c))], np.r_[p, c])
+    return f, t
+
+
+def detect_sweep(name: str, storage: str = "./sweeps", mlflow_uri: str | None = None, source: str = "auto",
+                 statistics: str | None = None, n_boot: int = 1000) -> dict[str, Any]:
+    """``sweeper detect``: load a sweep, score it, and format the table and the lag as text."""
+    from .results import load_results
+
+    df = load_results(name, storage, mlflow_uri, source)
+    if df.empty:
+        raise SweeperError(f"sweep {name!r} has no trials yet")
+    stats = [s.strip() for s in statistics.split(",") if s.strip()] if statistics else None
+    table = detection_table(df, stats, n_boot)
+    lag = detectability_lag(table)
+    cells = [c for c in table.columns if c not in {"theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc",
+                                                   "auroc_lo", "auroc_hi", "tpr_at_5fpr", "asr", "clean_acc"}]
+    shown = table.assign(**{"AUROC [95% CI]": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                                               zip(table["auroc"], table["auroc_lo"], table["auroc_hi"], strict=True)],
+                            "statistic": [s + (" (oracle)" if o else "") for s, o in
+                                          zip(table["statistic"], table["oracle"], strict=True)]})
+    cols = cells + ["theta", "statistic", "n_poisoned", "n_clean", "AUROC [95% CI]", "tpr_at_5fpr", "asr"]
+    n = len(completed(df))
+    text = [f"detection over {n} completed models of {name} (AUROC of poisoned vs clean models, "
+            f"{n_boot} bootstrap resamples; directions fixed by the trial code's registry):",
+            shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+            "\ndetectability lag (theta_asr: smallest theta with mean ASR >= 0.5; theta_detect: smallest theta "
+            "whose AUROC lower bound >= 0.9):",
+            lag.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
+    data = data_level_auroc(df)
+    if not data.empty:
+        text += ["\ndata-level baselines, per-sample AUROC of finding the poisoned training samples "
+                 "(mean, std, count over the poisoned models):", data.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
+    return {"table": table, "lag": lag, "data_level": data, "text": "\n".join(text)}
