@@ -252,6 +252,11 @@ _TRAIN_SIZE = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10"
 _PIXELS = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "cifar10": 3072, "cifar100": 3072}
 
 
+def _train_size(cfg) -> int:
+    full = _TRAIN_SIZE[cfg.dataset]
+    return min(full, cfg.train_subset) if getattr(cfg, "train_subset", 0) else full
+
+
 def estimate_seconds(cfg) -> float:
     """A rough CPU cost of one trial (training, evaluation and spectrum); GPUs are much faster."""
     if getattr(cfg, "kind", "network") != "network":
@@ -259,8 +264,8 @@ def estimate_seconds(cfg) -> float:
     from trainables.models import model_entry
 
     per = model_entry(cfg.model).cost(cfg.model) * _PIXELS[cfg.dataset] / 3072  # the model registry's step cost
-    train = cfg.epochs * _TRAIN_SIZE[cfg.dataset] * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
-    n = min(cfg.hessian_samples, _TRAIN_SIZE[cfg.dataset])
+    train = cfg.epochs * _train_size(cfg) * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
+    n = min(cfg.hessian_samples, _train_size(cfg))
     d = _PIXELS[cfg.dataset]
     if not cfg.hessian:
         spectrum = 0.0

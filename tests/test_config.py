@@ -5,6 +5,7 @@ import pytest
 from trainables.config import ConfigError, SweeperError, TrialConfig
 
 BAD = [
+    ("train_subset", -1, "must be in [0, 10000000]"),
     ("threads", 0, "must be in [1, 1024]"),
     ("dataset", "imagenet", "must be one of"),
     ("model", "resnet50", "6n+2"),

@@ -1,5 +1,6 @@
 import gzip
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +108,49 @@ def test_corrupted_and_malicious_cifar_batches_are_rejected(cifar_dir):
     path.write_bytes(pickle.dumps({"data": np.zeros((3, 100), np.uint8), "labels": [0, 1, 2]}))
     with pytest.raises(DataError, match=r"data shape \(3, 100\)"):
         read_cifar_batch(path)
+
+
+def test_mnist_verifies_decompressed_content_so_recompressed_or_raw_copies_pass(tmp_path):
+    """A re-compressed copy (another .gz md5, same content) or an uncompressed one is accepted by the
+    content md5; the same bytes changed by one value are not."""
+    import hashlib
+
+    from conftest import make_mnist_files
+
+    import trainables.data as d
+
+    folder = make_mnist_files(tmp_path / "mnist")
+    saved = dict(d.MNIST_CONTENT)
+    try:
+        for f in list(d.MNIST_CONTENT):  # this tiny set's own content sums stand in for the official ones
+            d.MNIST_CONTENT[f] = hashlib.md5(gzip.decompress((folder / f"{f}.gz").read_bytes())).hexdigest()
+        assert load_dataset("mnist", tmp_path, verify=True).train_x.shape[0] == 200  # .gz md5s differ: content decides
+        raw = folder / "t10k-labels-idx1-ubyte"
+        raw.write_bytes(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+        (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+        assert load_dataset("mnist", tmp_path, verify=True).test_y.shape[0] == 60  # uncompressed copy
+        data = bytearray(raw.read_bytes())
+        data[-1] = (data[-1] + 1) % 10
+        raw.write_bytes(bytes(data))
+        with pytest.raises(DataError, match="decompressed content md5"):
+            load_dataset("mnist", tmp_path, verify=True)
+    finally:
+        d.MNIST_CONTENT.update(saved)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist").is_dir(),
+                    reason="real MNIST is not beside the checkout (../shared/data/mnist)")
+def test_real_mnist_copy_verifies_by_its_content():
+    data = load_dataset("mnist", Path(__file__).resolve().parents[2] / "shared" / "data", verify=True)
+    assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+
+
+def test_train_subset_is_stratified_seeded_and_keeps_the_test_set():
+    data = load_dataset("digits")
+    sub = data.train_subset(500)
+    assert len(sub.train_y) == 500 and torch.equal(sub.test_y, data.test_y) and torch.equal(sub.mean, data.mean)
+    counts = torch.bincount(sub.train_y, minlength=10).float()
+    full = torch.bincount(data.train_y, minlength=10).float() * 500 / len(data.train_y)
+    assert (counts - full).abs().max() <= 1.0  # stratified: every class at its share, to one image
+    assert torch.equal(sub.train_x, data.train_subset(500).train_x)  # the same subset every time
+    assert data.train_subset(0) is data and data.train_subset(10_000) is data

@@ -67,6 +67,7 @@ class TrialConfig(ConfigFields):
     data_dir: str = "~/.cache/sweeper/data"  # folder holding MNIST IDX / CIFAR pickles
     download: bool = False  # fetch missing files from the official mirrors (needs internet)
     verify_checksums: bool = True  # md5 of every file against the published value
+    train_subset: int = 0  # training images used: 0 = all; else a class-stratified subset, the same for every seed
     # --- model ------------------------------------------------------------------
     model: str = "cnn"  # cnn | linear | preresnet<6n+2> (preresnet20, preresnet110, ...)
     # --- attack -----------------------------------------------------------------
@@ -268,6 +269,7 @@ def _validate(cfg: TrialConfig) -> None:
     _check_int(cfg, "eval_batch_size", 1, 1_000_000)
     _check_int(cfg, "seed", 0, 2**31 - 1)
     _check_int(cfg, "threads", 1, 1024)
+    _check_int(cfg, "train_subset", 0, 10_000_000)
     _check_int(cfg, "hessian_samples", 1, 10_000_000)
     _check_int(cfg, "hessian_iterations", 1, 10_000)
     _check_int(cfg, "hessian_top_k", 1, 1000)

@@ -36,6 +36,14 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+# md5 of the decompressed content (the official uncompressed files): a re-compressed copy, like the one
+# in ../shared/data/mnist, or an uncompressed one is the same data though its .gz md5 differs
+MNIST_CONTENT = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
 FASHION_MNIST_FILES = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
@@ -84,6 +92,23 @@ class ImageData:
         moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
         return ImageData(name=self.name, num_classes=self.num_classes, **moved)
 
+    def train_subset(self, n: int, seed: int = 0) -> ImageData:
+        """The same data with a class-stratified, seeded subset of ``n`` training images (the test set
+        and the normalization statistics are kept: models of one population see the same data)."""
+        if n <= 0 or n >= len(self.train_y):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        y = self.train_y.cpu()
+        order = torch.randperm(len(y), generator=g)
+        # stratified: rank every image within its class, then take the n lowest relative ranks
+        rank = torch.empty(len(y), dtype=torch.float64)
+        for c in range(self.num_classes):
+            idx = order[y[order] == c]
+            rank[idx] = torch.arange(len(idx), dtype=torch.float64) / max(len(idx), 1)
+        keep = torch.sort(torch.argsort(rank + torch.arange(len(y)) * 1e-12)[:n]).values.to(self.train_y.device)
+        return ImageData(name=self.name, train_x=self.train_x[keep], train_y=self.train_y[keep], test_x=self.test_x,
+                         test_y=self.test_y, mean=self.mean, std=self.std, num_classes=self.num_classes)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Per-channel standardization, applied after triggers (Listing 3)."""
         return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
@@ -110,16 +135,26 @@ def _check_file(path: Path, md5: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------- readers
-def read_idx(path: Path, md5: str | None = None) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or raw) as a uint8 array of its declared shape."""
+def read_idx(path: Path, md5: str | None = None, content_md5: str | None = None) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or raw) as a uint8 array of its declared shape.
+
+    With ``content_md5`` the file is accepted when either its own md5 is ``md5`` (the official
+    ``.gz``) or its decompressed content's md5 is ``content_md5`` (a re-compressed or raw copy).
+    """
     path = Path(path)
-    _check_file(path, md5)
+    _check_file(path, None if content_md5 is not None else md5)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"unreadable IDX file {path}: {e}") from None
+    if content_md5 is not None and hashlib.md5(raw).hexdigest() != content_md5 \
+            and not (md5 is not None and md5_file(path) == md5):
+        got = f"md5 {md5_file(path)}, expected {md5} (the official .gz) or " if md5 else ""
+        raise DataError(f"corrupt dataset file {path}: {got}decompressed content md5 {content_md5}, "
+                        f"found {hashlib.md5(raw).hexdigest()} (re-download it, or pass --no-verify-checksums "
+                        f"for a custom subset)")
     if len(raw) < 4:
         raise DataError(f"malformed IDX file {path}: {len(raw)} bytes, shorter than the header")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
@@ -260,8 +295,17 @@ def load_mnist(root: Path, name: str = "mnist", verify: bool = True, download: b
     folder = _mnist_folder(Path(root), name)
     if download:
         _download_idx(name, folder, files)
-    md5 = (lambda f: files[f]) if verify else (lambda f: None)
-    arrays = {f: read_idx(folder / f, md5(f)) for f in files}
+    content = MNIST_CONTENT if name == "mnist" else {}
+    arrays = {}
+    for f in files:
+        path = folder / f
+        if not path.is_file() and (folder / f.removesuffix(".gz")).is_file():
+            path = folder / f.removesuffix(".gz")  # an uncompressed copy
+        arrays[f] = read_idx(path, files[f] if verify and path.suffix == ".gz" else None,
+                             content.get(f.removesuffix(".gz")) if verify else None)
+        if verify and path.suffix != ".gz" and f.removesuffix(".gz") not in content:
+            raise DataError(f"dataset file {path}: no published md5 of the uncompressed {name} file; "
+                            f"use the official .gz or pass --no-verify-checksums")
     tr_x, tr_y = arrays["train-images-idx3-ubyte.gz"], arrays["train-labels-idx1-ubyte.gz"]
     te_x, te_y = arrays["t10k-images-idx3-ubyte.gz"], arrays["t10k-labels-idx1-ubyte.gz"]
     for x, y, split in ((tr_x, tr_y, "train"), (te_x, te_y, "t10k")):

@@ -98,6 +98,7 @@ class Trial:
         random.seed(cfg.seed)
         if data is None:
             data = load_dataset(cfg.dataset, cfg.data_dir, cfg.verify_checksums, cfg.download)
+            data = data.train_subset(cfg.train_subset)  # the same subset for every seed: one population
         self.data = data.to(self.device)
         self.trigger = make_trigger(cfg)
         self.direction = self.trigger.direction(self.data)  # (C, H, W) unit, zero-mean
