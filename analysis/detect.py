@@ -36,6 +36,21 @@ ORACLES = ("max_overlap_sq", "overlap_sq")  # need the trigger: upper references
 NOT_DEFENCE = {"theta", "seed", "data_dir", "download", "verify_checksums", "device", "threads", "kind"}
 
 
+TABLE_COLUMNS = ("theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc", "auroc_lo", "auroc_hi",
+                 "tpr_at_5fpr", "asr", "clean_acc")  # what detection_table adds beside the cell's fields
+
+
+def cell_fields(table: pd.DataFrame) -> list[str]:
+    """The defence-setting columns of a :func:`detection_table` (one cell per combination)."""
+    return [c for c in table.columns if c not in TABLE_COLUMNS]
+
+
+def auroc_text(table: pd.DataFrame, digits: int = 3) -> list[str]:
+    """``AUROC [lo, hi]`` per row of a :func:`detection_table`, for printed and Markdown tables."""
+    return [f"{a:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+            for a, lo, hi in zip(table["auroc"], table["auroc_lo"], table["auroc_hi"], strict=True)]
+
+
 def detection_statistics(df: pd.DataFrame) -> list[str]:
     """Score columns present in ``df`` (registry direction "higher"), then the oracles."""
     from trainables.detect import score_direction
@@ -153,8 +168,7 @@ def detectability_lag(table: pd.DataFrame, asr_level: float = 0.5, auroc_floor: 
     """Per cell and statistic: the smallest theta whose mean ASR >= ``asr_level`` (theta_asr), the
     smallest theta whose AUROC lower bound >= ``auroc_floor`` (theta_detect), and the lag between
     them (NaN where a level is never reached)."""
-    cells = [c for c in table.columns if c not in {"theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc",
-                                                   "auroc_lo", "auroc_hi", "tpr_at_5fpr", "asr", "clean_acc"}]
+    cells = cell_fields(table)
     rows = []
     for key, g in table.groupby(cells + ["statistic"], dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -195,10 +209,8 @@ def detect_sweep(name: str, storage: str = "./sweeps", mlflow_uri: str | None = 
     stats = [s.strip() for s in statistics.split(",") if s.strip()] if statistics else None
     table = detection_table(df, stats, n_boot)
     lag = detectability_lag(table)
-    cells = [c for c in table.columns if c not in {"theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc",
-                                                   "auroc_lo", "auroc_hi", "tpr_at_5fpr", "asr", "clean_acc"}]
-    shown = table.assign(**{"AUROC [95% CI]": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
-                                               zip(table["auroc"], table["auroc_lo"], table["auroc_hi"], strict=True)],
+    cells = cell_fields(table)
+    shown = table.assign(**{"AUROC [95% CI]": auroc_text(table, 3),
                             "statistic": [s + (" (oracle)" if o else "") for s, o in
                                           zip(table["statistic"], table["oracle"], strict=True)]})
     cols = cells + ["theta", "statistic", "n_poisoned", "n_clean", "AUROC [95% CI]", "tpr_at_5fpr", "asr"]

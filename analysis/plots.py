@@ -271,10 +271,9 @@ def plot_lag(lag: pd.DataFrame, out: Path) -> list[Path]:
 def plot_detection(table: pd.DataFrame, df: pd.DataFrame, out: Path) -> list[Path]:
     """Per cell of defence settings: ASR vs theta beside AUROC vs theta per statistic (95% bootstrap
     bands; oracles dashed), and the ROC curves at the largest theta — the detectability lag made visible."""
-    from .detect import roc_points
+    from .detect import cell_fields, roc_points
 
-    cells = [c for c in table.columns if c not in {"theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc",
-                                                   "auroc_lo", "auroc_hi", "tpr_at_5fpr", "asr", "clean_acc"}]
+    cells = cell_fields(table)
     paths = []
     groups = table.groupby(cells, dropna=False, sort=True) if cells else [((), table)]
     for key, g in groups:

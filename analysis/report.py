@@ -17,6 +17,7 @@ from trainables import trial_kind
 from trainables.config import SweeperError
 
 from . import plots
+from .detect import auroc_text
 from .detect import detectability_lag as detect_lag
 from .pareto import frontier
 from .results import (
@@ -51,7 +52,7 @@ def _detection(df: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
 
 def _detection_summary(table: pd.DataFrame) -> pd.DataFrame:
     t = table.copy()
-    t["AUROC [95% CI]"] = [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in zip(t["auroc"], t["auroc_lo"], t["auroc_hi"], strict=True)]
+    t["AUROC [95% CI]"] = auroc_text(t, 2)
     keep = [c for c in t.columns if c not in ("auroc", "auroc_lo", "auroc_hi", "clean_acc")]
     return t[keep]
 

@@ -134,8 +134,12 @@ def trial_statuses(uri: str, experiment_id: str) -> dict[str, str]:
 
 def trial_statuses_mlflow(uri: str, experiment_id: str) -> dict[str, str]:
     """:func:`trial_statuses` through MLflow's client (any store)."""
-    runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=50_000)
-    return {r.data.tags.get(TAG_KEY): r.data.tags.get(TAG_STATUS, "running") for r in runs}
+    return {r.data.tags.get(TAG_KEY): r.data.tags.get(TAG_STATUS, "running") for r in trial_runs(uri, experiment_id)}
+
+
+def trial_runs(uri: str, experiment_id: str) -> list:
+    """The trial (child) runs of an experiment, through MLflow's client."""
+    return client(uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=50_000)
 
 
 def trial_key(config: dict[str, Any]) -> str:

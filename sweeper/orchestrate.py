@@ -507,11 +507,11 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
                      cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
                      max_concurrent=opts.max_concurrent, max_failures=opts.max_failures, address=opts.address,
                      verbose=opts.verbose, live=opts.live, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     git_commit=tracking.git_commit(), driver={"host": socket.gethostname(), "pid": os.getpid()})
+                     git_commit=tracking.git_commit(), driver=this_driver())
     if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
-        meta.trials = [{"key": tracking.trial_key(c.to_dict()),
-                           "point": {a: c.to_dict().get(a) for a in axes}} for c in configs]
+        meta.trials = [{"key": tracking.trial_key(d), "point": {a: d.get(a) for a in axes}}
+                       for d in (c.to_dict() for c in configs)]
     return configs, meta
 
 
@@ -588,7 +588,7 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
     tracking.check_uri(meta.mlflow_uri)
     address = address if address is not None else meta.address
     check_address(address)
-    meta.driver = {"host": socket.gethostname(), "pid": os.getpid()}
+    meta.driver = this_driver()
     write_meta(storage, name, meta)
     start_ray(address)
     if not tune.Tuner.can_restore(path):
@@ -674,12 +674,11 @@ def _full_config(trial: dict[str, Any]) -> dict[str, Any]:
 
 def _mlflow_states(meta: SweepMeta) -> dict[str, tuple[str, dict[str, float]]]:
     """trial key -> (status tag, final metrics) of the sweep's child runs; empty if MLflow is down."""
+    from analysis.schema import trial_runs
+
     def _do():
-        c = tracking.client(meta.mlflow_uri)
-        runs = c.search_runs([meta.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'",
-                             max_results=50_000)
         return {r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
-                for r in runs}
+                for r in trial_runs(meta.mlflow_uri, meta.experiment_id)}
 
     return tracking.retry(_do, "reading the trials' states", attempts=2) or {}
 
@@ -709,6 +708,11 @@ def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
     by["pending"] = max(0, int(meta.n_trials) - len(states))
     by["total"] = meta.n_trials
     return {"name": name, "path": sweep_path(storage, name), "mlflow_uri": meta.mlflow_uri, **by}
+
+
+def this_driver() -> dict[str, Any]:
+    """Host and pid of this process, recorded as the sweep's driver (run and each resume)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def driver_alive(meta: SweepMeta) -> bool:
