@@ -180,7 +180,8 @@ def plot_metric_vs(df: pd.DataFrame, out: Path, x: str, metrics: Sequence[str], 
 
 
 def plot_frontier(df: pd.DataFrame, out: Path, objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
-                  group_by: Sequence[str] | None = ("theta",)) -> list[Path]:
+                  group_by: Sequence[str] | None = ("theta",), name: str = "frontier",
+                  title: str = "safety–efficacy frontier") -> list[Path]:
     """All trials and the frontier per group (default per theta), joined and labelled by kappa / aug / epochs."""
     ok = completed(df)
     (x, _), (y, _) = objectives[0], objectives[1]
@@ -191,16 +192,16 @@ def plot_frontier(df: pd.DataFrame, out: Path, objectives: Sequence[tuple[str, s
     groups = front.groupby(group_by, sort=True) if group_by else [("", front)]
     for key, g in groups:
         g = g.sort_values(y)
-        name = ", ".join(f"{c}={v:g}" if isinstance(v, float) else f"{c}={v}"
-                         for c, v in zip(group_by, key if isinstance(key, tuple) else (key,), strict=False))
-        ax.plot(g[y], g[x], marker="o", zorder=2, label=name or "frontier")
+        legend = ", ".join(f"{c}={v:g}" if isinstance(v, float) else f"{c}={v}"
+                           for c, v in zip(group_by, key if isinstance(key, tuple) else (key,), strict=False))
+        ax.plot(g[y], g[x], marker="o", zorder=2, label=legend or "frontier")
         for _, row in g.iterrows():
             ax.annotate(_label(row), (row[y], row[x]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"{y} ({dict(objectives)[y]})")
     ax.set_ylabel(f"{x} ({dict(objectives)[x]})")
-    ax.set_title("safety–efficacy frontier", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    return save_figure(fig, out, "frontier")
+    return save_figure(fig, out, name)
 
 
 def table1(df: pd.DataFrame, theta: float | None = None) -> pd.DataFrame:

@@ -58,7 +58,7 @@ def _detection_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def sweep_summary(rows: list[dict[str, Any]] | pd.DataFrame, varying: list[str],
-                  groups: list[str] | None = None) -> str:
+                  groups: list[str] | None = None, objectives: list[tuple[str, str]] | None = None) -> str:
     """The text a sweep run or resume prints: every trial, the frontier, the trials not on it.
 
     Columns and objectives come from the trial kind's registry entry (network, kernel, linear);
@@ -69,10 +69,11 @@ def sweep_summary(rows: list[dict[str, Any]] | pd.DataFrame, varying: list[str],
         return "no trials"
     kind = trial_kind(sweep_kind(df))
     keys = [c for c in varying if c in df.columns]
-    cols = list(dict.fromkeys(keys + ["status"] + [c for c in kind.columns if c in df.columns]))
+    objectives = list(objectives or kind.objectives)
+    extra = [c for m, _ in objectives for c in (m, f"{m}_std") if c in df.columns]
+    cols = list(dict.fromkeys(keys + ["status"] + extra + [c for c in kind.columns if c in df.columns]))
     out = [df[cols].sort_values(keys or cols[:1], kind="stable").to_string(index=False, float_format=_fmt)]
     ok = completed(df)
-    objectives = list(kind.objectives)
     if not ok.empty and all(m in ok.columns for m, _ in objectives):
         groups = default_groups(df) if groups is None else [g for g in groups if g in ok.columns]
         front = frontier(ok, objectives, groups or None)
@@ -98,8 +99,12 @@ def varying_fields(df: pd.DataFrame, meta=None) -> list[str]:
 
 def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
                    source: str = "auto", objectives: str | None = None, group_by: str | None = None,
-                   aggregate: bool = False) -> dict[str, Any]:
+                   aggregate: bool = False, threats: str | None = None) -> dict[str, Any]:
     """A sweep's frontier: its rows loaded, seeds optionally averaged, one frontier per group.
+
+    A defence search's frontier is drawn over its defences, each scored over the threats (``threats``
+    worst | mean overrides the search's aggregation); ``detail`` then holds the frontier defences'
+    per-threat values.
 
     ``objectives`` as ``clean_acc:max,asr:min`` (default: the trial kind's); ``group_by`` a comma
     list of columns, ``none`` for one global frontier, or None for the attack fields that vary.
@@ -110,6 +115,23 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
     df = load_results(name, storage, mlflow_uri, source)
     if df.empty:
         raise SweeperError(f"sweep {name!r} has no trials yet")
+    meta = sweep_meta(name, storage)
+    if meta is not None and meta.kind == "search" and (meta.search or {}).get("threats") is not None:
+        from .defence import defence_frontier
+
+        if group_by not in (None, "none") or aggregate:
+            raise SweeperError("a defence search's frontier is over defences (seeds are always averaged, threats "
+                               "aggregated): --group-by and --aggregate-seeds do not apply; use --threats worst|mean")
+        res = defence_frontier(df, meta, objectives, threats)
+        table = res["defences"]
+        return {"frontier": res["frontier"], "objectives": [(o.metric, o.direction) for o in res["objectives"]],
+                "groups": [], "n_completed": int((table["status"] == "completed").sum()) if not table.empty else 0,
+                "unfinished": table[table["status"] != "completed"] if not table.empty else table,
+                "varying": res["defence_fields"], "source": df.attrs.get("source", ""), "detail": res["detail"],
+                "defences": table, "aggregation": [o.text() for o in res["objectives"]],
+                "threat_fields": res["threat_fields"]}
+    if threats is not None:
+        raise SweeperError(f"--threats applies to a defence search (sweeper search); {name!r} is a grid")
     kind = trial_kind(sweep_kind(df))
     try:
         objs = parse_objectives(objectives) if objectives else list(kind.objectives)
@@ -166,6 +188,64 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+DETECTION_IMAGES = ("localisation.png", "nc_triggers.png")
+
+
+def detection_images(df: pd.DataFrame, uri: str | None, out: Path, limit: int = 8) -> list[Path]:
+    """The localisation maps (and Neural Cleanse's reversed triggers, when that baseline ran) of a few
+    models, copied from their MLflow runs: for each defence setting (kappa, augment, epochs), the
+    clean model (theta = 0) and the most poisoned one, lowest seed first. Missing artifacts are skipped."""
+    import shutil
+    import tempfile
+
+    ok = completed(df)
+    if uri is None or ok.empty or "run_id" not in ok.columns or "theta" not in ok.columns:
+        return []
+    cells = [c for c in ("kappa", "augment", "epochs") if c in ok.columns]
+    picked = []
+    for _, g in ok.groupby(cells, sort=True) if cells else [((), ok)]:
+        g = g.sort_values([c for c in ("seed",) if c in g.columns] or ["theta"])
+        for theta in sorted({float(g["theta"].min()), float(g["theta"].max())}):
+            picked.append(g[g["theta"] == theta].iloc[0])
+    from .schema import client
+
+    c, files = client(uri), []
+    for row in picked[:limit]:
+        label = "_".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in [*cells, "theta"])
+        for art in DETECTION_IMAGES:
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    src = c.download_artifacts(row["run_id"], art, tmp)
+                    dst = out / f"{art.removesuffix('.png')}_{label}.png"
+                    shutil.copyfile(src, dst)
+                    files.append(dst)
+            except Exception:  # no such artifact (detection off, baseline not run) or the server is down
+                continue
+    return files
+
+
+def _defence_report(models: pd.DataFrame, meta, out: Path) -> tuple[list, list[Path]]:
+    """A defence search's sections: the defences scored over the threats, their frontier and its
+    per-threat detail; ``defences.csv`` and the defence frontier's figure."""
+    from .defence import defence_frontier
+
+    res = defence_frontier(models, meta)
+    table = res["defences"]
+    if table.empty:
+        return [("Defences", "no defence has finished yet", None)], []
+    table.to_csv(out / "defences.csv", index=False)
+    pairs = [(o.metric, o.direction) for o in res["objectives"]]
+    what = ", ".join(f"{o.metric} {o.direction} ({o.aggregate} over threats)" for o in res["objectives"])
+    threats = "; ".join(" ".join(f"{k}={v}" for k, v in t.items()) or "one threat" for t in meta.search["threats"])
+    figures = plots.plot_frontier(table, out, pairs, None, name="defence_frontier",
+                                  title="defence frontier (objectives aggregated over threats)")
+    cols = [c for c in ["defence_key", *res["defence_fields"]] + [c for m, _ in pairs for c in (m, f"{m}_std")]
+            + ["n_models", "n_diverged", "n_failed", "status"] if c in table.columns]
+    return [("Defence frontier", f"{what}; threats: {threats}; seeds: {meta.search['seeds']}", res["frontier"][cols]),
+            ("Frontier defences per threat (mean over seeds)", "", res["detail"]),
+            ("All defences", "", table[cols])], figures
+
+
 def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
                  overwrite: bool = False, log_to_mlflow: bool = True, source: str = "auto") -> dict[str, Any]:
     """Write figures (PNG + SVG), ``summary.md``, ``summary.html`` and ``results.csv`` into ``out``."""
@@ -197,6 +277,12 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
     detection, detect_note = _detection(df)
     if detection is not None:
         figures += plots.plot_detection(detection, df, out)
+    images = detection_images(df, uri, out) if str(df.attrs.get("source", "")).startswith("mlflow") else []
+    figures += images
+    defence_sections = []
+    if meta is not None and meta.kind == "search" and (meta.search or {}).get("threats") is not None:
+        defence_sections, more = _defence_report(df, meta, out)
+        figures += more
     problems = unfinished(df)
     df.to_csv(out / "results.csv", index=False)
     counts = df["status"].value_counts().to_dict()
@@ -204,6 +290,7 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
     shown = [c for c in shown if c in df.columns]
     what = ", ".join(f"{'maximize' if d == 'max' else 'minimize'} {m}" for m, d in objectives)
     sections = [
+        *defence_sections,
         ("Trials", f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), None),
         ("Safety–efficacy frontier" + (f" (per {', '.join(group)})" if group else ""), what, front[[c for c in shown if c in front.columns]]),
         ("Table 1: accuracy / ASR (%) per epochs × κ at the largest θ", "", plots.table1(df)),
@@ -213,6 +300,10 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
         ("Detectability lag (populations)", "per statistic: the smallest θ with mean ASR ≥ 0.5 against the "
          "smallest θ whose AUROC lower 95% bound ≥ 0.9",
          detect_lag(detection) if detection is not None else None),
+        ("Localisation maps and reversed triggers", "per defence setting, the clean model (θ = 0) and the most "
+         "poisoned one: the energy of each top eigenvector per pixel (a patch trigger concentrates it), and Neural "
+         "Cleanse's reversed trigger per class when that baseline ran: " + ", ".join(p.name for p in images)
+         if images else "", None),
         ("Detectability lag (single clean model, kept for comparison)",
          "θ for ASR ≥ 0.5 vs θ for overlap² > clean mean + 3σ; with one clean model σ = 0, so this is no statistic",
          lag),

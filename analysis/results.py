@@ -90,6 +90,8 @@ def results_from_mlflow(name: str, uri: str) -> pd.DataFrame:
         row = {"sweep": name, "run_id": r.info.run_id, "trial_key": tags.get(schema.TAG_KEY),
                "trial_id": tags.get(schema.TAG_TRIAL_ID), "status": tags.get(schema.TAG_STATUS, "running"),
                "error": tags.get(schema.TAG_ERROR, "")}
+        if schema.TAG_DEFENCE in tags:  # a model of a defence search
+            row["defence_key"] = tags[schema.TAG_DEFENCE]
         config = {k: _typed(k, v) for k, v in r.data.params.items()}
         row.update(schema.trial_row(config, r.data.metrics, CONFIG_FIELDS))
         rows.append(row)
@@ -111,6 +113,12 @@ def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFram
         status = last.get("status", "pending" if not results else "running")
         if (tdir / "error.txt").is_file() or (tdir / "error.pkl").is_file():
             status = "failed" if status not in ("completed", "diverged") else status
+        if isinstance(last.get("models_json"), str):  # a defence of a search: one row per model it trained
+            rows += [{"sweep": name, "run_id": m.get("mlflow_run_id"), "trial_id": tdir.name.removeprefix("trial_"),
+                      "error": "", **m} for m in json.loads(last["models_json"])]
+            continue
+        if "models_done" in last:  # a defence that has not finished: its models are known to MLflow only
+            continue
         row = {"sweep": name, "run_id": last.get("mlflow_run_id"), "trial_key": last.get("trial_key") or _key_of(cfg),
                "trial_id": last.get("trial_id", tdir.name.removeprefix("trial_")), "status": status, "error": ""}
         metrics = {k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -173,8 +181,9 @@ def _with_pending(df: pd.DataFrame, meta: schema.SweepMeta | None) -> pd.DataFra
     if meta.trials is not None:
         seen = set(df["trial_key"]) if "trial_key" in df.columns else set()
         extra = [r for r in pending_rows(meta) if r["trial_key"] not in seen]
-    else:  # a search: only a count is owed
-        extra = pending_rows(meta)[len(df):]
+    else:  # a search: only a count of defences is owed
+        seen = df["defence_key"].nunique() if "defence_key" in df.columns else len(df)
+        extra = pending_rows(meta)[seen:]
     if not extra:
         return df
     return _tidy(pd.concat([df, pd.DataFrame(extra)], ignore_index=True) if not df.empty else pd.DataFrame(extra))

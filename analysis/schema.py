@@ -29,7 +29,8 @@ TAG_SWEEP = "sweeper.sweep"
 TAG_KEY = "sweeper.trial_key"
 TAG_TRIAL_ID = "sweeper.trial_id"
 TAG_STATUS = "sweeper.status"
-TAG_KIND = "sweeper.kind"  # 'sweep' (the parent run) or 'trial' (a child run)
+TAG_KIND = "sweeper.kind"  # 'sweep' (the parent run), 'trial' (a model) or 'defence' (a search's defence)
+TAG_DEFENCE = "sweeper.defence_key"  # on a defence search's model runs: the defence they were trained for
 TAG_COMMIT = "sweeper.git_commit"
 TAG_ERROR = "sweeper.error"
 TAG_DIVERGED_EPOCH = "sweeper.diverged_epoch"
@@ -103,7 +104,7 @@ def _check_credentials(uri: str, timeout: float) -> None:
         return
 
 
-def trial_statuses(uri: str, experiment_id: str) -> dict[str, str]:
+def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[str, str]:
     """trial key -> status tag of an experiment's trial runs (what ``sweeper status`` counts).
 
     On the embedded SQLite store the tags are read directly, read-only, in milliseconds: importing
@@ -119,27 +120,28 @@ def trial_statuses(uri: str, experiment_id: str) -> dict[str, str]:
             try:
                 rows = con.execute(
                     "SELECT k.value, s.value FROM runs r "
-                    "JOIN tags kind ON kind.run_uuid = r.run_uuid AND kind.key = ? AND kind.value = 'trial' "
+                    "JOIN tags kind ON kind.run_uuid = r.run_uuid AND kind.key = ? AND kind.value = ? "
                     "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? "
                     "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? "
                     "WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'",
-                    (TAG_KIND, TAG_KEY, TAG_STATUS, int(experiment_id))).fetchall()
+                    (TAG_KIND, kind, TAG_KEY, TAG_STATUS, int(experiment_id))).fetchall()
             finally:
                 con.close()
             return {key: status or "running" for key, status in rows}
         except (sqlite3.Error, ValueError):
             pass
-    return trial_statuses_mlflow(uri, experiment_id)
+    return trial_statuses_mlflow(uri, experiment_id, kind)
 
 
-def trial_statuses_mlflow(uri: str, experiment_id: str) -> dict[str, str]:
+def trial_statuses_mlflow(uri: str, experiment_id: str, kind: str = "trial") -> dict[str, str]:
     """:func:`trial_statuses` through MLflow's client (any store)."""
-    return {r.data.tags.get(TAG_KEY): r.data.tags.get(TAG_STATUS, "running") for r in trial_runs(uri, experiment_id)}
+    return {r.data.tags.get(TAG_KEY): r.data.tags.get(TAG_STATUS, "running")
+            for r in trial_runs(uri, experiment_id, kind)}
 
 
-def trial_runs(uri: str, experiment_id: str) -> list:
-    """The trial (child) runs of an experiment, through MLflow's client."""
-    return client(uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=50_000)
+def trial_runs(uri: str, experiment_id: str, kind: str = "trial") -> list:
+    """The trial (child) runs of an experiment — or with ``kind='defence'`` a search's defence runs."""
+    return client(uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=50_000)
 
 
 def trial_key(config: dict[str, Any]) -> str:

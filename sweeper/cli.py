@@ -238,7 +238,7 @@ def _report(report) -> None:
     from analysis.report import sweep_summary
 
     typer.echo(f"\nsweep {report.name}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
-    typer.echo(sweep_summary(report.rows, report.varying, report.groups))
+    typer.echo(sweep_summary(report.rows, report.varying, report.groups, report.objectives))
     c = report.counts
     if c["interrupted"] or c["pending"] or c["failed"]:
         storage = report.path.rsplit("/", 1)[0]
@@ -252,24 +252,36 @@ class Sampler(str, Enum):
     nsga2 = "nsga2"
     tpe = "tpe"
     gp = "gp"
+    random = "random"
+
+
+class Aggregate(str, Enum):
+    worst = "worst"
+    mean = "mean"
 
 
 @app.command()
 def search(
-    theta: Annotated[str, typer.Option(help="Poison fraction: LO:HI (uniform), a,b (categorical) or a value.")] = "0.01:0.2",
-    kappa: Annotated[str, typer.Option(help="Penalty: log:LO:HI (log-uniform), LO:HI, a,b or a value.")] = "log:10:1000",
-    augment: AugmentAxis = None, epochs: Annotated[str | None, typer.Option(help="Epochs: a value or a,b (categorical).", show_default=False)] = None,
+    theta: Annotated[str, typer.Option(help="Threat: poison fraction(s), a value or a list a,b (every defence faces each); never a range.")] = "0.1",
+    kappa: Annotated[str, typer.Option(help="Defence: penalty strength, log:LO:HI (log-uniform), LO:HI, a,b or a value.")] = "log:10:1000",
+    augment: AugmentAxis = None, epochs: Annotated[str | None, typer.Option(help="Defence: epochs, a value or a,b (categorical).", show_default=False)] = None,
     dataset: DatasetAxis = None, model: ModelAxis = None, trigger: TriggerAxis = None, poison_mode: PoisonModeAxis = None,
     set_: SetOpt = None,
-    budget: Annotated[int, typer.Option(help="Number of trials Optuna may run.", min=1)] = 12,
-    sampler: Annotated[Sampler, typer.Option(help="Optuna sampler: NSGA-II, multivariate TPE or GP.")] = Sampler.nsga2,
+    seeds: Annotated[str | None, typer.Option(help="Seeds per (defence, threat), averaged: N (0..N-1) or a list 0,3,7 [default: the config's seed].", show_default=False)] = None,
+    objectives: Annotated[str | None, typer.Option(help="METRIC:max|min[:worst|mean], comma-separated, aggregated over threats [default: clean_acc:max,asr:min].", show_default=False)] = None,
+    aggregate: Annotated[Aggregate | None, typer.Option(help="Combine the threats' values of every objective by worst case or mean [default: worst for asr, mean otherwise].", show_default=False)] = None,
+    budget: Annotated[int, typer.Option(help="Number of defences Optuna may try (each trains threats x seeds models).", min=1)] = 12,
+    sampler: Annotated[Sampler, typer.Option(help="Optuna sampler: gp (default: best once past its 10 random start-up defences, see benchmarks/search_vs_grid.py), nsga2, tpe or random.")] = Sampler.gp,
     seed: Annotated[int, typer.Option(help="Sampler seed.", min=0)] = 0,
     name: Annotated[str, typer.Option(help="Sweep name: folder, MLflow experiment and Optuna study.")] = "digits-search",
     storage: StorageOpt = "./sweeps", address: AddressOpt = None,
-    cpus_per_trial: CpusOpt = 1.0, gpus_per_trial: GpusOpt = None, max_concurrent: MaxConcurrentOpt = None,
+    cpus_per_trial: CpusOpt = 1.0, gpus_per_trial: GpusOpt = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Defences in flight at once [default: enough to fill the cluster's slots, plus one].", min=1, show_default=False)] = None,
     mlflow_uri: MlflowOpt = None, max_failures: MaxFailuresOpt = 2, quiet: QuietOpt = False,
 ) -> dict[str, Any]:
-    """Adaptive multi-objective search (maximize clean_acc, minimize asr) with Optuna on Ray Tune."""
+    """Search the defender's choices (kappa, augmentation, epochs, --set lr=...) against a fixed threat
+    set (--theta, --trigger, --poison-mode as values or lists): each defence is trained against every
+    threat, scored by mean clean accuracy and worst-case ASR, and the frontier is drawn over defences."""
     from .orchestrate import SweepOptions, run_search
     from .spaces import build_search_spec
 
@@ -279,7 +291,8 @@ def search(
     opts = SweepOptions(name=name, storage=storage, address=address, cpus_per_trial=cpus_per_trial,
                         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, mlflow_uri=mlflow_uri,
                         max_failures=max_failures, verbose=0 if quiet else 1)
-    report = run_search(spec, opts, budget=budget, sampler=sampler.value, seed=seed)
+    report = run_search(spec, opts, budget=budget, sampler=sampler.value, seed=seed, seeds=seeds,
+                        objectives=objectives, aggregate=aggregate.value if aggregate else None)
     _report(report)
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
 
@@ -293,30 +306,41 @@ def frontier_cmd(
     csv: Annotated[Path | None, typer.Option(help="Also write the frontier as CSV here (refuses to overwrite).", show_default=False)] = None,
     storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
     source: Annotated[str, typer.Option(help="auto (MLflow, else the Ray folder), mlflow or ray.")] = "auto",
+    threats: Annotated[Aggregate | None, typer.Option(help="Defence searches: combine each objective over the threats by worst case or mean [default: the search's].", show_default=False)] = None,
 ) -> dict[str, Any]:
-    """Print a sweep's safety-efficacy frontier as a table."""
+    """Print a sweep's safety-efficacy frontier as a table (a defence search's: over its defences,
+    with the frontier defences' per-threat values)."""
     from analysis.report import sweep_frontier
 
     if csv is not None and csv.exists():
         raise SweeperError(f"--csv {csv} already exists; refusing to overwrite it")
-    res = sweep_frontier(name, storage, mlflow_uri, source, objectives, group_by, aggregate_seeds)
+    res = sweep_frontier(name, storage, mlflow_uri, source, objectives, group_by, aggregate_seeds,
+                         threats.value if threats else None)
     front, objs, groups = res["frontier"], res["objectives"], res["groups"]
     metrics = [m for m, _ in objs]
-    shown = [c for c in [*res["varying"], "n_seeds", *groups] if c in front.columns]
-    shown = list(dict.fromkeys(shown + [c for m in metrics for c in (m, f"{m}_std") if c in front.columns]))
+    defence = "detail" in res
+    shown = [c for c in [*(["defence_key"] if defence else []), *res["varying"], "n_seeds", *groups] if c in front.columns]
+    shown = list(dict.fromkeys(shown + [c for m in metrics for c in (m, f"{m}_std") if c in front.columns]
+                               + [c for c in ("n_models", "n_diverged") if defence and c in front.columns]))
     if res["source"] and not res["source"].startswith("mlflow"):
         typer.echo(f"(read from {res['source']})", err=True)
-    typer.echo(f"frontier of {name} ({', '.join(f'{m} {d}' for m, d in objs)}"
-               + (f"; per {', '.join(groups)}" if groups else "") + f"): {len(front)} of {res['n_completed']} completed trials")
+    what = ", ".join(f"{t.split(':')[0]} {t.split(':')[1]} ({t.split(':')[2]} over threats)"
+                     for t in res["aggregation"]) if defence else ", ".join(f"{m} {d}" for m, d in objs)
+    unit = "completed defences" if defence else "completed trials"
+    typer.echo(f"frontier of {name} ({what}" + (f"; per {', '.join(groups)}" if groups else "")
+               + f"): {len(front)} of {res['n_completed']} {unit}")
     typer.echo(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if not front.empty else "(empty)")
+    if defence and not res["detail"].empty:
+        typer.echo("\nper threat (mean over seeds) of the frontier's defences:")
+        typer.echo(res["detail"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     skipped = res["unfinished"]
     if not skipped.empty:
         typer.echo(f"not completed ({len(skipped)}): " + ", ".join(
-            f"{r.get('trial_id') if isinstance(r.get('trial_id'), str) else r.get('trial_key')} {r['status']}"
+            f"{r.get('defence_key') if defence else r.get('trial_id') if isinstance(r.get('trial_id'), str) else r.get('trial_key')} {r['status']}"
             for _, r in skipped.iterrows()))
     if csv is not None:
         front.to_csv(csv, index=False)
-    return {"frontier": front}
+    return {"frontier": front, "detail": res.get("detail")}
 
 
 @app.command()

@@ -31,6 +31,7 @@ from trainables.config import SweeperError, TrialConfig
 
 from . import tracking
 from .spaces import SweepSpec
+from .tracking import run_label
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -268,28 +269,33 @@ def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
             "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def run_label(trial: dict[str, Any], axes: list[str]) -> str | None:
-    """``theta=0.05 kappa=400 seed=0``: a trial's varying axes, its MLflow run name."""
-    parts = [f"{a}={trial[a]:g}" if isinstance(trial.get(a), float) else f"{a}={trial.get(a)}" for a in axes]
-    return " ".join(parts) or None
-
-
 def _trainable_for(meta: SweepMeta):
     from ray import tune
 
+    if meta.kind == "search":  # a defence holds no CPU: its models (Ray tasks) hold the trial resources
+        from .defence import defence_trainable
+
+        return tune.with_resources(defence_trainable, {"cpu": 0, "memory": 2**20})
     return tune.with_resources(trainable, {"cpu": meta.cpus_per_trial, "gpu": meta.gpus_per_trial})
 
 
 def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
     keys = ("mlflow_uri", "experiment_id", "parent_run_id", "name")
-    return {**{k: getattr(meta, k) for k in keys}, "threads": max(1, int(meta.cpus_per_trial)),
-            "axes": label_axes(meta)}
+    out = {**{k: getattr(meta, k) for k in keys}, "threads": max(1, int(meta.cpus_per_trial)),
+           "axes": label_axes(meta)}
+    if meta.kind == "search":
+        out.update(defence={k: meta.search[k] for k in ("threats", "seeds", "objectives", "threat_fields")},
+                   cpus_per_model=meta.cpus_per_trial, gpus_per_model=meta.gpus_per_trial,
+                   models_dir=str(Path(meta.storage) / meta.name / "models"))
+    return out
 
 
 def label_axes(meta: SweepMeta) -> list[str]:
     """The fields that tell a sweep's trials apart: its axes, and seed when seeds vary."""
     spec = meta.spec or {}
     axes = list(spec.get("axes", {}))
+    if meta.kind == "search":  # a defence's seeds are part of it, not an axis
+        return axes
     return axes + (["seed"] if spec.get("seeds") and "seed" not in axes else [])
 
 
@@ -324,6 +330,21 @@ def start_ray(address: str | None) -> None:
         raise SweeperError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
 
 
+def default_defences(meta: SweepMeta) -> int:
+    """Defences in flight at once: enough models to fill every slot of the cluster, plus one defence
+    so a straggling model never idles a slot; more would only make the search less adaptive."""
+    import math
+
+    import ray
+
+    res = ray.cluster_resources()
+    slots = res.get("CPU", 1) / max(meta.cpus_per_trial, 1e-9)
+    if meta.gpus_per_trial:
+        slots = min(slots, res.get("GPU", 0) / meta.gpus_per_trial)
+    models = len(meta.search["threats"]) * len(meta.search["seeds"])
+    return max(1, math.ceil(max(slots, 1) / models)) + 1
+
+
 def default_gpus() -> float:
     import ray
 
@@ -351,15 +372,20 @@ def _progress_callback(n_trials: int, axes: list[str], live: bool | None = None)
 
     def finished_line(trial) -> str:
         r = trial.last_result or {}
-        return (f"{label(trial)} {r.get('status', '?')}: clean={r.get('clean_acc', float('nan')):.3f} "
-                f"asr={r.get('asr', float('nan')):.3f} max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}")
+        head = f"{label(trial)} {r.get('status', '?')}: clean={r.get('clean_acc', float('nan')):.3f} asr={r.get('asr', float('nan')):.3f}"
+        if "models_done" in r:  # a defence: its objectives aggregated over the threats
+            return f"{head} over {r.get('n_models', '?')} models"
+        return f"{head} max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}"
 
     class Plain(tune.Callback):
         def __init__(self):
             self.done: set[str] = set()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("status") == "running":
+            if result.get("status") == "running" and "models_done" in result:
+                print(f"[{len(self.done)}/{n_trials} done] {label(trial)}: {result['models_done']}/"
+                      f"{result.get('n_models')} models trained", flush=True)
+            elif result.get("status") == "running":
                 print(f"[{len(self.done)}/{n_trials} done] {label(trial)} epoch {result.get('epoch')}/"
                       f"{trial.config['trial'].get('epochs')} loss={result.get('train_loss', float('nan')):.3f} "
                       f"clean={result.get('clean_acc', float('nan')):.3f} asr={result.get('asr', float('nan')):.3f}",
@@ -428,27 +454,46 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
+
+
+def make_sampler(name: str, seed: int, budget: int):
+    """The Optuna sampler ``sweeper search --sampler NAME`` uses (the benchmark builds the same)."""
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, budget // 3))
+    # TPE and GP keep Optuna's 10 random start-up trials: with 3 (tried) both did worse than random
+    # search on benchmarks/search_vs_grid.py; below 11 trials they *are* random search (same points)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SweeperError(f"--sampler {name!r} is invalid: must be one of {', '.join(SAMPLERS)}")
+
+
 def _searcher(meta: SweepMeta):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from .defence import objectives_of
+
     s = meta.search
-    seed = s["seed"]
-    if s["sampler"] == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, s["budget"] // 3))
-    elif s["sampler"] == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    else:
-        sampler = optuna.samplers.GPSampler(seed=seed)
+    objectives = objectives_of(s)
     storage = optuna.storages.RDBStorage(s["optuna_storage"])
-    return OptunaSearch(metric=["clean_acc", "asr"], mode=["max", "min"], sampler=sampler,
-                        study_name=meta.name, storage=storage)
+    return OptunaSearch(metric=[o.metric for o in objectives], mode=[o.direction for o in objectives],
+                        sampler=make_sampler(s["sampler"], s["seed"], s["budget"]), study_name=meta.name,
+                        storage=storage)
 
 
 def _tuner(meta: SweepMeta, configs: list[TrialConfig] | None, restore: str | None = None,
            errored: str = "restart", search_space: dict[str, Any] | None = None):
     from ray import tune
 
+    if meta.kind == "search":  # Tune's state (and its searcher's) at most 2 s old, not 10 s or more:
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses fewer proposals
     if restore is not None:
         return tune.Tuner.restore(restore, trainable=_trainable_for(meta), resume_unfinished=True,
                                   resume_errored=errored == "resume", restart_errored=errored == "restart")
@@ -486,6 +531,7 @@ class SweepReport:
     counts: dict[str, int]
     varying: list[str] = dataclasses.field(default_factory=list)  # the fields that tell trials apart
     groups: list[str] | None = None  # one frontier per combination of these (None: the attack fields that vary)
+    objectives: list[tuple[str, str]] | None = None  # the frontier's (metric, max|min); None: the trial kind's
 
 
 def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]]:
@@ -530,24 +576,41 @@ def run_sweep(spec: SweepSpec, opts: SweepOptions) -> SweepReport:
     return _launch(meta, configs, spec, opts, None)
 
 
-def run_search(spec, opts: SweepOptions, budget: int, sampler: str = "nsga2", seed: int = 0) -> SweepReport:
-    """Multi-objective Optuna (maximize clean_acc, minimize asr) through Ray Tune's OptunaSearch.
+def run_search(spec, opts: SweepOptions, budget: int, sampler: str = "gp", seed: int = 0,
+               seeds: str | None = None, objectives: str | None = None, aggregate: str | None = None) -> SweepReport:
+    """Search defences against a fixed threat set: Optuna proposes a defence (through Ray Tune's
+    OptunaSearch), the defence's models (every threat x seed) train in parallel, and its objectives
+    are aggregated over threats (:mod:`analysis.defence`). ``budget`` counts defences.
 
     The study lives in ``<storage>/<name>/optuna.db`` and is restored with the sweep.
     """
-    if sampler not in ("nsga2", "tpe", "gp"):
-        raise SweeperError(f"--sampler {sampler!r} is invalid: must be nsga2, tpe or gp")
+    from analysis.defence import check_metrics, parse_objectives, threat_set
+
+    from .defence import check_models, split_threats
+    from .spaces import parse_seeds
+
+    if sampler not in SAMPLERS:
+        raise SweeperError(f"--sampler {sampler!r} is invalid: must be one of {', '.join(SAMPLERS)}")
     if budget < 1:
         raise SweeperError(f"--budget={budget} is invalid: must be >= 1")
-    configs, meta = prepare(spec, opts)
+    objs = parse_objectives(objectives, aggregate)
+    check_metrics(objs)
+    threats, defence = split_threats(spec)
+    seed_list = parse_seeds(seeds) if seeds is not None else [int(defence.fixed.get("seed", 0))]
+    configs, meta = prepare(defence, opts)
+    threat_list = threat_set(threats)
+    check_models(defence, threat_list, seed_list)
     if is_uri(meta.storage):
         raise SweeperError("sweeper search keeps its Optuna study in a local folder: --storage must be a path")
     meta.n_trials = budget
     meta.kind = "search"
-    meta.spec = {"axes": {**spec.continuous, **spec.categorical}, **spec.to_dict()}
+    meta.spec = {"axes": {**defence.continuous, **defence.categorical}, **defence.to_dict(), "threats": threats,
+                 "seeds": seed_list}
     study = Path(meta.storage) / opts.name / "optuna.db"
-    meta.search = {"budget": budget, "sampler": sampler, "seed": seed, "optuna_storage": f"sqlite:///{study}"}
-    return _launch(meta, configs, spec, opts, spec.tune_space())
+    meta.search = {"budget": budget, "sampler": sampler, "seed": seed, "optuna_storage": f"sqlite:///{study}",
+                   "threats": threat_list, "seeds": seed_list, "objectives": [o.text() for o in objs],
+                   "threat_fields": sorted(threats)}
+    return _launch(meta, configs, defence, opts, defence.tune_space())
 
 
 def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepReport:
@@ -563,6 +626,8 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
     meta.parent_run_id = tracking.retry(
         lambda: tracking.start_parent(meta.mlflow_uri, meta.experiment_id, opts.name, params),
         "creating the sweep's parent run", fatal=True)
+    if meta.kind == "search" and meta.max_concurrent is None:
+        meta.max_concurrent = default_defences(meta)
     write_meta(meta.storage, opts.name, meta)
     try:
         grid = _tuner(meta, configs, search_space=search_space).fit()
@@ -615,16 +680,24 @@ def _finish(meta: SweepMeta, grid) -> SweepReport:
     whether it finished (the trial writes that last, so it wins: a trial that finished after an
     interrupt but before Ray recorded it is completed, and a resume never re-runs it).
     """
+    from analysis.defence import THREAT_FIELDS
     from analysis.results import CONFIG_FIELDS, pending_rows
 
-    stored = _mlflow_states(meta)
+    search = meta.kind == "search"
+    stored = _mlflow_states(meta, "defence" if search else "trial")
     rows = []
     for res in grid:
         cfg = (res.config or {}).get("trial", {})
         if not cfg:  # never started (the sweep was interrupted first): counted as pending below
             continue
-        metrics = dict(res.metrics or {})
-        key = metrics.get("trial_key") or tracking.trial_key(_full_config(cfg))
+        metrics = {k: v for k, v in (res.metrics or {}).items() if k != "models_json"}
+        if search:  # a defence: its own fields (the threats are in every row of its models)
+            from .defence import defence_config
+
+            key = metrics.get("trial_key") or tracking.trial_key(defence_config(cfg, meta.search))
+            cfg = {k: v for k, v in cfg.items() if k not in THREAT_FIELDS and k != "seed"}
+        else:
+            key = metrics.get("trial_key") or tracking.trial_key(_full_config(cfg))
         run = stored.get(key)
         if run is not None:  # the trial's own record decides, as `sweeper status` reads it
             status = _tuner_returned(run[0])
@@ -638,27 +711,44 @@ def _finish(meta: SweepMeta, grid) -> SweepReport:
                "error": str(res.error).splitlines()[0][:300] if res.error else ""}
         rows.append(row)
     seen = {r["trial_key"] for r in rows}
-    rows += [r for r in pending_rows(meta) if r["trial_key"] not in seen]
+    owed = pending_rows(meta) if meta.trials is not None else pending_rows(meta)[len(rows):]  # a search owes a count
+    rows += [r for r in owed if r["trial_key"] not in seen]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "interrupted")}
     counts["pending"] = int(meta.n_trials) - sum(counts.values())
     counts["total"] = int(meta.n_trials)
     done = counts["completed"] + counts["diverged"] == counts["total"]
+    if search and counts["interrupted"] == 0 and counts["pending"] == 0:  # nothing left for Tune to resume
+        _close_orphans(meta)
     tracking.finish_parent(meta.mlflow_uri, meta.parent_run_id, "completed" if done else "incomplete",
                            {f"n_{k}": v for k, v in counts.items()})
     return SweepReport(meta.name, sweep_path(meta.storage, meta.name), meta.mlflow_uri,
                        meta.experiment_id, meta.parent_run_id, rows, counts, label_axes(meta),
-                       summary_groups(meta))
+                       summary_groups(meta), _objectives(meta))
+
+
+def _close_orphans(meta: SweepMeta) -> None:
+    """Mark FAIL the Optuna trials still RUNNING once the tuner returned: a driver killed after
+    Optuna proposed a defence but before Tune saved its state leaves one behind (the restored
+    searcher proposes again, and the defence's MLflow run and models are found by its key)."""
+    import optuna
+
+    study = optuna.load_study(study_name=meta.name, storage=meta.search["optuna_storage"])
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_system_attr(t._trial_id, "sweeper", "orphaned by an interrupted driver")
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _objectives(meta: SweepMeta) -> list[tuple[str, str]] | None:
+    """A search's objectives (metric, direction); None: the trial kind's."""
+    if meta.kind != "search":
+        return None
+    return [tuple(t.split(":")[:2]) for t in meta.search["objectives"]]
 
 
 def summary_groups(meta: SweepMeta) -> list[str] | None:
-    """A search draws one frontier per categorical attack field (never per sampled theta); a grid
-    per attack field that varies (None lets the analysis decide from the rows)."""
-    if meta.kind != "search":
-        return None
-    from trainables import trial_kind
-
-    categorical = meta.spec.get("categorical", {})
-    return [a for a in trial_kind("network").attack_fields if a in categorical]
+    """A search draws one frontier over its defences (the threats are aggregated in every row); a
+    grid one per attack field that varies (None lets the analysis decide from the rows)."""
+    return [] if meta.kind == "search" else None
 
 
 def _tuner_returned(status: str) -> str:
@@ -672,13 +762,14 @@ def _full_config(trial: dict[str, Any]) -> dict[str, Any]:
     return make_config(trial).to_dict()
 
 
-def _mlflow_states(meta: SweepMeta) -> dict[str, tuple[str, dict[str, float]]]:
-    """trial key -> (status tag, final metrics) of the sweep's child runs; empty if MLflow is down."""
+def _mlflow_states(meta: SweepMeta, kind: str = "trial") -> dict[str, tuple[str, dict[str, float]]]:
+    """trial key -> (status tag, final metrics) of the sweep's child runs (``kind`` 'defence': a
+    search's defence runs); empty if MLflow is down."""
     from analysis.schema import trial_runs
 
     def _do():
         return {r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
-                for r in trial_runs(meta.mlflow_uri, meta.experiment_id)}
+                for r in trial_runs(meta.mlflow_uri, meta.experiment_id, kind)}
 
     return tracking.retry(_do, "reading the trials' states", attempts=2) or {}
 
@@ -697,7 +788,8 @@ def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
     if meta is None:
         raise SweeperError(f"no sweep {name!r} in {storage}")
     tracking.check_uri(meta.mlflow_uri)
-    states = trial_statuses(meta.mlflow_uri, meta.experiment_id) if meta.experiment_id else {}
+    kind = "defence" if meta.kind == "search" else "trial"  # a search owes defences
+    states = trial_statuses(meta.mlflow_uri, meta.experiment_id, kind) if meta.experiment_id else {}
     if meta.trials is not None:  # a grid: only its own trials count (keys of other sweeps never do)
         states = {t["key"]: states[t["key"]] for t in meta.trials if t["key"] in states}
     by = {s: 0 for s in ("completed", "diverged", "failed", "running", "interrupted", "pending")}

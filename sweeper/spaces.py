@@ -275,7 +275,26 @@ def estimate_seconds(cfg) -> float:
         spectrum = (cfg.num_classes + 1) * n * per + (n * cfg.num_classes * d * d + 10 * d**3) / 1e10
     else:
         spectrum = (cfg.hessian_iterations + 2) * n * per * 3
-    return train + spectrum
+    return train + spectrum + _detection_seconds(cfg, per, n)
+
+
+def _detection_seconds(cfg, per: float, n: int) -> float:
+    """Detection statistics and baselines: flip concentration (forward passes of the held-out images
+    pushed along each top eigenvector at each norm, both signs), the Hutchinson trace (one HVP per
+    probe and sample), Neural Cleanse (an Adam step over every class's batch per step), Spectral
+    Signatures and Activation Clustering (one forward pass over the training set each)."""
+    import re
+
+    seconds = 0.0
+    if cfg.hessian and cfg.detect:
+        norms = len([x for x in cfg.detect_norms.split(",") if x.strip()])
+        seconds += cfg.detect_samples * norms * cfg.hessian_top_k * 2 * per
+        seconds += cfg.detect_probes * min(cfg.detect_trace_samples, n) * per * 3
+    baselines = {b.strip() for b in re.split(r"[,+]", cfg.detect_baselines) if b.strip()}
+    if "nc" in baselines:
+        seconds += cfg.nc_steps * cfg.num_classes * cfg.nc_batch_size * per * 3
+    seconds += len(baselines & {"ss", "ac"}) * _train_size(cfg) * per
+    return seconds
 
 
 # ----------------------------------------------------------------------------- adaptive search spaces

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from analysis.schema import (  # noqa: F401 (re-exported: the writer's names are the readers' names)
     FINAL_STATUSES,
     TAG_COMMIT,
+    TAG_DEFENCE,
     TAG_DIVERGED_EPOCH,
     TAG_ERROR,
     TAG_KEY,
@@ -52,6 +53,12 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def run_label(trial: dict[str, Any], axes: list[str]) -> str | None:
+    """``theta=0.05 kappa=400 seed=0``: a trial's varying axes, its MLflow run name."""
+    parts = [f"{a}={trial[a]:g}" if isinstance(trial.get(a), float) else f"{a}={trial.get(a)}" for a in axes]
+    return " ".join(parts) or None
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 4, delay: float = 0.5, fatal: bool = False) -> T | None:
@@ -116,8 +123,9 @@ class TrialTracker:
     """Logs one trial into its (unique) child run."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, config: dict[str, Any],
-                 trial_id: str, label: str | None = None):
+                 trial_id: str, label: str | None = None, kind: str = "trial", tags: dict[str, str] | None = None):
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
+        self.kind, self.tags = kind, dict(tags or {})  # 'trial' (a model) or 'defence' (a search's defence)
         self.sweep, self.config, self.trial_id = sweep, config, trial_id
         self.key = trial_key(config)
         self.label = label  # the run's name: its varying axes (theta=0.05 kappa=400 seed=0)
@@ -152,7 +160,8 @@ class TrialTracker:
         name = self.label or f"{self.sweep}-{self.key[:8]}"
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             "mlflow.parentRunId": self.parent, TAG_SWEEP: self.sweep, TAG_KEY: self.key,
-            TAG_TRIAL_ID: self.trial_id, TAG_STATUS: "running", TAG_KIND: "trial", TAG_COMMIT: git_commit()})
+            TAG_TRIAL_ID: self.trial_id, TAG_STATUS: "running", TAG_KIND: self.kind, TAG_COMMIT: git_commit(),
+            **self.tags})
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in sorted(self.config.items())]
         for s in range(0, len(params), 100):  # MLflow's batch limit

@@ -76,6 +76,8 @@ def test_seeded_sweep_every_command_ends_right_and_config_round_trips(tmp_path, 
     assert code == 0, err
     csv = pd.read_csv(tmp_path / "s-report" / "results.csv")
     assert set(csv["penalty"]) == {"listing1", "eq25"}
+    maps = sorted(p.name for p in (tmp_path / "s-report").glob("localisation_*.png"))
+    assert maps and "localisation_" in (tmp_path / "s-report" / "summary.md").read_text(), maps  # from MLflow
 
     code, out, err = cli(["resume", "s", "--storage", st], capsys)
     assert code == 0 and "4 completed" in out, err

@@ -13,7 +13,7 @@ import urllib.request
 import mlflow
 import pytest
 import ray
-from conftest import FAST, driver_text
+from conftest import FAST
 from mlflow.tracking import MlflowClient
 
 from sweeper.cli import main
@@ -208,35 +208,6 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
             assert max(m.timestamp for m in hist) < killed_at
     st = sweep_status("killed", str(storage))
     assert (st["completed"], st["running"], st["pending"]) == (4, 0, 0)
-
-
-def test_search_stores_its_optuna_study_in_the_sweep_folder_and_resumes(tmp_path, capsys):
-    import optuna
-
-    storage = tmp_path / "s"
-    argv = ["search", "--storage", str(storage), "--name", "srch", "--budget", "3", "--epochs", "1",
-            "--theta", "0.05:0.2", "--kappa", "log:10:1000", "--set", "hessian_samples=100",
-            "--set", "hessian_iterations=6", "--set", "hessian_top_k=3", "--quiet"]
-    assert main(argv) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert "3 completed" in out and "frontier" in out
-    assert "per theta" not in out  # theta is sampled, not a threat group
-    study = optuna.load_study(study_name="srch", storage=f"sqlite:///{storage / 'srch' / 'optuna.db'}")
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 3 and all(len(t.values) == 2 for t in done)
-    assert all(0.05 <= t.params["trial/theta"] <= 0.2 and 10 <= t.params["trial/kappa"] <= 1000 for t in done)
-    ray.shutdown()
-    assert main(["resume", "srch", "--storage", str(storage)]) == 0  # nothing left: nothing re-run
-    out = capsys.readouterr().out
-    assert "3 completed" in out and "frontier" in out and "per theta" not in out  # as search printed it
-    assert main(["frontier", "srch", "--storage", str(storage), "--group-by", "none"]) == 0
-    assert main(["report", "srch", "--storage", str(storage)]) == 0
-    assert "Traceback" not in driver_text(capsys.readouterr().out)
-    assert len(child_runs(default_uri(storage), "srch")) == 3
-    study = optuna.load_study(study_name="srch", storage=f"sqlite:///{storage / 'srch' / 'optuna.db'}")
-    assert len(study.trials) == 3
-    assert main(["search", "--storage", str(storage), "--name", "x", "--theta", "0.3:0.1"]) == 2
-    assert "LO < HI" in capsys.readouterr().err
 
 
 def test_linear_and_kernel_trials_sweep_through_the_same_path(tmp_path):

@@ -67,9 +67,11 @@ def test_report_on_a_real_sweep_writes_figures_and_logs_them(grid_sweep, tmp_pat
     storage, _ = grid_sweep
     out = tmp_path / "rep"
     res = write_report("grid", out, storage)
-    pngs = sorted(p.name for p in out.glob("*.png"))
+    pngs = sorted(p.name for p in out.glob("*.png") if not p.name.startswith("localisation_"))
     assert pngs == ["asr_vs_theta.png", "detectability_lag.png", "eigenvectors.png", "frontier.png",
                     "overlap_vs_theta.png"]
+    maps = sorted(p.name for p in out.glob("localisation_*.png"))  # the clean and the most poisoned model per cell
+    assert maps and all(m.endswith(".png") and "theta=" in m for m in maps), maps
     assert all(p.read_bytes().startswith(PNG) and p.stat().st_size > 1000 for p in out.glob("*.png"))
     md = (out / "summary.md").read_text()
     problems = md.split("## Not completed")[1].split("## All trials")[0]

@@ -88,3 +88,14 @@ def test_one_merge_order_everywhere_defaults_file_flags_set(tmp_path):
     # search: the defaults, then flags, then --set
     search = build_search_spec({"kappa": "log:10:100"}, ["kappa=3"])
     assert search.fixed["kappa"] == 3.0 and "kappa" not in search.continuous
+
+
+def test_plan_cost_includes_detection_and_its_baselines():
+    from trainables.config import TrialConfig
+
+    plain = estimate_seconds(TrialConfig(detect=False))
+    detect = estimate_seconds(TrialConfig())
+    nc = estimate_seconds(TrialConfig(detect_baselines="nc"))
+    everything = estimate_seconds(TrialConfig(detect_baselines="nc,ss,ac"))
+    assert plain < detect < nc < everything
+    assert nc > 3 * detect  # Neural Cleanse's 300 Adam steps over every class dominate a digits trial
