@@ -99,3 +99,13 @@ def test_plan_cost_includes_detection_and_its_baselines():
     everything = estimate_seconds(TrialConfig(detect_baselines="nc,ss,ac"))
     assert plain < detect < nc < everything
     assert nc > 3 * detect  # Neural Cleanse's 300 Adam steps over every class dominate a digits trial
+
+
+def test_every_published_sweep_file_validates():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        spec, name = load_sweep_file(path)
+        assert name == path.stem and spec.configs(), path  # every trial's TrialConfig is valid
