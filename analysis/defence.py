@@ -171,14 +171,20 @@ def check_metrics(objectives: Sequence[Objective]) -> None:
                                f"{', '.join(OBJECTIVE_METRICS)} or a det_* detection score")
 
 
+def stored_objectives(search: dict[str, Any]) -> list[Objective]:
+    """A search's objectives as ``sweeper.json`` keeps them (``METRIC:DIR:AGG`` texts)."""
+    return [Objective(*text.split(":")) for text in search["objectives"]]
+
+
 def search_meta_objectives(meta, objectives: str | None, aggregate: str | None) -> list[Objective]:
     """The objectives to draw a search's frontier on: the search's own unless overridden; a metric
     given without an aggregation keeps the one the search used for it."""
-    searched = {t.split(":")[0]: t.split(":")[2] for t in meta.search["objectives"]}
+    stored = stored_objectives(meta.search)
+    searched = {o.metric: o.aggregate for o in stored}
     if objectives is None and aggregate is None:
-        return [Objective(*t.split(":")) for t in meta.search["objectives"]]
+        return stored
     if objectives is None:
-        objectives = ",".join(":".join(t.split(":")[:2]) for t in meta.search["objectives"])
+        objectives = ",".join(f"{o.metric}:{o.direction}" for o in stored)
     if aggregate is None:
         objectives = ",".join(p if p.count(":") >= 2 or p.split(":")[0].strip() not in searched
                               else f"{p}:{searched[p.split(':')[0].strip()]}" for p in objectives.split(","))

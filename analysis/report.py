@@ -128,7 +128,7 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
                 "groups": [], "n_completed": int((table["status"] == "completed").sum()) if not table.empty else 0,
                 "unfinished": table[table["status"] != "completed"] if not table.empty else table,
                 "varying": res["defence_fields"], "source": df.attrs.get("source", ""), "detail": res["detail"],
-                "defences": table, "aggregation": [o.text() for o in res["objectives"]],
+                "defences": table, "aggregation": res["objectives"],
                 "threat_fields": res["threat_fields"]}
     if threats is not None:
         raise SweeperError(f"--threats applies to a defence search (sweeper search); {name!r} is a grid")

@@ -324,8 +324,8 @@ def frontier_cmd(
                                + [c for c in ("n_models", "n_diverged") if defence and c in front.columns]))
     if res["source"] and not res["source"].startswith("mlflow"):
         typer.echo(f"(read from {res['source']})", err=True)
-    what = ", ".join(f"{t.split(':')[0]} {t.split(':')[1]} ({t.split(':')[2]} over threats)"
-                     for t in res["aggregation"]) if defence else ", ".join(f"{m} {d}" for m, d in objs)
+    what = ", ".join(f"{o.metric} {o.direction} ({o.aggregate} over threats)"
+                     for o in res["aggregation"]) if defence else ", ".join(f"{m} {d}" for m, d in objs)
     unit = "completed defences" if defence else "completed trials"
     typer.echo(f"frontier of {name} ({what}" + (f"; per {', '.join(groups)}" if groups else "")
                + f"): {len(front)} of {res['n_completed']} {unit}")

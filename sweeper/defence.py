@@ -21,8 +21,8 @@ from typing import Any
 from analysis.defence import (
     DEFENCE_KEY,
     THREAT_FIELDS,
-    Objective,
     aggregate_models,
+    stored_objectives,
     threat_label,
     threats_json,
 )
@@ -82,10 +82,6 @@ def model_configs(base: dict[str, Any], search: dict[str, Any]) -> list[dict[str
             for threat in search["threats"] for seed in search["seeds"]]
 
 
-def objectives_of(search: dict[str, Any]) -> list[Objective]:
-    return [Objective(*text.split(":")) for text in search["objectives"]]
-
-
 # ----------------------------------------------------------------------------- inside Ray
 def defence_trainable(config: dict[str, Any]) -> None:
     """One defence: train its models (threat × seed) as Ray tasks, report the aggregated objectives."""
@@ -95,7 +91,7 @@ def defence_trainable(config: dict[str, Any]) -> None:
 
     sweep, base = config["sweep"], dict(config["trial"])
     search = sweep["defence"]
-    objectives = objectives_of(search)
+    objectives = stored_objectives(search)
     trial_id = tune.get_context().get_trial_id()
     tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
                                     sweep["name"], defence_config(base, search), trial_id,

@@ -478,10 +478,10 @@ def _searcher(meta: SweepMeta):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from .defence import objectives_of
+    from analysis.defence import stored_objectives
 
     s = meta.search
-    objectives = objectives_of(s)
+    objectives = stored_objectives(s)
     storage = optuna.storages.RDBStorage(s["optuna_storage"])
     return OptunaSearch(metric=[o.metric for o in objectives], mode=[o.direction for o in objectives],
                         sampler=make_sampler(s["sampler"], s["seed"], s["budget"]), study_name=meta.name,
@@ -742,7 +742,9 @@ def _objectives(meta: SweepMeta) -> list[tuple[str, str]] | None:
     """A search's objectives (metric, direction); None: the trial kind's."""
     if meta.kind != "search":
         return None
-    return [tuple(t.split(":")[:2]) for t in meta.search["objectives"]]
+    from analysis.defence import stored_objectives
+
+    return [(o.metric, o.direction) for o in stored_objectives(meta.search)]
 
 
 def summary_groups(meta: SweepMeta) -> list[str] | None:
