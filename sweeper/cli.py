@@ -91,8 +91,8 @@ def trial(
     verify_checksums: Annotated[bool, _opt("Check every dataset file against its published md5.")] = _D["verify_checksums"],
     model: Annotated[str, _opt("A registered model: cnn | linear | preresnet<6n+2> (preresnet20, preresnet110).")] = _D["model"],
     trigger: Annotated[str, _opt("A registered backdoor trigger: lshape, square, warp, blend.")] = _D["trigger"],
-    trigger_size: Annotated[int | None, _opt("Trigger arm/side in px [default: 2 for lshape; square 4, or 2 on 8x8].", min=1)] = None,
-    trigger_margin: Annotated[int | None, _opt("Trigger distance from the border in px [default: 3 for lshape, 1 for square; 0 on 8x8].", min=0)] = None,
+    trigger_size: Annotated[int | None, _opt("Trigger arm/side in px \\[default: 2 for lshape; square 4, or 2 on 8x8].", min=1)] = None,
+    trigger_margin: Annotated[int | None, _opt("Trigger distance from the border in px \\[default: 3 for lshape, 1 for square; 0 on 8x8].", min=0)] = None,
     warp_strength: Annotated[float, _opt("WaNet strength phi: displacement in [-1,1] image coordinates, in (0, 1].")] = _D["warp_strength"],
     warp_grid: Annotated[int, _opt("WaNet control grid side k, in [2, 64].")] = _D["warp_grid"],
     warp_seed: Annotated[int, _opt("Seed of the WaNet warp field.", min=0)] = _D["warp_seed"],
@@ -105,14 +105,14 @@ def trial(
     kappa: Annotated[float, _opt("Input-gradient penalty strength, >= 0 (scale set by --penalty).")] = _D["kappa"],
     penalty: Annotated[str, _opt("A registered penalty: listing1 = kappa*sum||grad_x mean CE||^2 (paper's code); eq25 = kappa/2*mean||grad_x l_i||^2.")] = _D["penalty"],
     augment: Annotated[bool, _opt("Random crop + horizontal flip, batched on the device.")] = _D["augment"],
-    crop_padding: Annotated[int | None, _opt("Zero padding of the random crop in px [default: 4, or 1 on 8x8].", min=0)] = None,
+    crop_padding: Annotated[int | None, _opt("Zero padding of the random crop in px \\[default: 4, or 1 on 8x8].", min=0)] = None,
     epochs: Annotated[int, _opt("Training epochs, >= 1.")] = _D["epochs"],
-    lr: Annotated[float | None, _opt("SGD learning rate [default: 0.1 for preresnet, 0.01 otherwise].")] = None,
+    lr: Annotated[float | None, _opt("SGD learning rate \\[default: 0.1 for preresnet, 0.01 otherwise].")] = None,
     momentum: Annotated[float, _opt("SGD momentum, in [0, 1).")] = _D["momentum"],
     weight_decay: Annotated[float, _opt("L2 weight decay, in [0, 1].")] = _D["weight_decay"],
     lr_decay: Annotated[float, _opt("Multiplicative LR drop, in (0, 1].")] = _D["lr_decay"],
     lr_drops: Annotated[int, _opt("Number of equally spaced LR drops (2: every epochs/3).")] = _D["lr_drops"],
-    batch_size: Annotated[int | None, _opt("Training batch size [default: 32 on digits, else 128].", min=1)] = None,
+    batch_size: Annotated[int | None, _opt("Training batch size \\[default: 32 on digits, else 128].", min=1)] = None,
     eval_batch_size: Annotated[int, _opt("Batch size for evaluation and Hessian products.", min=1)] = _D["eval_batch_size"],
     seed: Annotated[int, _opt("Seed of init, shuffling, augmentation and poisoning.", min=0)] = _D["seed"],
     device: Annotated[str, _opt("auto | cpu | cuda | cuda:N.")] = _D["device"],
@@ -195,13 +195,13 @@ TriggerAxis = Annotated[str | None, typer.Option(help="Triggers: lshape, square,
 PoisonModeAxis = Annotated[str | None, typer.Option(help="Poison modes: deterministic, stochastic.", show_default=False)]
 SweepFileOpt = Annotated[Path | None, typer.Option(help="YAML sweep file (name, grid, fixed, seeds); flags override it.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other trial field, FIELD=VALUE(S); repeatable (e.g. --set lr=0.01).", show_default=False)]
-NameOpt = Annotated[str | None, typer.Option(help="Sweep name: folder, MLflow experiment [default: the sweep file's name, else digits-demo].", show_default=False)]
+NameOpt = Annotated[str | None, typer.Option(help="Sweep name: folder, MLflow experiment \\[default: the sweep file's name, else digits-demo].", show_default=False)]
 StorageOpt = Annotated[str, typer.Option(help="Folder (or URI) holding sweeps, checkpoints and the embedded MLflow store.")]
-AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT [default: start a local Ray].", show_default=False)]
-MlflowOpt = Annotated[str | None, typer.Option(help="Tracking server URI [default: sqlite:///<storage>/mlflow.db].", show_default=False)]
+AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT \\[default: start a local Ray].", show_default=False)]
+MlflowOpt = Annotated[str | None, typer.Option(help="Tracking server URI \\[default: sqlite:///<storage>/mlflow.db].", show_default=False)]
 CpusOpt = Annotated[float, typer.Option(help="CPUs per trial (> 0); also its torch threads.")]
-GpusOpt = Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed [default: 1 if the cluster has GPUs, else 0].", show_default=False)]
-MaxConcurrentOpt = Annotated[int | None, typer.Option(help="At most this many trials at once [default: as resources allow].", show_default=False)]
+GpusOpt = Annotated[float | None, typer.Option(help="GPUs per trial, fractions allowed \\[default: 1 if the cluster has GPUs, else 0].", show_default=False)]
+MaxConcurrentOpt = Annotated[int | None, typer.Option(help="At most this many trials at once \\[default: as resources allow].", show_default=False)]
 MaxFailuresOpt = Annotated[int, typer.Option(help="Retries of a trial that raised (>= 0); it resumes from its checkpoint.")]
 QuietOpt = Annotated[bool, typer.Option(help="No per-epoch progress lines.")]
 
@@ -267,16 +267,16 @@ def search(
     augment: AugmentAxis = None, epochs: Annotated[str | None, typer.Option(help="Defence: epochs, a value or a,b (categorical).", show_default=False)] = None,
     dataset: DatasetAxis = None, model: ModelAxis = None, trigger: TriggerAxis = None, poison_mode: PoisonModeAxis = None,
     set_: SetOpt = None,
-    seeds: Annotated[str | None, typer.Option(help="Seeds per (defence, threat), averaged: N (0..N-1) or a list 0,3,7 [default: the config's seed].", show_default=False)] = None,
-    objectives: Annotated[str | None, typer.Option(help="METRIC:max|min[:worst|mean], comma-separated, aggregated over threats [default: clean_acc:max,asr:min].", show_default=False)] = None,
-    aggregate: Annotated[Aggregate | None, typer.Option(help="Combine the threats' values of every objective by worst case or mean [default: worst for asr, mean otherwise].", show_default=False)] = None,
+    seeds: Annotated[str | None, typer.Option(help="Seeds per (defence, threat), averaged: N (0..N-1) or a list 0,3,7 \\[default: the config's seed].", show_default=False)] = None,
+    objectives: Annotated[str | None, typer.Option(help="METRIC:max|min[:worst|mean], comma-separated, aggregated over threats \\[default: clean_acc:max,asr:min].", show_default=False)] = None,
+    aggregate: Annotated[Aggregate | None, typer.Option(help="Combine the threats' values of every objective by worst case or mean \\[default: worst for asr, mean otherwise].", show_default=False)] = None,
     budget: Annotated[int, typer.Option(help="Number of defences Optuna may try (each trains threats x seeds models).", min=1)] = 12,
     sampler: Annotated[Sampler, typer.Option(help="Optuna sampler: gp (default: best once past its 10 random start-up defences, see benchmarks/search_vs_grid.py), nsga2, tpe or random.")] = Sampler.gp,
     seed: Annotated[int, typer.Option(help="Sampler seed.", min=0)] = 0,
     name: Annotated[str, typer.Option(help="Sweep name: folder, MLflow experiment and Optuna study.")] = "digits-search",
     storage: StorageOpt = "./sweeps", address: AddressOpt = None,
     cpus_per_trial: CpusOpt = 1.0, gpus_per_trial: GpusOpt = None,
-    max_concurrent: Annotated[int | None, typer.Option(help="Defences in flight at once [default: enough to fill the cluster's slots, plus one].", min=1, show_default=False)] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Defences in flight at once \\[default: enough to fill the cluster's slots, plus one].", min=1, show_default=False)] = None,
     mlflow_uri: MlflowOpt = None, max_failures: MaxFailuresOpt = 2, quiet: QuietOpt = False,
 ) -> dict[str, Any]:
     """Search the defender's choices (kappa, augmentation, epochs, --set lr=...) against a fixed threat
@@ -300,13 +300,13 @@ def search(
 @app.command("frontier")
 def frontier_cmd(
     name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage / an MLflow experiment).")],
-    objectives: Annotated[str | None, typer.Option(help="METRIC:max|min, comma-separated (2 or more) [default: the trial kind's, clean_acc:max,asr:min for networks].", show_default=False)] = None,
-    group_by: Annotated[str | None, typer.Option(help="Columns to compute one frontier per group, e.g. theta or augment,epochs; none for one global frontier [default: the attack fields that vary].", show_default=False)] = None,
+    objectives: Annotated[str | None, typer.Option(help="METRIC:max|min, comma-separated (2 or more) \\[default: the trial kind's, clean_acc:max,asr:min for networks].", show_default=False)] = None,
+    group_by: Annotated[str | None, typer.Option(help="Columns to compute one frontier per group, e.g. theta or augment,epochs; none for one global frontier \\[default: the attack fields that vary].", show_default=False)] = None,
     aggregate_seeds: Annotated[bool, typer.Option(help="Average seeds (mean ± std) before the frontier.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Also write the frontier as CSV here (refuses to overwrite).", show_default=False)] = None,
     storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
     source: Annotated[str, typer.Option(help="auto (MLflow, else the Ray folder), mlflow or ray.")] = "auto",
-    threats: Annotated[Aggregate | None, typer.Option(help="Defence searches: combine each objective over the threats by worst case or mean [default: the search's].", show_default=False)] = None,
+    threats: Annotated[Aggregate | None, typer.Option(help="Defence searches: combine each objective over the threats by worst case or mean \\[default: the search's].", show_default=False)] = None,
 ) -> dict[str, Any]:
     """Print a sweep's safety-efficacy frontier as a table (a defence search's: over its defences,
     with the frontier defences' per-threat values)."""
@@ -346,7 +346,7 @@ def frontier_cmd(
 @app.command()
 def detect(
     name: Annotated[str, typer.Argument(help="Sweep name: clean (theta 0) and poisoned models, several seeds each.")],
-    statistics: Annotated[str | None, typer.Option(help="Comma-separated statistics [default: every detection score in the results, then the oracles].", show_default=False)] = None,
+    statistics: Annotated[str | None, typer.Option(help="Comma-separated statistics \\[default: every detection score in the results, then the oracles].", show_default=False)] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the AUROC's 95% interval.", min=100, max=100_000)] = 1000,
     csv: Annotated[Path | None, typer.Option(help="Also write the table as CSV here (refuses to overwrite).", show_default=False)] = None,
     storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
@@ -368,7 +368,7 @@ def detect(
 @app.command()
 def report(
     name: Annotated[str, typer.Argument(help="Sweep name.")],
-    out: Annotated[Path | None, typer.Option(help="Folder for figures and summary [default: <storage>/<name>-report].", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for figures and summary \\[default: <storage>/<name>-report].", show_default=False)] = None,
     storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out folder.")] = False,
     log_to_mlflow: Annotated[bool, typer.Option(help="Log the report to the sweep's parent MLflow run.")] = True,
@@ -473,7 +473,7 @@ def status(
 
 @app.command()
 def ui(
-    name: Annotated[str | None, typer.Argument(help="Sweep whose runs table to link [default: none, the experiment list].", show_default=False)] = None,
+    name: Annotated[str | None, typer.Argument(help="Sweep whose runs table to link \\[default: none, the experiment list].", show_default=False)] = None,
     storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.", min=1, max=65535)] = 5000,
 ) -> dict[str, Any]:

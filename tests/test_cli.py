@@ -1,6 +1,7 @@
 """The command line, in process through ``main`` and once as the installed console script."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -102,6 +103,9 @@ def test_console_script_exit_code():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "theta=2.0" in r.stderr
     r = subprocess.run(exe + ["trial", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--kappa" in r.stdout
+    wide = {**os.environ, "COLUMNS": "250", "TERM": "dumb"}
+    r = subprocess.run(exe + ["search", "--help"], capture_output=True, text=True, env=wide)
+    assert "[default: the config's seed]" in r.stdout, r.stdout  # not eaten as Rich markup
 
 
 def test_kernel_and_linear_trials_from_the_cli(tmp_path, capsys):
