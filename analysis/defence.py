@@ -171,6 +171,11 @@ def check_metrics(objectives: Sequence[Objective]) -> None:
                                f"{', '.join(OBJECTIVE_METRICS)} or a det_* detection score")
 
 
+def is_defence_search(meta) -> bool:
+    """Whether a sweep's ``sweeper.json`` describes a defence search (threats fixed, defences searched)."""
+    return meta is not None and meta.kind == "search" and (meta.search or {}).get("threats") is not None
+
+
 def stored_objectives(search: dict[str, Any]) -> list[Objective]:
     """A search's objectives as ``sweeper.json`` keeps them (``METRIC:DIR:AGG`` texts)."""
     return [Objective(*text.split(":")) for text in search["objectives"]]

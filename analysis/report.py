@@ -17,6 +17,7 @@ from trainables import trial_kind
 from trainables.config import SweeperError
 
 from . import plots
+from .defence import is_defence_search
 from .detect import auroc_text
 from .detect import detectability_lag as detect_lag
 from .pareto import frontier
@@ -116,7 +117,7 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
     if df.empty:
         raise SweeperError(f"sweep {name!r} has no trials yet")
     meta = sweep_meta(name, storage)
-    if meta is not None and meta.kind == "search" and (meta.search or {}).get("threats") is not None:
+    if is_defence_search(meta):
         from .defence import defence_frontier
 
         if group_by not in (None, "none") or aggregate:
@@ -280,7 +281,7 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
     images = detection_images(df, uri, out) if str(df.attrs.get("source", "")).startswith("mlflow") else []
     figures += images
     defence_sections = []
-    if meta is not None and meta.kind == "search" and (meta.search or {}).get("threats") is not None:
+    if is_defence_search(meta):
         defence_sections, more = _defence_report(df, meta, out)
         figures += more
     problems = unfinished(df)

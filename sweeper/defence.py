@@ -164,20 +164,13 @@ def _model_task(trial: dict[str, Any], sweep: dict[str, Any], parent_run_id: str
     model = Trial(cfg)
     if ckpt.is_file():
         model.load(ckpt)
-    try:
-        for past in model.history:  # epochs run before a restart: make sure MLflow has them
-            tracker.log_epoch(past)
-        while not model.done:
-            tracker.log_epoch(model.train_epoch())
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(f".{os.getpid()}.tmp")  # one writer per process, even for a repeated defence
-            model.save(tmp)
-            os.replace(tmp, ckpt)  # atomic: an interrupt never leaves half a checkpoint
-        model.analyze()
-        result = model.result()
-        tracker.log_final(result)
-    except Exception as e:
-        tracker.log_failure(e)
-        raise
+
+    def checkpoint(_metrics: dict[str, Any]) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(f".{os.getpid()}.tmp")  # one writer per process, even for a repeated defence
+        model.save(tmp)
+        os.replace(tmp, ckpt)  # atomic: an interrupt never leaves half a checkpoint
+
+    result = tracking.train_tracked(model, tracker, checkpoint)
     ckpt.unlink(missing_ok=True)
     return row(result.metrics, result.status)

@@ -210,21 +210,12 @@ def trainable(config: dict[str, Any]) -> None:
             trial.save(Path(d) / "trial.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    try:
-        for past in trial.history:  # epochs run before a restart: make sure MLflow has them
-            tracker.log_epoch(past)
-        while not trial.done:
-            metrics = trial.train_epoch()
-            tracker.log_epoch(metrics)
-            if not trial.done:
-                report({**metrics, "status": "running", "trial_key": tracker.key})
-        trial.analyze()
-        result = trial.result()
-        tracker.log_final(result)
-        report(_final_metrics(result, tracker))
-    except Exception as e:
-        tracker.log_failure(e)
-        raise
+    def after_epoch(metrics: dict[str, Any]) -> None:
+        if not trial.done:  # the final report, below, carries the last epoch
+            report({**metrics, "status": "running", "trial_key": tracker.key})
+
+    result = tracking.train_tracked(trial, tracker, after_epoch)
+    report(_final_metrics(result, tracker))
 
 
 def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:

@@ -216,6 +216,27 @@ class TrialTracker:
         retry(_do, "marking the trial failed")
 
 
+def train_tracked(trial, tracker: TrialTracker, after_epoch: Callable[[dict[str, Any]], None]):
+    """Train ``trial`` (a :class:`trainables.train.Trial`) to the end under ``tracker``: epochs run
+    before a restart are logged if MLflow lacks them, each new epoch is logged and handed to
+    ``after_epoch`` (which checkpoints), then the analysis runs and the final result is logged and
+    returned. A trial that raises marks its run failed, and the error propagates."""
+    try:
+        for past in trial.history:  # epochs run before a restart: make sure MLflow has them
+            tracker.log_epoch(past)
+        while not trial.done:
+            metrics = trial.train_epoch()
+            tracker.log_epoch(metrics)
+            after_epoch(metrics)
+        trial.analyze()
+        result = trial.result()
+        tracker.log_final(result)
+    except Exception as e:
+        tracker.log_failure(e)
+        raise
+    return result
+
+
 def write_artifacts(result, folder: Path) -> list[Path]:
     """Spectrum JSON, geometry table, eigenvector and trigger images of a trial, as files."""
     files = []
