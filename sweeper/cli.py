@@ -171,6 +171,10 @@ def trial(
     return result.to_json_dict()
 
 
+class SweepFailed(Exception):
+    """A sweep that ended with failed trials: exit 1 after its summary."""
+
+
 class Interrupted(Exception):
     """Ctrl-C: one line saying what was kept, exit code 130."""
 
@@ -240,12 +244,17 @@ def _report(report) -> None:
     typer.echo(f"\nsweep {report.name}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
     typer.echo(sweep_summary(report.rows, report.varying, report.groups, report.objectives))
     c = report.counts
-    if c["interrupted"] or c["pending"] or c["failed"]:
-        storage = report.path.rsplit("/", 1)[0]
-        typer.echo(f"\nnot finished: continue with `sweeper resume {report.name} --storage {storage}` "
-                   f"(finished trials are kept, interrupted ones continue from their last epoch)")
+    storage = report.path.rsplit("/", 1)[0]
     typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})"
-               f"\nbrowse: sweeper ui {report.name} --storage {report.path.rsplit('/', 1)[0]}")
+               f"\nbrowse: sweeper ui {report.name} --storage {storage}")
+    resume = f"sweeper resume {report.name} --storage {storage}"
+    if c["interrupted"] or c["pending"]:  # a script must see that the sweep did not finish: exit 130
+        raise Interrupted(f"sweep {report.name} not finished ({c['interrupted']} interrupted, {c['pending']} pending): "
+                          f"continue with `{resume}` (finished trials are kept, interrupted ones continue "
+                          f"from their last epoch)")
+    if c["failed"]:
+        raise SweepFailed(f"sweep {report.name}: {c['failed']} trial(s) failed (`sweeper report` lists their errors); "
+                          f"retry them from their last epoch with `{resume}`")
 
 
 class Sampler(str, Enum):
@@ -541,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors and exit code 2 for any bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except _click_exc.NoArgsIsHelpError:
         return 2  # help was printed
     except _click_exc.UsageError as e:
@@ -556,12 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         typer.echo(f"sweeper: {e}", err=True)
         return 130
+    except SweepFailed as e:
+        typer.echo(f"sweeper: {e}", err=True)
+        return 1
     except (typer.Exit, _click_exc.ClickException) as e:
         return getattr(e, "exit_code", 1)
     except SweeperError as e:
         typer.echo(f"sweeper: error: {_one_line(str(e))}", err=True)
         return 2
-    return 0
+    if rc == 130:  # Typer turns Ctrl-C inside a command into a returned 130, not an exception
+        typer.echo("sweeper: interrupted", err=True)
+        return 130
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -138,6 +138,7 @@ def test_interrupted_sweep_every_view_agrees_and_resume_finishes_without_repeats
             os.killpg(proc.pid, signal.SIGKILL)
     text = "".join(lines) + rest
     assert "Traceback" not in driver_text(text), text
+    assert proc.returncode == 130, text  # a script sees that the sweep did not finish
     ran = _counts(text, "i")
     assert ran["total"] == 4 and ran["completed"] >= 1 and ran["completed"] < 4, text
     assert "sweeper resume i" in text
