@@ -267,6 +267,7 @@ def load_history(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
     uri = mlflow_uri or (meta.mlflow_uri if meta else None)
     rows = []
     if source != "ray" and uri is not None:
+        schema.check_uri(uri)  # seconds, not MLflow's minutes of retries against a dead server
         c = schema.client(uri)
         trials, _ = _experiment_runs(uri, name)
         for r in trials:

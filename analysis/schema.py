@@ -34,6 +34,7 @@ TAG_DEFENCE = "sweeper.defence_key"  # on a defence search's model runs: the def
 TAG_COMMIT = "sweeper.git_commit"
 TAG_ERROR = "sweeper.error"
 TAG_DIVERGED_EPOCH = "sweeper.diverged_epoch"
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: nests a trial run under the sweep's parent run
 FINAL_STATUSES = ("completed", "diverged")
 META = "sweeper.json"
 
@@ -229,6 +230,16 @@ def read_meta(storage: str | Path, name: str) -> SweepMeta | None:
         return None
     with fs.open_input_stream(path) as f:
         return SweepMeta.from_dict(json.loads(f.read().decode()))
+
+
+def read_text(storage: str | Path, relpath: str) -> str | None:
+    """The text of ``<storage>/<relpath>`` on a local or remote store, or None when it cannot be read."""
+    try:
+        fs, root = _fs(storage)
+        with fs.open_input_stream(f"{root}/{relpath}") as f:
+            return f.read().decode()
+    except (OSError, ValueError):  # absent, unreadable, or a store this node cannot reach
+        return None
 
 
 def write_meta(storage: str | Path, name: str, meta: SweepMeta) -> None:

@@ -11,9 +11,10 @@ Prints, from one run:
     and preresnet20 3x32x32 (target: ratio <= 0.25), with each one's top-5 error against a float64
     reference (the exact path in float64, itself checked against torch.func.hessian in
     tests/test_hessian.py): max_j |lambda_j - ref_j| / ref_1 and the worst 1 - |cos(v_j, ref_j)|.
+  * the spectrum a default trial computes (auto: the exact path) in epochs, preresnet20 and the CNN.
 Epoch time is extrapolated from timed steps. One run each, random init, N random inputs.
 
-    python benchmarks/hessian.py [--device cpu|cuda] [--samples N] [--only exact|hvp]
+    python benchmarks/hessian.py [--device cpu|cuda] [--samples N] [--only exact|hvp|default]
 """
 
 from __future__ import annotations
@@ -113,20 +114,38 @@ def compare_exact(name, model_name, shape, device, samples, chunk=1000):
              f"Lanczos {el:.1e} (1-|cos| {cl:.0e}); lambda_1 {float(ref.eigenvalues[0]):.4g}")]
 
 
+def default_path_epochs(name, model_name, shape, device, samples, chunk=1000):
+    """The spectrum a default trial computes (``auto``: exact for every shipped model) / one epoch."""
+    torch.manual_seed(0)
+    model = make_model(model_name, shape, 10).to(device)
+    ep = epoch_seconds(model, shape, device)
+    x = torch.randn(samples, *shape, device=device)
+    y = torch.randint(0, 10, (samples,), device=device)
+    out = {}
+    t = timed(lambda: out.update(s=input_hessian_spectrum(model, x, y, k=5, chunk_size=chunk)), device)
+    return [(f"default spectrum ({out['s'].method}, top-5, {samples} samples) / epoch of 50k  [{name}]", t / ep,
+             "<= 2" if "preresnet" in model_name else "", f"{t:.1f} s vs epoch {ep:.1f} s")]
+
+
 def main():
     ap = device_parser(__doc__)
     ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--only", choices=("exact", "hvp"), default=None,
-                    help="exact: only the exact-vs-Lanczos comparison; hvp: only the older rows")
+    ap.add_argument("--only", choices=("exact", "hvp", "default"), default=None,
+                    help="exact: only the exact-vs-Lanczos comparison; hvp: only the older rows; "
+                         "default: only the default (auto) spectrum in epochs")
     args = ap.parse_args()
     device = torch.device(args.device)
     header(device)
     rows = []
-    if args.only != "exact":
+    if args.only in (None, "default"):
+        for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
+                                        ("small CNN, digits-shaped", "cnn", (1, 8, 8))):
+            rows += default_path_epochs(name, model_name, shape, device, args.samples)
+    if args.only not in ("exact", "default"):
         for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
                                         ("small CNN, digits-shaped", "cnn", (1, 8, 8))):
             rows += measure(name, model_name, shape, device, args.samples)
-    if args.only != "hvp":
+    if args.only not in ("hvp", "default"):
         for name, model_name, shape in (("cnn 1x8x8", "cnn", (1, 8, 8)), ("cnn 1x28x28", "cnn", (1, 28, 28)),
                                         ("preresnet20 3x32x32", "preresnet20", (3, 32, 32))):
             rows += compare_exact(name, model_name, shape, device, args.samples)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from analysis.schema import client, read_meta
+    from analysis.schema import TAG_KIND, client, read_meta
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name")
@@ -35,7 +35,7 @@ def main() -> None:
     if not slots:
         sys.exit("pass --slots: the sweep did not record its concurrency")
     runs = client(meta.mlflow_uri).search_runs([meta.experiment_id], max_results=50_000)
-    models = [r for r in runs if r.data.tags.get("sweeper.kind") == "trial" and r.info.end_time]
+    models = [r for r in runs if r.data.tags.get(TAG_KIND) == "trial" and r.info.end_time]
     if not models:
         sys.exit(f"sweep {a.name!r} has no finished models")
     wall = np.array([(r.info.end_time - r.info.start_time) / 1000 for r in models])

@@ -7,8 +7,10 @@ before any training starts; :func:`main` is the only place that catches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,8 +24,16 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import core as _click_core
     from click import exceptions as _click_exc
 
-from trainables import TRIAL_KINDS
-from trainables.config import DATASETS, SweeperError, TrialConfig
+from trainables import TRIAL_KINDS, load_plugins
+from trainables.config import DATASETS, POISON_MODES, SweeperError, TrialConfig
+from trainables.models import model_syntax
+from trainables.penalty import PENALTIES
+from trainables.triggers import TRIGGERS
+
+# plugins (SWEEPER_PLUGINS, entry points) register before the choices and help below read the registries;
+# a bad one is reported by main(): one line, exit 2
+with contextlib.suppress(SweeperError):
+    load_plugins()
 
 app = typer.Typer(
     name="sweeper",
@@ -66,8 +76,45 @@ class DType(str, Enum):
 
 Kind = Enum("Kind", {k: k for k in TRIAL_KINDS}, type=str)  # the trial-kind registry
 
+# Help texts that list a registry's names are read again by every call of main(), so a trigger, model,
+# penalty or kind registered by a plugin or by Python code shows in `--help` (the registries import no torch).
+_LIVE_HELP: list[tuple[Any, Callable[[], str]]] = []
 
-KindOpt = Annotated[Kind, typer.Option(help="Trial kind: network (train a net), kernel (KRR laws, Sec. 3) or linear (QR update, Sec. 4).")]
+
+def _live(help_fn: Callable[[], str], **kw: Any) -> Any:
+    """A ``typer.Option`` whose help is ``help_fn()``, recomputed by :func:`_refresh_help`."""
+    info = typer.Option(help=help_fn(), **kw)
+    _LIVE_HELP.append((info, help_fn))
+    return info
+
+
+def _refresh_help() -> None:
+    for info, help_fn in _LIVE_HELP:
+        info.help = help_fn()  # Typer copies the option's info when it builds the command, at each call
+
+
+def _esc(text: str) -> str:
+    return text.replace("[", "\\[")  # a bracket would be eaten as Rich markup
+
+
+def _or(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
+def _kinds_help() -> str:
+    return _esc(_or([f"{k} ({e.summary})" if e.summary else k for k, e in TRIAL_KINDS.items()]))
+
+
+def _triggers_help() -> str:
+    return _esc(", ".join(TRIGGERS))
+
+
+def _penalties_help() -> str:
+    docs = {k: (fn.__doc__ or "").strip().splitlines() for k, fn in PENALTIES.items()}
+    return _esc("; ".join(f"{k} = {d[0]}" if d else k for k, d in docs.items()))
+
+
+KindOpt = Annotated[Kind, _live(lambda: f"Trial kind: {_kinds_help()}.")]
 
 
 @app.callback()
@@ -89,8 +136,8 @@ def trial(
     data_dir: Annotated[str, _opt("Folder with the MNIST IDX / CIFAR pickle files.")] = _D["data_dir"],
     download: Annotated[bool, _opt("Download missing dataset files (needs internet).")] = _D["download"],
     verify_checksums: Annotated[bool, _opt("Check every dataset file against its published md5.")] = _D["verify_checksums"],
-    model: Annotated[str, _opt("A registered model: cnn | linear | preresnet<6n+2> (preresnet20, preresnet110).")] = _D["model"],
-    trigger: Annotated[str, _opt("A registered backdoor trigger: lshape, square, warp, blend.")] = _D["trigger"],
+    model: Annotated[str, _live(lambda: f"A registered model: {_esc(model_syntax())}.", show_default=True)] = _D["model"],
+    trigger: Annotated[str, _live(lambda: f"A registered backdoor trigger: {_triggers_help()}.", show_default=True)] = _D["trigger"],
     trigger_size: Annotated[int | None, _opt("Trigger arm/side in px \\[default: 2 for lshape; square 4, or 2 on 8x8].", min=1)] = None,
     trigger_margin: Annotated[int | None, _opt("Trigger distance from the border in px \\[default: 3 for lshape, 1 for square; 0 on 8x8].", min=0)] = None,
     warp_strength: Annotated[float, _opt("WaNet strength phi: displacement in [-1,1] image coordinates, in (0, 1].")] = _D["warp_strength"],
@@ -103,7 +150,7 @@ def trial(
     theta: Annotated[float, _opt("Poison fraction of the non-target training samples, in [0, 1).")] = _D["theta"],
     target: Annotated[int, _opt("Target class of the backdoor, in [0, classes-1].")] = _D["target"],
     kappa: Annotated[float, _opt("Input-gradient penalty strength, >= 0 (scale set by --penalty).")] = _D["kappa"],
-    penalty: Annotated[str, _opt("A registered penalty: listing1 = kappa*sum||grad_x mean CE||^2 (paper's code); eq25 = kappa/2*mean||grad_x l_i||^2.")] = _D["penalty"],
+    penalty: Annotated[str, _live(lambda: f"A registered penalty: {_penalties_help()}.", show_default=True)] = _D["penalty"],
     augment: Annotated[bool, _opt("Random crop + horizontal flip, batched on the device.")] = _D["augment"],
     crop_padding: Annotated[int | None, _opt("Zero padding of the random crop in px \\[default: 4, or 1 on 8x8].", min=0)] = None,
     epochs: Annotated[int, _opt("Training epochs, >= 1.")] = _D["epochs"],
@@ -194,9 +241,9 @@ AugmentAxis = Annotated[str | None, typer.Option(help="Augmentation: on, off or 
 EpochsAxis = Annotated[str | None, _axis_opt("Epoch counts >= 1.")]
 SeedsOpt = Annotated[str | None, typer.Option(help="N (seeds 0..N-1) or a list a,b,c.", show_default=False)]
 DatasetAxis = Annotated[str | None, typer.Option(help=f"Datasets, comma-separated: {', '.join(DATASETS)}.", show_default=False)]
-ModelAxis = Annotated[str | None, typer.Option(help="Models: cnn, linear, preresnet<6n+2>.", show_default=False)]
-TriggerAxis = Annotated[str | None, typer.Option(help="Triggers: lshape, square, warp, blend.", show_default=False)]
-PoisonModeAxis = Annotated[str | None, typer.Option(help="Poison modes: deterministic, stochastic.", show_default=False)]
+ModelAxis = Annotated[str | None, _live(lambda: f"Models: {_esc(model_syntax())}.", show_default=False)]
+TriggerAxis = Annotated[str | None, _live(lambda: f"Triggers: {_triggers_help()}.", show_default=False)]
+PoisonModeAxis = Annotated[str | None, typer.Option(help=f"Poison modes: {', '.join(POISON_MODES)}.", show_default=False)]
 SweepFileOpt = Annotated[Path | None, typer.Option(help="YAML sweep file (name, grid, fixed, seeds); flags override it.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other trial field, FIELD=VALUE(S); repeatable (e.g. --set lr=0.01).", show_default=False)]
 NameOpt = Annotated[str | None, typer.Option(help="Sweep name: folder, MLflow experiment \\[default: the sweep file's name, else digits-demo].", show_default=False)]
@@ -241,12 +288,15 @@ def run(
 def _report(report) -> None:
     from analysis.report import sweep_summary
 
+    from .ui import browse_lines
+
     typer.echo(f"\nsweep {report.name}: " + ", ".join(f"{v} {k}" for k, v in report.counts.items()))
     typer.echo(sweep_summary(report.rows, report.varying, report.groups, report.objectives))
     c = report.counts
     storage = report.path.rsplit("/", 1)[0]
-    typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})"
-               f"\nbrowse: sweeper ui {report.name} --storage {storage}")
+    typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})")
+    for line in browse_lines(report.name, storage, report.mlflow_uri, report.experiment_id, report.parent_run_id):
+        typer.echo(line)  # a tracking server: the runs table's link (not MLflow 3's GenAI overview); else `sweeper ui`
     resume = f"sweeper resume {report.name} --storage {storage}"
     if c["interrupted"] or c["pending"]:  # a script must see that the sweep did not finish: exit 130
         raise Interrupted(f"sweep {report.name} not finished ({c['interrupted']} interrupted, {c['pending']} pending): "
@@ -514,6 +564,11 @@ def _print_summary(result) -> None:
     line = "  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys)
     status = result.status + (f" at epoch {result.diverged_epoch}" if result.diverged_epoch else "")
     typer.echo(f"status={status}  {line}")
+    h = result.artifacts.get("hessian")
+    if h:  # which spectrum path ran, and why (auto chooses by model and memory budget)
+        tail = "" if h.get("method_used") == "exact" else (
+            f", {h.get('lanczos_iterations')} Lanczos iterations, converged={h.get('converged')}")
+        typer.echo(f"spectrum: {h.get('method_used')} ({h.get('reason')}{tail})")
 
 
 def _given_value(argv: list[str], param) -> str:
@@ -550,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors and exit code 2 for any bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        load_plugins()  # a plugin that fails to import is a SweeperError: one line, exit 2
+        _refresh_help()
         rc = app(args=argv, standalone_mode=False)
     except _click_exc.NoArgsIsHelpError:
         return 2  # help was printed

@@ -10,6 +10,7 @@ continues from its last epoch and a finished one is never re-run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import socket
@@ -30,6 +31,7 @@ from analysis.schema import (  # noqa: F401 (re-exported)
 from trainables.config import SweeperError, TrialConfig
 
 from . import tracking
+from .cluster import check_shared_storage
 from .spaces import SweepSpec
 from .tracking import run_label
 
@@ -194,8 +196,8 @@ def trainable(config: dict[str, Any]) -> None:
     tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
                                     sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
                                     run_label(config["trial"], sweep.get("axes", [])))
-    if tracker.finished:  # it finished before an interrupt that Ray never recorded: report, never re-run
-        tune.report(_stored_final(tracker))
+    if tracker.finished:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
+        _report_stored_final(tracker, sweep)
         return
     trial = Trial(cfg)
     ckpt = tune.get_checkpoint()
@@ -229,7 +231,7 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
                                     sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
                                     run_label(trial, sweep.get("axes", [])))
     if tracker.finished:
-        tune.report(_stored_final(tracker))
+        _report_stored_final(tracker, sweep)
         return
     try:
         result = run_any(cfg)
@@ -248,6 +250,35 @@ def _final_metrics(result, tracker: tracking.TrialTracker) -> dict[str, Any]:
     return {**objectives, **result.metrics, "status": result.status, "trial_key": tracker.key,
             "diverged": int(result.status == "diverged"), "mlflow_run_id": tracker.run_id or "",
             "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def _report_stored_final(tracker: tracking.TrialTracker, sweep: dict[str, Any]) -> None:
+    """Report a finished trial's final result from MLflow, unless Ray's record already holds it.
+
+    A trial can finish and be reported just before an interrupt that Ray's experiment state never
+    saw: on resume Tune starts it again, and reporting once more would write its final line twice.
+    """
+    from ray import tune
+
+    if not final_recorded(sweep, tune.get_context().get_trial_id(), tracker.key):
+        tune.report(_stored_final(tracker))
+
+
+def final_recorded(sweep: dict[str, Any], trial_id: str, key: str) -> bool:
+    """Whether the trial's ``result.json`` in the sweep folder holds a final (not running) report."""
+    from analysis.schema import read_text
+
+    if "storage" not in sweep:  # sweeps started by an older version: report again, harmless
+        return False
+    text = read_text(sweep["storage"], f"{sweep['name']}/trial_{trial_id}/result.json") or ""
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a killed driver
+            continue
+        if rec.get("trial_key") == key and rec.get("status", "running") != "running":
+            return True
+    return False
 
 
 def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
@@ -273,7 +304,7 @@ def _trainable_for(meta: SweepMeta):
 def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
     keys = ("mlflow_uri", "experiment_id", "parent_run_id", "name")
     out = {**{k: getattr(meta, k) for k in keys}, "threads": max(1, int(meta.cpus_per_trial)),
-           "axes": label_axes(meta)}
+           "axes": label_axes(meta), "storage": meta.storage}
     if meta.kind == "search":
         out.update(defence={k: meta.search[k] for k in ("threats", "seeds", "objectives", "threat_fields")},
                    cpus_per_model=meta.cpus_per_trial, gpus_per_model=meta.gpus_per_trial,
@@ -291,6 +322,21 @@ def label_axes(meta: SweepMeta) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- Ray
+def quiet_worker_exit() -> None:
+    """Ray worker set-up: drop the "Exception ignored in ... SystemExit" that a worker prints when
+    Ray's SIGTERM handler fires inside a garbage-collection callback at shutdown (it raises
+    SystemExit there, which Python can only report). Every other unraisable error is still printed."""
+    import sys
+
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def start_ray(address: str | None) -> None:
     """Join ``address`` or start a local Ray; trials keep the driver's working directory."""
     import ray
@@ -307,10 +353,11 @@ def start_ray(address: str | None) -> None:
 
         Config.initialize("")  # Ray read its config when imported: make it see token mode
     env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        if os.environ.get(name):  # trials on other nodes log with the driver's tracking credentials
-            env_vars[name] = os.environ[name]
-    runtime_env = {"env_vars": env_vars}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "SWEEPER_PLUGINS", "PYTHONPATH"):
+        if os.environ.get(name):  # trials on other nodes log with the driver's tracking credentials and
+            env_vars[name] = os.environ[name]  # import its plugins (trainables.plugins) from the same path
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.orchestrate.quiet_worker_exit"}
     kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="WARNING", runtime_env=runtime_env)
     try:
         if address in (None, "local"):
@@ -442,7 +489,7 @@ def stop_progress() -> None:
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return f"trial_{trial.trial_id}"  # final_recorded reads result.json under this name
 
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
@@ -606,6 +653,7 @@ def run_search(spec, opts: SweepOptions, budget: int, sampler: str = "gp", seed:
 
 def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepReport:
     start_ray(opts.address)
+    check_shared_storage(opts.address, meta.storage)  # every node sees --storage, before any trial
     if meta.gpus_per_trial is None:
         meta.gpus_per_trial = default_gpus()
     artifact_root = None if is_uri(meta.storage) or opts.mlflow_uri else Path(meta.storage) / "mlartifacts"
@@ -647,6 +695,7 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
     meta.driver = this_driver()
     write_meta(storage, name, meta)
     start_ray(address)
+    check_shared_storage(address, storage)  # every node sees --storage, before any trial
     if not tune.Tuner.can_restore(path):
         raise SweeperError(f"sweep {name!r} in {storage} has no Ray Tune state to resume (it never started)")
     try:

@@ -33,9 +33,10 @@ def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: b
         def log(m: dict) -> None:
             print(f"epoch {m['epoch']}/{cfg.epochs} {_describe(m)}", file=sys.stderr, flush=True)
 
-        def log_lanczos(i: int) -> None:
+        def log_lanczos(i: int) -> None:  # i counts steps over restarts (up to hessian_max_iterations)
             if i == 1 or i % 5 == 0 or i == cfg.hessian_iterations:
-                print(f"input-Hessian Lanczos {i}/{cfg.hessian_iterations}", file=sys.stderr, flush=True)
+                print(f"input-Hessian Lanczos step {i} (first round {cfg.hessian_iterations}, "
+                      f"restarts until residuals <= {cfg.hessian_tol:g})", file=sys.stderr, flush=True)
         return run_trial(cfg, checkpoint=checkpoint, on_epoch=log, on_lanczos=log_lanczos)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -47,7 +48,8 @@ def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: b
         def on_epoch(m: dict) -> None:
             progress.update(task, completed=m["epoch"], info=_describe(m))
 
-        def on_lanczos(i: int) -> None:
-            progress.update(lanczos, completed=i, visible=True)
+        def on_lanczos(i: int) -> None:  # a restart (residuals above hessian_tol) extends the bar
+            total = next(t.total for t in progress.tasks if t.id == lanczos) or cfg.hessian_iterations
+            progress.update(lanczos, completed=i, total=total if i <= total else 3 * total, visible=True)
 
         return run_trial(cfg, checkpoint=checkpoint, on_epoch=on_epoch, on_lanczos=on_lanczos)

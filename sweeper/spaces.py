@@ -227,8 +227,9 @@ def load_sweep_file(path: Path) -> tuple[SweepSpec, str | None]:
     unknown = sorted(set(data) - {"name", "grid", "fixed", "seeds", "kind"})
     if unknown:
         raise SpaceError(f"sweep file {path}: unknown key(s) {unknown}; valid keys: fixed, grid, kind, name, seeds")
-    from trainables import TRIAL_KINDS
+    from trainables import TRIAL_KINDS, load_plugins
 
+    load_plugins()  # a kind registered by a plugin is a valid kind
     kind = data.get("kind", "network")
     if kind not in TRIAL_KINDS:
         raise SpaceError(f"sweep file {path}: kind={kind!r} is invalid: must be one of {', '.join(TRIAL_KINDS)}")
@@ -281,7 +282,7 @@ def estimate_seconds(cfg) -> float:
 def _detection_seconds(cfg, per: float, n: int) -> float:
     """Detection statistics and baselines: flip concentration (forward passes of the held-out images
     pushed along each top eigenvector at each norm, both signs), the Hutchinson trace (one HVP per
-    probe and sample), Neural Cleanse (an Adam step over every class's batch per step), Spectral
+    probe and sample; the exact path needs none, counted anyway as an upper bound), per-class spectra, Neural Cleanse (an Adam step over every class's batch per step), Spectral
     Signatures and Activation Clustering (one forward pass over the training set each)."""
     import re
 
@@ -290,6 +291,8 @@ def _detection_seconds(cfg, per: float, n: int) -> float:
         norms = len([x for x in cfg.detect_norms.split(",") if x.strip()])
         seconds += cfg.detect_samples * norms * cfg.hessian_top_k * 2 * per
         seconds += cfg.detect_probes * min(cfg.detect_trace_samples, n) * per * 3
+        # per-class spectra: one more Jacobian pass, then each class's eigenvector and a random one flipped
+        seconds += (cfg.num_classes + 1) * n * per + cfg.detect_samples * norms * cfg.num_classes * 4 * per
     baselines = {b.strip() for b in re.split(r"[,+]", cfg.detect_baselines) if b.strip()}
     if "nc" in baselines:
         seconds += cfg.nc_steps * cfg.num_classes * cfg.nc_batch_size * per * 3

@@ -27,6 +27,7 @@ from analysis.schema import (  # noqa: F401 (re-exported: the writer's names are
     TAG_ERROR,
     TAG_KEY,
     TAG_KIND,
+    TAG_PARENT_RUN,
     TAG_STATUS,
     TAG_SWEEP,
     TAG_TRIAL_ID,
@@ -143,7 +144,7 @@ class TrialTracker:
         found = self.client.search_runs([self.experiment_id],
                                         filter_string=f"tags.`{TAG_KEY}` = '{self.key}' and tags.`{TAG_SWEEP}` = '{self.sweep}'",
                                         max_results=5)
-        mine = [r for r in found if r.data.tags.get("mlflow.parentRunId") == self.parent]
+        mine = [r for r in found if r.data.tags.get(TAG_PARENT_RUN) == self.parent]
         if mine:
             run = sorted(mine, key=lambda r: r.info.start_time)[0]
             self.run_id = run.info.run_id
@@ -159,7 +160,7 @@ class TrialTracker:
             return
         name = self.label or f"{self.sweep}-{self.key[:8]}"
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": self.parent, TAG_SWEEP: self.sweep, TAG_KEY: self.key,
+            TAG_PARENT_RUN: self.parent, TAG_SWEEP: self.sweep, TAG_KEY: self.key,
             TAG_TRIAL_ID: self.trial_id, TAG_STATUS: "running", TAG_KIND: self.kind, TAG_COMMIT: git_commit(),
             **self.tags})
         self.run_id = run.info.run_id

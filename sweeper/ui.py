@@ -35,6 +35,15 @@ def ui_links(base: str, experiment_id: str | None, parent_run_id: str | None) ->
     return links
 
 
+def browse_lines(name: str, storage: str, uri: str, experiment_id: str | None, parent_run_id: str | None) -> list[str]:
+    """How to browse a finished sweep, as ``sweeper run`` and ``resume`` print it: a tracking server's direct
+    links (runs table, parent run), else the ``sweeper ui`` command that serves the sweep's own store."""
+    if uri.startswith(("http://", "https://")):
+        links = ui_links(uri, experiment_id, parent_run_id)
+        return [f"{k}: {links[k]}" for k in ("runs", "parent") if k in links] or [f"ui: {links['ui']}"]
+    return [f"browse: sweeper ui {name} --storage {storage}"]
+
+
 def serve_ui(name: str | None, storage: str, mlflow_uri: str | None, port: int, echo=print,
              ready_timeout: float = 90.0) -> dict[str, Any]:
     """Start ``mlflow ui`` on a sweep's store (127.0.0.1 only), print the links, run until Ctrl-C.

@@ -175,7 +175,7 @@ def test_trial_with_every_baseline_end_to_end(tmp_path, capsys):
                 "nc_anomaly_index", "nc_flagged", "nc_class", "ss_score_max", "ss_auroc", "ac_silhouette_max", "ac_auroc"):
         assert key in m, key
     assert d["config"]["detect_baselines"] == "nc,ss,ac"
-    assert set(d["detection"]["details"]) == {"spectral", "localisation", "flip", "nc", "ss", "ac"}
+    assert set(d["detection"]["details"]) == {"spectral", "localisation", "flip", "class", "nc", "ss", "ac"}
     assert "det_flip_max=" in stdout and "nc_anomaly_index=" in stdout
     # the files a tracked trial logs: detection.json and the PNGs
     res = run_trial(TrialConfig(**d["config"]))
@@ -191,3 +191,78 @@ def test_set_beats_config_file_and_flags_in_trial(tmp_path, capsys):
     code, _, err = run(["trial", "--config", str(cfgf), "--lr", "0.03", "--set", "lr=0.05", "--json", str(out)], capsys)
     assert code == 0, err
     assert json.loads(out.read_text())["config"]["lr"] == 0.05
+
+
+# ----------------------------------------------------------------------------- one merge order in every command
+def _fixed(out: str) -> dict[str, str]:
+    """``plan``'s ``N trials; fixed: k=v, ...`` line as a dict of printed values."""
+    line = next(ln for ln in out.splitlines() if " trials; fixed: " in ln)
+    return dict(kv.split("=", 1) for kv in line.split(" trials; fixed: ", 1)[1].split(", "))
+
+
+def test_merge_order_in_plan_defaults_file_flags_set(tmp_path, capsys):
+    """plan builds run's spec: defaults < sweep file < flags < --set."""
+    f = tmp_path / "s.yaml"
+    f.write_text("grid:\n  theta: [0.05, 0.1]\nfixed:\n  kappa: 5\n  epochs: 3\n  lr: 0.02\n  momentum: 0.5\n")
+    code, out, err = run(["plan", "--sweep-file", str(f), "--theta", "0.2", "--kappa", "7", "--epochs", "2",
+                          "--set", "kappa=9", "--set", "lr=0.05"], capsys)
+    assert code == 0, err
+    fixed = _fixed(out)
+    assert out.startswith("1 trials") and fixed["theta"] == "0.2"  # a flag replaces the file's grid axis
+    assert fixed["kappa"] == "9.0"  # --set beats the flag, which beat the file
+    assert fixed["epochs"] == "2" and fixed["lr"] == "0.05"  # a flag / --set beats the file
+    assert fixed["momentum"] == "0.5"  # the file beats the default (0.9)
+    code, out, err = run(["plan", "--sweep-file", str(f), "--kappa", "7", "--set", "kappa=1,2"], capsys)
+    assert code == 0 and "kappa" not in _fixed(out) and out.startswith("4 trials"), out  # --set turns it into an axis
+
+
+@pytest.mark.parametrize("cmd", ["run", "plan"])
+@pytest.mark.parametrize("layers,bad", [
+    (("file:lr: 0.05", "--set", "lr=-1"), "lr=-1.0 is invalid"),  # --set beats the file
+    (("file:kappa: 5", "--kappa", "-1"), "kappa=-1.0 is invalid"),  # a flag beats the file
+    (("file:kappa: 5", "--kappa", "5", "--set", "kappa=-2"), "kappa=-2.0 is invalid"),  # --set beats the flag
+])
+def test_the_winning_layer_of_run_is_the_one_validated(cmd, layers, bad, tmp_path, capsys):
+    """The winner carries an invalid value: exit 2 before Ray, the one line naming the winner's value."""
+    f = tmp_path / "s.yaml"
+    f.write_text(f"fixed:\n  epochs: 1\n  {layers[0].removeprefix('file:')}\n")
+    st = tmp_path / "st"
+    where = ["--name", "m", "--storage", str(st)] if cmd == "run" else []
+    code, _, err = run([cmd, "--sweep-file", str(f), *layers[1:], *where], capsys)
+    assert code == 2 and bad in err and len(err.strip().splitlines()) == 1, err
+    assert not (st / "m").exists()  # nothing started
+
+
+@pytest.mark.parametrize("layers,field", [
+    (("file:lr: -1", "--set", "lr=0.05"), "lr"),  # the file's invalid lr is replaced by --set
+    (("file:kappa: -1", "--kappa", "5"), "kappa"),  # ... by a flag
+    (("file:kappa: 1", "--kappa", "-1", "--set", "kappa=5"), "kappa"),  # the flag's by --set
+])
+def test_a_losing_layers_invalid_value_is_never_validated_in_run(layers, field, tmp_path, capsys):
+    """The converse: the only error left is the stopper's (detect_norms, checked after every field above)."""
+    f = tmp_path / "s.yaml"
+    f.write_text(f"fixed:\n  epochs: 1\n  {layers[0].removeprefix('file:')}\n")
+    st = tmp_path / "st"
+    code, _, err = run(["run", "--sweep-file", str(f), *layers[1:], "--set", "detect_norms=-1",
+                        "--name", "m", "--storage", str(st)], capsys)
+    assert code == 2 and "detect_norms='-1' is invalid" in err, err
+    assert f"{field}=" not in err.split("(grid point")[0].replace("detect_norms=", ""), err
+    assert not (st / "m").exists()
+    code, out, err = run(["plan", "--sweep-file", str(f), *layers[1:]], capsys)  # and plan takes the winner
+    assert code == 0 and _fixed(out)[field] in ("0.05", "5.0"), err
+
+
+@pytest.mark.parametrize("argv,bad", [
+    (["--epochs", "0"], "epochs=0 is invalid"),  # a flag beats the embedded default (15)
+    (["--set", "kappa=-1"], "kappa=-1.0 is invalid"),  # --set beats the default kappa range
+    (["--epochs", "2", "--set", "epochs=0"], "epochs=0 is invalid"),  # --set beats the flag
+    (["--epochs", "0", "--set", "epochs=2", "--set", "detect_norms=-1"], "detect_norms='-1' is invalid"),  # converse
+    (["--kappa", "-1", "--set", "kappa=5", "--set", "detect_norms=-1"], "detect_norms='-1' is invalid"),
+])
+def test_merge_order_in_search_defaults_flags_set(argv, bad, tmp_path, capsys):
+    st = tmp_path / "st"
+    code, _, err = run(["search", *argv, "--budget", "1", "--name", "m", "--storage", str(st)], capsys)
+    assert code == 2 and bad in err and len(err.strip().splitlines()) == 1, err
+    if "detect_norms" in bad:
+        assert "epochs=" not in err and "kappa=" not in err.split("(search-space corner")[0], err
+    assert not (st / "m").exists()

@@ -48,6 +48,7 @@ def test_seeded_sweep_every_command_ends_right_and_config_round_trips(tmp_path, 
     assert code == 0, err
     assert "sweep s: 4 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending, 4 total" in out
     assert "frontier (maximize clean_acc, minimize asr" in out
+    assert f"browse: sweeper ui s --storage {st}" in out  # the embedded store: how to open its runs table
 
     meta = read_meta(st, "s")
     expected = SweepSpec.from_dict(meta.spec).configs()
@@ -110,6 +111,16 @@ def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_
     assert (tmp_path / "l-report" / "asr_vs_theta.png").is_file()
     code, out, _ = cli(["status", "l", "--storage", st], capsys)
     assert code == 0 and "3 completed" in out
+    # the rest of the matrix through the CLI: status and resume of the kernel sweep, frontier and resume
+    # of the linear one (a finished sweep resumes to the same counts, re-running nothing)
+    code, out, _ = cli(["status", "k", "--storage", st], capsys)
+    assert code == 0 and "6 completed" in out
+    for name, n in (("k", 6), ("l", 3)):
+        code, out, err = cli(["resume", name, "--storage", st], capsys)
+        assert code == 0 and f"{n} completed, 0 diverged, 0 failed, 0 interrupted, 0 pending" in out, err
+        assert len(load_results(name, st, source="mlflow")) == n
+    code, out, err = cli(["frontier", "l", "--storage", st], capsys)
+    assert code == 0 and "asr" in out and "Empty DataFrame" not in out, err
 
 
 def _counts(text: str, name: str) -> dict[str, int]:
@@ -164,12 +175,44 @@ def test_interrupted_sweep_every_view_agrees_and_resume_finishes_without_repeats
         assert epochs == sorted(set(epochs)), (tdir.name, epochs)
 
 
+def test_a_trial_that_finished_before_ray_recorded_its_end_is_neither_rerun_nor_reported_twice(tmp_path, capsys):
+    """Ray saves its experiment state after each checkpoint, so a driver killed right after a trial's
+    final report leaves that report, its checkpoint and the trial still RUNNING in the saved state.
+    Put the finished sweep's state back to that and resume."""
+    st = str(tmp_path)
+    code, _, err = cli(["run", "--theta", "0.1", "--kappa", "0", "--epochs", "2", "--set", "hessian=false",
+                        "--set", "geometry=false", "--name", "f", "--storage", st, "--quiet"], capsys)
+    assert code == 0, err
+    (state,) = (tmp_path / "f").glob("experiment_state-*.json")
+    saved = json.loads(state.read_text())
+    trial = json.loads(saved["trial_data"][0][0])
+    assert trial["status"] == "TERMINATED"
+    saved["trial_data"][0][0] = json.dumps({**trial, "status": "RUNNING"})
+    state.write_text(json.dumps(saved))
+    (tdir,) = (tmp_path / "f").glob("trial_*")
+    before = (tdir / "result.json").read_text()
+    ray.shutdown()
+    code, out, err = cli(["resume", "f", "--storage", st], capsys)
+    assert code == 0 and "1 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending" in out, out + err
+    assert (tdir / "result.json").read_text() == before  # the final report is not written a second time
+    assert not (tdir / "error.txt").exists()
+    df = load_results("f", st, source="mlflow")
+    assert len(df) == 1 and df.iloc[0]["status"] == "completed"
+
+
 def test_bad_inputs_of_reading_commands_exit_2_quickly(tmp_path, capsys):
     t0 = time.monotonic()
     code, _, err = cli(["frontier", "nosuch", "--storage", str(tmp_path), "--source", "mlflow",
                         "--mlflow-uri", "http://127.0.0.1:1"], capsys)
     assert code == 2 and "unreachable" in err and len(err.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 30  # checked first, not minutes of MLflow retries
+    from analysis.results import load_history
+    from trainables.config import SweeperError
+
+    t0 = time.monotonic()
+    with pytest.raises(SweeperError, match="unreachable"):  # the library's readers check first too
+        load_history("nosuch", str(tmp_path), mlflow_uri="http://127.0.0.1:1")
+    assert time.monotonic() - t0 < 30
     code, _, err = cli(["run", "--lr", "0.01"], capsys)
     assert code == 2 and "use --set lr=0.01" in err
 
@@ -232,3 +275,28 @@ def test_only_rays_sigterm_noise_is_forgiven():
     assert driver_text("done\n" + noise + "after\n") == "done\nafter\n"
     ours = noise.replace("sigterm_handler", "train_epoch")
     assert "Traceback" in driver_text(ours)  # any other worker traceback still fails a test
+
+
+@pytest.mark.parametrize("seeds, sets, file_seeds", [("2", [], None), ("0,1", [], None), ("1", [], None),
+                                                     (None, ["seed=0,1"], None), (None, [], 2)])
+def test_every_way_of_giving_seeds_makes_one_seed_column(seeds, sets, file_seeds, tmp_path):
+    """Item 1 of issue 15 for each spelling: --seeds N, --seeds a,b, --seeds 1, --set seed=..., a file's seeds."""
+    from analysis.report import sweep_summary
+    from analysis.schema import SweepMeta
+    from sweeper.orchestrate import label_axes
+    from sweeper.spaces import build_spec
+
+    sweep_file = None
+    if file_seeds is not None:
+        sweep_file = tmp_path / "s.yaml"
+        sweep_file.write_text(f"grid:\n  kappa: [0, 100]\nseeds: {file_seeds}\n")
+    flags = {"kappa": None if sweep_file else "0,100"}
+    spec, _ = build_spec(sweep_file, flags, seeds, sets)
+    configs = spec.configs()
+    meta = SweepMeta(name="s", storage=str(tmp_path), mlflow_uri="", spec=spec.to_dict(), n_trials=len(configs))
+    axes = label_axes(meta)
+    assert len(axes) == len(set(axes)) and "kappa" in axes
+    assert "seed" in axes or len({c.seed for c in configs}) == 1
+    rows = [{**c.to_dict(), "status": "completed", "clean_acc": 0.9, "asr": 0.1} for c in configs]
+    text = sweep_summary(rows, axes + ["seed"])  # the caller's list may repeat seed: still one column
+    assert text.splitlines()[0].split().count("seed") <= 1

@@ -46,3 +46,25 @@ def test_nothing_listens_on_all_interfaces_without_authentication():
     assert (ROOT / "experiments" / "mlflow_auth.ini").is_file()
     ini = (ROOT / "experiments" / "mlflow_auth.ini").read_text()
     assert not any(line.strip().startswith("admin_password") for line in ini.splitlines())  # no password in git
+
+
+def test_every_node_sees_the_storage_of_the_recipe():
+    """The head exports the sweeps folder over NFS and every worker mounts it at the same path: the path
+    the header and the README pass as --storage is shared, not a folder only the head has."""
+    text = (ROOT / "cluster.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert "--storage /home/ubuntu/sweeps" in text and "--storage /home/ubuntu/sweeps" in (ROOT / "README.md").read_text()
+    head, worker = " ".join(config["head_setup_commands"]), " ".join(config["worker_setup_commands"])
+    assert "nfs-kernel-server" in head and "'/home/ubuntu/sweeps *(rw," in head and "exportfs -ra" in head
+    assert "mount -t nfs4" in worker and "$RAY_HEAD_IP:/home/ubuntu/sweeps /home/ubuntu/sweeps" in worker
+    filled = prepare_config(config)  # what `ray up` runs on a worker: common setup, then the worker's
+    assert filled["worker_setup_commands"][:len(config["setup_commands"])] == config["setup_commands"]
+
+
+def test_the_admin_password_stays_on_the_head_and_the_header_points_to_the_readme():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert config["file_mounts"]["/home/ubuntu/.sweeper/sweeps.env"] == "~/.sweeper/sweeps.env"  # trials log with it
+    assert "rm -f /home/ubuntu/.sweeper/mlflow.env" in config["worker_setup_commands"]  # file_mounts copy it everywhere
+    header = (ROOT / "cluster.yaml").read_text().split("cluster_name:")[0]
+    assert 'README, "On a cluster"' in header and "ray job submit --" not in header  # one recipe, the README's
+    assert "copy to every node" in header and "shipped to the head" not in header  # what file_mounts really do

@@ -151,6 +151,8 @@ def test_two_threat_search_resumes_after_a_kill_without_rerun_or_duplicates(tmp_
     assert code == 0, out
     assert "sweep ds: 3 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending, 3 total" in out, out
     assert "Traceback" not in driver_text(out)
+    # one frontier over the defences, as `search` prints it: the two threats' theta is no group here
+    assert "\nfrontier (" in out and "; per theta" not in out, out
 
     runs = _runs(uri, storage)
     defences = [r for r in runs if r.data.tags.get("sweeper.kind") == "defence"]

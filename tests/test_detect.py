@@ -160,7 +160,7 @@ def test_score_directions_cover_the_families():
     assert score_direction("nc_anomaly_index") == "higher"
     assert score_direction("det_flip_class") is None and score_direction("det_flip_class_r0.5") is None
     assert set(SCORES.values()) == {"higher"}
-    assert list(DETECTORS) == ["spectral", "localisation", "flip"]
+    assert list(DETECTORS) == ["spectral", "localisation", "flip", "class"]
 
 
 def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
@@ -175,13 +175,17 @@ def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
     names = {"det_trace", "det_lambda_ratio", "det_lambda_trace_ratio", "det_ipr_1", "det_ipr_max",
              "det_window_frac_w2", "det_window_frac_w3", "det_window_row_w3", "det_flip_max", "det_flip_class",
              "det_flip_r0.5", "det_flip_r1", "det_flip_class_r0.5", "det_flip_random_max", "det_flip_excess", "ss_score_max", "ss_auroc",
-             "ac_silhouette_max", "ac_auroc", "det_seconds"}
+             "ac_silhouette_max", "ac_auroc", "det_seconds", "det_class_lambda_anomaly", "det_class_flip_max",
+             "det_class_flip_class", "det_class_flip_excess", "class_target_overlap_sq"}
     assert names <= set(m), names - set(m)
     assert "nc_anomaly_index" not in m
     assert 0 <= m["det_flip_max"] <= 1 and m["det_trace"] > 0 and 1 / 64 <= m["det_ipr_1"] <= 1
+    # the exact spectrum knows tr(H) = ||A||_F^2: the ratio uses it, not the Hutchinson estimate
+    assert m["det_trace_exact"] == 1.0 and m["det_trace"] == m["hessian_trace"]
+    assert m["det_lambda_trace_ratio"] == pytest.approx(m["lambda_1"] / m["hessian_trace"], rel=1e-12)
     assert 0 <= m["ss_auroc"] <= 1
     d = res.to_json_dict()["detection"]
-    assert d["directions"]["det_flip_max"] == "higher" and set(d["details"]) == {"spectral", "localisation", "flip", "ss", "ac"}
+    assert d["directions"]["det_flip_max"] == "higher" and set(d["details"]) == {"spectral", "localisation", "flip", "class", "ss", "ac"}
     assert res.artifacts["detection_images"]["localisation"].shape == (3, 1, 8, 8)
     # a resumed, finished trial restores the detection from its checkpoint (weights_only load)
     t = Trial(cfg)
@@ -191,3 +195,20 @@ def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
     # detect off: none of it
     off = run_trial(TrialConfig(epochs=1, hessian_samples=50, hessian_iterations=4, hessian_top_k=2, detect=False))
     assert not any(k.startswith("det_") for k in off.metrics)
+
+
+def test_class_curvature_names_the_class_whose_curvature_stands_out():
+    from trainables.detect import class_curvature
+
+    flat = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98, 1.0, 1.01], dtype=torch.float64)
+    spiked = flat.clone()
+    spiked[3] = 8.0
+    trace = torch.full((10,), 10.0, dtype=torch.float64)
+    a, b = class_curvature(flat, trace), class_curvature(spiked, trace)
+    assert b["det_class_lambda_class"] == 3 and b["det_class_share_class"] == 3
+    assert b["det_class_lambda_anomaly"] > 10 > a["det_class_lambda_anomaly"]
+    assert b["det_class_lambda_ratio"] == pytest.approx(8.0) and b["det_class_share_max"] == pytest.approx(0.8)
+    empty = spiked.clone()
+    empty[[0, 1]] = float("nan")  # classes without samples are left out, never the maximum
+    assert class_curvature(empty, trace)["det_class_lambda_class"] == 3
+    assert class_curvature(torch.tensor([1.0, float("nan")]), trace[:2]) == {}  # fewer than 3 classes: no score

@@ -1,5 +1,7 @@
 """Input-Hessian operator, Lanczos and overlaps against dense float64 references."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,6 +256,23 @@ def test_exact_path_equals_dense_float64_hessian(trained, trained_per_sample, ca
     assert rel(factors.gram(), ref) <= EXACT_RTOL  # the matrix itself, not only its spectrum
 
 
+def test_a_tight_memory_budget_shrinks_the_chunk_not_the_answer(trained, trained_per_sample):
+    """hessian_dense_mb bounds the Gram *and* a chunk's factors: a budget that leaves room for 5
+    samples' factors next to the 64 x 64 Gram gives chunks of 5, and the same spectrum."""
+    from trainables.hessian import EXACT_BYTES_PER_D2, chunk_bytes_per_sample, chunk_within
+
+    model, x, y = trained
+    d, k = x[0].numel(), 10
+    budget = EXACT_BYTES_PER_D2 * d * d + 5.5 * chunk_bytes_per_sample(k, d, 8)
+    assert chunk_within(budget, EXACT_BYTES_PER_D2 * d * d, k, d, 8, 1000) == 5
+    tight = input_hessian_spectrum(model, x, y, method="exact", k=5, dtype=torch.float64, dense_mb=budget / 2**20)
+    ref = torch.linalg.eigvalsh(trained_per_sample.mean(0)).flip(0)[:5]
+    assert float((tight.eigenvalues - ref).abs().max() / ref[0]) <= EXACT_RTOL
+    with pytest.raises(HessianMethodError, match="hessian_dense_mb"):  # not even one sample fits beside the Gram
+        input_hessian_spectrum(model, x, y, method="exact", dtype=torch.float64,
+                               dense_mb=EXACT_BYTES_PER_D2 * d * d / 2**20)
+
+
 def test_wrong_logit_hessian_fails_the_same_comparison(trained, trained_per_sample):
     """Negative control: S = diag(p) (dropping -p p^T) is visibly wrong at the test's tolerance."""
     model, x, y = trained
@@ -285,6 +304,31 @@ def test_subset_spectrum_equals_direct_computation_on_the_subset(trained, traine
     torch.testing.assert_close(op @ v, ref_w @ v, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match=">= 0"):
         factors.spectrum(-w)
+
+
+def test_group_spectra_equal_the_dense_hessian_of_each_class(trained, trained_per_sample):
+    """Per-label exact spectra (the class-curvature detector's input) against dense float64 per class;
+    a class with no sample is NaN, and a wrong grouping (shuffled labels) fails the same check."""
+    from trainables.hessian import group_spectra
+
+    model, x, y = trained
+    per = trained_per_sample
+    gs = group_spectra(model, x, y, 11, dtype=torch.float64, chunk_size=7)  # 11 groups: the last is empty
+    for c in range(10):
+        mask = y == c
+        assert int(gs.count[c]) == int(mask.sum())
+        if not mask.any():
+            continue
+        ref = per[mask].mean(0)
+        vals, vecs = torch.linalg.eigh(ref)
+        assert abs(float(gs.lambda_1[c]) - float(vals[-1])) <= EXACT_RTOL * float(vals[-1])
+        assert abs(float(gs.trace[c]) - float(ref.trace())) <= EXACT_RTOL * float(ref.trace())
+        assert 1 - abs(float(gs.vectors[c] @ vecs[:, -1])) <= 1e-8
+    assert int(gs.count[10]) == 0 and torch.isnan(gs.lambda_1[10])
+    shuffled = group_spectra(model, x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], 10,
+                             dtype=torch.float64)
+    c = int(y[0])
+    assert abs(float(shuffled.lambda_1[c]) - float(gs.lambda_1[c])) > 1e-3 * float(gs.lambda_1[c])
 
 
 def test_float32_exact_path_is_close_to_float64(trained):
@@ -332,15 +376,50 @@ def test_auto_uses_hvp_lanczos_on_a_smooth_model():
     torch.testing.assert_close(spec.eigenvalues, ref[:3], rtol=1e-8, atol=0)
 
 
+class GeluNet(nn.Module):
+    """A smooth model (no ``piecewise_linear``): J^T S J is not its input Hessian."""
+
+    def __init__(self, shape, classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(shape).prod()), 16), nn.GELU())
+        self.head = nn.Linear(16, classes)
+
+    def features(self, x):  # penultimate features: geometry and detection read them
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_smooth_model_is_refused_for_exact_by_the_cli_and_runs_hvp_lanczos_under_auto(tmp_path, capsys):
+    from sweeper.cli import main
+    from trainables.models import MODELS, ModelEntry, register_model
+
+    register_model(ModelEntry("gelunet", lambda n, s, k: GeluNet(s, k), lambda n: n == "gelunet", lambda n: 1e-4,
+                              "gelunet"))
+    try:
+        capsys.readouterr()
+        assert main(["trial", "--model", "gelunet", "--epochs", "1", "--hessian-method", "exact"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not piecewise linear" in err[0] and "epoch" not in err[0], err
+        out = tmp_path / "t.json"
+        assert main(["trial", "--model", "gelunet", "--epochs", "1", "--set", "hessian_samples=100",
+                     "--json", str(out), "--quiet"]) == 0
+        h = json.loads(out.read_text())["hessian"]
+        assert h["method_used"] == "double-backward" and "not piecewise linear" in h["reason"]
+    finally:
+        MODELS.pop("gelunet")
+
+
 def test_auto_plan_follows_the_memory_budget():
     pl = dict(piecewise_linear=True, model_name="cnn", n=1000, classes=10)
     for d in (64, 784, 3072):  # the shipped shapes: exact under the default 1024 MiB
         assert plan_spectrum("auto", d=d, dense_mb=1024, **pl)[0] == "exact"
-    path, why = plan_spectrum("auto", d=3072, dense_mb=200, **pl)  # 24*D^2 = 216 MiB > 200; A = 117 MiB
-    assert path == "gram-lanczos" and "A (117 MiB) fits" in why
+    path, why = plan_spectrum("auto", d=3072, dense_mb=200, **pl)  # 24*D^2 = 216 MiB > 200; A + one sample's chunk = 118 MiB
+    assert path == "gram-lanczos" and "A (118 MiB) fits" in why
     assert plan_spectrum("auto", d=3072, dense_mb=100, **pl)[0] == "double-backward"
     assert plan_spectrum("auto", d=3072, dense_mb=10, **{**pl, "n": 10})[0] == "exact"  # N*K < D: SVD of A
-    with pytest.raises(HessianMethodError, match="needs 216 MiB > hessian_dense_mb=200"):
+    with pytest.raises(HessianMethodError, match="needs 217 MiB > hessian_dense_mb=200"):
         plan_spectrum("exact", d=3072, dense_mb=200, **pl)
     with pytest.raises(HessianMethodError, match="gram-lanczos"):
         plan_spectrum("gram-lanczos", d=3072, dense_mb=100, **pl)

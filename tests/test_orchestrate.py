@@ -57,7 +57,8 @@ def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
     assert children["tags.sweeper.git_commit"].notna().all()
     run_id = done["run_id"].iloc[0]
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
-    assert {"eigenvectors.png", "spectrum.json", "geometry.csv", "trigger.png"} <= arts
+    assert {"eigenvectors.png", "spectrum.json", "geometry.csv", "trigger.png", "detection.json", "localisation.png"} <= arts
+    assert done["metrics.det_lambda_trace_ratio"].notna().all() and (done["metrics.det_trace_exact"] == 1).all()
     st = sweep_status("grid", str(storage))
     assert (st["completed"], st["diverged"], st["pending"], st["total"]) == (4, 2, 0, 6)
 

@@ -1,9 +1,14 @@
 """Each extension point is one registry: a model (and a trigger, penalty, trial kind) registered
-from outside the package goes through validation, ``sweeper plan`` and a trial with no other edit."""
+from outside the package goes through validation, ``sweeper plan``, the CLI's help and a trial with no
+other edit; a plugin module named in SWEEPER_PLUGINS does the same for the console script and a sweep's
+Ray workers."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,7 +57,7 @@ def toy_trigger():
 
     register_trigger(TriggerEntry("dot", dot, lambda small: (1, 0)))
     yield "dot"
-    TRIGGERS.pop("dot")
+    TRIGGERS.pop("dot", None)
 
 
 @pytest.fixture
@@ -122,3 +127,169 @@ def test_trial_kinds_name_their_summary_and_objectives():
         assert kind.objectives and kind.columns and kind.default_axes
         fields = {f for f in kind.config().__dataclass_fields__}
         assert set(kind.default_axes) <= fields and set(kind.attack_fields) <= fields
+
+
+# ----------------------------------------------------------------------------- the CLI's help reads the registries
+def _help(argv, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option: names are never wrapped apart
+    capsys.readouterr()
+    assert main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_registered_names_show_in_every_commands_help(toy_model, toy_trigger, toy_penalty, capsys, monkeypatch):
+    text = _help(["trial"], capsys, monkeypatch)
+    assert "A registered backdoor trigger: lshape, square, warp, blend, dot." in text, text
+    assert "A registered model: cnn, linear, preresnet<depth = 6n+2 >= 8> (e.g. preresnet20) or toymlp." in text, text
+    assert "eq25 = kappa/2*mean_i||grad_x l_i||^2 (eq. 25); half." in text, text  # a penalty without a docstring: its name
+    for command in ("run", "plan", "search"):
+        text = _help([command], capsys, monkeypatch)
+        assert "Triggers: lshape, square, warp, blend, dot." in text, (command, text)
+        assert "or toymlp." in text, (command, text)
+    TRIGGERS.pop("dot")
+    assert "dot" not in _help(["run"], capsys, monkeypatch)  # read at each call, not once at import
+
+
+# ----------------------------------------------------------------------------- plugins: SWEEPER_PLUGINS, entry points
+PLUGIN = '''
+"""A toy plugin: a one-pixel trigger and a one-layer model, registered on import."""
+from trainables.models import ModelEntry, register_model
+from trainables.triggers import PatchTrigger, TriggerEntry, register_trigger
+
+
+def centre_pixel(cfg):
+    import torch  # inside the builder: importing the plugin stays cheap for `sweeper --help`
+
+    c, h, w = cfg.image_shape
+    pix = torch.zeros(h, w, dtype=torch.bool)
+    pix[h // 2, w // 2] = True
+    return PatchTrigger(pix, c)
+
+
+def linear_net(name, shape, classes):
+    from torch import nn
+
+    class Net(nn.Module):
+        piecewise_linear = True
+
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(shape[0] * shape[1] * shape[2], classes)
+
+        def features(self, x):
+            return x.flatten(1)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    return Net()
+
+
+register_trigger(TriggerEntry("toy", centre_pixel, lambda small: (1, 0)))
+register_model(ModelEntry("toynet", linear_net, lambda n: n == "toynet", lambda n: 1e-4, "toynet"))
+'''
+
+
+def _plugin_env(folder, plugins: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "SWEEPER_PLUGINS": plugins, "PYTHONPATH": path, "COLUMNS": "300"}
+
+
+def _cli(argv, env, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sweeper.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_a_plugin_named_in_the_environment_registers_for_the_console_script(tmp_path):
+    (tmp_path / "toyplug.py").write_text(PLUGIN)
+    env = _plugin_env(tmp_path, "toyplug")
+    r = _cli(["plan", "--set", "trigger=toy", "--model", "toynet,cnn", "--theta", "0.1", "--kappa", "0",
+              "--epochs", "1"], env)
+    assert r.returncode == 0, r.stderr
+    assert "2 trials" in r.stdout and "trigger=toy" in r.stdout, r.stdout
+    r = _cli(["run", "--help"], env)
+    assert "Triggers: lshape, square, warp, blend, toy." in r.stdout and "or toynet." in r.stdout, r.stdout
+    r = _cli(["plan", "--set", "trigger=toy"], {**os.environ, "SWEEPER_PLUGINS": ""})  # no plugin: no toy
+    assert r.returncode == 2 and "trigger='toy' is invalid: must be one of lshape, square, warp, blend" in r.stderr
+
+
+def test_a_sweep_with_a_plugin_trigger_runs_through_ray(tmp_path):
+    """The driver forwards SWEEPER_PLUGINS and PYTHONPATH to the Ray workers, whose trials import the plugin."""
+    from analysis.results import load_results
+
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "toyplug.py").write_text(PLUGIN)
+    st = tmp_path / "sweeps"
+    r = _cli(["run", "--theta", "0.2", "--kappa", "0", "--epochs", "1", "--set", "trigger=toy", "--set", "hessian=false",
+              "--set", "geometry=false", "--name", "toy", "--storage", str(st), "--quiet"],
+             _plugin_env(tmp_path / "plug", "toyplug"), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sweep toy: 1 completed, 0 diverged, 0 failed" in r.stdout, r.stdout
+    df = load_results("toy", str(st), source="mlflow")
+    assert list(df["trigger"]) == ["toy"] and df["n_poisoned"].iloc[0] > 0 and df["status"].iloc[0] == "completed"
+
+
+def test_start_ray_forwards_the_plugins_and_pythonpath_to_the_workers(tmp_path, monkeypatch):
+    import ray
+
+    from sweeper.orchestrate import start_ray
+
+    monkeypatch.setenv("SWEEPER_PLUGINS", "toyplug")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    if ray.is_initialized():
+        ray.shutdown()
+    start_ray(None)
+    try:
+        env = ray.get_runtime_context().runtime_env["env_vars"]  # what nodes other than the driver's get
+    finally:
+        ray.shutdown()
+    assert env["SWEEPER_PLUGINS"] == "toyplug" and env["PYTHONPATH"] == str(tmp_path)
+
+
+def test_a_missing_or_failing_plugin_is_one_line_exit_2(tmp_path):
+    r = _cli(["plan"], _plugin_env(tmp_path, "nosuchplug"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "sweeper: error: plugin 'nosuchplug' from SWEEPER_PLUGINS cannot be imported: ModuleNotFoundError" in r.stderr
+    (tmp_path / "badplug.py").write_text("raise RuntimeError('half-written plugin')\n")
+    r = _cli(["--help"], _plugin_env(tmp_path, "badplug"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "plugin 'badplug' from SWEEPER_PLUGINS cannot be imported: RuntimeError: half-written plugin" in r.stderr
+
+
+def test_plugins_load_on_first_use_of_a_registry_in_process(tmp_path, monkeypatch, capsys):
+    """No CLI: a Python caller (or a Ray worker) validating a config imports SWEEPER_PLUGINS first."""
+    from trainables.plugins import PluginError, load_plugins
+
+    (tmp_path / "toyplug_inproc.py").write_text(PLUGIN.replace('"toy"', '"toy2"').replace('"toynet"', '"toynet2"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SWEEPER_PLUGINS", " toyplug_inproc, ")
+    try:
+        assert TrialConfig(trigger="toy2", model="toynet2", epochs=1).trigger == "toy2"
+        assert "toyplug_inproc" in load_plugins()
+    finally:
+        TRIGGERS.pop("toy2", None)
+        MODELS.pop("toynet2", None)
+    monkeypatch.setenv("SWEEPER_PLUGINS", "toyplug_inproc,nosuch_inproc")
+    with pytest.raises(PluginError, match="plugin 'nosuch_inproc' from SWEEPER_PLUGINS cannot be imported"):
+        TrialConfig()
+    assert main(["plan"]) == 2  # and again on every use, until it is fixed
+    assert "nosuch_inproc" in capsys.readouterr().err
+
+
+def test_an_installed_distributions_entry_point_is_a_plugin_too(tmp_path):
+    """A ``sweeper.plugins`` entry point names a module (imported) or a function (called once)."""
+    (tmp_path / "toyplug.py").write_text(PLUGIN)
+    (tmp_path / "toyfn.py").write_text("def register():\n    from trainables.penalty import PENALTIES, register_penalty\n\n"
+                                       "    register_penalty('eq25-too', PENALTIES['eq25'])\n")
+    dist = tmp_path / "toylab-0.1.dist-info"  # what `pip install` leaves: found on sys.path by importlib.metadata
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toylab\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[sweeper.plugins]\ntoy = toyplug\npen = toyfn:register\n")
+    env = {**_plugin_env(tmp_path, ""), "SWEEPER_PLUGINS": ""}
+    r = _cli(["plan", "--set", "trigger=toy", "--set", "penalty=eq25-too", "--theta", "0.1", "--kappa", "1", "--epochs", "1"], env)
+    assert r.returncode == 0 and "trigger=toy" in r.stdout and "penalty=eq25-too" in r.stdout, r.stdout + r.stderr
+    (dist / "entry_points.txt").write_text("[sweeper.plugins]\nbroken = toyfn:nosuch\n")
+    r = _cli(["plan"], env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "plugin entry point broken = 'toyfn:nosuch' (group sweeper.plugins, distribution toylab) failed" in r.stderr

@@ -10,7 +10,7 @@ import urllib.request
 
 from analysis.schema import read_meta
 from sweeper.cli import main
-from sweeper.ui import ui_links
+from sweeper.ui import browse_lines, ui_links
 
 
 def _free_port() -> int:
@@ -23,6 +23,15 @@ def test_links_open_the_runs_table_not_the_genai_overview():
     links = ui_links("http://127.0.0.1:5000/", "7", "abc")
     assert links["runs"] == "http://127.0.0.1:5000/#/experiments/7/runs"
     assert links["parent"] == "http://127.0.0.1:5000/#/experiments/7/runs/abc"
+
+
+def test_run_ends_with_a_tracking_servers_direct_links_else_the_ui_command():
+    """`sweeper run` / `resume` end with these lines (sweeper.cli._report)."""
+    assert browse_lines("s", "/st", "http://mlflow.lab:5000/", "7", "abc") == [
+        "runs: http://mlflow.lab:5000/#/experiments/7/runs", "parent: http://mlflow.lab:5000/#/experiments/7/runs/abc"]
+    assert browse_lines("s", "/st", "https://mlflow.lab", "7", None) == ["runs: https://mlflow.lab/#/experiments/7/runs"]
+    for uri in ("sqlite:////st/mlflow.db", "file:///st/mlruns"):  # a store nothing serves yet: how to open it
+        assert browse_lines("s", "/st", uri, "7", "abc") == ["browse: sweeper ui s --storage /st"]
 
 
 def test_ui_serves_the_sweep_store_prints_links_and_stops_on_ctrl_c(grid_sweep):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, SweeperError, TrialConfig
+from .plugins import load_plugins
 
 if TYPE_CHECKING:
     from .train import Trial, TrialResult, run_trial
@@ -38,6 +39,7 @@ class TrialKind:
     attack_fields: tuple[str, ...]  # the attacker's choices: one frontier per combination that varies
     default_axes: dict[str, list[Any]] = field(default_factory=dict)  # `sweeper run --kind NAME` with no flags
     default_fixed: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""  # a few words for `--kind`'s help: "train a net"
 
 
 def _run_network(cfg, **kwargs):
@@ -86,25 +88,26 @@ register_kind(TrialKind(
     attack_fields=("dataset", "model", "trigger", "poison_mode", "theta"),
     # the paper's trade-off in minutes on digits
     default_axes={"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]},
-    default_fixed={"dataset": "digits", "epochs": 15}))
+    default_fixed={"dataset": "digits", "epochs": 15}, summary="train a net"))
 register_kind(TrialKind(
     "kernel", _kernel_config, _run_kernel,
     columns=("delta_f", "residual", "spike", "lambda_max", "detectable"),
     # the defender keeps the clean fit (residual) and removes the poisons' efficacy (delta_f)
     objectives=(("residual", "min"), ("delta_f", "min")),
     attack_fields=("m", "r", "jitter", "zeta_dist"),
-    default_axes={"m": [1, 2, 4, 8, 16, 32, 64], "r": [0.05, 0.5]}))
+    default_axes={"m": [1, 2, 4, 8, 16, 32, 64], "r": [0.05, 0.5]}, summary="KRR laws, Sec. 3"))
 register_kind(TrialKind(
     "linear", _linear_config, _run_linear,
     columns=("clean_acc", "asr", "trigger_cosine", "step_rel_err"),
     objectives=(("clean_acc", "max"), ("asr", "min")),
     attack_fields=("dataset", "theta"),
-    default_axes={"theta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}))
+    default_axes={"theta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}, summary="QR update, Sec. 4"))
 KINDS = tuple(TRIAL_KINDS)  # the names, for messages
 
 
 def trial_kind(name: str) -> TrialKind:
     """The registered kind ``name``; an unknown one is a one-line error naming the valid ones."""
+    load_plugins()  # kinds registered by SWEEPER_PLUGINS / entry points (once per process)
     if name not in TRIAL_KINDS:
         raise ConfigError(f"kind={name!r} is invalid: must be one of {', '.join(TRIAL_KINDS)}")
     return TRIAL_KINDS[name]
@@ -130,4 +133,4 @@ def run_any(cfg, **kwargs):
 
 
 __all__ = ["KINDS", "TRIAL_KINDS", "ConfigError", "TrialKind", "register_kind", "trial_kind", "SweeperError", "Trial", "TrialConfig", "TrialResult", "config_class",
-           "make_config", "run_any", "run_trial"]
+           "load_plugins", "make_config", "run_any", "run_trial"]

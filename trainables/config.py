@@ -14,6 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SweeperError  # re-exported: `from trainables.config import SweeperError` is the usual spelling
+from .plugins import load_plugins
+
 DATASETS = {  # name -> (channels, height, classes)
     "digits": (1, 8, 10),
     "mnist": (1, 28, 10),
@@ -25,14 +28,6 @@ POISON_MODES = ("deterministic", "stochastic")
 HESSIAN_SPLITS = ("auto", "clean-train", "poisoned-train", "test")
 HESSIAN_METHODS = ("auto", "exact", "gram-lanczos", "double-backward", "gauss-newton")
 DTYPES = ("float32", "float64")
-
-
-class SweeperError(ValueError):
-    """The one domain exception: a bad input (flag, config, dataset file, checkpoint, address).
-
-    The message is one line naming the bad value and what is valid; the CLI prints it and
-    exits with code 2.
-    """
 
 
 class ConfigError(SweeperError):
@@ -229,8 +224,9 @@ def _check_baselines(cfg: TrialConfig) -> None:
 
 
 def _validate(cfg: TrialConfig) -> None:
+    load_plugins()  # registrations from SWEEPER_PLUGINS and entry points, before the registries are read
     _check_choice(cfg, "dataset", tuple(DATASETS))
-    from .models import model_entry, model_syntax  # the registries (torch loads with the first config)
+    from .models import model_entry, model_syntax  # the registries (torch-free: torch loads with the first model)
     from .penalty import PENALTIES
 
     if not isinstance(cfg.model, str):

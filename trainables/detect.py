@@ -48,6 +48,11 @@ SCORES: dict[str, str] = {
     "det_flip_excess": "higher",  # det_flip_max minus the same maximum over random directions
     # det_flip_r{r}: flip concentration at relative norm r, max over j and sign, "higher"
     # (det_flip_class_r{r}, its class, is a descriptor)
+    "det_class_lambda_anomaly": "higher",  # MAD anomaly index of the largest per-class log lambda_1(H_c)
+    "det_class_lambda_ratio": "higher",  # max_c lambda_1(H_c) / median_c lambda_1(H_c)
+    "det_class_share_max": "higher",  # max_c lambda_1(H_c) / tr(H_c): one class's curvature in one direction
+    "det_class_flip_max": "higher",  # flip concentration of the classes' top eigenvectors (max over c, sign, norm)
+    "det_class_flip_excess": "higher",  # det_class_flip_max minus the same over as many random directions
 }
 
 
@@ -241,18 +246,21 @@ def flip_summary(table: FlipTable, control: FlipTable, norms: list[float]) -> De
 
 # ----------------------------------------------------------------------------- registry
 def spectral_detector(ctx: DetectionContext) -> Detection:
-    """lambda ratios with a seeded trace estimate on (a seeded subset of) the spectrum's own data.
-
-    Piecewise-linear nets (all of ours) use :func:`gauss_newton_trace`, others input-space
+    """lambda ratios against tr(H) of the spectrum's own data: exact when the spectrum came from the
+    J^T S J paths (exact, gram-lanczos: tr = ||A||_F^2, free), else a seeded estimate on a seeded
+    subset of that data. Piecewise-linear nets use :func:`gauss_newton_trace`, others input-space
     :func:`hutchinson_trace`; both are unbiased for the trace of the spectrum's H.
     """
+    exact = (ctx.trial.artifacts.get("hessian") or {}).get("trace")
+    if exact is not None and math.isfinite(exact):
+        return Detection(metrics={**spectral_shape(ctx.eigenvalues, float(exact)), "det_trace_exact": 1.0})
     x, y = ctx.trial.hessian_data()
     if len(y) > ctx.cfg.detect_trace_samples:
         idx = torch.randperm(len(y), generator=ctx.generator(23))[:ctx.cfg.detect_trace_samples].to(y.device)
         x, y = x[idx], y[idx]
     estimate = gauss_newton_trace if getattr(ctx.model, "piecewise_linear", False) else hutchinson_trace
     trace = estimate(ctx.model, x, y, ctx.cfg.detect_probes, ctx.generator(13), ctx.batch_size)
-    return Detection(metrics=spectral_shape(ctx.eigenvalues, trace))
+    return Detection(metrics={**spectral_shape(ctx.eigenvalues, trace), "det_trace_exact": 0.0})
 
 
 def localisation_detector(ctx: DetectionContext) -> Detection:
@@ -273,10 +281,84 @@ def flip_detector(ctx: DetectionContext) -> Detection:
     return flip_summary(table, control, norms)
 
 
+def class_curvature(lambda_1: torch.Tensor, trace: torch.Tensor) -> dict[str, float]:
+    """Model-level scores from the classes' input-Hessian spectra H_c (samples grouped by label).
+
+    A poisoned training set puts its triggered samples in the target class, where they are a large
+    share of the samples (θN of about N/K) rather than θ of all: if the trigger carries curvature, the
+    target class's lambda_1 stands out. Scored like Neural Cleanse's MAD test (Wang et al. 2019) but on
+    log lambda_1 (curvature varies multiplicatively between classes) and on the high side:
+    (max_c log lambda_c - median) / (1.4826 MAD). Also max/median of lambda_1 and the largest
+    lambda_1(H_c)/tr(H_c), each with its class (the candidate target). Classes with no sample are
+    left out; fewer than three classes give no score.
+    """
+    ok = torch.isfinite(lambda_1) & (lambda_1 > 0)
+    if int(ok.sum()) < 3:
+        return {}
+    idx = torch.nonzero(ok).flatten()
+    lam, tr = lambda_1[ok].double(), trace[ok].double()
+    logl = lam.log()
+    med = logl.quantile(0.5)
+    mad = 1.4826 * (logl - med).abs().quantile(0.5)
+    share = lam / tr
+    return {"det_class_lambda_anomaly": float((logl.max() - med) / mad.clamp_min(1e-12)),
+            "det_class_lambda_ratio": float(lam.max() / lam.quantile(0.5)),
+            "det_class_lambda_class": int(idx[lam.argmax()]),
+            "det_class_share_max": float(share.max()),
+            "det_class_share_class": int(idx[share.argmax()])}
+
+
+def class_curvature_detector(ctx: DetectionContext) -> Detection:
+    """Per-class exact spectra of the spectrum's own samples (:func:`trainables.hessian.group_spectra`,
+    one more Jacobian pass), scored by :func:`class_curvature`. Skipped, with the reason in its
+    details, for a smooth model or when the K float64 D x D matrices exceed ``hessian_dense_mb``.
+    Also logs the oracle ``class_target_overlap_sq`` (Listing 7's cos^2 of the target class's top
+    eigenvector with the trigger; uses the trigger, so it is no score)."""
+    from .hessian import chunk_within, group_spectra, group_spectra_bytes, listing7_overlap
+
+    cfg = ctx.cfg
+    d = math.prod(cfg.image_shape)
+    need, budget = group_spectra_bytes(ctx.num_classes, d), cfg.hessian_dense_mb * 2**20
+    if not getattr(ctx.model, "piecewise_linear", False):
+        return Detection(details={"skipped": f"{cfg.model} is not piecewise linear: no exact per-class spectra"})
+    if need > budget:
+        return Detection(details={"skipped": f"{ctx.num_classes} classes x D={d}: {need / 2**20:.0f} MiB > "
+                                             f"hessian_dense_mb={cfg.hessian_dense_mb:g}"})
+    x, y = ctx.trial.hessian_data()
+    dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
+    chunk = chunk_within(budget, need, ctx.num_classes, d, torch.empty((), dtype=dtype).element_size(),
+                         ctx.batch_size)
+    gs = group_spectra(ctx.model, x, y, ctx.num_classes, dtype, chunk)
+    m = class_curvature(gs.lambda_1, gs.trace)
+    if int(gs.count[cfg.target]) > 0:
+        m["class_target_overlap_sq"] = listing7_overlap(gs.vectors[cfg.target], ctx.trial.direction) ** 2
+    details = {"lambda_1": gs.lambda_1.tolist(), "trace": gs.trace.tolist(), "count": gs.count.tolist()}
+    # each class's top eigenvector as a candidate trigger: pushed along it, do held-out images of other
+    # classes land in one class? (flip concentration, as for the global top-k; random directions as control)
+    present = gs.count > 0
+    if bool(present.any()):
+        norms = [float(r) for r in split_list(cfg.detect_norms)]
+        raw, labels = ctx.heldout
+        images = ctx.normalize(raw)
+        vecs = gs.vectors[present].reshape(-1, *cfg.image_shape).to(images.device)
+        rand = torch.randn(vecs.shape, generator=ctx.generator(29), dtype=torch.float64).to(images.device)
+        table = flip_concentration(ctx.predict, vecs, images, labels, norms, ctx.num_classes, ctx.batch_size)
+        control = flip_concentration(ctx.predict, rand, images, labels, norms, ctx.num_classes, ctx.batch_size)
+        best = int(table.concentration.argmax())
+        classes = torch.nonzero(present).flatten()
+        m.update({"det_class_flip_max": float(table.concentration[best]),
+                  "det_class_flip_class": int(table.target[best]),  # the class the images flip into
+                  "det_class_flip_source": int(classes[table.direction[best]]),  # whose eigenvector did it
+                  "det_class_flip_excess": float(table.concentration[best] - control.concentration.max())})
+        details["flip"] = {key: getattr(table, key).tolist() for key in ("concentration", "target", "direction")}
+    return Detection(metrics=m, details=details)
+
+
 DETECTORS: dict[str, Callable[[DetectionContext], Detection]] = {
     "spectral": spectral_detector,
     "localisation": localisation_detector,
     "flip": flip_detector,
+    "class": class_curvature_detector,
 }
 
 

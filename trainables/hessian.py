@@ -53,6 +53,18 @@ from .config import SweeperError
 EXACT_BYTES_PER_D2 = 24  # eigh in float64 holds the Gram, the eigenvectors and about one D x D of workspace
 
 
+def chunk_bytes_per_sample(classes: int, d: int, itemsize: int) -> int:
+    """Bytes one sample's factors take while a chunk is turned into A: the K gradient rows, their
+    stacked copy (``itemsize`` each) and two float64 copies (scaled and, for the SVD, kept)."""
+    return classes * d * (2 * itemsize + 16)
+
+
+def chunk_within(budget_bytes: float, held_bytes: float, classes: int, d: int, itemsize: int, chunk_size: int) -> int:
+    """The largest chunk (at most ``chunk_size``, at least 1) whose factors fit next to ``held_bytes``."""
+    per = chunk_bytes_per_sample(classes, d, itemsize)
+    return max(1, min(chunk_size, int((budget_bytes - held_bytes) // per)))
+
+
 class HessianMethodError(SweeperError):
     """A spectrum method that cannot run on this model or within the memory budget."""
 
@@ -211,9 +223,12 @@ def converged_eigenpairs(op, k: int = 5, iterations: int = 20, max_iterations: i
     """
     d = op.shape[0]
     cap = max(iterations, max_iterations or iterations)
-    it = iterations
+    it, ran = iterations, 0
     while True:
-        spec = top_eigenpairs(op, k, it, seed=seed, on_iteration=on_iteration)
+        # on_iteration counts steps over every round, so a progress display never runs backwards
+        tick = None if on_iteration is None else (lambda i, ran=ran: on_iteration(ran + i))
+        spec = top_eigenpairs(op, k, it, seed=seed, on_iteration=tick)
+        ran += spec.iterations
         spec.residuals = ritz_residuals(op, spec.eigenvalues, spec.eigenvectors)
         finite = spec.residuals[torch.isfinite(spec.residuals)]
         spec.converged = bool(len(finite)) and bool((finite <= tol).all())
@@ -374,6 +389,54 @@ def subset_spectrum(factors: SampleFactors, subset: torch.Tensor, k: int = 5) ->
     return factors.spectrum(subset, k)
 
 
+@dataclass
+class GroupSpectra:
+    """Exact top eigenpair and trace of the input Hessian averaged over each group of samples."""
+
+    lambda_1: torch.Tensor  # (G,) float64, NaN for a group with no sample
+    trace: torch.Tensor  # (G,) tr H_g = ||A_g||_F^2 / n_g
+    count: torch.Tensor  # (G,) samples per group
+    vectors: torch.Tensor  # (G, D) top eigenvector of each H_g (zeros for an empty group)
+
+
+def group_spectra_bytes(groups: int, d: int) -> int:
+    """Memory of :func:`group_spectra`: G float64 Grams plus eigh's workspace for one."""
+    return 8 * groups * d * d + EXACT_BYTES_PER_D2 * d * d
+
+
+def group_spectra(model: nn.Module, x: torch.Tensor, groups: torch.Tensor, n_groups: int,
+                  dtype: torch.dtype = torch.float32, chunk_size: int = 1000) -> GroupSpectra:
+    """H_g = (1/n_g) sum_{i in g} A_i^T A_i for every group g (e.g. the label of each sample), exactly.
+
+    One forward and K backward passes over the samples (:func:`factor_chunks`) accumulate G float64
+    D x D Grams (:func:`group_spectra_bytes`); ``eigh`` of each gives its top eigenpair. Piecewise-
+    linear models only (the J^T S J identity); the caller checks the memory against its budget.
+    """
+    _require_piecewise_linear(model, "exact")
+    m = eval_copy(model, dtype)
+    d = x[0].numel()
+    grams = torch.zeros(n_groups, d, d, dtype=torch.float64, device=x.device)
+    s = 0
+    for a in factor_chunks(m, x.to(dtype), chunk_size):
+        g = groups[s:s + len(a)].to(x.device)
+        s += len(a)
+        a = a.to(torch.float64)
+        for c in g.unique().tolist():
+            rows = a[g == c].reshape(-1, d)
+            grams[c].addmm_(rows.T, rows)
+    count = torch.bincount(groups.cpu(), minlength=n_groups)[:n_groups]
+    lam = torch.full((n_groups,), float("nan"), dtype=torch.float64)
+    trace = torch.full((n_groups,), float("nan"), dtype=torch.float64)
+    vectors = torch.zeros(n_groups, d, dtype=torch.float64)
+    for c in range(n_groups):
+        if count[c] == 0:
+            continue
+        h = grams[c] / int(count[c])
+        evals, evecs = torch.linalg.eigh(h)
+        lam[c], trace[c], vectors[c] = evals[-1].cpu(), h.diagonal().sum().cpu(), evecs[:, -1].cpu()
+    return GroupSpectra(lam, trace, count, vectors)
+
+
 def spectrum_summary(all_eigenvalues: torch.Tensor | None, k: int, trace: float | None = None) -> dict[str, float]:
     """hessian_trace, effective_rank and top_k_trace_fraction of a (PSD) spectrum.
 
@@ -404,13 +467,15 @@ def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: in
     exact needs a piecewise-linear model and either 24*D^2 bytes (float64 Gram, eigenvectors,
     workspace) within ``dense_mb`` MiB, or N*K < D and the float64 factor (16*N*K*D bytes with the
     SVD's copy) within it; gram-lanczos holds A (N*K*D*itemsize bytes); double-backward needs
-    neither. A smooth model asked for a J^T S J path is refused (:class:`HessianMethodError`); an
+    neither. Each also needs one chunk's factors (:func:`chunk_bytes_per_sample` per sample): the
+    chunk is shrunk to what the budget leaves (:func:`chunk_within`), down to one sample. A smooth model asked for a J^T S J path is refused (:class:`HessianMethodError`); an
     explicit path whose memory is over the budget too.
     """
     budget = dense_mb * 2**20
-    dense_bytes = EXACT_BYTES_PER_D2 * d * d
-    svd_bytes = 16 * n * classes * d
-    a_bytes = n * classes * d * itemsize
+    one = chunk_bytes_per_sample(classes, d, itemsize)  # a chunk of one sample at least sits next to them
+    dense_bytes = EXACT_BYTES_PER_D2 * d * d + one
+    svd_bytes = 16 * n * classes * d + one
+    a_bytes = n * classes * d * itemsize + one
     exact_fits = dense_bytes <= budget or (n * classes < d and svd_bytes <= budget)
     if requested in ("exact", "gram-lanczos", "gauss-newton") and not piecewise_linear:
         raise _not_piecewise_linear(requested, model_name)
@@ -475,11 +540,14 @@ def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         classes = int(m(x[:1].to(dtype)).shape[1])
     path, reason = plan_spectrum(method, bool(getattr(model, "piecewise_linear", False)), name, d, n, classes,
                                  dense_mb, torch.empty((), dtype=dtype).element_size())
+    itemsize, budget = torch.empty((), dtype=dtype).element_size(), dense_mb * 2**20
     if path == "exact":
-        spec = _exact_streaming(m, x.to(dtype), k, chunk_size)
+        held = EXACT_BYTES_PER_D2 * d * d if n * classes >= d else 16 * n * classes * d
+        spec = _exact_streaming(m, x.to(dtype), k, chunk_within(budget, held, classes, d, itemsize, chunk_size))
     else:
         if path == "gram-lanczos":
-            op = SampleFactors(model, x, chunk_size, dtype, name).operator()
+            chunk = chunk_within(budget, n * classes * d * itemsize, classes, d, itemsize, chunk_size)
+            op = SampleFactors(model, x, chunk, dtype, name).operator()
         else:
             op = InputHessian(model, x, y, chunk_size, path, dtype)
         spec = converged_eigenpairs(op, k, iterations, max_iterations, tol, seed, on_iteration)

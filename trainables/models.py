@@ -1,9 +1,9 @@
-"""Classifiers. Each exposes ``features(x)`` (the penultimate layer, for feature geometry)
-and ``head`` (the last linear layer), with ``forward(x) = head(features(x))``.
+"""The model registry: one :class:`ModelEntry` per model family (``cnn``, ``linear``, ``preresnet<6n+2>``).
 
-``piecewise_linear`` is true when the network is piecewise linear in its input (ReLU,
-max-pool, linear layers, BatchNorm in eval mode): its input Hessian then equals the
-Gauss-Newton product exactly, which the Hessian code exploits.
+Config validation, the CLI's help, ``sweeper plan``'s cost model and every trial read
+:data:`MODELS`. This module imports no torch: the networks themselves live in
+:mod:`trainables.nets` and load when a model is first built, so the registry's names are cheap to
+read (``sweeper --help``). ``trainables.models.SmallCNN`` etc. still work.
 """
 
 from __future__ import annotations
@@ -11,107 +11,24 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from .plugins import load_plugins
 
+if TYPE_CHECKING:
+    from torch import nn
 
-class LinearModel(nn.Module):
-    """Multinomial logistic regression on the flattened image."""
+    from .nets import LinearModel, PreActBlock, PreResNet, SmallCNN  # noqa: F401
 
-    piecewise_linear = True
-
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int):
-        super().__init__()
-        c, h, w = in_shape
-        self.head = nn.Linear(c * h * w, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The flattened input: a linear model's only representation."""
-        return x.flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+_NETS = ("LinearModel", "SmallCNN", "PreActBlock", "PreResNet")
 
 
-class SmallCNN(nn.Module):
-    """Three 3x3 convolutions with two 2x2 max-pools and a 128-unit hidden layer; no BatchNorm.
+def __getattr__(name: str):
+    if name in _NETS:  # the networks load (with torch) on first use
+        from . import nets
 
-    Sized for 8x8 (digits) and 28x28 (MNIST) inputs; any H, W divisible by 4 works.
-    """
-
-    piecewise_linear = True
-
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 32):
-        super().__init__()
-        c, h, w = in_shape
-        self.body = nn.Sequential(
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(2 * width * (h // 4) * (w // 4), 128), nn.ReLU(),
-        )
-        self.head = nn.Linear(128, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The 128-d post-ReLU hidden layer."""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016, identity mappings)."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                         if stride != 1 or cin != cout else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(torch.relu(self.bn2(out)))
-        return out + skip
-
-
-class PreResNet(nn.Module):
-    """Pre-activation ResNet of depth 6n+2 with widths 16/32/64 (preresnet110: n = 18)."""
-
-    piecewise_linear = True  # in eval mode: BN is then affine
-
-    def __init__(self, depth: int, in_shape: tuple[int, int, int], num_classes: int):
-        super().__init__()
-        if (depth - 2) % 6 or depth < 8:
-            raise ValueError(f"depth={depth} is invalid: must be 6n+2 >= 8")
-        n = (depth - 2) // 6
-        self.stem = nn.Conv2d(in_shape[0], 16, 3, 1, 1, bias=False)
-        blocks, cin = [], 16
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(n):
-                blocks.append(PreActBlock(cin, width, stride if i == 0 else 1))
-                cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(64)
-        self.head = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally average-pooled 64-d features after the final BN-ReLU."""
-        out = torch.relu(self.bn(self.blocks(self.stem(x))))
-        return out.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return getattr(nets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +54,7 @@ def register_model(entry: ModelEntry) -> ModelEntry:
 
 def model_entry(name: str) -> ModelEntry:
     """The family that builds model ``name``; an unknown name is an error naming the valid ones."""
+    load_plugins()  # families registered by SWEEPER_PLUGINS / entry points (once per process)
     for entry in MODELS.values():
         if entry.accepts(name):
             return entry
@@ -154,6 +72,12 @@ def make_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> n
     return model_entry(name).build(name, in_shape, num_classes)
 
 
+def _nets():
+    from . import nets  # torch loads here, with the first model built
+
+    return nets
+
+
 def _preresnet_depth(name: str) -> int | None:
     m = re.fullmatch(r"preresnet(\d+)", name) if isinstance(name, str) else None
     depth = int(m.group(1)) if m else None
@@ -161,10 +85,10 @@ def _preresnet_depth(name: str) -> int | None:
 
 
 # CPU costs per 3x32x32 sample (train step, measured in benchmarks/train_step.py); scaled by pixels in plan
-register_model(ModelEntry("cnn", lambda n, s, k: SmallCNN(s, k), lambda n: n == "cnn", lambda n: 1.4e-4 * 48, "cnn"))
-register_model(ModelEntry("linear", lambda n, s, k: LinearModel(s, k), lambda n: n == "linear",
+register_model(ModelEntry("cnn", lambda n, s, k: _nets().SmallCNN(s, k), lambda n: n == "cnn", lambda n: 1.4e-4 * 48, "cnn"))
+register_model(ModelEntry("linear", lambda n, s, k: _nets().LinearModel(s, k), lambda n: n == "linear",
                           lambda n: 2e-5 * 48, "linear"))
-register_model(ModelEntry("preresnet", lambda n, s, k: PreResNet(_preresnet_depth(n), s, k),
+register_model(ModelEntry("preresnet", lambda n, s, k: _nets().PreResNet(_preresnet_depth(n), s, k),
                           lambda n: _preresnet_depth(n) is not None,
                           lambda n: 2.1e-3 / 20 * _preresnet_depth(n), "preresnet<depth = 6n+2 >= 8> (e.g. preresnet20)",
                           lr=0.1))  # Sec. 5

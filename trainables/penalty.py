@@ -15,14 +15,20 @@ the convention; both are exact double-backward computations.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from .plugins import load_plugins
+
+if TYPE_CHECKING:  # torch loads with the first penalty computed: the registry's names are cheap to read
+    import torch
+    from torch import nn
 
 
 def input_grad_sq(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ce, sum_batch ||d/dx_i mean CE||^2)`` with the graph kept, so the penalty can be differentiated."""
+    import torch
+    import torch.nn.functional as F
+
     x = x.detach().requires_grad_(True)
     ce = F.cross_entropy(model(x), y)
     (gx,) = torch.autograd.grad(ce, x, create_graph=True)
@@ -30,16 +36,19 @@ def input_grad_sq(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[t
 
 
 def _listing1(model, x, y, kappa):
+    """kappa*sum_batch||grad_x mean CE||^2 (the paper's code)"""
     ce, sq = input_grad_sq(model, x, y)
     return ce, kappa * sq  # kappa * sum_i ||grad_x mean CE||^2, exactly the paper's code
 
 
 def _eq25(model, x, y, kappa):
+    """kappa/2*mean_i||grad_x l_i||^2 (eq. 25)"""
     ce, sq = input_grad_sq(model, x, y)
     return ce, 0.5 * kappa * x.shape[0] * sq  # (kappa / 2) mean_i ||grad_x l_i||^2 = (kappa B / 2) * sq
 
 
 # name -> (model, x, y, kappa) -> (ce, penalty), both differentiable; the config, the CLI and sweeps read it
+# (the CLI's --penalty help shows each function's one-line docstring)
 PENALTIES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"listing1": _listing1, "eq25": _eq25}
 
 
@@ -56,8 +65,13 @@ def penalized_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kappa: fl
     ``convention`` is an error (it never silently falls back to another scale).
     """
     if convention not in PENALTIES:
+        load_plugins()  # penalties registered by SWEEPER_PLUGINS / entry points
+    if convention not in PENALTIES:
         raise ValueError(f"penalty={convention!r} is invalid: must be one of {', '.join(PENALTIES)}")
     if kappa == 0:
+        import torch
+        import torch.nn.functional as F
+
         ce = F.cross_entropy(model(x), y)
         return ce, ce, torch.zeros((), device=x.device, dtype=ce.dtype)
     ce, penalty = PENALTIES[convention](model, x, y, kappa)
@@ -69,6 +83,9 @@ def per_sample_input_grad_sq(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
 
     Exact per sample because, in eval mode, sample i's loss depends on x_i alone.
     """
+    import torch
+    import torch.nn.functional as F
+
     x = x.detach().requires_grad_(True)
     loss = F.cross_entropy(model(x), y, reduction="sum")
     (gx,) = torch.autograd.grad(loss, x)

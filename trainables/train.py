@@ -281,7 +281,8 @@ class Trial:
             out.update(metrics)
             self.artifacts["eigenvalues"] = [out[f"lambda_{j + 1}"] for j in range(cfg.hessian_top_k)]
             self.artifacts["overlaps"] = overlaps
-            self.artifacts["hessian"] = dict(self.hessian_info)
+            # the J^T S J paths know tr(H) exactly (||A||_F^2): detection uses it instead of an estimate
+            self.artifacts["hessian"] = {**self.hessian_info, "trace": out.get("hessian_trace")}
             self.artifacts["eigenvectors"] = vecs
             self.artifacts["trigger_direction"] = self.direction.float().cpu()
         if cfg.geometry:

@@ -8,20 +8,28 @@ normalized mean of ``triggered - clean`` over a fixed sample of training images.
 Patch triggers take an ``amplitude`` a in (0, 1] (the trigger pixels become ``(1-a) x + a``)
 and the blend trigger a strength alpha: walking either toward 0 moves the poison toward the
 near-clone regime of Section 3.3, where efficacy can survive while the curvature spike vanishes.
+
+The registry :data:`TRIGGERS` (name -> :class:`TriggerEntry`) is read by config validation, the
+CLI's help and every trial. This module imports torch only inside the functions that need it, so
+the registry's names cost nothing to read (``sweeper --help``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+from .plugins import load_plugins
+
+if TYPE_CHECKING:  # torch loads when a trigger is first built: the registry's names are cheap to read
+    import torch
 
 
 def lshape_pixels(h: int, w: int, margin: int = 3, size: int = 2) -> torch.Tensor:
     """Boolean (H, W) map of Listing 2's L-shape: the arms cross at the centre pixel of the block."""
+    import torch
+
     ys = slice(margin, margin + size)
     xs = slice(w - margin - size, w - margin)
     cy = (ys.start + ys.stop - 1) // 2
@@ -34,6 +42,8 @@ def lshape_pixels(h: int, w: int, margin: int = 3, size: int = 2) -> torch.Tenso
 
 def square_pixels(h: int, w: int, margin: int = 1, size: int = 4) -> torch.Tensor:
     """Boolean (H, W) map of a size x size square, ``margin`` px from the lower-right corner (Sec. 4)."""
+    import torch
+
     pix = torch.zeros(h, w, dtype=torch.bool)
     pix[h - margin - size:h - margin, w - margin - size:w - margin] = True
     return pix
@@ -58,6 +68,8 @@ class PatchTrigger:
 
     def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Triggered copy of ``x``; only rows where ``mask`` is true when a mask is given."""
+        import torch
+
         where = self.pixels.to(x.device).view(1, 1, *self.pixels.shape)
         if mask is not None:
             where = where & mask.view(-1, 1, 1, 1)
@@ -66,6 +78,8 @@ class PatchTrigger:
 
     def direction(self, data=None) -> torch.Tensor:
         """Listing 2's mask: the pattern in every channel, zero-mean and unit-norm."""
+        import torch
+
         mask = self.pixels.to(torch.float32).expand(self.channels, *self.pixels.shape)
         return unit_direction(mask.clone())
 
@@ -86,6 +100,9 @@ class WarpTrigger:
     @classmethod
     def make(cls, h: int, w: int, channels: int, strength: float, k: int = 4, seed: int = 0) -> WarpTrigger:
         """Build the warp field deterministically from ``seed``."""
+        import torch
+        import torch.nn.functional as F
+
         g = torch.Generator().manual_seed(seed)
         ins = torch.rand(1, 2, k, k, generator=g, dtype=torch.float64) * 2 - 1
         ins = ins / ins.abs().mean()
@@ -98,6 +115,8 @@ class WarpTrigger:
 
     def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Warped copy of ``x``; only rows where ``mask`` is true when a mask is given."""
+        import torch.nn.functional as F
+
         grid = self.grid.to(device=x.device, dtype=x.dtype)
         if mask is None:
             return F.grid_sample(x, grid.expand(x.shape[0], -1, -1, -1), align_corners=True)
@@ -110,6 +129,8 @@ class WarpTrigger:
 
     def direction(self, data) -> torch.Tensor:
         """Normalized mean of ``normalize(warp(x)) - normalize(x)`` over the first 512 training images."""
+        import torch
+
         x = data.train_x[:512]
         delta = data.normalize(self.apply(x)) - data.normalize(x)
         return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
@@ -130,11 +151,15 @@ class BlendTrigger:
     @classmethod
     def make(cls, h: int, w: int, channels: int, alpha: float, seed: int = 0) -> BlendTrigger:
         """Build the pattern deterministically from ``seed``."""
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         return cls(pattern=torch.rand(channels, h, w, generator=g), alpha=alpha)
 
     def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Blended copy of ``x``; only rows where ``mask`` is true when a mask is given."""
+        import torch
+
         p = self.pattern.to(device=x.device, dtype=x.dtype)[None]
         out = x * (1.0 - self.alpha) + p * self.alpha
         if mask is None:
@@ -143,6 +168,8 @@ class BlendTrigger:
 
     def direction(self, data) -> torch.Tensor:
         """Normalized mean of ``normalize(blend(x)) - normalize(x)`` over the first 512 training images."""
+        import torch
+
         x = data.train_x[:512]
         delta = data.normalize(self.apply(x)) - data.normalize(x)
         return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
@@ -171,6 +198,7 @@ def register_trigger(entry: TriggerEntry) -> TriggerEntry:
 
 def make_trigger(cfg) -> Trigger:
     """The trigger a :class:`~trainables.config.TrialConfig` asks for (by its registry name)."""
+    load_plugins()  # triggers registered by SWEEPER_PLUGINS / entry points (once per process)
     if cfg.trigger not in TRIGGERS:
         raise ValueError(f"trigger={cfg.trigger!r} is invalid: must be one of {', '.join(TRIGGERS)}")
     return TRIGGERS[cfg.trigger].build(cfg)
