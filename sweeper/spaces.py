@@ -291,8 +291,8 @@ def _detection_seconds(cfg, per: float, n: int) -> float:
         norms = len([x for x in cfg.detect_norms.split(",") if x.strip()])
         seconds += cfg.detect_samples * norms * cfg.hessian_top_k * 2 * per
         seconds += cfg.detect_probes * min(cfg.detect_trace_samples, n) * per * 3
-        # per-class spectra: one more Jacobian pass, then each class's eigenvector and a random one flipped
-        seconds += (cfg.num_classes + 1) * n * per + cfg.detect_samples * norms * cfg.num_classes * 4 * per
+        # per-class spectra come from the exact spectrum's pass: each class's eigenvector and a random one flipped
+        seconds += cfg.detect_samples * norms * cfg.num_classes * 4 * per
     baselines = {b.strip() for b in re.split(r"[,+]", cfg.detect_baselines) if b.strip()}
     if "nc" in baselines:
         seconds += cfg.nc_steps * cfg.num_classes * cfg.nc_batch_size * per * 3

@@ -325,6 +325,14 @@ def test_group_spectra_equal_the_dense_hessian_of_each_class(trained, trained_pe
         assert abs(float(gs.trace[c]) - float(ref.trace())) <= EXACT_RTOL * float(ref.trace())
         assert 1 - abs(float(gs.vectors[c] @ vecs[:, -1])) <= 1e-8
     assert int(gs.count[10]) == 0 and torch.isnan(gs.lambda_1[10])
+    # the exact spectrum computes the same per-class spectra from its own pass, and its total is unchanged
+    fused = input_hessian_spectrum(model, x, y, method="exact", k=5, dtype=torch.float64, chunk_size=7,
+                                   groups=y, n_groups=11)
+    assert fused.groups is not None
+    torch.testing.assert_close(fused.groups.lambda_1, gs.lambda_1, rtol=1e-12, atol=0, equal_nan=True)
+    torch.testing.assert_close(fused.groups.trace, gs.trace, rtol=1e-12, atol=0, equal_nan=True)
+    ref_top = torch.linalg.eigvalsh(per.mean(0)).flip(0)[:5]
+    assert float((fused.eigenvalues - ref_top).abs().max() / ref_top[0]) <= EXACT_RTOL
     shuffled = group_spectra(model, x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], 10,
                              dtype=torch.float64)
     c = int(y[0])

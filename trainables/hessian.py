@@ -151,6 +151,7 @@ class Spectrum:
     trace: float | None = None  # tr H = ||A||_F^2 / N, when known without the whole spectrum
     method: str = ""  # the path that computed it (exact, gram-lanczos, double-backward, gauss-newton)
     reason: str = ""  # why that path was used
+    groups: GroupSpectra | None = None  # per-group spectra, when asked for and the exact Gram path ran
 
 
 def frobenius_estimate(op, probes: int, generator: torch.Generator) -> float:
@@ -404,27 +405,17 @@ def group_spectra_bytes(groups: int, d: int) -> int:
     return 8 * groups * d * d + EXACT_BYTES_PER_D2 * d * d
 
 
-def group_spectra(model: nn.Module, x: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                  dtype: torch.dtype = torch.float32, chunk_size: int = 1000) -> GroupSpectra:
-    """H_g = (1/n_g) sum_{i in g} A_i^T A_i for every group g (e.g. the label of each sample), exactly.
+def _add_by_group(grams: torch.Tensor, a: torch.Tensor, groups: torch.Tensor) -> None:
+    """grams[c] += sum over the chunk's samples of group c of A_i^T A_i (``a``: (B, K, D) float64)."""
+    d = a.shape[-1]
+    for c in groups.unique().tolist():
+        rows = a[groups == c].reshape(-1, d)
+        grams[c].addmm_(rows.T, rows)
 
-    One forward and K backward passes over the samples (:func:`factor_chunks`) accumulate G float64
-    D x D Grams (:func:`group_spectra_bytes`); ``eigh`` of each gives its top eigenpair. Piecewise-
-    linear models only (the J^T S J identity); the caller checks the memory against its budget.
-    """
-    _require_piecewise_linear(model, "exact")
-    m = eval_copy(model, dtype)
-    d = x[0].numel()
-    grams = torch.zeros(n_groups, d, d, dtype=torch.float64, device=x.device)
-    s = 0
-    for a in factor_chunks(m, x.to(dtype), chunk_size):
-        g = groups[s:s + len(a)].to(x.device)
-        s += len(a)
-        a = a.to(torch.float64)
-        for c in g.unique().tolist():
-            rows = a[g == c].reshape(-1, d)
-            grams[c].addmm_(rows.T, rows)
-    count = torch.bincount(groups.cpu(), minlength=n_groups)[:n_groups]
+
+def _eig_by_group(grams: torch.Tensor, count: torch.Tensor) -> GroupSpectra:
+    """Top eigenpair and trace of each H_g = grams[g] / n_g (NaN for an empty group)."""
+    n_groups, d = grams.shape[0], grams.shape[-1]
     lam = torch.full((n_groups,), float("nan"), dtype=torch.float64)
     trace = torch.full((n_groups,), float("nan"), dtype=torch.float64)
     vectors = torch.zeros(n_groups, d, dtype=torch.float64)
@@ -435,6 +426,27 @@ def group_spectra(model: nn.Module, x: torch.Tensor, groups: torch.Tensor, n_gro
         evals, evecs = torch.linalg.eigh(h)
         lam[c], trace[c], vectors[c] = evals[-1].cpu(), h.diagonal().sum().cpu(), evecs[:, -1].cpu()
     return GroupSpectra(lam, trace, count, vectors)
+
+
+def group_spectra(model: nn.Module, x: torch.Tensor, groups: torch.Tensor, n_groups: int,
+                  dtype: torch.dtype = torch.float32, chunk_size: int = 1000) -> GroupSpectra:
+    """H_g = (1/n_g) sum_{i in g} A_i^T A_i for every group g (e.g. the label of each sample), exactly.
+
+    One forward and K backward passes over the samples (:func:`factor_chunks`) accumulate G float64
+    D x D Grams (:func:`group_spectra_bytes`); ``eigh`` of each gives its top eigenpair. Piecewise-
+    linear models only (the J^T S J identity); the caller checks the memory against its budget.
+    The exact spectrum computes the same from its own pass when asked (``groups`` of
+    :func:`input_hessian_spectrum`): this stand-alone pass serves the other paths.
+    """
+    _require_piecewise_linear(model, "exact")
+    m = eval_copy(model, dtype)
+    d = x[0].numel()
+    grams = torch.zeros(n_groups, d, d, dtype=torch.float64, device=x.device)
+    s = 0
+    for a in factor_chunks(m, x.to(dtype), chunk_size):
+        _add_by_group(grams, a.to(torch.float64), groups[s:s + len(a)].to(x.device))
+        s += len(a)
+    return _eig_by_group(grams, torch.bincount(groups.cpu(), minlength=n_groups)[:n_groups])
 
 
 def spectrum_summary(all_eigenvalues: torch.Tensor | None, k: int, trace: float | None = None) -> dict[str, float]:
@@ -504,34 +516,51 @@ def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: in
     return "double-backward", f"D={d}: neither D x D nor A ({mb(a_bytes)}) fits in hessian_dense_mb={dense_mb:g}"
 
 
-def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int) -> Spectrum:
+def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int,
+                     groups: torch.Tensor | None = None, n_groups: int = 0) -> Spectrum:
     """Gram accumulated chunk by chunk (never N*K*D at once), or an SVD of A when N*K < D (A is
-    then smaller than the Gram). ``model`` is an eval-mode copy in ``x``'s dtype."""
+    then smaller than the Gram). ``model`` is an eval-mode copy in ``x``'s dtype. With ``groups``
+    (Gram branch only) one Gram per group is accumulated instead and the total is their sum: the
+    per-group spectra (``spec.groups``) cost no extra backward pass."""
     n, d = len(x), x[0].numel()
-    g, kept = None, []
+    g, kept, grams, s = None, [], None, 0
     for a in factor_chunks(model, x, chunk_size):
         small = n * a.shape[1] < d
-        a = a.reshape(-1, d).to(torch.float64) / math.sqrt(n)
         if small:
-            kept.append(a)
+            kept.append(a.reshape(-1, d).to(torch.float64) / math.sqrt(n))
+        elif groups is not None:
+            if grams is None:
+                grams = torch.zeros(n_groups, d, d, dtype=torch.float64, device=a.device)
+            _add_by_group(grams, a.to(torch.float64), groups[s:s + len(a)].to(a.device))
         else:
+            a = a.reshape(-1, d).to(torch.float64) / math.sqrt(n)
             if g is None:
                 g = torch.zeros(d, d, dtype=torch.float64, device=a.device)
             g.addmm_(a.T, a)
-    return exact_from_factor(torch.cat(kept), k) if kept else exact_from_gram(g, k)
+        s += len(a)
+    if kept:
+        return exact_from_factor(torch.cat(kept), k)
+    if grams is not None:
+        spec = exact_from_gram(grams.sum(0) / n, k)
+        spec.groups = _eig_by_group(grams, torch.bincount(groups.cpu(), minlength=n_groups)[:n_groups])
+        return spec
+    return exact_from_gram(g, k)
 
 
 def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "auto",
                            k: int = 5, iterations: int = 20, max_iterations: int | None = None,
                            tol: float = 1e-3, dense_mb: float = 1024, chunk_size: int = 1000,
                            dtype: torch.dtype = torch.float32, seed: int = 0, model_name: str | None = None,
-                           on_iteration: Callable[[int], None] | None = None) -> Spectrum:
+                           on_iteration: Callable[[int], None] | None = None,
+                           groups: torch.Tensor | None = None, n_groups: int = 0) -> Spectrum:
     """Top-k eigenpairs of H = mean_i Hess_x CE(model(x_i), y_i) by the path :func:`plan_spectrum`
     picks for ``method``; the returned :class:`Spectrum` says which (``method``, ``reason``).
 
     exact: whole spectrum, residuals measured, ``converged`` true. Lanczos paths: Ritz residuals
     and restarts per :func:`converged_eigenpairs`; ``on_iteration`` gets their Lanczos steps (the
-    exact path has none).
+    exact path has none). ``groups`` (a group index per sample, < ``n_groups``): the exact Gram path
+    also returns each group's spectrum (``spec.groups``, :class:`GroupSpectra`) from the same pass
+    when the G extra D x D matrices fit the budget too; otherwise ``spec.groups`` stays None.
     """
     name = model_name or type(model).__name__
     n, d = len(y), x[0].numel()
@@ -543,7 +572,12 @@ def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     itemsize, budget = torch.empty((), dtype=dtype).element_size(), dense_mb * 2**20
     if path == "exact":
         held = EXACT_BYTES_PER_D2 * d * d if n * classes >= d else 16 * n * classes * d
-        spec = _exact_streaming(m, x.to(dtype), k, chunk_within(budget, held, classes, d, itemsize, chunk_size))
+        by_group = (groups is not None and n * classes >= d
+                    and group_spectra_bytes(n_groups, d) + chunk_bytes_per_sample(classes, d, itemsize) <= budget)
+        if by_group:
+            held = group_spectra_bytes(n_groups, d)
+        spec = _exact_streaming(m, x.to(dtype), k, chunk_within(budget, held, classes, d, itemsize, chunk_size),
+                                groups if by_group else None, n_groups)
     else:
         if path == "gram-lanczos":
             chunk = chunk_within(budget, n * classes * d * itemsize, classes, d, itemsize, chunk_size)

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,7 @@ class Trial:
         self.analysis: dict[str, float] = {}  # final spectrum + geometry metrics, once analysed
         self.artifacts: dict[str, Any] = {}  # eigenvectors, eigenvalues, geometry rows
         self.hessian_info: dict[str, Any] = {}  # the spectrum path used last and why
+        self.class_spectra: dict[str, Any] | None = None  # per-class spectra from the last exact spectrum (detection)
         nontarget = self.data.test_y != cfg.target  # ASR never counts target-class images
         self.asr_x = self.data.normalize(self.trigger.apply(self.data.test_x[nontarget]))
         self.test_x = self.data.normalize(self.data.test_x)
@@ -262,8 +263,10 @@ class Trial:
             self.model, x, y, method=cfg.hessian_method, k=cfg.hessian_top_k, iterations=cfg.hessian_iterations,
             max_iterations=cfg.hessian_max_iterations, tol=cfg.hessian_tol, dense_mb=cfg.hessian_dense_mb,
             chunk_size=cfg.eval_batch_size, dtype=dtype, seed=cfg.seed, model_name=cfg.model,
-            on_iteration=on_iteration)
+            on_iteration=on_iteration,  # per-class spectra for detection from the same Jacobian pass
+            groups=y if cfg.detect else None, n_groups=cfg.num_classes)
         metrics, vecs, overlaps = spectrum_metrics(spec, self.direction)
+        self.class_spectra = None if spec.groups is None else asdict(spec.groups)
         metrics["hessian_samples"] = len(y)
         metrics["hessian_seconds"] = time.perf_counter() - t0
         self.hessian_info = {"method_used": spec.method, "reason": spec.reason,
@@ -283,6 +286,8 @@ class Trial:
             self.artifacts["overlaps"] = overlaps
             # the J^T S J paths know tr(H) exactly (||A||_F^2): detection uses it instead of an estimate
             self.artifacts["hessian"] = {**self.hessian_info, "trace": out.get("hessian_trace")}
+            if self.class_spectra is not None:
+                self.artifacts["class_spectra"] = self.class_spectra
             self.artifacts["eigenvectors"] = vecs
             self.artifacts["trigger_direction"] = self.direction.float().cpu()
         if cfg.geometry:
