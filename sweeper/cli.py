@@ -299,7 +299,9 @@ def _report(report) -> None:
         typer.echo(line)  # a tracking server: the runs table's link (not MLflow 3's GenAI overview); else `sweeper ui`
     resume = f"sweeper resume {report.name} --storage {storage}"
     if c["interrupted"] or c["pending"]:  # a script must see that the sweep did not finish: exit 130
-        raise Interrupted(f"sweep {report.name} not finished ({c['interrupted']} interrupted, {c['pending']} pending): "
+        failed = f", {c['failed']} failed" if c["failed"] else ""
+        raise Interrupted(f"sweep {report.name} not finished ({c['interrupted']} interrupted, {c['pending']} pending"
+                          f"{failed}): "
                           f"continue with `{resume}` (finished trials are kept, interrupted ones continue "
                           f"from their last epoch)")
     if c["failed"]:

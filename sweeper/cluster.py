@@ -40,7 +40,10 @@ def check_shared_storage(address: str | None, storage: str, timeout: float = 120
     there the sweep's driver runs on the head, not here. Nodes that join later (autoscaling) are not
     checked: they run the same setup commands.
     """
-    if address in (None, "local") or address.startswith("ray://"):
+    import os
+
+    address = address or os.environ.get("RAY_ADDRESS")  # ray.init() joins RAY_ADDRESS when no --address
+    if address in (None, "", "local") or address.startswith("ray://"):
         return
     path = local_storage_path(storage)
     if path is None:
@@ -73,6 +76,7 @@ def check_shared_storage(address: str | None, storage: str, timeout: float = 120
     nonce = secrets.token_hex(16)
     marker = Path(path) / f".sweeper-shared-check-{nonce}"
     try:
+        marker.parent.mkdir(parents=True, exist_ok=True)  # a new file:// storage is not made before this
         marker.write_text(nonce)
     except OSError as e:
         raise SweeperError(f"--storage {path}: cannot write a file there: {e.strerror}") from None

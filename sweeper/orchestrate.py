@@ -357,6 +357,9 @@ def start_ray(address: str | None) -> None:
                  "SWEEPER_PLUGINS", "PYTHONPATH"):
         if os.environ.get(name):  # trials on other nodes log with the driver's tracking credentials and
             env_vars[name] = os.environ[name]  # import its plugins (trainables.plugins) from the same path
+    if "PYTHONPATH" in env_vars:  # workers start elsewhere: relative entries would point nowhere
+        env_vars["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p)
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.orchestrate.quiet_worker_exit"}
     kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="WARNING", runtime_env=runtime_env)
     try:

@@ -33,7 +33,7 @@ def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: b
         def log(m: dict) -> None:
             print(f"epoch {m['epoch']}/{cfg.epochs} {_describe(m)}", file=sys.stderr, flush=True)
 
-        def log_lanczos(i: int) -> None:  # i counts steps over restarts (up to hessian_max_iterations)
+        def log_lanczos(i: int) -> None:  # i counts steps over every round (20 + 40 + 80 + 160 at most)
             if i == 1 or i % 5 == 0 or i == cfg.hessian_iterations:
                 print(f"input-Hessian Lanczos step {i} (first round {cfg.hessian_iterations}, "
                       f"restarts until residuals <= {cfg.hessian_tol:g})", file=sys.stderr, flush=True)

@@ -212,3 +212,26 @@ def test_class_curvature_names_the_class_whose_curvature_stands_out():
     empty[[0, 1]] = float("nan")  # classes without samples are left out, never the maximum
     assert class_curvature(empty, trace)["det_class_lambda_class"] == 3
     assert class_curvature(torch.tensor([1.0, float("nan")]), trace[:2]) == {}  # fewer than 3 classes: no score
+
+
+def test_class_detector_runs_its_own_pass_off_the_exact_path_and_skips_over_the_budget(tmp_path):
+    """The fused path (exact spectrum) keeps the per-class spectra in the checkpoint; on the HVP path the
+    detector computes them itself (same numbers); with no room in hessian_dense_mb it says why it skipped."""
+    from trainables.train import Trial, run_trial
+
+    base = dict(trigger="square", epochs=2, lr=0.05, hessian_samples=200, hessian_top_k=3, hessian_iterations=8,
+                geometry=False)
+    ckpt = tmp_path / "c.pt"
+    fused = run_trial(TrialConfig(**base), checkpoint=ckpt)
+    assert fused.to_json_dict()["hessian"]["method_used"] == "exact"
+    t = Trial(TrialConfig(**base))
+    t.load(ckpt)  # weights_only=True: the stored per-class spectra are plain tensors
+    assert set(t.artifacts["class_spectra"]) == {"lambda_1", "trace", "count", "vectors"}
+    own = run_trial(TrialConfig(**base, hessian_method="double-backward"))
+    assert "class_spectra" not in own.artifacts
+    for k in ("det_class_lambda_anomaly", "det_class_flip_max", "class_target_overlap_sq"):
+        assert own.metrics[k] == pytest.approx(fused.metrics[k], rel=1e-4), k  # float32 Jacobians either way
+    # 1 MiB: the exact spectrum still runs (its chunk shrinks), the per-class matrices beside a full chunk do not
+    skipped = run_trial(TrialConfig(**base, hessian_dense_mb=1))
+    assert "det_class_flip_max" not in skipped.metrics
+    assert "hessian_dense_mb" in skipped.to_json_dict()["detection"]["details"]["class"]["skipped"]

@@ -256,7 +256,7 @@ def test_exact_path_equals_dense_float64_hessian(trained, trained_per_sample, ca
     assert rel(factors.gram(), ref) <= EXACT_RTOL  # the matrix itself, not only its spectrum
 
 
-def test_a_tight_memory_budget_shrinks_the_chunk_not_the_answer(trained, trained_per_sample):
+def test_a_tight_memory_budget_shrinks_the_chunk_not_the_answer(trained, trained_per_sample, monkeypatch):
     """hessian_dense_mb bounds the Gram *and* a chunk's factors: a budget that leaves room for 5
     samples' factors next to the 64 x 64 Gram gives chunks of 5, and the same spectrum."""
     from trainables.hessian import EXACT_BYTES_PER_D2, chunk_bytes_per_sample, chunk_within
@@ -265,7 +265,18 @@ def test_a_tight_memory_budget_shrinks_the_chunk_not_the_answer(trained, trained
     d, k = x[0].numel(), 10
     budget = EXACT_BYTES_PER_D2 * d * d + 5.5 * chunk_bytes_per_sample(k, d, 8)
     assert chunk_within(budget, EXACT_BYTES_PER_D2 * d * d, k, d, 8, 1000) == 5
+    import trainables.hessian as hessian_module
+
+    seen, real = [], hessian_module.factor_chunks
+
+    def recorded(*args, **kwargs):  # our own chunk loop, observed: the spectrum really ran in chunks of 5
+        for a in real(*args, **kwargs):
+            seen.append(len(a))
+            yield a
+
+    monkeypatch.setattr(hessian_module, "factor_chunks", recorded)
     tight = input_hessian_spectrum(model, x, y, method="exact", k=5, dtype=torch.float64, dense_mb=budget / 2**20)
+    assert seen and max(seen) == 5 and sum(seen) == len(y)
     ref = torch.linalg.eigvalsh(trained_per_sample.mean(0)).flip(0)[:5]
     assert float((tight.eigenvalues - ref).abs().max() / ref[0]) <= EXACT_RTOL
     with pytest.raises(HessianMethodError, match="hessian_dense_mb"):  # not even one sample fits beside the Gram

@@ -311,28 +311,30 @@ def class_curvature(lambda_1: torch.Tensor, trace: torch.Tensor) -> dict[str, fl
 def class_curvature_detector(ctx: DetectionContext) -> Detection:
     """Per-class exact spectra of the spectrum's own samples, scored by :func:`class_curvature`: from
     the exact spectrum's own Jacobian pass when it ran (the default), else one more pass
-    (:func:`trainables.hessian.group_spectra`). Skipped, with the reason in its
-    details, for a smooth model or when the K float64 D x D matrices exceed ``hessian_dense_mb``.
+    (:func:`trainables.hessian.group_spectra`). Skipped, with the reason in its details, for a
+    smooth model or when the K float64 D x D matrices do not fit ``hessian_dense_mb`` beside a full
+    chunk (:func:`trainables.hessian.group_spectra_fit`: CIFAR-10 needs it raised to ~2 GiB).
     Also logs the oracle ``class_target_overlap_sq`` (Listing 7's cos^2 of the target class's top
     eigenvector with the trigger; uses the trigger, so it is no score)."""
-    from .hessian import GroupSpectra, chunk_within, group_spectra, group_spectra_bytes, listing7_overlap
+    from .hessian import GroupSpectra, group_spectra, group_spectra_bytes, group_spectra_fit, listing7_overlap
 
     cfg = ctx.cfg
     stored = ctx.trial.artifacts.get("class_spectra")
     if stored is not None:  # the exact spectrum computed them from its own Jacobian pass
         gs = GroupSpectra(**stored)
-    else:
-        d = math.prod(cfg.image_shape)
-        need, budget = group_spectra_bytes(ctx.num_classes, d), cfg.hessian_dense_mb * 2**20
+    else:  # another path (or the SVD branch) ran: one pass of their own, under the same memory rule
         if not getattr(ctx.model, "piecewise_linear", False):
             return Detection(details={"skipped": f"{cfg.model} is not piecewise linear: no exact per-class spectra"})
-        if need > budget:
-            return Detection(details={"skipped": f"{ctx.num_classes} classes x D={d}: {need / 2**20:.0f} MiB > "
-                                                 f"hessian_dense_mb={cfg.hessian_dense_mb:g}"})
+        d = math.prod(cfg.image_shape)
         x, y = ctx.trial.hessian_data()
         dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
-        chunk = chunk_within(budget, need, ctx.num_classes, d, torch.empty((), dtype=dtype).element_size(),
-                             ctx.batch_size)
+        chunk = min(ctx.batch_size, len(y))
+        if not group_spectra_fit(cfg.hessian_dense_mb * 2**20, ctx.num_classes, ctx.num_classes, d,
+                                 torch.empty((), dtype=dtype).element_size(), chunk):
+            need = group_spectra_bytes(ctx.num_classes, d) / 2**20
+            return Detection(details={"skipped": f"{ctx.num_classes} classes x D={d}: {need:.0f} MiB of matrices "
+                                                 f"beside a chunk of {chunk} samples exceed hessian_dense_mb="
+                                                 f"{cfg.hessian_dense_mb:g} (raise it to compute them)"})
         gs = group_spectra(ctx.model, x, y, ctx.num_classes, dtype, chunk)
     m = class_curvature(gs.lambda_1, gs.trace)
     if int(gs.count[cfg.target]) > 0:

@@ -428,6 +428,13 @@ def _eig_by_group(grams: torch.Tensor, count: torch.Tensor) -> GroupSpectra:
     return GroupSpectra(lam, trace, count, vectors)
 
 
+def group_spectra_fit(budget_bytes: float, n_groups: int, classes: int, d: int, itemsize: int, chunk_size: int) -> bool:
+    """Whether per-group spectra fit the budget *beside a full chunk* of the spectrum's factors: they
+    are an extra for detection and never shrink the spectrum's chunk (CIFAR-10 at the default
+    1024 MiB: 981 MiB of Grams, so they are skipped unless ``hessian_dense_mb`` is raised)."""
+    return group_spectra_bytes(n_groups, d) + chunk_size * chunk_bytes_per_sample(classes, d, itemsize) <= budget_bytes
+
+
 def group_spectra(model: nn.Module, x: torch.Tensor, groups: torch.Tensor, n_groups: int,
                   dtype: torch.dtype = torch.float32, chunk_size: int = 1000) -> GroupSpectra:
     """H_g = (1/n_g) sum_{i in g} A_i^T A_i for every group g (e.g. the label of each sample), exactly.
@@ -533,11 +540,11 @@ def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int,
                 grams = torch.zeros(n_groups, d, d, dtype=torch.float64, device=a.device)
             _add_by_group(grams, a.to(torch.float64), groups[s:s + len(a)].to(a.device))
         else:
-            a = a.reshape(-1, d).to(torch.float64) / math.sqrt(n)
+            rows = a.reshape(-1, d).to(torch.float64) / math.sqrt(n)
             if g is None:
                 g = torch.zeros(d, d, dtype=torch.float64, device=a.device)
-            g.addmm_(a.T, a)
-        s += len(a)
+            g.addmm_(rows.T, rows)
+        s += len(a)  # samples, not rows
     if kept:
         return exact_from_factor(torch.cat(kept), k)
     if grams is not None:
@@ -560,7 +567,7 @@ def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     and restarts per :func:`converged_eigenpairs`; ``on_iteration`` gets their Lanczos steps (the
     exact path has none). ``groups`` (a group index per sample, < ``n_groups``): the exact Gram path
     also returns each group's spectrum (``spec.groups``, :class:`GroupSpectra`) from the same pass
-    when the G extra D x D matrices fit the budget too; otherwise ``spec.groups`` stays None.
+    when :func:`group_spectra_fit`; otherwise ``spec.groups`` stays None.
     """
     name = model_name or type(model).__name__
     n, d = len(y), x[0].numel()
@@ -573,7 +580,7 @@ def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     if path == "exact":
         held = EXACT_BYTES_PER_D2 * d * d if n * classes >= d else 16 * n * classes * d
         by_group = (groups is not None and n * classes >= d
-                    and group_spectra_bytes(n_groups, d) + chunk_bytes_per_sample(classes, d, itemsize) <= budget)
+                    and group_spectra_fit(budget, n_groups, classes, d, itemsize, min(chunk_size, n)))
         if by_group:
             held = group_spectra_bytes(n_groups, d)
         spec = _exact_streaming(m, x.to(dtype), k, chunk_within(budget, held, classes, d, itemsize, chunk_size),
