@@ -176,7 +176,7 @@ def trial(
     hessian_max_iterations: Annotated[int, _opt("Cap on Lanczos iterations over restarts, >= --hessian-iterations.", min=1)] = _D["hessian_max_iterations"],
     spectrum_every: Annotated[int, _opt("Also measure the spectrum every N epochs (0: only at the end).", min=0)] = _D["spectrum_every"],
     geometry: Annotated[bool, _opt("Penultimate-feature geometry table (Appendix B).")] = _D["geometry"],
-    detect: Annotated[bool, _opt("Trigger-agnostic detection statistics from the spectrum (cheap; needs --hessian).")] = _D["detect"],
+    detect: Annotated[bool, _opt("Trigger-agnostic detection statistics from the spectrum: shape, localisation, flip concentration, per-class curvature (cheap; needs --hessian).")] = _D["detect"],
     detect_baselines: Annotated[str, _opt("Baseline detectors, comma-separated subset of nc,ss,ac (Neural Cleanse, Spectral Signatures, Activation Clustering).")] = _D["detect_baselines"],
     detect_windows: Annotated[str, _opt("Localisation window sides in px, comma-separated, each <= the image side.")] = _D["detect_windows"],
     detect_norms: Annotated[str, _opt("Eigenvector perturbation norms relative to the images' mean norm, comma-separated, > 0.")] = _D["detect_norms"],

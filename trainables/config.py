@@ -109,7 +109,7 @@ class TrialConfig(ConfigFields):
     spectrum_every: int = 0  # also measure every N epochs during training (0: only at the end)
     geometry: bool = True  # penultimate-feature geometry table (Appendix B)
     # --- detection (issue 10); lists are strings so a sweep axis never splits them: use "+" there ----
-    detect: bool = True  # trigger-agnostic spectrum statistics + eigenvector flip concentration (cheap; needs hessian)
+    detect: bool = True  # trigger-agnostic spectrum statistics, eigenvector flip concentration, per-class curvature (cheap; needs hessian)
     detect_baselines: str = ""  # comma- or +-separated subset of nc, ss, ac (Neural Cleanse, Spectral Signatures, Activation Clustering); "" = none
     detect_windows: str = "2,3,4"  # side lengths w (px) of the w x w localisation windows, each in [1, image side]
     detect_norms: str = "0.5"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
