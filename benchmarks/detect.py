@@ -33,13 +33,9 @@ def main() -> None:
     trial = Trial(cfg)
     epoch_times = [trial.train_epoch()["epoch_seconds"] for _ in range(args.epochs)]
     epoch = statistics.median(epoch_times)
-    spec = timed(lambda: trial.spectrum(), device)
-    metrics, vecs, _ = trial.spectrum()
-    trial.artifacts["eigenvectors"] = vecs
-    # as Trial.analyze keeps them: the exact trace and the per-class spectra of the same pass
-    trial.artifacts["hessian"] = {**trial.hessian_info, "trace": metrics.get("hessian_trace")}
-    trial.artifacts["class_spectra"] = trial.class_spectra
-    trial.artifacts["eigenvalues"] = [0.0] * len(vecs)  # values do not change the cost
+    spec = timed(lambda: trial.spectrum(classes=True), device)  # as Trial.analyze asks it
+    metrics, vecs, overlaps = trial.spectrum(classes=True)
+    trial.keep_spectrum(metrics, vecs, overlaps)  # the exact trace and per-class spectra, as analyze keeps them
     ctx = DetectionContext(trial)
     ctx.heldout, ctx.train_features  # noqa: B018 - built once, outside the timings (cached)
     path = trial.hessian_info["method_used"]  # auto: exact for the CNN on digits

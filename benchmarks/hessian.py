@@ -56,13 +56,19 @@ def per_sample_loop(model, x, y, v):
     return out / len(y)
 
 
-def measure(name, model_name, shape, device, samples, n_loop=100):
-    """Rows for one model: spectrum vs epoch, per-sample loop vs batched, double backward vs GN."""
+def model_and_data(model_name, shape, device, samples):
+    """A seeded random-init model and ``samples`` random inputs and labels: every comparison's input."""
     torch.manual_seed(0)
     model = make_model(model_name, shape, 10).to(device)
-    ep = epoch_seconds(model, shape, device)
     x = torch.randn(samples, *shape, device=device)
     y = torch.randint(0, 10, (samples,), device=device)
+    return model, x, y
+
+
+def measure(name, model_name, shape, device, samples, n_loop=100):
+    """Rows for one model: spectrum vs epoch, per-sample loop vs batched, double backward vs GN."""
+    model, x, y = model_and_data(model_name, shape, device, samples)
+    ep = epoch_seconds(model, shape, device)
     rows = []
     for method in ("gauss-newton", "double-backward"):
         op = InputHessian(model, x, y, chunk_size=500, method=method)
@@ -93,10 +99,7 @@ def top5_error(spec, ref):
 
 def compare_exact(name, model_name, shape, device, samples, chunk=1000):
     """Exact spectrum vs today's 20-iteration HVP Lanczos: time ratio and top-5 errors."""
-    torch.manual_seed(0)
-    model = make_model(model_name, shape, 10).to(device)
-    x = torch.randn(samples, *shape, device=device)
-    y = torch.randint(0, 10, (samples,), device=device)
+    model, x, y = model_and_data(model_name, shape, device, samples)
     out = {}
 
     def lanczos():
@@ -116,11 +119,8 @@ def compare_exact(name, model_name, shape, device, samples, chunk=1000):
 
 def default_path_epochs(name, model_name, shape, device, samples, chunk=1000):
     """The spectrum a default trial computes (``auto``: exact for every shipped model) / one epoch."""
-    torch.manual_seed(0)
-    model = make_model(model_name, shape, 10).to(device)
+    model, x, y = model_and_data(model_name, shape, device, samples)
     ep = epoch_seconds(model, shape, device)
-    x = torch.randn(samples, *shape, device=device)
-    y = torch.randint(0, 10, (samples,), device=device)
     out = {}
     # as a default trial asks it: per-class spectra from the same pass when they fit beside a full chunk
     t = timed(lambda: out.update(s=input_hessian_spectrum(model, x, y, k=5, chunk_size=chunk, groups=y,

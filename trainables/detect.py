@@ -268,16 +268,24 @@ def localisation_detector(ctx: DetectionContext) -> Detection:
     return localisation(ctx.eigenvectors, [int(w) for w in split_list(ctx.cfg.detect_windows)])
 
 
-def flip_detector(ctx: DetectionContext) -> Detection:
-    """Flip concentration of the top-k eigenvectors against as many seeded random directions."""
+def flips_with_control(ctx: DetectionContext, vecs: torch.Tensor, seed_offset: int
+                       ) -> tuple[FlipTable, FlipTable, list[float]]:
+    """Flip concentration of ``vecs`` (n, C, H, W) on the held-out images at the configured norms, and
+    of as many seeded random directions (generator offset ``seed_offset``) as the control."""
     norms = [float(r) for r in split_list(ctx.cfg.detect_norms)]
     raw, y = ctx.heldout
     x = ctx.normalize(raw)
-    vecs = ctx.eigenvectors
-    vecs = vecs[vecs.flatten(1).norm(dim=1) > 0].to(x.device)
-    rand = torch.randn(vecs.shape, generator=ctx.generator(17), dtype=torch.float64).to(x.device)
+    vecs = vecs.to(x.device)
+    rand = torch.randn(vecs.shape, generator=ctx.generator(seed_offset), dtype=torch.float64).to(x.device)
     table = flip_concentration(ctx.predict, vecs, x, y, norms, ctx.num_classes, ctx.batch_size)
     control = flip_concentration(ctx.predict, rand, x, y, norms, ctx.num_classes, ctx.batch_size)
+    return table, control, norms
+
+
+def flip_detector(ctx: DetectionContext) -> Detection:
+    """Flip concentration of the top-k eigenvectors against as many seeded random directions."""
+    vecs = ctx.eigenvectors
+    table, control, norms = flips_with_control(ctx, vecs[vecs.flatten(1).norm(dim=1) > 0], 17)
     return flip_summary(table, control, norms)
 
 
@@ -344,13 +352,7 @@ def class_curvature_detector(ctx: DetectionContext) -> Detection:
     # classes land in one class? (flip concentration, as for the global top-k; random directions as control)
     present = gs.count > 0
     if bool(present.any()):
-        norms = [float(r) for r in split_list(cfg.detect_norms)]
-        raw, labels = ctx.heldout
-        images = ctx.normalize(raw)
-        vecs = gs.vectors[present].reshape(-1, *cfg.image_shape).to(images.device)
-        rand = torch.randn(vecs.shape, generator=ctx.generator(29), dtype=torch.float64).to(images.device)
-        table = flip_concentration(ctx.predict, vecs, images, labels, norms, ctx.num_classes, ctx.batch_size)
-        control = flip_concentration(ctx.predict, rand, images, labels, norms, ctx.num_classes, ctx.batch_size)
+        table, control, _ = flips_with_control(ctx, gs.vectors[present].reshape(-1, *cfg.image_shape), 29)
         best = int(table.concentration.argmax())
         classes = torch.nonzero(present).flatten()
         m.update({"det_class_flip_max": float(table.concentration[best]),

@@ -248,12 +248,14 @@ class Trial:
         x, y = self.hessian_data()
         return InputHessian(self.model, x, y, cfg.eval_batch_size, method, dtype)
 
-    def spectrum(self, on_iteration: Callable[[int], None] | None = None
+    def spectrum(self, on_iteration: Callable[[int], None] | None = None, classes: bool = False
                  ) -> tuple[dict[str, float], torch.Tensor, list[float]]:
         """Top-k input-Hessian eigenpairs and trigger overlaps: (metrics, (k, C, H, W) vectors, overlaps).
 
         The path (exact, gram-lanczos, HVP Lanczos) and why it was picked are kept in
-        ``self.hessian_info`` (the ``hessian`` entry of the trial's JSON).
+        ``self.hessian_info`` (the ``hessian`` entry of the trial's JSON). ``classes``: also the
+        per-class spectra from the exact path's Jacobian pass, in ``self.class_spectra`` (None when
+        they were not asked for or did not fit), for detection after training only.
         """
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -263,8 +265,7 @@ class Trial:
             self.model, x, y, method=cfg.hessian_method, k=cfg.hessian_top_k, iterations=cfg.hessian_iterations,
             max_iterations=cfg.hessian_max_iterations, tol=cfg.hessian_tol, dense_mb=cfg.hessian_dense_mb,
             chunk_size=cfg.eval_batch_size, dtype=dtype, seed=cfg.seed, model_name=cfg.model,
-            on_iteration=on_iteration,  # per-class spectra for detection from the same Jacobian pass
-            groups=y if cfg.detect else None, n_groups=cfg.num_classes)
+            on_iteration=on_iteration, groups=y if classes else None, n_groups=cfg.num_classes)
         metrics, vecs, overlaps = spectrum_metrics(spec, self.direction)
         self.class_spectra = None if spec.groups is None else asdict(spec.groups)
         metrics["hessian_samples"] = len(y)
@@ -273,6 +274,17 @@ class Trial:
                              "converged": bool(spec.converged), "lanczos_iterations": spec.iterations}
         return metrics, vecs.T.reshape(-1, *cfg.image_shape).float().cpu(), overlaps
 
+    def keep_spectrum(self, metrics: dict[str, float], vecs: torch.Tensor, overlaps: list[float]) -> None:
+        """Keep a :meth:`spectrum`'s results in ``artifacts``, where detection and tracking read them."""
+        self.artifacts["eigenvalues"] = [metrics[f"lambda_{j + 1}"] for j in range(self.cfg.hessian_top_k)]
+        self.artifacts["overlaps"] = overlaps
+        # the J^T S J paths know tr(H) exactly (||A||_F^2): detection uses it instead of an estimate
+        self.artifacts["hessian"] = {**self.hessian_info, "trace": metrics.get("hessian_trace")}
+        if self.class_spectra is not None:
+            self.artifacts["class_spectra"] = self.class_spectra
+        self.artifacts["eigenvectors"] = vecs
+        self.artifacts["trigger_direction"] = self.direction.float().cpu()
+
     def analyze(self, on_iteration: Callable[[int], None] | None = None) -> dict[str, float]:
         """Final input-space analysis: spectrum + overlaps and feature geometry (once; kept in checkpoints)."""
         cfg, data = self.cfg, self.data
@@ -280,16 +292,9 @@ class Trial:
             return self.analysis
         out: dict[str, float] = {}
         if cfg.hessian:
-            metrics, vecs, overlaps = self.spectrum(on_iteration)
+            metrics, vecs, overlaps = self.spectrum(on_iteration, classes=cfg.detect)
             out.update(metrics)
-            self.artifacts["eigenvalues"] = [out[f"lambda_{j + 1}"] for j in range(cfg.hessian_top_k)]
-            self.artifacts["overlaps"] = overlaps
-            # the J^T S J paths know tr(H) exactly (||A||_F^2): detection uses it instead of an estimate
-            self.artifacts["hessian"] = {**self.hessian_info, "trace": out.get("hessian_trace")}
-            if self.class_spectra is not None:
-                self.artifacts["class_spectra"] = self.class_spectra
-            self.artifacts["eigenvectors"] = vecs
-            self.artifacts["trigger_direction"] = self.direction.float().cpu()
+            self.keep_spectrum(metrics, vecs, overlaps)
         if cfg.geometry:
             clean = features(self.model, self.test_x, cfg.eval_batch_size)
             trig = features(self.model, data.normalize(self.trigger.apply(data.test_x)), cfg.eval_batch_size)
