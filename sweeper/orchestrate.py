@@ -270,7 +270,7 @@ def final_recorded(sweep: dict[str, Any], trial_id: str, key: str) -> bool:
 
     if "storage" not in sweep:  # sweeps started by an older version: report again, harmless
         return False
-    text = read_text(sweep["storage"], f"{sweep['name']}/trial_{trial_id}/result.json") or ""
+    text = read_text(sweep["storage"], f"{sweep['name']}/{trial_folder(trial_id)}/result.json") or ""
     for line in text.splitlines():
         try:
             rec = json.loads(line)
@@ -491,8 +491,13 @@ def stop_progress() -> None:
         _LIVE.pop().bar.stop()
 
 
+def trial_folder(trial_id: str) -> str:
+    """The folder of a trial in the sweep's Ray folder (Tune's dir and name creators, final_recorded)."""
+    return f"trial_{trial_id}"
+
+
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"  # final_recorded reads result.json under this name
+    return trial_folder(trial.trial_id)
 
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
