@@ -22,7 +22,7 @@ statistic, the smallest theta whose AUROC's lower bound >= 0.9.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,11 +79,19 @@ def auroc_with_ci(poisoned: np.ndarray, clean: np.ndarray, n_boot: int = 1000, s
     y = np.r_[np.ones(len(p)), np.zeros(len(c))]
     auc = float(roc_auc_score(y, np.r_[p, c]))
     rng = np.random.default_rng(seed)
+    # A resample's AUROC is the Mann-Whitney statistic (ties count half, as roc_auc_score's trapezoids do):
+    # the mean over its (poisoned, clean) pairs of the pair's win. From how often each model was drawn, that
+    # is one product with the pairwise win matrix per resample instead of one roc_auc_score call (~3 ms) each.
+    win = (p[:, None] > c[None, :]) + 0.5 * (p[:, None] == c[None, :])
     boots = np.empty(n_boot)
-    for b in range(n_boot):  # resample models within each group: both stay present
-        bp = p[rng.integers(0, len(p), len(p))]
-        bc = c[rng.integers(0, len(c), len(c))]
-        boots[b] = roc_auc_score(y, np.r_[bp, bc])
+    step = max(1, 1_000_000 // max(len(p), len(c)))  # resamples per block: memory stays bounded
+    for start in range(0, n_boot, step):
+        m = min(step, n_boot - start)
+        n_p, n_c = np.empty((m, len(p))), np.empty((m, len(c)))
+        for b in range(m):  # resample models within each group (both stay present), in the seeded order
+            n_p[b] = np.bincount(rng.integers(0, len(p), len(p)), minlength=len(p))
+            n_c[b] = np.bincount(rng.integers(0, len(c), len(c)), minlength=len(c))
+        boots[start:start + m] = ((n_p @ win) * n_c).sum(axis=1) / (len(p) * len(c))
     lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
     return auc, float(lo), float(hi)
 
@@ -117,16 +125,23 @@ def check_population(df: pd.DataFrame) -> None:
                            "or --detect-baselines nc,ss,ac")
 
 
+def check_statistics(ok: pd.DataFrame, statistics: Sequence[str] | None) -> list[str]:
+    """The statistics to score among the completed trials ``ok``: those asked for (each must be a column),
+    else every detection score present, then the oracles."""
+    stats = list(statistics) if statistics else detection_statistics(ok)
+    missing = [s for s in stats if s not in ok.columns]
+    if missing:
+        raise SweeperError(f"--statistics: {missing} not in the results; available: {detection_statistics(ok)}")
+    return stats
+
+
 def detection_table(df: pd.DataFrame, statistics: Sequence[str] | None = None, n_boot: int = 1000,
                     seed: int = 0) -> pd.DataFrame:
     """One row per (cell, theta > 0, statistic): n_poisoned, n_clean, auroc, auroc_lo, auroc_hi,
     tpr_at_5fpr, oracle, and the cell's mean ASR and clean accuracy at that theta."""
     check_population(df)
     ok = completed(df)
-    stats = list(statistics) if statistics else detection_statistics(ok)
-    missing = [s for s in stats if s not in ok.columns]
-    if missing:
-        raise SweeperError(f"--statistics: {missing} not in the results; available: {detection_statistics(ok)}")
+    stats = check_statistics(ok, statistics)
     cells = defence_fields(ok)
     rows: list[dict[str, Any]] = []
     groups = ok.groupby(cells, dropna=False, sort=True) if cells else [((), ok)]
@@ -199,14 +214,26 @@ def roc_points(df: pd.DataFrame, statistic: str, theta: float, cell: dict[str, A
 
 
 def detect_sweep(name: str, storage: str = "./sweeps", mlflow_uri: str | None = None, source: str = "auto",
-                 statistics: str | None = None, n_boot: int = 1000) -> dict[str, Any]:
-    """``sweeper detect``: load a sweep, score it, and format the table and the lag as text."""
+                 statistics: str | None = None, n_boot: int = 1000,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``sweeper detect``: load a sweep, score it, and format the table and the lag as text.
+
+    ``progress`` gets a line before the scoring, once the sweep is read and can be scored (a bad input
+    stays one line); ``source`` in the result says where the trials were read from (the Ray folder when
+    MLflow did not answer).
+    """
     from .results import load_results
 
     df = load_results(name, storage, mlflow_uri, source)
     if df.empty:
         raise SweeperError(f"sweep {name!r} has no trials yet")
     stats = [s.strip() for s in statistics.split(",") if s.strip()] if statistics else None
+    check_population(df)  # a bad input is one line on stderr: checked before any progress line
+    n = len(completed(df))
+    if progress is not None:
+        progress(f"detect: {len(df)} trials read from {str(df.attrs.get('source', '')).split(' (')[0]}; scoring "
+                 f"{len(check_statistics(completed(df), stats))} statistics over {n} completed models "
+                 f"({n_boot} bootstrap resamples)…")
     table = detection_table(df, stats, n_boot)
     lag = detectability_lag(table)
     cells = cell_fields(table)
@@ -214,7 +241,6 @@ def detect_sweep(name: str, storage: str = "./sweeps", mlflow_uri: str | None = 
                             "statistic": [s + (" (oracle)" if o else "") for s, o in
                                           zip(table["statistic"], table["oracle"], strict=True)]})
     cols = cells + ["theta", "statistic", "n_poisoned", "n_clean", "AUROC [95% CI]", "tpr_at_5fpr", "asr"]
-    n = len(completed(df))
     text = [f"detection over {n} completed models of {name} (AUROC of poisoned vs clean models, "
             f"{n_boot} bootstrap resamples; directions fixed by the trial code's registry):",
             shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"),
@@ -225,4 +251,5 @@ def detect_sweep(name: str, storage: str = "./sweeps", mlflow_uri: str | None = 
     if not data.empty:
         text += ["\ndata-level baselines, per-sample AUROC of finding the poisoned training samples "
                  "(mean, std, count over the poisoned models):", data.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
-    return {"table": table, "lag": lag, "data_level": data, "text": "\n".join(text)}
+    return {"table": table, "lag": lag, "data_level": data, "text": "\n".join(text),
+            "source": str(df.attrs.get("source", ""))}

@@ -129,20 +129,66 @@ def parse_objectives(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def _config_columns(df: pd.DataFrame, keep: Sequence[str] = ()) -> list[str]:
+    """The columns that name a configuration: every hashable config field but the seed, plus ``keep``."""
+    from .results import CONFIG_FIELDS
+
+    cols = [c for c in df.columns if c in CONFIG_FIELDS and c != "seed" and df[c].map(_hashable).all()]
+    return list(dict.fromkeys(cols + [c for c in keep if c in df.columns and c != "seed"]))
+
+
 def aggregate_seeds(df: pd.DataFrame, metrics: Sequence[str], by: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean, std and count of ``metrics`` over seeds: one row per configuration (all config columns but seed).
 
-    The mean keeps the metric's name (so frontiers can be drawn on it); ``<metric>_std`` and ``n_seeds`` are added.
+    The mean keeps the metric's name (so frontiers can be drawn on it); ``<metric>_std`` (the sample
+    standard deviation over seeds, ddof 1: NaN for a single seed) and ``n_seeds`` are added.
     """
-    from .results import CONFIG_FIELDS
-
-    if by is None:
-        by = [c for c in df.columns if c in CONFIG_FIELDS and c != "seed" and df[c].map(_hashable).all()]
-    by = list(by)
+    by = _config_columns(df) if by is None else list(by)
+    if not by:  # every row is the same configuration: one row (groupby refuses an empty key list)
+        df, by = df.assign(_config=0), ["_config"]
     agg = df.groupby(by, dropna=False, sort=True)[list(metrics)].agg(["mean", "std"])
     agg.columns = [m if s == "mean" else f"{m}_std" for m, s in agg.columns]
     agg["n_seeds"] = df.groupby(by, dropna=False, sort=True).size()
-    return agg.reset_index()
+    return agg.reset_index().drop(columns="_config", errors="ignore")
+
+
+def has_seed_replicates(df: pd.DataFrame) -> bool:
+    """True when some configuration appears with more than one seed (rows equal in every config field
+    but ``seed``): its points differ only by seed noise and should be averaged before a frontier."""
+    if df.empty or "seed" not in df.columns or df["seed"].nunique(dropna=True) < 2:
+        return False
+    by = _config_columns(df)
+    return bool(df.groupby(by, dropna=False).size().gt(1).any()) if by else True
+
+
+def seed_frontier(
+    df: pd.DataFrame,
+    objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
+    group_by: Sequence[str] | None = None,
+    aggregate: bool | None = None,
+    metrics: Sequence[str] = (),
+) -> pd.DataFrame:
+    """The frontier over configurations: seeds averaged first, then :func:`frontier` on the means.
+
+    ``aggregate`` None averages exactly when :func:`has_seed_replicates` (a sweep without repeated
+    seeds gives :func:`frontier`'s rows unchanged); True always, False never (one point per seed).
+    Averaged rows hold each objective's mean under its own name, ``<objective>_std`` (std over seeds,
+    ddof 1) and ``n_seeds``; ``metrics`` names further columns averaged the same way, and the
+    ``group_by`` columns are kept as configuration columns.
+    """
+    if "seed" in (group_by or []):  # a frontier per seed is a per-seed frontier by request
+        aggregate = False
+    if aggregate is None:
+        aggregate = has_seed_replicates(df)
+    if aggregate and not df.empty:
+        cols = [c for c, _ in objectives]
+        missing = [c for c in cols if c not in df.columns]
+        if missing:  # the same message frontier() gives
+            raise KeyError(f"column(s) {missing} not in the results; available: {sorted(df.columns)}")
+        by = _config_columns(df, keep=list(group_by or []))
+        extra = [m for m in metrics if m in df.columns and m not in by and pd.api.types.is_numeric_dtype(df[m])]
+        df = aggregate_seeds(df, list(dict.fromkeys(cols + extra)), by)
+    return frontier(df, objectives, group_by)
 
 
 def _hashable(v) -> bool:

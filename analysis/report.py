@@ -1,13 +1,18 @@
 """A sweep's one-page report: every figure, the frontier and the paper's tables, as Markdown + HTML.
 
-Written into a folder and logged to the sweep's parent MLflow run (``report/``). Trials that did
-not complete (diverged, failed, unfinished) are listed with their status, never dropped silently.
+Written into a folder, whole or not at all, and logged to the sweep's parent MLflow run (``report/``).
+Trials that did not complete (diverged, failed, unfinished) are listed with their status, never dropped
+silently. Without MLflow the report reads the sweep's Ray folder and the artifacts on this machine.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +25,11 @@ from . import plots
 from .defence import is_defence_search
 from .detect import auroc_text
 from .detect import detectability_lag as detect_lag
-from .pareto import frontier
+from .pareto import seed_frontier
 from .results import (
+    Artifacts,
     completed,
     default_groups,
-    load_eigenvectors,
     load_results,
     parent_run_id,
     sweep_kind,
@@ -77,10 +82,13 @@ def sweep_summary(rows: list[dict[str, Any]] | pd.DataFrame, varying: list[str],
     ok = completed(df)
     if not ok.empty and all(m in ok.columns for m, _ in objectives):
         groups = default_groups(df) if groups is None else [g for g in groups if g in ok.columns]
-        front = frontier(ok, objectives, groups or None)
+        # seeds of one configuration are averaged first (mean, std, n_seeds): a frontier of seed noise says nothing
+        front = seed_frontier(ok, objectives, groups or None, metrics=[c for c in cols if c in kind.columns])
         what = ", ".join(f"{'maximize' if d == 'max' else 'minimize'} {m}" for m, d in objectives)
         out.append(f"\nfrontier ({what}" + (f"; per {', '.join(groups)}" if groups else "") + "):")
-        out.append(front[cols].to_string(index=False, float_format=_fmt))
+        stats = ["n_seeds", *(f"{m}_std" for m, _ in objectives)]
+        shown = [c for c in dict.fromkeys(cols + stats) if c in front.columns]
+        out.append(front[shown].to_string(index=False, float_format=_fmt))
     bad = unfinished(df)
     if not bad.empty:
         out.append("\nnot on any frontier (diverged / failed / interrupted / pending):")
@@ -100,8 +108,9 @@ def varying_fields(df: pd.DataFrame, meta=None) -> list[str]:
 
 def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
                    source: str = "auto", objectives: str | None = None, group_by: str | None = None,
-                   aggregate: bool = False, threats: str | None = None) -> dict[str, Any]:
-    """A sweep's frontier: its rows loaded, seeds optionally averaged, one frontier per group.
+                   aggregate: bool | None = None, threats: str | None = None) -> dict[str, Any]:
+    """A sweep's frontier: its rows loaded, seeds averaged (``aggregate`` None: when a configuration
+    ran with several seeds; False: one point per seed), one frontier per group.
 
     A defence search's frontier is drawn over its defences, each scored over the threats (``threats``
     worst | mean overrides the search's aggregation); ``detail`` then holds the frontier defences'
@@ -111,7 +120,7 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
     list of columns, ``none`` for one global frontier, or None for the attack fields that vary.
     Returns the frontier, the objectives and groups used, the completed count and the unfinished rows.
     """
-    from .pareto import aggregate_seeds, parse_objectives
+    from .pareto import parse_objectives
 
     df = load_results(name, storage, mlflow_uri, source)
     if df.empty:
@@ -153,10 +162,8 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
     bad = [g for g in groups if g not in df.columns]
     if bad:
         raise SweeperError(f"--group-by: column(s) {bad} not in the results; available: none, {', '.join(sorted(df.columns))}")
-    if aggregate and not ok.empty:
-        ok = aggregate_seeds(ok, metrics)
     varying = varying_fields(df, sweep_meta(name, storage))
-    return {"frontier": frontier(ok, objs, groups or None), "objectives": objs, "groups": groups,
+    return {"frontier": seed_frontier(ok, objs, groups or None, aggregate), "objectives": objs, "groups": groups,
             "n_completed": len(completed(df)), "unfinished": unfinished(df), "varying": varying,
             "source": df.attrs.get("source", "")}
 
@@ -189,18 +196,16 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-DETECTION_IMAGES = ("localisation.png", "nc_triggers.png")
+DETECTION_IMAGES = ("nc_triggers.png",)  # the localisation maps are drawn by plots.plot_localisation
 
 
-def detection_images(df: pd.DataFrame, uri: str | None, out: Path, limit: int = 8) -> list[Path]:
-    """The localisation maps (and Neural Cleanse's reversed triggers, when that baseline ran) of a few
-    models, copied from their MLflow runs: for each defence setting (kappa, augment, epochs), the
-    clean model (theta = 0) and the most poisoned one, lowest seed first. Missing artifacts are skipped."""
-    import shutil
-    import tempfile
-
+def detection_images(df: pd.DataFrame, artifacts: Artifacts, out: Path, limit: int = 8) -> list[Path]:
+    """Neural Cleanse's reversed triggers (when that baseline ran) of a few models, copied from their
+    runs' artifacts (the embedded store's files, else MLflow): for each defence setting (kappa, augment,
+    epochs), the clean model (theta = 0) and the most poisoned one, lowest seed first. Only those models'
+    artifacts are fetched; missing ones are skipped."""
     ok = completed(df)
-    if uri is None or ok.empty or "run_id" not in ok.columns or "theta" not in ok.columns:
+    if ok.empty or "run_id" not in ok.columns or "theta" not in ok.columns:
         return []
     cells = [c for c in ("kappa", "augment", "epochs") if c in ok.columns]
     picked = []
@@ -208,20 +213,17 @@ def detection_images(df: pd.DataFrame, uri: str | None, out: Path, limit: int = 
         g = g.sort_values([c for c in ("seed",) if c in g.columns] or ["theta"])
         for theta in sorted({float(g["theta"].min()), float(g["theta"].max())}):
             picked.append(g[g["theta"] == theta].iloc[0])
-    from .schema import client
-
-    c, files = client(uri), []
+    files = []
     for row in picked[:limit]:
-        label = "_".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in [*cells, "theta"])
+        label = plots.file_tag({k: row[k] for k in ["theta", *cells]})  # no '=' in file names
         for art in DETECTION_IMAGES:
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    src = c.download_artifacts(row["run_id"], art, tmp)
-                    dst = out / f"{art.removesuffix('.png')}_{label}.png"
-                    shutil.copyfile(src, dst)
-                    files.append(dst)
-            except Exception:  # no such artifact (detection off, baseline not run) or the server is down
-                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                src = artifacts.fetch(row["run_id"], art, Path(tmp))
+                if src is None:  # no such artifact (detection off, baseline not run) or MLflow unavailable
+                    continue
+                dst = out / f"{art.removesuffix('.png')}_{label}.png"
+                shutil.copyfile(src, dst)
+                files.append(dst)
     return files
 
 
@@ -247,43 +249,123 @@ def _defence_report(models: pd.DataFrame, meta, out: Path) -> tuple[list, list[P
             ("All defences", "", table[cols])], figures
 
 
+def _quiet(line: str) -> None:
+    """The default progress sink of :func:`write_report`: a library call prints nothing."""
+
+
+def _staging(final: Path) -> Path:
+    """A new hidden folder beside ``final`` to write the report into (the same filesystem: one rename)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as e:
+        raise SweeperError(f"--out {final}: cannot write beside it in {final.parent}: {e.strerror}") from None
+
+
+def _into_place(tmp: Path, final: Path) -> None:
+    """Move the finished report to ``final``: one rename when ``final`` is new or empty; into an existing
+    folder (``--overwrite``) file by file, keeping its other files."""
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    for src in sorted(tmp.iterdir()):
+        dst = final / src.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    tmp.rmdir()
+
+
 def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
-                 overwrite: bool = False, log_to_mlflow: bool = True, source: str = "auto") -> dict[str, Any]:
-    """Write figures (PNG + SVG), ``summary.md``, ``summary.html`` and ``results.csv`` into ``out``."""
-    out = check_out_dir(out, overwrite)
-    df = load_results(name, storage, mlflow_uri, source)
+                 overwrite: bool = False, log_to_mlflow: bool = True, source: str = "auto",
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write figures (PNG + SVG), ``summary.md``, ``summary.html`` and ``results.csv`` into ``out``.
+
+    The report is written into a hidden folder beside ``out`` and moved into place once complete, so a
+    report that fails or is interrupted part-way leaves no ``out`` (and a rerun starts clean). When MLflow
+    does not answer, the results come from the sweep's Ray folder and the artifacts from the embedded
+    store's files or the trials' checkpoints, never through MLflow's minutes of retries; ``notes`` says
+    where the report read from and what it left out. ``progress`` gets one line per step that can take
+    seconds, from the moment the sweep is read (the CLI prints them on stderr).
+    """
+    say = progress or _quiet
+    final = check_out_dir(out, overwrite)
+    df = load_results(name, storage, mlflow_uri, source)  # no line before: a bad input stays one line on stderr
     if df.empty:
         raise SweeperError(f"sweep {name!r} has no trials yet")
-    out.mkdir(parents=True, exist_ok=True)
+    read_from = str(df.attrs.get("source", ""))
     meta = sweep_meta(name, storage)
     uri = mlflow_uri or (meta.mlflow_uri if meta else None)
+    mlflow_ok = read_from.startswith("mlflow")
+    notes = [] if mlflow_ok or read_from == "ray" else [f"read from {read_from}"]
+    say(f"report: {len(df)} trials read from {read_from.split(' (')[0]}")
+    tmp = _staging(final)
+    try:
+        res = _compose(name, df, meta, tmp, Artifacts(name, storage, uri, use_mlflow=mlflow_ok, meta=meta), say, notes)
+        _into_place(tmp, final)
+    except BaseException:  # an error or Ctrl-C part-way: nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    res["figures"] = [final / p.relative_to(tmp) for p in res["figures"]]
+    logged = None
+    if log_to_mlflow and uri and not mlflow_ok:
+        notes.append("not logged to MLflow: the results were read from the Ray folder")
+    elif log_to_mlflow and uri:
+        from .schema import client
+
+        # sweeper.json knows the parent run of its own store: no second search of the experiment
+        run = meta.parent_run_id if meta and meta.parent_run_id and uri == meta.mlflow_uri else parent_run_id(name, uri)
+        if run is not None:
+            say(f"report: logging the report to MLflow run {run}…")
+            try:
+                client(uri).log_artifacts(run, str(final), "report")
+                logged = run
+            except Exception as e:  # the report is complete on disk: a failed upload is a note, not a failure
+                notes.append(f"not logged to MLflow run {run}: {str(e).splitlines()[0][:300]}")
+    return {**res, "out": final, "mlflow_parent_run": logged, "notes": notes}
+
+
+def _compose(name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say: Callable[[str], None],
+             notes: list[str]) -> dict[str, Any]:
+    """Every figure, table and file of :func:`write_report`, into the folder ``out``."""
     kind = trial_kind(sweep_kind(df))
     objectives = list(kind.objectives)
     ok = completed(df)
     figures: list[Path] = []
+    say("report: figures of the metrics against θ…")
     if kind.name == "kernel":  # the KRR laws: efficacy and curvature against the poison count
         figures += plots.plot_metric_vs(df, out, "m", ["delta_f", "spike", "lambda_max"], "r", "kernel_vs_m", logx=True)
     figures += plots.plot_asr_vs_theta(df, out)
     figures += plots.plot_overlap_vs_theta(df, out)
-    figures += plots.plot_eigenvector_grid(df, lambda row: load_eigenvectors(row, storage, uri), out)
+    say("report: eigenvector images…")
+    figures += plots.plot_eigenvector_grid(df, arts.eigenvectors, out)
     group = default_groups(df) or None
     if all(m in ok.columns for m, _ in objectives) and not ok.empty:
         figures += plots.plot_frontier(df, out, objectives, group)
-        front = frontier(ok, objectives, group)
+        front = seed_frontier(ok, objectives, group, metrics=kind.columns)  # seeds averaged when a sweep has them
     else:
         front = ok.iloc[:0]
     lag = plots.detectability_lag(df)
     if not lag.empty:
         figures += plots.plot_lag(lag, out)
+    say(f"report: detection over {len(ok)} completed models…")
     detection, detect_note = _detection(df)
     if detection is not None:
         figures += plots.plot_detection(detection, df, out)
-    images = detection_images(df, uri, out) if str(df.attrs.get("source", "")).startswith("mlflow") else []
+    say("report: localisation maps and reversed triggers…")
+    images = plots.plot_localisation(df, arts.eigenvectors, out)
+    images += detection_images(df, arts, out)
     figures += images
     defence_sections = []
     if is_defence_search(meta):
         defence_sections, more = _defence_report(df, meta, out)
         figures += more
+    if arts.skipped:
+        notes.append(f"{arts.skipped} artifact(s) neither on this machine nor fetched from MLflow ({arts.why}): "
+                     "the eigenvector and localisation figures leave those models out")
+    say("report: writing results.csv, summary.md, summary.html…")
     problems = unfinished(df)
     df.to_csv(out / "results.csv", index=False)
     counts = df["status"].value_counts().to_dict()
@@ -291,11 +373,15 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
     shown = [c for c in shown if c in df.columns]
     what = ", ".join(f"{'maximize' if d == 'max' else 'minimize'} {m}" for m, d in objectives)
     sections = [
+        *([("Notes", "; ".join(notes), None)] if notes else []),
         *defence_sections,
         ("Trials", f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), None),
-        ("Safety–efficacy frontier" + (f" (per {', '.join(group)})" if group else ""), what, front[[c for c in shown if c in front.columns]]),
+        ("Safety–efficacy frontier" + (f" (per {', '.join(group)})" if group else ""), what,
+         front[[c for c in [*shown, "n_seeds", *(f"{m}_std" for m, _ in objectives)] if c in front.columns]]),
         ("Table 1: accuracy / ASR (%) per epochs × κ at the largest θ", "", plots.table1(df)),
-        ("Table 2: max overlap² with the trigger and its eigenvector index", "", plots.table2(df)),
+        ("Table 2: max overlap² with the trigger and its eigenvector index",
+         "with seeds: mean overlap² (and its std), the index most seeds share (ties: the lowest) and how many do",
+         plots.table2(df)),
         ("Detection over model populations", detect_note,
          _detection_summary(detection) if detection is not None else None),
         ("Detectability lag (populations)", "per statistic: the smallest θ with mean ASR ≥ 0.5 against the "
@@ -303,7 +389,8 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
          detect_lag(detection) if detection is not None else None),
         ("Localisation maps and reversed triggers", "per defence setting, the clean model (θ = 0) and the most "
          "poisoned one: the energy of each top eigenvector per pixel (a patch trigger concentrates it), and Neural "
-         "Cleanse's reversed trigger per class when that baseline ran: " + ", ".join(p.name for p in images)
+         "Cleanse's reversed trigger per class when that baseline ran: "
+         + ", ".join(p.name for p in images if p.suffix == ".png")
          if images else "", None),
         ("Detectability lag (single clean model, kept for comparison)",
          "θ for ASR ≥ 0.5 vs θ for overlap² > clean mean + 3σ; with one clean model σ = 0, so this is no statistic",
@@ -337,13 +424,4 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
         "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
         "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>"
         + "\n".join(body) + "</body></html>")
-    logged = None
-    if log_to_mlflow and uri and str(df.attrs.get("source", "")).startswith("mlflow"):
-        from .schema import client
-
-        run = parent_run_id(name, uri)
-        if run is not None:
-            client(uri).log_artifacts(run, str(out), "report")
-            logged = run
-    return {"out": out, "figures": figures, "frontier": front, "problems": problems, "mlflow_parent_run": logged,
-            "counts": counts}
+    return {"figures": figures, "frontier": front, "problems": problems, "counts": counts}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,11 @@ def pending_rows(meta: schema.SweepMeta | None) -> list[dict[str, Any]]:
     """
     if meta is None:
         return []
-    if meta.trials is not None:
-        return [{"sweep": meta.name, "trial_key": t["key"], "status": "pending", "error": "", **t["point"]}
+    if meta.trials is not None:  # a pending row shows the config it will run: defaults < fixed fields < its axes
+        spec = meta.spec or {}
+        known = {k: v for k, v in schema.field_defaults(spec.get("kind", "network")).items() if k != "kind"}
+        base = {**known, **(spec.get("fixed") or {})}
+        return [{**base, "sweep": meta.name, "trial_key": t["key"], "status": "pending", "error": "", **t["point"]}
                 for t in meta.trials]
     return [{"sweep": meta.name, "trial_key": f"pending-{i}", "status": "pending", "error": ""}
             for i in range(int(meta.n_trials))]
@@ -193,6 +197,9 @@ def load_results(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
                  source: str = "auto") -> pd.DataFrame:
     """A sweep's trials as a DataFrame, one row per trial it owes (never-started ones as ``pending``).
 
+    Statuses follow the rule every view shares (:func:`analysis.schema.trial_status`): a trial still
+    marked running whose driver process is gone is ``interrupted``, as ``sweeper status`` counts it.
+
     ``source``: ``mlflow``, ``ray`` (the sweep's Ray Tune folder, no MLflow needed) or ``auto``
     (MLflow when it answers within seconds, else the Ray folder). ``df.attrs["source"]`` says
     which was read, and why when ``auto`` fell back.
@@ -204,7 +211,7 @@ def load_results(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
     if source == "ray" or (source == "auto" and uri is None):
         df = results_from_ray(name, storage)
         df.attrs["source"] = "ray"
-        return _keep_attrs(df, _with_pending(df, meta))
+        return _settled(_keep_attrs(df, _with_pending(df, meta)), meta)
     if uri is None:
         raise SweeperError(f"no MLflow URI for sweep {name!r}: pass --mlflow-uri (no sweeper.json in {storage})")
     try:
@@ -221,12 +228,22 @@ def load_results(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
             raise SweeperError(f"MLflow at {uri} failed: {str(e).splitlines()[0]}") from None
         df = results_from_ray(name, storage)
         df.attrs["source"] = f"ray (MLflow failed: {str(e).splitlines()[0]})"
-    return _keep_attrs(df, _with_pending(df, meta))
+    return _settled(_keep_attrs(df, _with_pending(df, meta)), meta)
 
 
 def _keep_attrs(src: pd.DataFrame, dst: pd.DataFrame) -> pd.DataFrame:
     dst.attrs.update(src.attrs)
     return dst
+
+
+def _settled(df: pd.DataFrame, meta: schema.SweepMeta | None) -> pd.DataFrame:
+    """Each row's status as ``sweeper status`` counts it (:func:`analysis.schema.trial_status`): a trial
+    still marked running whose driver process is gone is interrupted."""
+    if df.empty or "status" not in df.columns or not (df["status"] == "running").any():
+        return df
+    alive = schema.driver_alive(meta)
+    df["status"] = [schema.trial_status(s, alive) for s in df["status"]]
+    return df
 
 
 def completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -246,7 +263,12 @@ def default_groups(df: pd.DataFrame) -> list[str]:
 
     ok = completed(df)
     kind = str(ok["kind"].iloc[0]) if "kind" in ok.columns and len(ok) else "network"
-    return [c for c in trial_kind(kind).attack_fields if c in ok.columns and ok[c].nunique() > 1]
+    groups = [c for c in trial_kind(kind).attack_fields if c in ok.columns and ok[c].nunique() > 1]
+    if groups and ok.groupby(groups).size().max() < 2:
+        # nothing but attack fields varies (a kernel sweep over m and r): per-attack frontiers would each hold
+        # one trial, so the trials are compared with each other on one frontier
+        return []
+    return groups
 
 
 def sweep_kind(df: pd.DataFrame) -> str:
@@ -296,30 +318,120 @@ def parent_run_id(name: str, uri: str) -> str | None:
     return parents[0].info.run_id if parents else None
 
 
-def load_eigenvectors(row: pd.Series, storage: str | Path = "./sweeps", mlflow_uri: str | None = None):
-    """(k, C, H, W) eigenvectors of one trial: the MLflow artifact, else the trial's last checkpoint."""
-    import os
-    import tempfile
+class Artifacts:
+    """A sweep's trial artifacts, read with as few round trips as it can.
 
-    import numpy as np
+    A file is looked up first where the embedded store keeps it (``<storage>/mlartifacts/<sweep>/<run
+    id>/artifacts/``, no MLflow needed), eigenvectors then in the trial's last Ray checkpoint, and only
+    then downloaded through MLflow's client, once the tracking URI answered a quick check: MLflow's own
+    HTTP retries against a dead server take minutes. ``use_mlflow`` False never asks MLflow (a caller
+    that already found it unavailable); after one failed download no other is tried. ``missing`` counts
+    the trials whose eigenvectors were found nowhere, ``skipped`` the lookups that only MLflow could have
+    answered but that it was not asked, and ``why`` says why, for the caller's note.
+    """
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    meta = sweep_meta(row["sweep"], storage)
-    uri = mlflow_uri or (meta.mlflow_uri if meta else None)
-    if uri and isinstance(row.get("run_id"), str) and row["run_id"]:
+    def __init__(self, name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
+                 use_mlflow: bool = True, meta: schema.SweepMeta | None = None):
+        self.name, self.storage = name, storage
+        meta = meta if meta is not None else sweep_meta(name, storage)
+        self.uri = mlflow_uri or (meta.mlflow_uri if meta else None)
+        self.folder = schema.local_folder(storage, name)
+        self.store = self.folder.parent / "mlartifacts" / name if self.folder is not None else None
+        self.why: str | None = None if use_mlflow else "MLflow unavailable"
+        self.missing = self.skipped = 0
+        self._client = None
+
+    def local(self, run_id: Any, artifact: str) -> Path | None:
+        """The artifact's file in the embedded store on this machine, or None."""
+        if self.store is None or not isinstance(run_id, str) or not run_id:
+            return None
+        path = self.store / run_id / "artifacts" / artifact
+        return path if path.is_file() else None
+
+    def _mlflow(self):
+        """MLflow's client, or None once MLflow is known not to answer (checked once, in seconds)."""
+        if self.why is not None:
+            return None
+        if self.uri is None:
+            self.why = "no MLflow URI"
+            return None
+        if self._client is None:
+            try:
+                schema.check_uri(self.uri)
+            except SweeperError as e:
+                self.why = str(e)
+                return None
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            self._client = schema.client(self.uri)
+        return self._client
+
+    def fetch(self, run_id: Any, artifact: str, into: Path) -> Path | None:
+        """The artifact as a local file: the embedded store's own, else downloaded into ``into``; None when
+        the run has no such artifact or MLflow cannot be asked."""
+        path = self.local(run_id, artifact)
+        if path is not None or not isinstance(run_id, str) or not run_id:
+            return path
+        if self.store is not None and (self.store / run_id / "artifacts").is_dir():
+            return None  # the run's artifacts are all here: it has no such artifact, and MLflow has none either
+        c = self._mlflow()
+        if c is None:
+            self.skipped += self.why is not None
+            return None
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = schema.client(uri).download_artifacts(row["run_id"], "eigenvectors.npy", tmp)
+            return Path(c.download_artifacts(run_id, artifact, str(into)))
+        except Exception as e:  # no such artifact (hessian off, baseline not run), or the server went away
+            if _unreachable(e):
+                self.why = f"MLflow at {self.uri} stopped answering ({str(e).splitlines()[0][:200]})"
+                self.skipped += 1
+            return None
+
+    def eigenvectors(self, row: pd.Series):
+        """(k, C, H, W) eigenvectors of one trial: the stored artifact, the trial's last checkpoint, else
+        MLflow; None (counted in ``missing``) when none has them."""
+        import tempfile
+
+        import numpy as np
+
+        path = self.local(row.get("run_id"), "eigenvectors.npy")
+        if path is not None:
+            return np.load(path)
+        vecs = self._checkpoint_eigenvectors(row)
+        if vecs is not None:
+            return vecs
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.fetch(row.get("run_id"), "eigenvectors.npy", Path(tmp))
+            if path is not None:
                 return np.load(path)
-        except Exception:  # no artifact (diverged trial, hessian off) or server down: try the checkpoint
-            pass
-    folder = (schema.local_folder(storage, row["sweep"]) or Path("/nonexistent")) / f"trial_{row.get('trial_id')}"
-    ckpts = sorted(folder.glob("checkpoint_*/trial.pt"))
-    if ckpts:
+        self.missing += 1
+        return None
+
+    def _checkpoint_eigenvectors(self, row: pd.Series):
+        if self.folder is None or not isinstance(row.get("trial_id"), str):
+            return None
+        ckpts = sorted((self.folder / f"trial_{row['trial_id']}").glob("checkpoint_*/trial.pt"))
+        if not ckpts:
+            return None
         import torch
 
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+        except Exception:  # a checkpoint cut by a kill: the artifact may still come from MLflow
+            return None
         vecs = state.get("artifacts", {}).get("eigenvectors")
-        if vecs is not None:
-            return vecs.numpy()
-    return None
+        return vecs.numpy() if vecs is not None else None
+
+
+def _unreachable(e: Exception) -> bool:
+    """Whether an MLflow client error means the server cannot be reached (not a missing artifact)."""
+    import requests
+
+    text = str(e)
+    return isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout) or any(
+        s in text for s in ("Max retries exceeded", "Connection refused", "timed out"))
+
+
+def load_eigenvectors(row: pd.Series, storage: str | Path = "./sweeps", mlflow_uri: str | None = None):
+    """(k, C, H, W) eigenvectors of one trial: the stored artifact, else the trial's last checkpoint, else
+    MLflow (asked only when it answers within seconds); None when none has them. Many trials: use one
+    :class:`Artifacts` (one check of MLflow, one client)."""
+    return Artifacts(row["sweep"], storage, mlflow_uri).eigenvectors(row)

@@ -6,7 +6,9 @@
   a metric whose name is also a config field is renamed (:data:`METRIC_RENAMES`, else
   ``<name>_metric``), so a metric can never overwrite the config that produced it;
 * the sweep folder's ``sweeper.json`` as a :class:`SweepMeta`, read and written through pyarrow's
-  filesystems, so a local folder and a ``file://`` or ``s3://`` storage are read alike.
+  filesystems, so a local folder and a ``file://`` or ``s3://`` storage are read alike;
+* a trial's status in every view (:func:`trial_status`): a run still marked running whose driver
+  process is gone is interrupted.
 
 Nothing here imports ``sweeper``: the analysis layer stays below the CLI and the orchestrator.
 """
@@ -54,10 +56,9 @@ def check_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail early, with one line, when the tracking URI cannot work (a server gets ``timeout`` seconds)."""
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SweeperError(f"--mlflow-uri {uri}: cannot create folder {path.parent}: {e.strerror}") from None
+        if not path.parent.is_dir():  # a typo must not leave a tree of folders behind: the folder must exist
+            raise SweeperError(f"--mlflow-uri {uri}: folder {path.parent} does not exist; create it first or "
+                               f"name a file in an existing folder")
         if not os.access(path.parent, os.W_OK):
             raise SweeperError(f"--mlflow-uri {uri}: folder {path.parent} is not writable")
         return
@@ -145,10 +146,42 @@ def trial_runs(uri: str, experiment_id: str, kind: str = "trial") -> list:
     return client(uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=50_000)
 
 
-def trial_key(config: dict[str, Any]) -> str:
-    """A stable 16-hex id of a trial's full config (what makes two trials the same trial)."""
+KEY_FORMAT = 2  # the trial-key format new sweeps write (sweeper.json's key_format; absent: 1)
+
+
+def trial_key(config: dict[str, Any], key_format: int = KEY_FORMAT) -> str:
+    """A stable 16-hex id of a trial's full config (what makes two trials the same trial).
+
+    Format 2 hashes only the fields that differ from their defaults (with the format number), so a
+    new field with a default leaves every existing key, and so every resumable sweep, as it was.
+    Changing a field's default is a key-breaking change: it needs a new format. Format 1 (sweeps
+    made before it) hashed every field.
+    """
+    if key_format >= 2:
+        defaults = field_defaults(config.get("kind", "network"))
+        config = {k: v for k, v in config.items() if k not in defaults or _json(v) != _json(defaults[k])}
+        config["_key_format"] = key_format
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)  # a tuple default equals its list value
+
+
+def field_defaults(kind: str) -> dict[str, Any]:
+    """Each field's default of a trial kind's config (``kind`` itself included: never hashed)."""
+    from trainables import config_class
+
+    try:
+        cls = config_class(kind)
+    except SweeperError:  # an unknown kind (a plugin not loaded here): every field is hashed
+        return {}
+    out = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    out.update({f.name: f.default_factory() for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING})
+    out["kind"] = kind
+    return out
 
 
 def metric_column(name: str, config_fields) -> str:
@@ -195,6 +228,7 @@ class SweepMeta:
     search: dict[str, Any] | None = None  # budget, sampler, seed, optuna_storage
     experiment_id: str | None = None
     parent_run_id: str | None = None
+    key_format: int = 1  # trial keys' format (trial_key); sweeps written before it have none: 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,3 +302,29 @@ def local_folder(storage: str | Path, name: str) -> Path | None:
     if is_uri(storage):
         return None
     return Path(storage).expanduser().absolute() / name
+
+
+# ----------------------------------------------------------------------------- a trial's status in every view
+def driver_alive(meta: SweepMeta | None) -> bool:
+    """Whether the process that runs the sweep is alive (True when it ran on another host, or is
+    not recorded: unknown, so a running trial stays running)."""
+    import socket
+
+    driver = (meta.driver if meta is not None else None) or {}
+    if driver.get("host") != socket.gethostname() or not driver.get("pid"):
+        return True
+    try:
+        os.kill(int(driver["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
+
+
+def trial_status(tag: str | None, alive: bool) -> str:
+    """A trial's status as every view shows it (``sweeper status``, the run and resume summaries,
+    ``frontier``, ``report``): its MLflow run's ``sweeper.status`` tag (none yet: running), except
+    that a run still marked running whose driver is gone (``alive`` False) is ``interrupted``."""
+    status = tag if isinstance(tag, str) and tag else "running"
+    return "interrupted" if status == "running" and not alive else status

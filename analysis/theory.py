@@ -157,7 +157,7 @@ def run_theory(base, ms: list[int], rs: list[float], m_for_r: int, out: str | Pa
 
     out = check_out_dir(out, overwrite)
     if len(ms) < 2:
-        raise SweeperError(f"--m {ms} needs at least two values")
+        raise SweeperError(f"--m={','.join(map(str, ms))} is invalid: expected at least two values (e.g. --m 1,2,4,8)")
     by_m = kernel_sweep(base, "m", ms)
     by_r = kernel_sweep(dataclasses.replace(base, m=m_for_r), "r", rs)
     summary = summarize(by_m, by_r)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -176,7 +177,7 @@ def trial(
     hessian_max_iterations: Annotated[int, _opt("Cap on Lanczos iterations over restarts, >= --hessian-iterations.", min=1)] = _D["hessian_max_iterations"],
     spectrum_every: Annotated[int, _opt("Also measure the spectrum every N epochs (0: only at the end).", min=0)] = _D["spectrum_every"],
     geometry: Annotated[bool, _opt("Penultimate-feature geometry table (Appendix B).")] = _D["geometry"],
-    detect: Annotated[bool, _opt("Trigger-agnostic detection statistics from the spectrum: shape, localisation, flip concentration, per-class curvature (cheap; needs --hessian).")] = _D["detect"],
+    detect: Annotated[bool | None, typer.Option(help="Trigger-agnostic detection statistics from the spectrum: shape, localisation, flip concentration, per-class curvature (cheap; needs --hessian) \\[default: on with --hessian].", show_default=False)] = _D["detect"],
     detect_baselines: Annotated[str, _opt("Baseline detectors, comma-separated subset of nc,ss,ac (Neural Cleanse, Spectral Signatures, Activation Clustering).")] = _D["detect_baselines"],
     detect_windows: Annotated[str, _opt("Localisation window sides in px, comma-separated, each <= the image side.")] = _D["detect_windows"],
     detect_norms: Annotated[str, _opt("Eigenvector perturbation norms relative to the images' mean norm, comma-separated, > 0.")] = _D["detect_norms"],
@@ -187,7 +188,7 @@ def trial(
     nc_batch_size: Annotated[int, _opt("Neural Cleanse clean images per class per step.")] = _D["nc_batch_size"],
     config: Annotated[Path | None, _opt("YAML/JSON file of trial fields; explicit flags override it.")] = None,
     kind: KindOpt = Kind.network,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any trial field FIELD=VALUE (the only way to reach kernel/linear fields such as m, r, ell); repeatable.", show_default=False)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any trial field FIELD=VALUE (the only way to reach kernel/linear fields such as m, r, ell); a list field takes its list as one value (--set detect_baselines=nc,ss); repeatable.", show_default=False)] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write {config, metrics, status, history} here.")] = None,
     checkpoint: Annotated[Path | None, _opt("Checkpoint file: written every epoch, resumed from if it exists.")] = None,
     overwrite: Annotated[bool, _opt("Allow --json to replace an existing file.")] = False,
@@ -245,7 +246,7 @@ ModelAxis = Annotated[str | None, _live(lambda: f"Models: {_esc(model_syntax())}
 TriggerAxis = Annotated[str | None, _live(lambda: f"Triggers: {_triggers_help()}.", show_default=False)]
 PoisonModeAxis = Annotated[str | None, typer.Option(help=f"Poison modes: {', '.join(POISON_MODES)}.", show_default=False)]
 SweepFileOpt = Annotated[Path | None, typer.Option(help="YAML sweep file (name, grid, fixed, seeds); flags override it.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other trial field, FIELD=VALUE(S); repeatable (e.g. --set lr=0.01).", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other trial field, FIELD=VALUE(S); repeatable. a,b is an axis (--set lr=0.01,0.1), except for a list field (detect_baselines, detect_windows, detect_norms), where a,b is one list and | separates an axis over lists: --set 'detect_baselines=nc,ss|ac' is 2 trials.", show_default=False)]
 NameOpt = Annotated[str | None, typer.Option(help="Sweep name: folder, MLflow experiment \\[default: the sweep file's name, else digits-demo].", show_default=False)]
 StorageOpt = Annotated[str, typer.Option(help="Folder (or URI) holding sweeps, checkpoints and the embedded MLflow store.")]
 AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT \\[default: start a local Ray].", show_default=False)]
@@ -255,6 +256,8 @@ GpusOpt = Annotated[float | None, typer.Option(help="GPUs per trial, fractions a
 MaxConcurrentOpt = Annotated[int | None, typer.Option(help="At most this many trials at once \\[default: as resources allow].", show_default=False)]
 MaxFailuresOpt = Annotated[int, typer.Option(help="Retries of a trial that raised (>= 0); it resumes from its checkpoint.")]
 QuietOpt = Annotated[bool, typer.Option(help="No per-epoch progress lines.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the libraries' log records (Ray, MLflow, "
+                                          "Optuna) and Ray workers' output; they always go to <sweep>/sweeper.log.")]
 
 
 @app.command()
@@ -266,23 +269,50 @@ def run(
     name: NameOpt = None, storage: StorageOpt = "./sweeps", address: AddressOpt = None,
     cpus_per_trial: CpusOpt = 1.0, gpus_per_trial: GpusOpt = None, max_concurrent: MaxConcurrentOpt = None,
     mlflow_uri: MlflowOpt = None, max_failures: MaxFailuresOpt = 2, quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> dict[str, Any]:
     """Run a grid sweep on Ray Tune, tracked in MLflow; prints the trials and the frontier.
 
     With no flags: theta in {0.05, 0.1} x kappa in {0, 200, 400, 800} on digits, 15 epochs.
     """
+    from . import logs
     from .orchestrate import SweepOptions, run_sweep
     from .spaces import build_spec
 
+    logs.capture(verbose)
     flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
     spec, file_name = build_spec(sweep_file, flags, seeds, set_, kind.value)  # file < flags < --set
     default_name = "digits-demo" if spec.kind == "network" else f"{spec.kind}-demo"
-    opts = SweepOptions(name=name or file_name or default_name, storage=storage, address=address,
+    opts = SweepOptions(name=name if name is not None else (file_name or default_name),  # "" is refused, not replaced
+                         storage=storage, address=address,
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                         mlflow_uri=mlflow_uri, max_failures=max_failures, verbose=0 if quiet else 1)
+    if not quiet:  # the size before Ray starts (a surprise axis shows now, not hours later); never `sweep NAME:`,
+        # the final summary's line that scripts parse
+        typer.echo(f"launching sweep {opts.name}: {spec.describe()} on {_where(address)}")
     report = run_sweep(spec, opts)
     _report(report)
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
+
+
+def _where(address: str | None) -> str:
+    return "local Ray" if address is None else f"Ray at {address}"
+
+
+def _search_size(spec, budget: int, seeds: str | None) -> str:
+    """``budget 12 defences x 2 models each (theta x seed = 2 x 1) = up to 24 models`` (a bad space raises here)."""
+    import math
+
+    from .defence import split_threats
+    from .spaces import parse_seeds
+
+    threats, defence = split_threats(spec)
+    counts = {k: len(v) for k, v in threats.items()}
+    counts["seed"] = len(parse_seeds(seeds)) if seeds is not None else 1
+    models = math.prod(counts.values())
+    shape = f"({' x '.join(counts)} = {' x '.join(str(n) for n in counts.values())})"
+    return (f"budget {budget} defence{'' if budget == 1 else 's'} x {models} model{'' if models == 1 else 's'} "
+            f"each {shape} = up to {budget * models} models")
 
 
 def _report(report) -> None:
@@ -295,6 +325,10 @@ def _report(report) -> None:
     c = report.counts
     storage = report.path.rsplit("/", 1)[0]
     typer.echo(f"\nresults: {report.path}\nMLflow: {report.mlflow_uri} (experiment {report.name})")
+    from . import logs
+
+    if logs.log_path() is not None:
+        typer.echo(f"library log: {logs.log_path()} (Ray, MLflow, Optuna; --verbose prints it too)")
     for line in browse_lines(report.name, storage, report.mlflow_uri, report.experiment_id, report.parent_run_id):
         typer.echo(line)  # a tracking server: the runs table's link (not MLflow 3's GenAI overview); else `sweeper ui`
     resume = f"sweeper resume {report.name} --storage {storage}"
@@ -339,19 +373,24 @@ def search(
     cpus_per_trial: CpusOpt = 1.0, gpus_per_trial: GpusOpt = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Defences in flight at once \\[default: enough to fill the cluster's slots, plus one].", min=1, show_default=False)] = None,
     mlflow_uri: MlflowOpt = None, max_failures: MaxFailuresOpt = 2, quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> dict[str, Any]:
     """Search the defender's choices (kappa, augmentation, epochs, --set lr=...) against a fixed threat
     set (--theta, --trigger, --poison-mode as values or lists): each defence is trained against every
     threat, scored by mean clean accuracy and worst-case ASR, and the frontier is drawn over defences."""
+    from . import logs
     from .orchestrate import SweepOptions, run_search
     from .spaces import build_search_spec
 
+    logs.capture(verbose)
     flags = {"theta": theta, "kappa": kappa, "augment": augment, "epochs": epochs, "dataset": dataset,
              "model": model, "trigger": trigger, "poison_mode": poison_mode}
     spec = build_search_spec(flags, set_)
     opts = SweepOptions(name=name, storage=storage, address=address, cpus_per_trial=cpus_per_trial,
                         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, mlflow_uri=mlflow_uri,
                         max_failures=max_failures, verbose=0 if quiet else 1)
+    if not quiet:
+        typer.echo(f"launching search {name}: {_search_size(spec, budget, seeds)} on {_where(address)}")
     report = run_search(spec, opts, budget=budget, sampler=sampler.value, seed=seed, seeds=seeds,
                         objectives=objectives, aggregate=aggregate.value if aggregate else None)
     _report(report)
@@ -363,7 +402,7 @@ def frontier_cmd(
     name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage / an MLflow experiment).")],
     objectives: Annotated[str | None, typer.Option(help="METRIC:max|min, comma-separated (2 or more) \\[default: the trial kind's, clean_acc:max,asr:min for networks].", show_default=False)] = None,
     group_by: Annotated[str | None, typer.Option(help="Columns to compute one frontier per group, e.g. theta or augment,epochs; none for one global frontier \\[default: the attack fields that vary].", show_default=False)] = None,
-    aggregate_seeds: Annotated[bool, typer.Option(help="Average seeds (mean ± std) before the frontier.")] = False,
+    aggregate_seeds: Annotated[bool | None, typer.Option("--aggregate-seeds/--per-seed", help="Average the seeds of each configuration (mean, std, n_seeds) before the frontier, or keep one point per seed \\[default: average when a configuration ran with several seeds].", show_default=False)] = None,
     csv: Annotated[Path | None, typer.Option(help="Also write the frontier as CSV here (refuses to overwrite).", show_default=False)] = None,
     storage: StorageOpt = "./sweeps", mlflow_uri: MlflowOpt = None,
     source: Annotated[str, typer.Option(help="auto (MLflow, else the Ray folder), mlflow or ray.")] = "auto",
@@ -388,8 +427,9 @@ def frontier_cmd(
     what = ", ".join(f"{o.metric} {o.direction} ({o.aggregate} over threats)"
                      for o in res["aggregation"]) if defence else ", ".join(f"{m} {d}" for m, d in objs)
     unit = "completed defences" if defence else "completed trials"
-    typer.echo(f"frontier of {name} ({what}" + (f"; per {', '.join(groups)}" if groups else "")
-               + f"): {len(front)} of {res['n_completed']} {unit}")
+    points = (f"{len(front)} configurations (each the mean of its seeds) from {res['n_completed']} {unit}"
+              if "n_seeds" in front.columns and not defence else f"{len(front)} of {res['n_completed']} {unit}")
+    typer.echo(f"frontier of {name} ({what}" + (f"; per {', '.join(groups)}" if groups else "") + f"): {points}")
     typer.echo(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}") if not front.empty else "(empty)")
     if defence and not res["detail"].empty:
         typer.echo("\nper threat (mean over seeds) of the frontier's defences:")
@@ -397,11 +437,22 @@ def frontier_cmd(
     skipped = res["unfinished"]
     if not skipped.empty:
         typer.echo(f"not completed ({len(skipped)}): " + ", ".join(
-            f"{r.get('defence_key') if defence else r.get('trial_id') if isinstance(r.get('trial_id'), str) else r.get('trial_key')} {r['status']}"
-            for _, r in skipped.iterrows()))
+            f"{_point(r, res['varying'])} {r['status']}" for _, r in skipped.iterrows()))
     if csv is not None:
         front.to_csv(csv, index=False)
     return {"frontier": front, "detail": res.get("detail")}
+
+
+def _point(row, varying: list[str]) -> str:
+    """A trial (or defence) named by its varying values, as the progress lines and summaries name it; its key
+    only when nothing varies."""
+    import pandas as pd
+
+    def short(v):
+        return f"{v:.4g}" if isinstance(v, float) else v
+
+    shown = [f"{k}={short(row[k])}" for k in varying if k in row and not (isinstance(row[k], float) and pd.isna(row[k]))]
+    return " ".join(shown) or str(row.get("defence_key") or row.get("trial_key"))
 
 
 @app.command()
@@ -419,7 +470,10 @@ def detect(
 
     if csv is not None and csv.exists():
         raise SweeperError(f"--csv {csv} already exists; refusing to overwrite it")
-    res = detect_sweep(name, storage, mlflow_uri, source, statistics, bootstrap)
+    res = detect_sweep(name, storage, mlflow_uri, source, statistics, bootstrap,
+                       progress=lambda line: typer.echo(line, err=True))
+    if res["source"] and not res["source"].startswith("mlflow"):
+        typer.echo(f"(read from {res['source']})", err=True)
     typer.echo(res["text"])
     if csv is not None:
         res["table"].to_csv(csv, index=False)
@@ -440,7 +494,10 @@ def report(
     from analysis.schema import local_folder
 
     folder = out if out is not None else (local_folder(storage, f"{name}-report") or Path(f"{name}-report").absolute())
-    res = write_report(name, folder, storage, mlflow_uri, overwrite=overwrite, log_to_mlflow=log_to_mlflow, source=source)
+    res = write_report(name, folder, storage, mlflow_uri, overwrite=overwrite, log_to_mlflow=log_to_mlflow, source=source,
+                       progress=lambda line: typer.echo(line, err=True))
+    for note in res["notes"]:  # where it read from when MLflow did not answer, and what it left out
+        typer.echo(f"({note})", err=True)
     typer.echo(f"report of {name}: {len([f for f in res['figures'] if f.suffix == '.png'])} figures, "
                f"{res['out'] / 'summary.md'}, {res['out'] / 'summary.html'}"
                + (f"; logged to MLflow run {res['mlflow_parent_run']}" if res["mlflow_parent_run"] else ""))
@@ -482,25 +539,35 @@ def plan(
     poison_mode: PoisonModeAxis = None, sweep_file: SweepFileOpt = None, set_: SetOpt = None,
     kind: KindOpt = Kind.network,
     concurrency: Annotated[int, typer.Option(help="Trials at once, for the wall-clock estimate.", min=1)] = 2,
+    storage: StorageOpt = "./sweeps",
+    mlflow_uri: Annotated[str | None, typer.Option(help="Store whose finished trials calibrate the estimate (an embedded sqlite:/// store) \\[default: <storage>/mlflow.db when it exists].", show_default=False)] = None,
 ) -> dict[str, Any]:
-    """Print the grid size, every trial and a rough CPU cost, without running anything."""
+    """Print the grid size, every trial and its CPU cost, without running anything: measured on the store's
+    finished trials of the same model and dataset where it has them, else a rough model."""
     import pandas as pd
 
-    from .spaces import build_spec, estimate_seconds
+    from .costs import plan_costs, store_uri
+    from .spaces import build_spec
 
     flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
     spec, _ = build_spec(sweep_file, flags, seeds, set_, kind.value)
     configs = spec.configs()
     varying = list(spec.axes) + (["seed"] if spec.seeds else [])
-    cost = [estimate_seconds(c) for c in configs]
+    uri = store_uri(storage, mlflow_uri)
+    cost, sources, n_measured = plan_costs(configs, uri)
     df = pd.DataFrame([{k: c.to_dict()[k] for k in varying} for c in configs])
     df["est_seconds"] = cost
+    df["source"] = sources
     typer.echo(f"{len(configs)} trials; fixed: " + ", ".join(f"{k}={v}" for k, v in spec.fixed.items()))
     typer.echo(df.to_string(index=True, float_format=lambda v: f"{v:.3g}"))
     total = sum(cost)
-    typer.echo(f"rough cost on CPU: {total / 60:.1f} trial-minutes, ~{total / 60 / concurrency:.1f} min at "
-               f"concurrency {concurrency} (a GPU is typically 10-50x faster for preresnet)")
-    return {"n_trials": len(configs), "est_seconds": total}
+    calibrated = sum(s != "model" for s in sources)
+    where = (f"{calibrated} of {len(configs)} trials measured on {n_measured} finished trials in {uri}"
+             if calibrated else "rough model" + (f"; {uri} has no finished trial of this model and dataset"
+                                                 if uri else "; no store to calibrate from"))
+    typer.echo(f"cost on CPU: {total / 60:.1f} trial-minutes, ~{total / 60 / concurrency:.1f} min at "
+               f"concurrency {concurrency} ({where}; a GPU is typically 10-50x faster for preresnet)")
+    return {"n_trials": len(configs), "est_seconds": total, "sources": sources}
 
 
 @app.command()
@@ -508,10 +575,13 @@ def resume(
     name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage).")],
     storage: StorageOpt = "./sweeps",
     errored: Annotated[str, typer.Option(help="Trials that raised: restart (from scratch), resume (from their checkpoint) or skip.")] = "resume",
-    address: AddressOpt = None,
+    address: AddressOpt = None, verbose: VerboseOpt = False,
 ) -> dict[str, Any]:
     """Continue an interrupted sweep: nothing finished is re-run, unfinished trials continue from their last epoch."""
+    from . import logs
     from .orchestrate import resume_sweep
+
+    logs.capture(verbose)
 
     report = resume_sweep(name, storage, errored=errored, address=address)
     _report(report)
@@ -539,9 +609,15 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1.", min=1, max=65535)] = 5000,
 ) -> dict[str, Any]:
     """Browse a sweep in the MLflow UI: starts it on the sweep store and prints the runs table's link (Ctrl-C stops it)."""
-    from .ui import serve_ui
+    from .ui import UIStopped, serve_ui
 
-    return serve_ui(name, storage, mlflow_uri, port, echo=typer.echo)
+    try:
+        return serve_ui(name, storage, mlflow_uri, port, echo=typer.echo)
+    except UIStopped as e:  # the server's whole process tree is gone by now
+        if e.exit_code == 130:  # Ctrl-C: exit 130 like every command
+            raise Interrupted(str(e)) from None
+        typer.echo(f"sweeper: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None  # 128 + the signal's number: 143 for SIGTERM, 129 for SIGHUP
 
 
 def _check_writable(path: Path, overwrite: bool) -> None:
@@ -584,6 +660,27 @@ def _given_value(argv: list[str], param) -> str:
     return ""
 
 
+_REASONS = (  # the parser's (pydantic-style) reasons, in the project's words
+    (re.compile(r"Input should be a valid number.*"), "expected a number"),
+    (re.compile(r"Input should be a valid integer.*"), "expected a whole number"),
+    (re.compile(r"Input should be a valid boolean.*"), "expected true or false"),
+    (re.compile(r"Value error, '.*' is not one of (.*)\.$"), r"must be one of \1"),
+)
+
+
+def _bad_value(msg: str, given: str) -> str:
+    """``Invalid value for '--theta': Input should be a valid number...`` as ``--theta='abc' is invalid: expected
+    a number``; empty when the message is not about one option's value."""
+    m = re.match(r"Invalid value for '(--[\w-]+)'(?: / '--[\w-]+')?: (.*)", msg)
+    if not m or not given:
+        return ""
+    reason = m.group(2)
+    for pattern, words in _REASONS:
+        reason = pattern.sub(words, reason)
+    reason = re.sub(r"\s*\(got .*\)$", "", reason)
+    return f"{m.group(1)}={given.removeprefix(' (got ').removesuffix(')')} is invalid: {reason}"
+
+
 def _set_hint(e, argv: list[str]) -> str:
     """For ``--lr 0.01`` on a command without that flag: say that ``--set lr=0.01`` reaches the field."""
     opt = getattr(e, "option_name", None)
@@ -606,6 +703,9 @@ def _one_line(msg: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors and exit code 2 for any bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from . import logs
+
+    logs.capture()  # library records to a log file; the terminal keeps the project's lines
     try:
         load_plugins()  # a plugin that fails to import is a SweeperError: one line, exit 2
         _refresh_help()
@@ -616,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (sweeper {e.ctx.info_name})" if e.ctx is not None and e.ctx.info_name != "sweeper" else ""
         given = _given_value(argv, getattr(e, "param", None))
         msg = _one_line(e.format_message()).replace(" (Possible options: --help)", "")  # click's non-suggestion
+        uniform = _bad_value(msg, given)
+        if uniform:  # the wording of every other bad value: --flag='x' is invalid: expected ...
+            typer.echo(f"sweeper: error{where}: {uniform}", err=True)
+            return 2
         typer.echo(f"sweeper: error{where}: {msg}{given}{_set_hint(e, argv)}", err=True)
         return 2
     except (typer.Abort, KeyboardInterrupt):

@@ -95,7 +95,8 @@ def defence_trainable(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
                                     sweep["name"], defence_config(base, search), trial_id,
-                                    tracking.run_label(base, sweep.get("axes", [])), kind="defence")
+                                    tracking.run_label(base, sweep.get("axes", [])), kind="defence",
+                                    key_format=sweep.get("key_format", 1))
     nan = {o.metric: float("nan") for o in objectives}
     # a defence that finished before an interrupt Ray never recorded fans out too: each of its models
     # finds its finished run and returns at once, so the report carries every model's row again
@@ -152,7 +153,8 @@ def _model_task(trial: dict[str, Any], sweep: dict[str, Any], parent_run_id: str
     cfg = TrialConfig.from_dict(trial)
     torch.set_num_threads(cfg.threads)
     tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], parent_run_id, sweep["name"],
-                                    cfg.to_dict(), trial_id, label, tags={tracking.TAG_DEFENCE: defence_key})
+                                    cfg.to_dict(), trial_id, label, tags={tracking.TAG_DEFENCE: defence_key},
+                                    key_format=sweep.get("key_format", 1))
 
     def row(metrics: dict[str, Any], status: str) -> dict[str, Any]:  # metrics never overwrite config fields
         return {**trial_row(trial, metrics, set(trial)), DEFENCE_KEY: defence_key, "trial_key": tracker.key,

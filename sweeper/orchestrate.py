@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from analysis.schema import (  # noqa: F401 (re-exported)
+    KEY_FORMAT,
     META,
     SweepMeta,
+    driver_alive,
     is_uri,
     read_meta,
     sweep_exists,
     trial_row,
+    trial_status,
     write_meta,
 )
 from trainables.config import SweeperError, TrialConfig
@@ -166,6 +169,31 @@ def check_resources(opts: SweepOptions) -> None:
         raise SweeperError(f"--max-failures={opts.max_failures} is invalid: must be >= 0")
 
 
+def check_data(configs) -> None:
+    """Every dataset the trials read is found and checked (checksums as configured) before Ray starts.
+
+    Inside Ray a missing or corrupt file would fail every trial, each after its retries; here it is one
+    line naming the file and the folder searched. Each (dataset, folder, checksum setting) is loaded
+    once, as a trial loads it. ``download`` trials fetch their own files and are not checked.
+    """
+    from trainables.data import load_dataset
+
+    seen: set[tuple[str, str, bool]] = set()
+    for cfg in configs:
+        name, folder = getattr(cfg, "dataset", None), getattr(cfg, "data_dir", None)
+        if name is None or folder is None or getattr(cfg, "download", False):
+            continue
+        key = (name, str(folder), bool(getattr(cfg, "verify_checksums", True)))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            load_dataset(*key)
+        except SweeperError as e:
+            raise SweeperError(f"{e} [dataset {name}, data_dir {folder}; a sweep file's relative data_dir is "
+                               f"read from the file's folder]") from None
+
+
 # ----------------------------------------------------------------------------- sweep folder metadata
 def sweep_path(storage: str, name: str) -> str:
     return f"{storage}/{name}"
@@ -195,17 +223,23 @@ def trainable(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.threads)  # the config's count: the same numbers as `sweeper trial`
     tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
                                     sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
-                                    run_label(config["trial"], sweep.get("axes", [])))
+                                    run_label(config["trial"], sweep.get("axes", [])),
+                                    key_format=sweep.get("key_format", 1))
     if tracker.finished:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
         _report_stored_final(tracker, sweep)
         return
-    trial = Trial(cfg)
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            trial.load(Path(d) / "trial.pt")
-        if trial.done:  # only the final report carries a finished trial: Ray has it already
-            return
+    try:
+        trial = Trial(cfg)
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                trial.load(Path(d) / "trial.pt")
+    except Exception as e:  # before training: the run is marked failed here, as train_tracked does later
+        tracker.log_failure(e)
+        _fail(e, tracker.key)
+        raise
+    if ckpt is not None and trial.done:  # only the final report carries a finished trial: Ray has it already
+        return
 
     def report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -216,8 +250,35 @@ def trainable(config: dict[str, Any]) -> None:
         if not trial.done:  # the final report, below, carries the last epoch
             report({**metrics, "status": "running", "trial_key": tracker.key})
 
-    result = tracking.train_tracked(trial, tracker, after_epoch)
+    try:
+        result = tracking.train_tracked(trial, tracker, after_epoch)
+    except Exception as e:
+        _fail(e, tracker.key)
+        raise
     report(_final_metrics(result, tracker))
+
+
+def _fail(error: BaseException, key: str) -> None:
+    """Before a trial's error propagates: a deterministic one (a :class:`SweeperError`: bad config or data)
+    is reported as such, so :class:`NoRetry` stops Ray from retrying what would fail the same way again."""
+    from ray import tune
+
+    if isinstance(error, SweeperError):
+        tune.report({"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000], "trial_key": key,
+                     "deterministic": 1})
+
+
+def no_retry_callback():
+    """A Tune callback: a trial that reported a deterministic error gets no retry (Ray retries every
+    error up to ``max_failures``; node loss deserves it, a missing file or a bad config does not)."""
+    from ray import tune
+
+    class NoRetry(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("deterministic"):  # the error that follows this report ends the trial
+                trial.max_failures = trial.run_metadata.num_failures
+
+    return NoRetry()
 
 
 def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -229,7 +290,7 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = make_config(trial)
     tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
                                     sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
-                                    run_label(trial, sweep.get("axes", [])))
+                                    run_label(trial, sweep.get("axes", [])), key_format=sweep.get("key_format", 1))
     if tracker.finished:
         _report_stored_final(tracker, sweep)
         return
@@ -238,6 +299,7 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
         tracker.log_final(result)
     except Exception as e:
         tracker.log_failure(e)
+        _fail(e, tracker.key)
         raise
     tune.report(_final_metrics(result, tracker))
 
@@ -304,7 +366,7 @@ def _trainable_for(meta: SweepMeta):
 def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
     keys = ("mlflow_uri", "experiment_id", "parent_run_id", "name")
     out = {**{k: getattr(meta, k) for k in keys}, "threads": max(1, int(meta.cpus_per_trial)),
-           "axes": label_axes(meta), "storage": meta.storage}
+           "axes": label_axes(meta), "storage": meta.storage, "key_format": meta.key_format}
     if meta.kind == "search":
         out.update(defence={k: meta.search[k] for k in ("threats", "seeds", "objectives", "threat_fields")},
                    cpus_per_model=meta.cpus_per_trial, gpus_per_model=meta.gpus_per_trial,
@@ -361,7 +423,13 @@ def start_ray(address: str | None) -> None:
         env_vars["PYTHONPATH"] = os.pathsep.join(
             os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p)
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.orchestrate.quiet_worker_exit"}
-    kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="WARNING", runtime_env=runtime_env)
+    from . import logs
+
+    logs.route()  # Ray's import gave its logger a stderr handler: its records go to the sweep's log instead
+    # workers' output (their tracebacks too) stays in Ray's session logs unless --verbose: a failed trial's
+    # own message is in the summary
+    kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=logs.verbose(),
+                  runtime_env=runtime_env)
     try:
         if address in (None, "local"):
             ray.init(**kwargs)
@@ -386,6 +454,48 @@ def default_defences(meta: SweepMeta) -> int:
     return max(1, math.ceil(max(slots, 1) / models)) + 1
 
 
+def check_cluster_resources(cpus: float, gpus: float | None) -> None:
+    """Some node (or an autoscaler node type) has what one trial asks for, else one line and exit 2.
+
+    Ray would otherwise queue the trials forever, its autoscaler repeating "No available node types can
+    fulfill resource request" every 35 s. On an autoscaling cluster whose node types could hold the trial,
+    the sweep goes on, with a line saying that it waits for a node.
+    """
+    import sys
+
+    import ray
+
+    need = {"CPU": float(cpus), "GPU": float(gpus or 0)}
+    ask = " and ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
+
+    def fits(res: dict[str, float]) -> bool:
+        return all(res.get(k, 0) >= v for k, v in need.items() if v > 0)
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if any(fits(n.get("Resources", {})) for n in nodes):
+        return
+    if any(fits(group) for group in _node_types()):
+        print(f"sweeper: no node has {ask} yet; waiting for the autoscaler to start one (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        return
+    have = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {n.get('Resources', {}).get('CPU', 0):g} CPU, "
+                     f"{n.get('Resources', {}).get('GPU', 0):g} GPU" for n in nodes) or "no live node"
+    raise SweeperError(f"each trial asks for {ask} (--cpus-per-trial/--gpus-per-trial) but no node of the cluster "
+                       f"has that ({have}) and no autoscaler node type could add one; ask for less, or join a "
+                       f"cluster that has it (--address)")
+
+
+def _node_types() -> list[dict[str, float]]:
+    """Resources of each node type the cluster's autoscaler may start (empty: no autoscaler)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        return [dict(g.resources) for g in (config.node_group_configs if config else [])]
+    except Exception:  # a private API: when it moves, the sweep behaves as on a fixed cluster
+        return []
+
+
 def default_gpus() -> float:
     import ray
 
@@ -407,9 +517,15 @@ def _progress_callback(n_trials: int, axes: list[str], live: bool | None = None)
     if live:
         stop_progress()
 
-    def label(trial) -> str:
+    def label(trial) -> str:  # the axes' values name a trial, as in the summary (Ray's ids are not shown)
         cfg = trial.config.get("trial", {})
-        return f"{trial.trial_id} " + " ".join(f"{a}={cfg.get(a)}" for a in axes)
+        text = " ".join(f"{a}={_short(cfg.get(a))}" for a in axes)
+        return text or str((trial.last_result or {}).get("trial_key") or trial.trial_id)
+
+    def epoch_line(trial, result) -> str:
+        return (f"{label(trial)} epoch {result.get('epoch')}/{trial.config['trial'].get('epochs')} "
+                f"loss={result.get('train_loss', float('nan')):.3f} clean={result.get('clean_acc', float('nan')):.3f} "
+                f"asr={result.get('asr', float('nan')):.3f}")
 
     def finished_line(trial) -> str:
         r = trial.last_result or {}
@@ -418,27 +534,34 @@ def _progress_callback(n_trials: int, axes: list[str], live: bool | None = None)
             return f"{head} over {r.get('n_models', '?')} models"
         return f"{head} max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}"
 
+    def error_line(trial) -> str:  # a deterministic error reported its message; any other is in Ray's folder
+        msg = (trial.last_result or {}).get("error")
+        return f"{label(trial)} failed: {msg}" if msg else f"{label(trial)} raised an error (see {trial.local_path})"
+
     class Plain(tune.Callback):
         def __init__(self):
             self.done: set[str] = set()
+
+        def on_step_begin(self, iteration, trials, **info):
+            # a resumed sweep's finished trials count from the first line on (the callback is restored empty)
+            self.done |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("status") == "running" and "models_done" in result:
                 print(f"[{len(self.done)}/{n_trials} done] {label(trial)}: {result['models_done']}/"
                       f"{result.get('n_models')} models trained", flush=True)
             elif result.get("status") == "running":
-                print(f"[{len(self.done)}/{n_trials} done] {label(trial)} epoch {result.get('epoch')}/"
-                      f"{trial.config['trial'].get('epochs')} loss={result.get('train_loss', float('nan')):.3f} "
-                      f"clean={result.get('clean_acc', float('nan')):.3f} asr={result.get('asr', float('nan')):.3f}",
-                      flush=True)
+                print(f"[{len(self.done)}/{n_trials} done] {epoch_line(trial, result)}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            if "epoch" in r and r.get("status") != "running":  # the final report carries the last epoch
+                print(f"[{len(self.done)}/{n_trials} done] {epoch_line(trial, r)}", flush=True)
             self.done.add(trial.trial_id)
             print(f"[{len(self.done)}/{n_trials} done] {finished_line(trial)}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[{len(self.done)}/{n_trials} done] {label(trial)} raised an error (see {trial.local_path})",
-                  flush=True)
+            print(f"[{len(self.done)}/{n_trials} done] {error_line(trial)}", flush=True)
 
     class Live(tune.Callback):
         def __init__(self):
@@ -472,7 +595,7 @@ def _progress_callback(n_trials: int, axes: list[str], live: bool | None = None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if self.bar is not None:
-                self.console.print(f"{label(trial)} raised an error (see {trial.local_path})")
+                self.console.print(error_line(trial))
 
         def on_experiment_end(self, trials, **info):
             if self.bar is not None:
@@ -480,6 +603,12 @@ def _progress_callback(n_trials: int, axes: list[str], live: bool | None = None)
                 self.bar.stop()
 
     return Live() if live else Plain()
+
+
+def _short(value: Any) -> Any:
+    """A value as a progress line shows it: floats to 4 significant digits (a search's kappa=122.96, not
+    122.96071107325702)."""
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 _LIVE: list[Any] = []  # live bars of the running tuner, stopped before the summary is printed
@@ -528,6 +657,9 @@ def _searcher(meta: SweepMeta):
 
     s = meta.search
     objectives = stored_objectives(s)
+    from . import logs
+
+    logs.route()  # Optuna's import gave its logger a stderr handler ("A new study created ...")
     storage = optuna.storages.RDBStorage(s["optuna_storage"])
     return OptunaSearch(metric=[o.metric for o in objectives], mode=[o.direction for o in objectives],
                         sampler=make_sampler(s["sampler"], s["seed"], s["budget"]), study_name=meta.name,
@@ -548,8 +680,8 @@ def _tuner(meta: SweepMeta, configs: list[TrialConfig] | None, restore: str | No
         failure_config=tune.FailureConfig(max_failures=meta.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
-        callbacks=[_progress_callback(meta.n_trials, list(meta.spec["axes"]), meta.live)]
-        if meta.verbose else [],
+        callbacks=[no_retry_callback()] + ([_progress_callback(meta.n_trials, label_axes(meta), meta.live)]
+                                            if meta.verbose else []),
     )
     # reused actors keep torch and the dataset imported between trials: no per-trial process start
     names = {"trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname, "reuse_actors": True}
@@ -592,6 +724,7 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
                            f"`sweeper resume {opts.name}` or choose another --name (nothing was changed)")
     if opts.mlflow_uri is None and is_uri(storage):
         raise SweeperError(f"--storage {storage} is a URI: pass --mlflow-uri (the embedded SQLite store needs a local folder)")
+    check_data(configs)
     uri = opts.mlflow_uri or tracking.default_uri(Path(storage))
     tracking.check_uri(uri)
     check_address(opts.address)
@@ -599,10 +732,10 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
                      cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
                      max_concurrent=opts.max_concurrent, max_failures=opts.max_failures, address=opts.address,
                      verbose=opts.verbose, live=opts.live, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     git_commit=tracking.git_commit(), driver=this_driver())
+                     git_commit=tracking.git_commit(), driver=this_driver(), key_format=KEY_FORMAT)
     if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
-        meta.trials = [{"key": tracking.trial_key(d), "point": {a: d.get(a) for a in axes}}
+        meta.trials = [{"key": tracking.trial_key(d, meta.key_format), "point": {a: d.get(a) for a in axes}}
                        for d in (c.to_dict() for c in configs)]
     return configs, meta
 
@@ -664,6 +797,7 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
     check_shared_storage(opts.address, meta.storage)  # every node sees --storage, before any trial
     if meta.gpus_per_trial is None:
         meta.gpus_per_trial = default_gpus()
+    check_cluster_resources(meta.cpus_per_trial, meta.gpus_per_trial)  # before anything is written
     artifact_root = None if is_uri(meta.storage) or opts.mlflow_uri else Path(meta.storage) / "mlartifacts"
     meta.experiment_id = tracking.retry(
         lambda: tracking.ensure_experiment(meta.mlflow_uri, opts.name, artifact_root),
@@ -676,6 +810,7 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
     if meta.kind == "search" and meta.max_concurrent is None:
         meta.max_concurrent = default_defences(meta)
     write_meta(meta.storage, opts.name, meta)
+    _log_to_sweep(meta.storage, opts.name)
     try:
         grid = _tuner(meta, configs, search_space=search_space).fit()
     finally:
@@ -702,8 +837,10 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
     check_address(address)
     meta.driver = this_driver()
     write_meta(storage, name, meta)
+    _log_to_sweep(storage, name)
     start_ray(address)
     check_shared_storage(address, storage)  # every node sees --storage, before any trial
+    check_cluster_resources(meta.cpus_per_trial, meta.gpus_per_trial)
     if not tune.Tuner.can_restore(path):
         raise SweeperError(f"sweep {name!r} in {storage} has no Ray Tune state to resume (it never started)")
     try:
@@ -711,6 +848,17 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
     finally:
         stop_progress()
     return _finish(meta, grid)
+
+
+def _log_to_sweep(storage: str, name: str) -> None:
+    """Library records (Ray, MLflow, Optuna) go to ``<sweep>/sweeper.log`` once the folder exists."""
+    from analysis.schema import local_folder
+
+    from . import logs
+
+    folder = local_folder(storage, name)
+    if folder is not None:
+        logs.write_to(folder / "sweeper.log")
 
 
 def _flat_spec(spec: SweepSpec) -> dict[str, Any]:
@@ -742,21 +890,22 @@ def _finish(meta: SweepMeta, grid) -> SweepReport:
         if search:  # a defence: its own fields (the threats are in every row of its models)
             from .defence import defence_config
 
-            key = metrics.get("trial_key") or tracking.trial_key(defence_config(cfg, meta.search))
+            key = metrics.get("trial_key") or tracking.trial_key(defence_config(cfg, meta.search), meta.key_format)
             cfg = {k: v for k, v in cfg.items() if k not in THREAT_FIELDS and k != "seed"}
         else:
-            key = metrics.get("trial_key") or tracking.trial_key(_full_config(cfg))
+            key = metrics.get("trial_key") or tracking.trial_key(_full_config(cfg), meta.key_format)
         run = stored.get(key)
-        if run is not None:  # the trial's own record decides, as `sweeper status` reads it
-            status = _tuner_returned(run[0])
+        if run is not None and not (res.error is not None and run[0] == "running"):
+            status = _tuner_returned(run[0])  # the trial's own record decides, as `sweeper status` reads it
             if status in tracking.FINAL_STATUSES:
                 metrics = {**metrics, **run[1]}
-        elif res.error is not None:
+        elif res.error is not None:  # it raised (and its retries too): failed, never "interrupted"
             status = "failed"
         else:
             status = "interrupted" if metrics.get("status") == "running" else metrics.get("status", "pending")
-        row = {**trial_row(cfg, metrics, CONFIG_FIELDS), "trial_key": key, "status": status,
-               "error": str(res.error).splitlines()[0][:300] if res.error else ""}
+        error = error_text(res.error, metrics) if status == "failed" else ""
+        metrics = {k: v for k, v in metrics.items() if k not in ("error", "deterministic")}
+        row = {**trial_row(cfg, metrics, CONFIG_FIELDS), "trial_key": key, "status": status, "error": error}
         rows.append(row)
     seen = {r["trial_key"] for r in rows}
     owed = pending_rows(meta) if meta.trials is not None else pending_rows(meta)[len(rows):]  # a search owes a count
@@ -772,6 +921,18 @@ def _finish(meta: SweepMeta, grid) -> SweepReport:
     return SweepReport(meta.name, sweep_path(meta.storage, meta.name), meta.mlflow_uri,
                        meta.experiment_id, meta.parent_run_id, rows, counts, label_axes(meta),
                        summary_groups(meta), _objectives(meta))
+
+
+def error_text(error: BaseException | None, metrics: dict[str, Any]) -> str:
+    """A failed trial's own message: the one it reported, else the cause inside Ray's wrapper (whose
+    first line is only ``ray::ImplicitFunc.train() (pid=...)``)."""
+    if metrics.get("error"):
+        return str(metrics["error"])[:300]
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None) or error
+    first = next((ln for ln in str(cause).splitlines() if ln.strip()), "")
+    return f"{type(cause).__name__}: {first}"[:300]
 
 
 def _close_orphans(meta: SweepMeta) -> None:
@@ -803,7 +964,7 @@ def summary_groups(meta: SweepMeta) -> list[str] | None:
 
 def _tuner_returned(status: str) -> str:
     """A trial status once no driver runs it any more: a run still marked running was interrupted."""
-    return "interrupted" if status == "running" else status
+    return trial_status(status, alive=False)
 
 
 def _full_config(trial: dict[str, Any]) -> dict[str, Any]:
@@ -845,7 +1006,7 @@ def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
     by = {s: 0 for s in ("completed", "diverged", "failed", "running", "interrupted", "pending")}
     live = driver_alive(meta)
     for s in states.values():
-        s = s if live else _tuner_returned(s)
+        s = trial_status(s, live)  # the rule frontier and report apply too
         by[s] = by.get(s, 0) + 1
     by["pending"] = max(0, int(meta.n_trials) - len(states))
     by["total"] = meta.n_trials
@@ -855,17 +1016,3 @@ def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
 def this_driver() -> dict[str, Any]:
     """Host and pid of this process, recorded as the sweep's driver (run and each resume)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def driver_alive(meta: SweepMeta) -> bool:
-    """Whether the process that runs the sweep is alive (True when it ran on another host: unknown)."""
-    driver = meta.driver or {}
-    if driver.get("host") != socket.gethostname() or not driver.get("pid"):
-        return True
-    try:
-        os.kill(int(driver["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -9,6 +9,12 @@ Value syntax (flags and strings in sweep files alike):
   ``0.001:0.03:0.001``     start:stop:step, stop included
   ``log:1e2:1e5:4``        4 log-spaced values from 1e2 to 1e5, both included
   ``on`` / ``off`` / ``both``  for true/false fields (``both`` = [false, true])
+
+List-valued fields (:data:`LIST_FIELDS`: ``detect_baselines``, ``detect_windows``, ``detect_norms``) take a
+list as ONE value, the same in ``trial``, ``run``, ``plan``, ``search`` and a sweep file's ``fixed:``:
+  ``nc,ss,ac``             one value, the list nc, ss, ac (``+`` separates items too: ``nc+ss``)
+  ``nc,ss|ac``             an axis over lists: [nc, ss] and [ac] (``|`` separates the axis' values)
+In a sweep file's ``grid:`` the YAML list is the axis and each element one list (``[[nc, ss], [ac]]``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,21 @@ def fields_for(kind: str) -> dict[str, dataclasses.Field]:
     from trainables import config_class
 
     return {f.name: f for f in dataclasses.fields(config_class(kind))}
+
+
+# Fields whose one value is a list, stored as a comma-separated string (a config class may add its own in
+# ``_list_fields``); a comma inside them separates items, never axis values.
+LIST_FIELDS = frozenset({"detect_baselines", "detect_windows", "detect_norms"})
+AXIS_SEP = "|"  # separates the values of an axis over lists: `|` is no item of any list and reads as "or"
+
+
+def is_list_field(name: str, kind: str = "network") -> bool:
+    """Whether ``name`` is a list-valued field of the trial kind (``a,b,c`` is then one value)."""
+    from trainables import config_class
+
+    return name in LIST_FIELDS | set(getattr(config_class(kind), "_list_fields", ()))
+
+
 MAX_TRIALS = 100_000
 
 
@@ -92,12 +115,46 @@ def _scalar(name: str, text: Any, where: str, fields: dict | None = None) -> Any
     return t
 
 
+def _one_list(item: Any, label: str, spec: Any) -> str:
+    """One value of a list field in the comma form the config stores: a YAML list, ``a,b`` / ``a+b``, or a scalar."""
+    if isinstance(item, list | tuple):
+        parts = [str(t) for t in item]
+    elif isinstance(item, str):
+        if AXIS_SEP in item:  # only reachable from a YAML list: there the list itself is the axis
+            raise SpaceError(f"{label}={spec!r} is invalid: in a YAML list each element is one value; write the axis "
+                             f"as a list of lists ([[nc, ss], [ac]]) or as one string ('nc,ss{AXIS_SEP}ac')")
+        parts = re.split(r"[,+]", item)
+    else:  # a YAML number: a one-item list
+        parts = [str(item)]
+    return ",".join(p.strip() for p in parts if p.strip())
+
+
+def _list_values(spec: Any, label: str) -> list[str]:
+    """The values of a list field: ``a,b,c`` is ONE value; ``a,b|c`` (or a sweep file's YAML list of lists)
+    is an axis over lists. ``""`` is a value too (an empty list: no baselines)."""
+    if isinstance(spec, list | tuple):  # a sweep file's grid: the YAML list is the axis, each element one list
+        vals = [_one_list(v, label, spec) for v in spec]
+    elif isinstance(spec, str):
+        vals = [_one_list(v, label, spec) for v in spec.split(AXIS_SEP)]
+    else:
+        vals = [_one_list(spec, label, spec)]
+    if not vals:
+        raise SpaceError(f"{label}={spec!r} is invalid: no values")
+    return list(dict.fromkeys(vals))  # drop repeats, keep order
+
+
 def parse_values(name: str, spec: Any, where: str = "--", kind: str = "network") -> list[Any]:
-    """Parse one axis (a string in the syntax above, a list, or a scalar) into a list of values."""
+    """Parse one axis (a string in the syntax above, a list, or a scalar) into a list of values.
+
+    For a list-valued field each value is one whole list (see :data:`LIST_FIELDS`): ``a,b`` is one value.
+    """
     fields = fields_for(kind)
     if name not in fields:
-        raise SpaceError(f"{where}{name} is not a {kind}-trial field; valid fields: {sorted(fields)}")
+        head = f"--set {name}={spec}" if where == "--" else f"{where} {name}={spec!r}"
+        raise SpaceError(f"{head} is invalid: {name} is not a {kind}-trial field; valid fields: {sorted(fields)}")
     label = f"{where}{name.replace('_', '-')}" if where == "--" else f"{where} {name}"
+    if is_list_field(name, kind):
+        return _list_values(spec, label)
     if isinstance(spec, list | tuple):
         vals = [_scalar(name, v, label, fields) for v in spec]
     elif not isinstance(spec, str):
@@ -155,6 +212,16 @@ class SweepSpec:
         """Number of trials in the grid."""
         n = math.prod(len(v) for v in self.axes.values())
         return n * (len(self.seeds) if self.seeds else 1)
+
+    def describe(self) -> str:
+        """The trial count and where it comes from, e.g. ``8 trials (theta x kappa = 2 x 4)``."""
+        counts = {name: len(vals) for name, vals in self.axes.items()}
+        if self.seeds:
+            counts["seed"] = len(self.seeds)
+        text = f"{self.size} trial{'' if self.size == 1 else 's'}"
+        if not counts:
+            return text
+        return f"{text} ({' x '.join(counts)} = {' x '.join(str(n) for n in counts.values())})"
 
     def points(self) -> list[dict[str, Any]]:
         """Every grid point as a dict of field values (fixed fields included)."""
@@ -242,26 +309,52 @@ def load_sweep_file(path: Path) -> tuple[SweepSpec, str | None]:
     for k in fixed:
         if k not in fields:
             raise SpaceError(f"{where} fixed field {k!r} is not a trial field; valid fields: {sorted(fields)}")
+        if is_list_field(k, kind) and isinstance(fixed[k], str) and AXIS_SEP in fixed[k]:
+            raise SpaceError(f"{where} fixed {k}={fixed[k]!r} is invalid: fixed: holds one value (a list); "
+                             f"an axis over lists ({AXIS_SEP}) belongs under grid:")
+    fixed = dict(fixed)
+    if isinstance(fixed.get("data_dir"), str):  # relative to the file, wherever `sweeper` runs from
+        fixed["data_dir"] = file_relative(path, fixed["data_dir"])
+    if "data_dir" in axes:
+        axes["data_dir"] = [file_relative(path, v) if isinstance(v, str) else v for v in axes["data_dir"]]
     seeds = parse_seeds(data["seeds"], f"{where} seeds") if data.get("seeds") is not None else None
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         raise SpaceError(f"{where} name={name!r} must be a string")
-    return SweepSpec(axes=axes, fixed=dict(fixed), seeds=seeds, kind=kind), name
+    return SweepSpec(axes=axes, fixed=fixed, seeds=seeds, kind=kind), name
+
+
+def file_relative(sweep_file: Path, folder: str) -> str:
+    """A folder named in a sweep file, absolute: a relative one is read from the file's own folder
+    (``~`` is the user's home), so the same file works from any working directory."""
+    p = Path(folder).expanduser()
+    return os.path.normpath(p if p.is_absolute() else Path(sweep_file).absolute().parent / p)
 
 
 _TRAIN_SIZE = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 _PIXELS = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "cifar10": 3072, "cifar100": 3072}
 
 
+def train_size(dataset: str, subset: int = 0) -> int:
+    """Training images a trial uses: the dataset's, or its ``train_subset`` when smaller."""
+    full = _TRAIN_SIZE[dataset]
+    return min(full, subset) if subset else full
+
+
 def _train_size(cfg) -> int:
-    full = _TRAIN_SIZE[cfg.dataset]
-    return min(full, cfg.train_subset) if getattr(cfg, "train_subset", 0) else full
+    return train_size(cfg.dataset, getattr(cfg, "train_subset", 0))
 
 
 def estimate_seconds(cfg) -> float:
     """A rough CPU cost of one trial (training, evaluation and spectrum); GPUs are much faster."""
+    return sum(estimate_parts(cfg).values())
+
+
+def estimate_parts(cfg) -> dict[str, float]:
+    """The rough model's seconds of one trial by part: train, spectrum, detect (see :mod:`sweeper.costs`
+    for estimates measured on finished trials)."""
     if getattr(cfg, "kind", "network") != "network":
-        return 1.0  # closed-form trials: dense solves, about a second
+        return {"train": 1.0, "spectrum": 0.0, "detect": 0.0}  # closed-form trials: dense solves, about a second
     from trainables.models import model_entry
 
     per = model_entry(cfg.model).cost(cfg.model) * _PIXELS[cfg.dataset] / 3072  # the model registry's step cost
@@ -276,7 +369,7 @@ def estimate_seconds(cfg) -> float:
         spectrum = (cfg.num_classes + 1) * n * per + (n * cfg.num_classes * d * d + 10 * d**3) / 1e10
     else:
         spectrum = (cfg.hessian_iterations + 2) * n * per * 3
-    return train + spectrum + _detection_seconds(cfg, per, n)
+    return {"train": train, "spectrum": spectrum, "detect": _detection_seconds(cfg, per, n)}
 
 
 def _detection_seconds(cfg, per: float, n: int) -> float:
@@ -306,7 +399,8 @@ class SearchSpec:
     """Continuous ranges, categorical choices and fixed fields for ``sweeper search``.
 
     Syntax per field: ``LO:HI`` (uniform), ``log:LO:HI`` (log-uniform), ``a,b,c`` (categorical),
-    a single value (fixed); ``both`` for true/false fields.
+    a single value (fixed); ``both`` for true/false fields. A list-valued field's ``a,b`` is one (fixed) value;
+    ``a,b|c`` chooses between lists.
     """
 
     continuous: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # name -> (dist, lo, hi)
@@ -345,7 +439,7 @@ class SearchSpec:
 def parse_search_axis(name: str, spec: str) -> tuple[str, Any]:
     """('continuous', (dist, lo, hi)) | ('categorical', [...]) | ('fixed', value)."""
     if name not in FIELDS:
-        raise SpaceError(f"--{name} is not a trial field; valid fields: {sorted(FIELDS)}")
+        raise SpaceError(f"--set {name}={spec} is invalid: {name} is not a trial field; valid fields: {sorted(FIELDS)}")
     label = f"--{name.replace('_', '-')}"
     s = spec.strip()
     kind = _kind(name)

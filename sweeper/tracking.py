@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from analysis.schema import (  # noqa: F401 (re-exported: the writer's names are the readers' names)
     FINAL_STATUSES,
+    KEY_FORMAT,
     TAG_COMMIT,
     TAG_DEFENCE,
     TAG_DIVERGED_EPOCH,
@@ -124,11 +125,12 @@ class TrialTracker:
     """Logs one trial into its (unique) child run."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, config: dict[str, Any],
-                 trial_id: str, label: str | None = None, kind: str = "trial", tags: dict[str, str] | None = None):
+                 trial_id: str, label: str | None = None, kind: str = "trial", tags: dict[str, str] | None = None,
+                 key_format: int = KEY_FORMAT):
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
         self.kind, self.tags = kind, dict(tags or {})  # 'trial' (a model) or 'defence' (a search's defence)
         self.sweep, self.config, self.trial_id = sweep, config, trial_id
-        self.key = trial_key(config)
+        self.key = trial_key(config, key_format)  # the sweep's format (sweeper.json's key_format)
         self.label = label  # the run's name: its varying axes (theta=0.05 kappa=400 seed=0)
         self.client = client(uri)
         self.run_id: str | None = None

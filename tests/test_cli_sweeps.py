@@ -153,6 +153,9 @@ def test_interrupted_sweep_every_view_agrees_and_resume_finishes_without_repeats
     ran = _counts(text, "i")
     assert ran["total"] == 4 and ran["completed"] >= 1 and ran["completed"] < 4, text
     assert "sweeper resume i" in text
+    for library_line in ("Tuner.restore", "Resume experiment with", " WARNING ", " INFO "):  # Ray's advice is
+        assert library_line not in driver_text(text), (library_line, text)  # for Python users: it goes to the log
+    assert "Tuner.restore" in (tmp_path / "i" / "sweeper.log").read_text()
 
     code, out, _ = cli(["status", "i", "--storage", st], capsys)
     status = _counts(out, "i")
@@ -168,6 +171,10 @@ def test_interrupted_sweep_every_view_agrees_and_resume_finishes_without_repeats
     code, out, err = cli(["resume", "i", "--storage", st], capsys)
     assert code == 0, err
     assert "4 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending" in out
+    for library_line in ("Tuner.restore", "Failed to fetch metrics", " WARNING ", " INFO "):
+        assert library_line not in out + err, (library_line, out + err)
+    first = next(ln for ln in out.splitlines() if "done]" in ln)
+    assert first.startswith(f"[{ran['completed']}/4 done]"), out  # the trials finished before count from the start
     df = load_results("i", st, source="mlflow")
     assert len(df) == 4 and df["trial_key"].is_unique
     for tdir in (tmp_path / "i").glob("trial_*"):  # no step reported twice

@@ -2,7 +2,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.pareto import aggregate_seeds, frontier, hypervolume, pareto_mask, parse_objectives
+from analysis.pareto import (
+    aggregate_seeds,
+    frontier,
+    has_seed_replicates,
+    hypervolume,
+    pareto_mask,
+    parse_objectives,
+    seed_frontier,
+)
 
 
 def brute_force(values, directions):
@@ -100,3 +108,50 @@ def test_two_objective_path_keeps_a_point_whose_second_objective_is_inf():
     assert pareto_mask(v, ["min", "min"]).tolist() == [True, True]
     assert pareto_mask(np.array([[0.0, np.inf], [1.0, np.inf]]), ["min", "min"]).tolist() == [True, False]
     assert pareto_mask(np.array([[0.0, -np.inf], [1.0, 5.0]]), ["min", "max"]).tolist() == [True, True]
+
+
+def _seeded(seeds):
+    """Two configurations (kappa 0 and 400) at two thetas, ``seeds`` seeds each, as a sweep's rows; a
+    seed trades accuracy for ASR, so no seed dominates another."""
+    rows = []
+    for theta in (0.05, 0.1):
+        for kappa, acc, asr in ((0.0, 0.96, 0.97), (400.0, 0.85, 0.19)):
+            for seed in seeds:
+                rows.append(
+                    {
+                        "theta": theta,
+                        "kappa": kappa,
+                        "epochs": 15,
+                        "seed": seed,
+                        "status": "completed",
+                        "clean_acc": acc + 0.01 * seed,
+                        "asr": asr + 0.02 * seed,
+                        "lambda_1": 0.1 + seed,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_seed_frontier_averages_seeds_by_default():
+    df = _seeded([0, 1, 2])
+    assert has_seed_replicates(df)
+    front = seed_frontier(df, group_by=["theta"], metrics=["lambda_1"])
+    # one point per configuration, not three points of one configuration's seed noise
+    assert len(front) == 4 and front["n_seeds"].tolist() == [3] * 4 and "seed" not in front.columns
+    row = front[(front.theta == 0.05) & (front.kappa == 400)].iloc[0]
+    assert row["clean_acc"] == pytest.approx(0.86) and row["asr"] == pytest.approx(0.21)
+    assert row["clean_acc_std"] == pytest.approx(np.std([0.85, 0.86, 0.87], ddof=1))
+    assert row["asr_std"] == pytest.approx(np.std([0.19, 0.21, 0.23], ddof=1))
+    assert row["lambda_1"] == pytest.approx(1.1) and "lambda_1_std" in front.columns
+    per_seed = seed_frontier(df, group_by=["theta"], aggregate=False)
+    assert "n_seeds" not in per_seed.columns and len(per_seed) == 12  # each seed is its own point
+    assert seed_frontier(df, group_by=["seed"])["seed"].nunique() == 3  # a frontier per seed: never averaged
+
+
+def test_seed_frontier_without_seeds_is_the_plain_frontier():
+    for df in (_seeded([0]), _seeded([0]).drop(columns="seed"), _seeded([7])):
+        assert not has_seed_replicates(df)
+        pd.testing.assert_frame_equal(seed_frontier(df, group_by=["theta"]), frontier(df, group_by=["theta"]))
+        pd.testing.assert_frame_equal(seed_frontier(df), frontier(df))
+    # seeds that tell configurations apart (one each) are no replicates either
+    assert not has_seed_replicates(_seeded([0]).assign(seed=range(4)))

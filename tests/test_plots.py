@@ -46,6 +46,17 @@ def test_tables_1_and_2():
     assert "| theta |" in markdown_table(df[["theta", "kappa"]].head(2))
 
 
+def test_table2_with_seeds_names_the_index_most_seeds_share_and_how_many():
+    seeds = pd.DataFrame({"kappa": 0, "theta": 0.1, "status": "completed", "seed": [0, 1, 2, 3],
+                          "max_overlap_sq": [0.2, 0.4, 0.3, 0.5], "max_overlap_index": [2, 1, 2, 1]})
+    row = plots.table2(seeds).iloc[0]
+    assert row["max_overlap_index"] == 1 and row["index_seeds"] == "2/4"  # a tie: the lowest index
+    assert row["max_overlap_sq"] == pytest.approx(0.35) and row["max_overlap_sq_std"] == pytest.approx(
+        np.std([0.2, 0.4, 0.3, 0.5], ddof=1))
+    one = plots.table2(seeds.head(1))
+    assert "index_seeds" not in one.columns and one["max_overlap_index"].iloc[0] == 2
+
+
 def test_figures_are_valid_pngs_and_svgs(tmp_path):
     df = synthetic()
     files = plots.plot_asr_vs_theta(df, tmp_path) + plots.plot_overlap_vs_theta(df, tmp_path)
@@ -71,7 +82,8 @@ def test_report_on_a_real_sweep_writes_figures_and_logs_them(grid_sweep, tmp_pat
     assert pngs == ["asr_vs_theta.png", "detectability_lag.png", "eigenvectors.png", "frontier.png",
                     "overlap_vs_theta.png"]
     maps = sorted(p.name for p in out.glob("localisation_*.png"))  # the clean and the most poisoned model per cell
-    assert maps and all(m.endswith(".png") and "theta=" in m for m in maps), maps
+    assert maps and all(m.startswith("localisation_theta") and "=" not in m for m in maps), maps
+    assert all((out / m).with_suffix(".svg").is_file() for m in maps)  # drawn here, as every figure: PNG + SVG
     assert all(p.read_bytes().startswith(PNG) and p.stat().st_size > 1000 for p in out.glob("*.png"))
     md = (out / "summary.md").read_text()
     problems = md.split("## Not completed")[1].split("## All trials")[0]
@@ -93,3 +105,134 @@ def test_report_on_a_real_sweep_writes_figures_and_logs_them(grid_sweep, tmp_pat
     assert main(["frontier", "grid", "--storage", str(storage), "--objectives", "clean_acc:max,nope:min"]) == 2
     assert "metric(s) ['nope'] not in the results" in capsys.readouterr().err
     assert main(["frontier", "grid", "--storage", str(storage), "--group-by", "bogus"]) == 2
+
+
+DETECT_STATS = [
+    "det_flip_excess",
+    "det_flip_max",
+    "det_flip_r0.5",
+    "det_ipr_1",
+    "det_ipr_max",
+    "det_lambda_ratio",
+    "det_lambda_trace_ratio",
+    "det_window_frac_w2",
+    "det_window_frac_w3",
+    "det_window_frac_w4",
+    "det_class_flip_max",
+    "det_class_flip_excess",
+    "det_class_lambda_anomaly",
+    "det_class_lambda_ratio",
+    "det_class_share_max",
+    "max_overlap_sq",
+    "overlap_sq",
+]
+
+
+def population(thetas=(0.0, 0.02, 0.05), seeds=6, kappas=(0.0, 400.0)):
+    """Clean and poisoned models per kappa with the 17 statistics a detection sweep carries (every
+    other one shifts with theta), ``seeds`` seeds of each configuration."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for kappa in kappas:
+        for theta in thetas:
+            for seed in range(seeds):
+                row = {
+                    "theta": theta,
+                    "kappa": kappa,
+                    "seed": seed,
+                    "augment": False,
+                    "epochs": 15,
+                    "status": "completed",
+                    "clean_acc": 0.96 - theta,
+                    "asr": min(1.0, 0.05 + 12 * theta),
+                    "overlap_sq": 0.0,
+                    "max_overlap_sq": 0.0,
+                    "max_overlap_index": 1,
+                    "trial_id": f"t{len(rows)}",
+                }
+                for i, s in enumerate(DETECT_STATS):
+                    row[s] = rng.normal(theta * 40 * (i % 2), 0.3)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_every_figure_is_png_and_svg_without_equals_in_its_name(tmp_path):
+    from analysis.detect import detection_table
+
+    df = population()
+    one = df[df["kappa"] == 0]  # one cell's detection figures: drawing them is the slow part
+    table = detection_table(one, n_boot=5)
+
+    def vectors(row):  # a poisoned model's v1 sits on a corner patch
+        v = np.random.default_rng(int(row["seed"])).normal(size=(3, 1, 8, 8))
+        v[0, :, 5:, 5:] += 10 * (row["theta"] > 0)
+        return v
+
+    files = plots.plot_asr_vs_theta(df, tmp_path) + plots.plot_overlap_vs_theta(df, tmp_path)
+    files += plots.plot_frontier(df, tmp_path) + plots.plot_lag(plots.detectability_lag(df), tmp_path)
+    files += plots.plot_eigenvector_grid(df, vectors, tmp_path) + plots.plot_detection(table, one, tmp_path)
+    maps = plots.plot_localisation(df, vectors, tmp_path)
+    assert sorted(p.name for p in maps if p.suffix == ".png") == [
+        "localisation_theta0.05_kappa0.png",
+        "localisation_theta0.05_kappa400.png",
+        "localisation_theta0_kappa0.png",
+        "localisation_theta0_kappa400.png",
+    ]
+    files += maps
+    assert {p.name for p in files} >= {"detection.png", "detection_all.svg", "detectability_lag.svg", "frontier.svg"}
+    stems = {p.stem for p in files}
+    for stem in stems:  # every figure both ways, and a name a shell or a URL takes as it is
+        assert (tmp_path / f"{stem}.png").read_bytes().startswith(PNG), stem
+        assert b"<svg" in (tmp_path / f"{stem}.svg").read_bytes()[:500], stem
+        assert "=" not in stem and " " not in stem, stem
+    assert len(files) == 2 * len(stems)
+    assert plots.plot_localisation(df.drop(columns="det_ipr_1"), vectors, tmp_path) == []  # no localisation run
+
+
+def test_detection_panels_hold_a_few_statistics_with_the_oracles_in_each():
+    from analysis.detect import ORACLES, detection_table
+
+    g = detection_table(population(kappas=(0.0,)), n_boot=5)
+    panels = plots.detection_panels(g)
+    assert all(len(stats) <= 6 and stats[-2:] == ["max_overlap_sq", "overlap_sq"] for _, stats in panels)
+    shown = [s for _, stats in panels for s in stats if s not in ORACLES]
+    assert sorted(shown) == sorted(s for s in DETECT_STATS if s not in ORACLES)  # each once
+    assert [t for t, _ in panels][:2] == ["spectral shape", "localisation (1/2)"]
+    best = plots.best_per_family(g)
+    fams = [plots.statistic_family(s, s in ORACLES) for s in best]
+    assert fams == ["spectral shape", "localisation", "flip concentration", "per-class curvature", plots.ORACLE_FAMILY]
+    # the access-level hook: any column of the table groups the panels instead of the families
+    access = g.assign(access=np.where(g["statistic"].str.startswith("det_class_"), "white-box", "black-box"))
+    assert [t for t, _ in plots.detection_panels(access, panel_by="access")][0].startswith("black-box")
+
+
+def test_coincident_points_get_one_label():
+    # four frontier points on one spot (three seeds and another kappa), one apart
+    merged = plots.merge_coincident(
+        [1.0, 1.0, 1.0, 1.0, 0.2],
+        [0.96, 0.96, 0.96, 0.96, 0.85],
+        ["κ=0", "κ=0", "κ=0", "κ=200", "κ=400"],
+        ["θ=0.05", "θ=0.1", "θ=0.1", "θ=0.1", ""],
+    )
+    assert [(x, y, text) for x, y, text, _ in merged] == [
+        (1.0, 0.96, "κ=0 (θ=0.05, θ=0.1)\nκ=200"),
+        (0.2, 0.85, "κ=400"),
+    ]
+    assert merged[0][3] == [0, 1, 2, 3]
+    many = plots.merge_coincident([0.0] * 6, [0.0] * 6, [f"κ={k}" for k in range(6)])
+    assert len(many) == 1 and many[0][2].splitlines()[-1] == "+ 3 more"
+
+
+def test_sweep_summary_frontier_averages_seeds_and_leaves_a_seedless_sweep_alone():
+    from analysis.pareto import frontier
+    from analysis.report import sweep_summary
+
+    df = population(thetas=(0.05,), seeds=3).assign(kind="network")
+    text = sweep_summary(df, ["kappa", "seed"])
+    front = text.split("frontier (")[1].splitlines()
+    assert "n_seeds" in front[1] and "clean_acc_std" in front[1] and len(front) == 2 + 2  # kappa 0 and 400
+    one = population(thetas=(0.05,), seeds=1).assign(kind="network")
+    text = sweep_summary(one, ["kappa"])
+    cols = ["kappa", "status", "clean_acc", "asr", "max_overlap_sq"]  # what the frontier printed before seeds
+    plain = frontier(one)[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    assert text.split("(maximize clean_acc, minimize asr):\n")[1] == plain

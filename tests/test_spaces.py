@@ -109,3 +109,79 @@ def test_every_published_sweep_file_validates():
     for path in files:
         spec, name = load_sweep_file(path)
         assert name == path.stem and spec.configs(), path  # every trial's TrialConfig is valid
+
+
+def test_a_list_field_takes_its_list_as_one_value_and_an_axis_over_lists_needs_a_bar():
+    """`trial --detect-baselines nc,ss,ac` is one trial with three baselines: `--set` means the same everywhere."""
+    from sweeper.spaces import build_search_spec, build_spec, is_list_field, parse_sets, trial_config
+
+    assert all(is_list_field(f) for f in ("detect_baselines", "detect_windows", "detect_norms"))
+    assert not is_list_field("theta") and not is_list_field("m", "kernel")
+    assert parse_values("detect_baselines", "nc,ss,ac") == ["nc,ss,ac"]  # one value, not three
+    assert parse_values("detect_baselines", " nc + ss ") == ["nc,ss"]  # `+` still separates items
+    assert parse_values("detect_baselines", "") == [""]  # the empty list: no baselines
+    assert parse_values("detect_baselines", "nc,ss|ac") == ["nc,ss", "ac"]  # `|`: an axis over lists
+    assert parse_values("detect_baselines", "nc+ss|ac|") == ["nc,ss", "ac", ""]
+    assert parse_values("detect_norms", "0.5|0.5,1|0.5") == ["0.5", "0.5,1"]  # repeats dropped
+    assert parse_values("lr", "0.01,0.1") == [0.01, 0.1]  # a scalar field keeps a,b as an axis
+    # trial: --set and the dedicated flag agree
+    via_set = trial_config("network", None, None, ["detect_baselines=nc,ss,ac", "detect_norms=0.5,1"])
+    via_flag = trial_config("network", None, {"detect_baselines": "nc,ss,ac", "detect_norms": "0.5,1"})
+    assert (via_set.detect_baselines, via_set.detect_norms) == (via_flag.detect_baselines, via_flag.detect_norms) \
+        == ("nc,ss,ac", "0.5,1")
+    with pytest.raises(SpaceError, match="a single trial takes one value"):
+        parse_sets(["detect_baselines=nc|ac"])
+    # run / plan: one value is a fixed field, `|` an axis; a scalar's a,b stays an axis
+    spec, _ = build_spec(None, {"theta": "0.1", "kappa": "0"}, None, ["detect_baselines=nc,ss,ac", "lr=0.01,0.1"])
+    assert spec.fixed["detect_baselines"] == "nc,ss,ac" and spec.axes == {"lr": [0.01, 0.1]}
+    assert spec.describe() == "2 trials (lr = 2)"
+    spec, _ = build_spec(None, {"theta": "0.1", "kappa": "0"}, "2", ["detect_baselines=nc,ss|ac"])
+    assert spec.axes == {"detect_baselines": ["nc,ss", "ac"]}
+    assert spec.describe() == "4 trials (detect_baselines x seed = 2 x 2)"
+    assert sorted({c.detect_baselines for c in spec.configs()}) == ["ac", "nc,ss"]
+    assert SweepSpec(fixed={"theta": 0.1}).describe() == "1 trial"
+    # search: one value is fixed, `|` a categorical choice between lists
+    assert build_search_spec({}, ["detect_baselines=nc,ss,ac"]).fixed["detect_baselines"] == "nc,ss,ac"
+    assert build_search_spec({}, ["detect_baselines=nc|ss,ac"]).categorical["detect_baselines"] == ["nc", "ss,ac"]
+
+
+def test_sweep_file_grid_list_is_the_axis_fixed_list_is_one_value(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("grid:\n  detect_baselines: [[nc, ss], [ac]]\n  detect_norms: [0.5, 1]\n"
+                 "  detect_windows: '2,3'\nfixed:\n  theta: 0.1\n  kappa: 0\n  epochs: 1\n")
+    spec, _ = load_sweep_file(f)
+    # grid: the YAML list is the axis, each element one list; a string follows the flag syntax (one value here)
+    assert spec.axes == {"detect_baselines": ["nc,ss", "ac"], "detect_norms": ["0.5", "1"], "detect_windows": ["2,3"]}
+    assert spec.size == 4 and {c.detect_windows for c in spec.configs()} == {"2,3"}
+    f.write_text("grid:\n  detect_baselines: 'nc,ss|ac'\nfixed:\n  detect_norms: [0.5, 1]\n")
+    spec, _ = load_sweep_file(f)
+    assert spec.axes == {"detect_baselines": ["nc,ss", "ac"]} and spec.size == 2
+    assert {c.detect_norms for c in spec.configs()} == {"0.5,1"}  # fixed: a list is one value
+    f.write_text("fixed:\n  detect_baselines: 'nc|ac'\n")
+    with pytest.raises(SpaceError, match="fixed: holds one value"):
+        load_sweep_file(f)
+    f.write_text("grid:\n  detect_baselines: ['nc|ac', ss]\n")
+    with pytest.raises(SpaceError, match="each element is one value"):
+        load_sweep_file(f)
+
+
+def test_plan_run_and_search_say_how_many_trials_before_ray(capsys):
+    """Through the CLI, with no Ray: `plan` counts the trials; `run` / `search` print the count first
+    (here a bad --cpus-per-trial then stops them before Ray starts)."""
+    from sweeper.cli import main
+
+    base = ["plan", "--theta", "0.1", "--kappa", "0", "--epochs", "1"]
+    assert main([*base, "--set", "detect_baselines=nc,ss,ac"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 trials;") and "detect_baselines=nc,ss,ac" in out, out
+    assert main([*base, "--set", "detect_baselines=nc,ss|ac"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 trials;") and "nc,ss" in out and " ac " in out, out
+    assert main(["run", "--theta", "0.05,0.1", "--kappa", "0,1,2,3", "--cpus-per-trial", "0"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "launching sweep digits-demo: 8 trials (theta x kappa = 2 x 4) on local Ray\n", cap
+    assert "--cpus-per-trial=0.0 is invalid" in cap.err
+    assert main(["search", "--theta", "0.05,0.1", "--seeds", "3", "--budget", "5", "--cpus-per-trial", "0"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ("launching search digits-search: budget 5 defences x 6 models each (theta x seed = 2 x 3) "
+                       "= up to 30 models on local Ray\n"), cap

@@ -1,12 +1,19 @@
-"""``sweeper ui``: the MLflow UI on a sweep's store, its links, and a clean stop on Ctrl-C."""
+"""``sweeper ui``: the MLflow UI on a sweep's store, its links, and a clean stop on Ctrl-C, SIGTERM and SIGHUP."""
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
 
 from analysis.schema import read_meta
 from sweeper.cli import main
@@ -57,8 +64,8 @@ def test_ui_serves_the_sweep_store_prints_links_and_stops_on_ctrl_c(grid_sweep):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err
-    assert "stopped the MLflow UI" in out and "Traceback" not in err
+    assert proc.returncode == 130, err  # Ctrl-C: 130, like every command
+    assert "stopped the MLflow UI on SIGINT" in err and "Traceback" not in err
     time.sleep(1)
     with socket.socket() as s:  # the server went with it
         assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -73,3 +80,98 @@ def test_ui_bad_inputs_exit_2(tmp_path, capsys):
         port = s.getsockname()[1]
         assert main(["ui", "--storage", str(tmp_path), "--port", str(port)]) == 2
         assert f"--port {port} is in use" in capsys.readouterr().err
+
+
+TAG = "SWEEPER_TEST_UI_TAG"  # inherited by every process the UI starts, however it detaches
+
+
+def _stat(pid: str) -> list[str] | None:
+    """/proc/PID/stat after the command name: [state, ppid, pgrp, ...]; None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _live(pids) -> list[str]:
+    """Those of ``pids`` still running (a zombie has stopped: it only waits for its parent to read its status)."""
+    return [p for p in pids if (st := _stat(p)) is not None and st[0] not in ("Z", "X")]
+
+
+def _tagged(tag: str) -> list[str]:
+    """Every live process whose environment carries the test's tag."""
+    needle = f"{TAG}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(entry.name)
+    return _live(found)
+
+
+def _descendants(root: int) -> list[str]:
+    """The live process tree below ``root``, found through /proc's parent links."""
+    children: dict[str, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(entry.name)) is not None:
+            children.setdefault(st[1], []).append(entry.name)
+    out, todo = [], [str(root)]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return _live(out)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
+def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, sig, code):
+    """`kill PID` or a closed terminal once left mlflow ui, uvicorn and the huey workers serving under PID 1."""
+    port, tag = _free_port(), uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "sweeper.cli", "ui", "--storage", str(tmp_path), "--port", str(port)]  # empty store
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, TAG: tag}, start_new_session=True)  # its own group: cleanup below
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()  # a reader thread: a silent process never blocks the deadline
+    tree: list[str] = []
+    try:
+        deadline = time.monotonic() + 150  # mlflow ui takes ~30 s to start on 2 busy cores
+        while not any(line.startswith("ui: ") for line in lines):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "sweeper ui printed no link within 150 s"
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:  # it serves HTTP
+            assert r.status == 200
+        tree = _descendants(proc.pid)
+        assert len(tree) >= 3 and set(tree) <= set(_tagged(tag)), tree  # mlflow ui, uvicorn and its workers, huey
+        groups = {_stat(p)[2] for p in tree if _stat(p)}
+        assert str(proc.pid) not in groups  # the server runs in its own process group, away from the terminal's
+
+        proc.send_signal(sig)
+        t0 = time.monotonic()
+        code_seen = proc.wait(timeout=15)
+        took = time.monotonic() - t0
+        err = proc.stderr.read()
+        assert code_seen == code, err
+        assert f"stopped the MLflow UI on {sig.name}" in err and "Traceback" not in err, err
+        assert took < 15
+        assert _live(tree) == [] and _tagged(tag) == [], "left running: " + ", ".join(_live(tree) + _tagged(tag))
+        left = [e.name for e in Path("/proc").iterdir() if e.name.isdigit() and (st := _stat(e.name)) and
+                st[2] in groups and st[0] not in ("Z", "X")]
+        assert left == [], left  # nothing in the server's process group either
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0  # the port is free again
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _tagged(tag):  # only what this test started (the tag, unlike a bare pid, cannot be reused)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)

@@ -109,7 +109,7 @@ class TrialConfig(ConfigFields):
     spectrum_every: int = 0  # also measure every N epochs during training (0: only at the end)
     geometry: bool = True  # penultimate-feature geometry table (Appendix B)
     # --- detection (issue 10); lists are strings so a sweep axis never splits them: use "+" there ----
-    detect: bool = True  # trigger-agnostic spectrum statistics, eigenvector flip concentration, per-class curvature (cheap; needs hessian)
+    detect: bool | None = None  # trigger-agnostic spectrum statistics, eigenvector flip concentration, per-class curvature (cheap; needs hessian); None: on when hessian is
     detect_baselines: str = ""  # comma- or +-separated subset of nc, ss, ac (Neural Cleanse, Spectral Signatures, Activation Clustering); "" = none
     detect_windows: str = "2,3,4"  # side lengths w (px) of the w x w localisation windows, each in [1, image side]
     detect_norms: str = "0.5"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
@@ -247,9 +247,14 @@ def _validate(cfg: TrialConfig) -> None:
         _fail("device", cfg.device, "must be auto, cpu, cuda or cuda:N")
     if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
         _fail("data_dir", cfg.data_dir, "must be a non-empty path")
+    if cfg.detect is None:  # the statistics are read off the spectrum: on exactly when there is one
+        object.__setattr__(cfg, "detect", cfg.hessian)
     for name in ("download", "verify_checksums", "augment", "hessian", "geometry", "detect"):
         if not isinstance(getattr(cfg, name), bool):
             _fail(name, getattr(cfg, name), "must be true or false")
+    if cfg.detect and not cfg.hessian:  # else no statistic would come out, and nothing would say why
+        _fail("detect", True, "needs hessian=true (the statistics are computed from the input-Hessian spectrum; "
+                              "the baselines of detect_baselines run without it)")
 
     _check_float(cfg, "theta", 0.0, 1.0, hi_open=True)
     _check_int(cfg, "target", 0, cfg.num_classes - 1)
