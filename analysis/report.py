@@ -148,6 +148,10 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
     except ValueError as e:
         raise SweeperError(f"--objectives: {e}") from None
     metrics = [m for m, _ in objs]
+    if completed(df).empty:  # before the objectives are blamed: there is nothing to draw a frontier from
+        counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()) if "status" in df else ""
+        raise SweeperError(f"sweep {name!r} has no completed trial ({counts}): the frontier needs at least one; "
+                           f"`sweeper status {name}` and `sweeper report {name}` list the others")
     missing = [m for m in metrics if m not in df.columns]
     if missing:
         raise SweeperError(f"--objectives: metric(s) {missing} not in the results; available: "

@@ -141,14 +141,20 @@ def test_two_threat_search_resumes_after_a_kill_without_rerun_or_duplicates(tmp_
         proc.wait(timeout=60)
         log.close()
     killed_at = time.time() * 1000
+    driver = (tmp_path / "driver.log").read_text()
+    for library_line in ("A new study created", "Token authentication", " INFO ", " WARNING "):  # the log's
+        assert library_line not in driver_text(driver), (library_line, driver)
+    assert "A new study created" in (storage / "ds" / "sweeper.log").read_text()
     done_before = {r.data.tags["sweeper.trial_key"] for r in _runs(uri, storage)
                    if r.data.tags.get("sweeper.kind") == "trial" and r.data.tags.get("sweeper.status") == "completed"}
     assert 2 <= len(done_before) < 6
     time.sleep(1)
 
     code = main(["resume", "ds", "--storage", str(storage)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out
+    assert "Tuner.restore" not in out + captured.err and " WARNING " not in out + captured.err
     assert "sweep ds: 3 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending, 3 total" in out, out
     assert "Traceback" not in driver_text(out)
     # one frontier over the defences, as `search` prints it: the two threats' theta is no group here

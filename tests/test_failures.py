@@ -103,6 +103,8 @@ def test_a_deterministic_trial_error_fails_at_once_with_its_own_message(tmp_path
     assert len(errors) == 1 and errors[0].read_text().count("Failure #") == 1  # no retry
     code, out, _ = sweeper(["status", "d", "--storage", str(storage)], env=env)
     assert code == 0 and "1 failed" in out and "0 interrupted" in out, out
+    code, out, _ = sweeper(["frontier", "d", "--storage", str(storage)], env=env)  # not a word on --objectives
+    assert code == 2 and "has no completed trial (1 failed)" in out and "--objectives" not in out, out
 
 
 # ----------------------------------------------------------------------------- item 3: resources
@@ -134,10 +136,12 @@ def test_check_cluster_resources_names_what_the_nodes_have():
 # ----------------------------------------------------------------------------- item 6: library output
 def test_a_default_run_prints_only_the_projects_lines_and_logs_the_rest(tmp_path):
     storage = tmp_path / "s"
-    code, out, _ = sweeper(["run", "--epochs", "1", "--theta", "0.05", "--kappa", "0", "--name", "q",
+    code, out, _ = sweeper(["run", "--epochs", "1", "--theta", "0.05", "--kappa", "0", "--seeds", "2", "--name", "q",
                             "--storage", str(storage), "--set", "hessian=false"])
     assert code == 0, out
     assert_quiet(out)
+    # item 9: progress names a trial by its axes, seed included, and shows its last epoch
+    assert "] seed=1 epoch 1/1 loss=" in out and "] seed=1 completed" in out, out
     log = storage / "q" / "sweeper.log"
     assert f"library log: {log}" in out
     text = log.read_text()
@@ -210,3 +214,14 @@ def test_key_format_2_hashes_only_fields_off_their_defaults():
     assert trial_key({**d, "a_new_field": 7}) != trial_key(d)
     # ... and format 1 (sweeps made before format 2 keep it) hashed every field, defaults too
     assert trial_key(d, 1) != trial_key(d)
+
+
+def test_trials_are_named_by_their_axes_with_short_floats():
+    """A search's kappa=122.96071107325702 reads kappa=123; pending trials are named as running ones are."""
+    from sweeper.cli import _point
+    from sweeper.orchestrate import _short
+
+    assert _short(122.96071107325702) == "123" and _short(0.05) == "0.05" and _short(3) == 3
+    row = {"kappa": 122.96071107325702, "seed": 1, "trial_key": "cbf59894670dbc13", "status": "pending"}
+    assert _point(row, ["kappa", "seed"]) == "kappa=123 seed=1"
+    assert _point(row, []) == "cbf59894670dbc13"
