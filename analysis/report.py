@@ -21,7 +21,7 @@ import pandas as pd
 from trainables import trial_kind
 from trainables.config import SweeperError
 
-from . import plots
+from . import detection_plots, frontier_plot, plots
 from .defence import is_defence_search
 from .detect import auroc_text
 from .detect import detectability_lag as detect_lag
@@ -200,7 +200,7 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-DETECTION_IMAGES = ("nc_triggers.png",)  # the localisation maps are drawn by plots.plot_localisation
+DETECTION_IMAGES = ("nc_triggers.png",)  # the localisation maps are drawn by detection_plots.plot_localisation
 
 
 def detection_images(df: pd.DataFrame, artifacts: Artifacts, out: Path, limit: int = 8) -> list[Path]:
@@ -244,7 +244,7 @@ def _defence_report(models: pd.DataFrame, meta, out: Path) -> tuple[list, list[P
     pairs = [(o.metric, o.direction) for o in res["objectives"]]
     what = ", ".join(f"{o.metric} {o.direction} ({o.aggregate} over threats)" for o in res["objectives"])
     threats = "; ".join(" ".join(f"{k}={v}" for k, v in t.items()) or "one threat" for t in meta.search["threats"])
-    figures = plots.plot_frontier(table, out, pairs, None, name="defence_frontier",
+    figures = frontier_plot.plot_frontier(table, out, pairs, None, name="defence_frontier",
                                   title="defence frontier (objectives aggregated over threats)")
     cols = [c for c in ["defence_key", *res["defence_fields"]] + [c for m, _ in pairs for c in (m, f"{m}_std")]
             + ["n_models", "n_diverged", "n_failed", "status"] if c in table.columns]
@@ -347,7 +347,7 @@ def _compose(name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say:
     figures += plots.plot_eigenvector_grid(df, arts.eigenvectors, out)
     group = default_groups(df) or None
     if all(m in ok.columns for m, _ in objectives) and not ok.empty:
-        figures += plots.plot_frontier(df, out, objectives, group)
+        figures += frontier_plot.plot_frontier(df, out, objectives, group)
         front = seed_frontier(ok, objectives, group, metrics=kind.columns)  # seeds averaged when a sweep has them
     else:
         front = ok.iloc[:0]
@@ -357,9 +357,9 @@ def _compose(name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say:
     say(f"report: detection over {len(ok)} completed models…")
     detection, detect_note = _detection(df)
     if detection is not None:
-        figures += plots.plot_detection(detection, df, out)
+        figures += detection_plots.plot_detection(detection, df, out)
     say("report: localisation maps and reversed triggers…")
-    images = plots.plot_localisation(df, arts.eigenvectors, out)
+    images = detection_plots.plot_localisation(df, arts.eigenvectors, out)
     images += detection_images(df, arts, out)
     figures += images
     defence_sections = []

@@ -19,7 +19,8 @@ import time
 import ray
 from common import print_table
 
-from sweeper import orchestrate
+from analysis.schema import write_meta
+from sweeper import orchestrate, tracking
 from sweeper.orchestrate import SweepOptions
 from sweeper.spaces import SweepSpec
 
@@ -39,9 +40,9 @@ def main():
         orchestrate.start_ray(None)
         t_ray = time.perf_counter() - t0
         meta.gpus_per_trial = 0.0
-        meta.experiment_id = orchestrate.tracking.ensure_experiment(meta.mlflow_uri, "bench", None)
-        meta.parent_run_id = orchestrate.tracking.start_parent(meta.mlflow_uri, meta.experiment_id, "bench", {})
-        orchestrate.write_meta(meta.storage, "bench", meta)
+        meta.experiment_id = tracking.ensure_experiment(meta.mlflow_uri, "bench", None)
+        meta.parent_run_id = tracking.start_parent(meta.mlflow_uri, meta.experiment_id, "bench", {})
+        write_meta(meta.storage, "bench", meta)
         t1 = time.perf_counter()
         grid = orchestrate._tuner(meta, configs).fit()
         wall = time.perf_counter() - t1

@@ -3,7 +3,7 @@
 On digits, against one fixed threat (lshape trigger, theta = 0.05, deterministic poisoning), the
 defence space is kappa (log-uniform on [1, 1000]) x augmentation (on / off). The grid evaluates 12
 log-spaced kappas x both augmentation settings (24 models). Each sampler of ``sweeper search``
-(NSGA-II, multivariate TPE, GP, random: built by :func:`sweeper.orchestrate.make_sampler`, the
+(NSGA-II, multivariate TPE, GP, random: built by :func:`sweeper.samplers.make_sampler`, the
 same objects the CLI uses) runs 3 seeded studies of 12 defences, one after another (ask, train,
 tell: batch size 1); budgets of 1/6, 1/4, 1/3 and 1/2 of the grid are read as the first 4, 6, 8 and
 12 trials of each study (the samplers' behaviour does not depend on the budget at these sizes:
@@ -66,7 +66,7 @@ def _study(args):
     sampler_name, seed, n, epochs = args
     import optuna
 
-    from sweeper.orchestrate import make_sampler
+    from sweeper.samplers import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(sampler_name, seed, n))

@@ -594,7 +594,7 @@ def status(
     storage: StorageOpt = "./sweeps",
 ) -> dict[str, Any]:
     """Trials completed / diverged / failed / running / interrupted / pending of a sweep."""
-    from .orchestrate import sweep_status
+    from .states import sweep_status
 
     st = sweep_status(name, storage)
     typer.echo(f"sweep {st['name']} ({st['path']}): " + ", ".join(

@@ -21,6 +21,7 @@ LIBRARIES = ("ray", "optuna", "mlflow", "alembic", "urllib3", "filelock", "huey"
              "py.warnings", "gpytorch", "pyarrow", "fsspec", "asyncio")
 FALLBACK = Path("~/.cache/sweeper/logs/sweeper.log")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MAX_KEPT = 10_000  # records kept in memory before the log file is named (a sweep names it within seconds)
 
 
 class LibraryLog(logging.Handler):
@@ -29,7 +30,7 @@ class LibraryLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter(_FORMAT))
-        self.buffer: list[str] = []
+        self.buffer: list[str] = []  # until a file is named; bounded (MAX_KEPT) so a long command cannot grow it
         self.path: Path | None = None
         self.verbose = False
 
@@ -43,7 +44,8 @@ class LibraryLog(logging.Handler):
         if self.verbose:
             print(line, file=sys.stderr, flush=True)
         if self.path is None:
-            self.buffer.append(line)
+            if len(self.buffer) < MAX_KEPT:
+                self.buffer.append(line)
             return
         self._append([line])
 

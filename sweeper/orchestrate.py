@@ -5,40 +5,46 @@ results) plus our ``sweeper.json`` (the search space, the MLflow URI, experiment
 ids, resources) which makes ``sweeper resume NAME`` and ``sweeper status NAME`` possible.
 Trials checkpoint every epoch through :class:`trainables.train.Trial`, so an interrupted trial
 continues from its last epoch and a finished one is never re-run.
+
+Its parts: :mod:`.preflight` (every check before Ray starts), :mod:`.worker` (what runs inside Ray
+workers), :mod:`.sweep_progress`, :mod:`.samplers` and :mod:`.states` (what each trial ended as).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.schema import (  # noqa: F401 (re-exported)
+from analysis.schema import (
     KEY_FORMAT,
     META,
     SweepMeta,
-    driver_alive,
     is_uri,
     read_meta,
     sweep_exists,
-    trial_row,
-    trial_status,
     write_meta,
 )
 from trainables.config import SweeperError, TrialConfig
 
 from . import tracking
 from .cluster import check_shared_storage
+from .preflight import (
+    check_address,
+    check_cluster_resources,
+    check_data,
+    check_name,
+    check_resources,
+    ray_auth_token,
+    resolve_storage,
+)
+from .samplers import SAMPLERS, searcher
 from .spaces import SweepSpec
-from .tracking import run_label
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+from .states import SweepReport, finish_sweep, label_axes, sweep_path, this_driver
+from .sweep_progress import progress_callback, stop_progress
+from .worker import no_retry_callback, trainable, trial_folder
 
 
 @dataclass
@@ -55,302 +61,6 @@ class SweepOptions:
     max_failures: int = 2
     verbose: int = 1
     live: bool | None = None  # progress as one live bar (None: when stdout is a terminal) or plain lines
-
-
-# ----------------------------------------------------------------------------- checks
-def check_name(name: str) -> None:
-    """Sweep names become folder and experiment names."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise SweeperError(f"--name {name!r} is invalid: use 1-100 letters, digits, '.', '_' or '-', "
-                           f"starting with a letter or digit")
-
-
-def resolve_storage(storage: str) -> str:
-    """Absolute local path (Ray changes the working directory of trials) or the URI unchanged."""
-    if is_uri(storage):
-        if not storage.startswith(("file://", "s3://", "gs://", "hdfs://", "abfs://")):
-            raise SweeperError(f"--storage {storage!r} is invalid: expected a path or a file://, s3://, gs://, "
-                               f"hdfs:// or abfs:// URI")
-        return storage.rstrip("/")
-    path = Path(storage).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise SweeperError(f"--storage {storage} is a file, expected a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SweeperError(f"--storage {storage}: cannot create folder: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise SweeperError(f"--storage {storage} is not writable")
-    return str(path)
-
-
-def check_address(address: str | None, timeout: float = 3.0) -> None:
-    """A cluster address must parse and, for host:port, accept a TCP connection — before Ray starts."""
-    if address in (None, "auto", "local"):
-        return
-    m = re.fullmatch(r"(ray://)?([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})", address)
-    if not m or not 0 < int(m.group(3)) < 65536:
-        raise SweeperError(f"--address {address!r} is invalid: expected auto, HOST:PORT or ray://HOST:PORT")
-    host, port = m.group(2).strip("[]"), int(m.group(3))
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise SweeperError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
-                           f"start the cluster (ray start --head / ray up cluster.yaml) or omit --address") from None
-    if not m.group(1):  # a GCS address (not Ray Client): does it take this driver's auth token?
-        check_ray_auth(address)
-
-
-_TOKEN_HELP = ("copy the head's ~/.ray/auth_token to this machine's ~/.ray/auth_token, or set RAY_AUTH_TOKEN "
-               "(the token) or RAY_AUTH_TOKEN_PATH (its file); `ray get-auth-token` on the head prints it")
-
-
-def ray_auth_token() -> tuple[str, str] | None:
-    """(where, token) of the Ray auth token this process would send, in Ray's own order, or None."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "RAY_AUTH_TOKEN", os.environ["RAY_AUTH_TOKEN"].strip()
-    for where in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
-        if where and Path(where).is_file():
-            return where, Path(where).read_text().strip()
-    return None
-
-
-def _auth_env() -> dict[str, str]:
-    """The environment with token mode on when a token is at hand (Ray >= 2.59 heads demand one)."""
-    env = dict(os.environ)
-    if ray_auth_token() is not None:
-        env.setdefault("RAY_AUTH_MODE", "token")
-    return env
-
-
-_PROBE = """
-import sys
-from ray._raylet import GcsClient
-try:
-    GcsClient(address=sys.argv[1]).internal_kv_keys(b"", namespace=None, timeout=10)
-except Exception as e:
-    print(type(e).__name__)
-"""
-
-
-def check_ray_auth(address: str, timeout: float = 60.0) -> None:
-    """Ask the cluster's GCS, in a child process, whether it takes this driver (and its auth token).
-
-    A child process because a driver in token mode without a token aborts inside Ray's C++ code.
-    A refused token is one line naming where it came from; any other outcome is left to ray.init.
-    """
-    import subprocess
-    import sys
-
-    token = ray_auth_token()
-    try:
-        out = subprocess.run([sys.executable, "-c", _PROBE, address], env=_auth_env(), capture_output=True,
-                             text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return
-    refused = "AuthenticationError" in out.stdout or "InvalidAuthToken" in out.stderr
-    if refused and token is None:
-        raise SweeperError(f"--address {address}: the Ray cluster requires an auth token and this machine has none; "
-                           f"{_TOKEN_HELP}")
-    if refused:
-        raise SweeperError(f"--address {address}: the Ray cluster refused the auth token from {token[0]}; "
-                           f"use the head's token: {_TOKEN_HELP}")
-
-
-def check_resources(opts: SweepOptions) -> None:
-    if not opts.cpus_per_trial > 0:
-        raise SweeperError(f"--cpus-per-trial={opts.cpus_per_trial} is invalid: must be > 0")
-    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
-        raise SweeperError(f"--gpus-per-trial={opts.gpus_per_trial} is invalid: must be >= 0 (fractions allowed)")
-    if opts.max_concurrent is not None and opts.max_concurrent < 1:
-        raise SweeperError(f"--max-concurrent={opts.max_concurrent} is invalid: must be >= 1")
-    if opts.max_failures < 0:
-        raise SweeperError(f"--max-failures={opts.max_failures} is invalid: must be >= 0")
-
-
-def check_data(configs) -> None:
-    """Every dataset the trials read is found and checked (checksums as configured) before Ray starts.
-
-    Inside Ray a missing or corrupt file would fail every trial, each after its retries; here it is one
-    line naming the file and the folder searched. Each (dataset, folder, checksum setting) is loaded
-    once, as a trial loads it. ``download`` trials fetch their own files and are not checked.
-    """
-    from trainables.data import load_dataset
-
-    seen: set[tuple[str, str, bool]] = set()
-    for cfg in configs:
-        name, folder = getattr(cfg, "dataset", None), getattr(cfg, "data_dir", None)
-        if name is None or folder is None or getattr(cfg, "download", False):
-            continue
-        key = (name, str(folder), bool(getattr(cfg, "verify_checksums", True)))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            load_dataset(*key)
-        except SweeperError as e:
-            raise SweeperError(f"{e} [dataset {name}, data_dir {folder}; a sweep file's relative data_dir is "
-                               f"read from the file's folder]") from None
-
-
-# ----------------------------------------------------------------------------- sweep folder metadata
-def sweep_path(storage: str, name: str) -> str:
-    return f"{storage}/{name}"
-
-
-# ----------------------------------------------------------------------------- the trainable
-def trainable(config: dict[str, Any]) -> None:
-    """One trial inside Ray Tune: resume from Tune's checkpoint, train, log to MLflow, report.
-
-    ``config["trial"]`` is the TrialConfig dict, ``config["sweep"]`` the tracking settings (kept in
-    the param space so a restored Tuner has them). Imports stay inside: workers import on demand.
-    """
-    import logging
-    import tempfile
-
-    import torch
-    from ray import tune
-
-    from trainables.train import Trial
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
-    sweep = config["sweep"]
-    if config["trial"].get("kind", "network") != "network":
-        torch.set_num_threads(max(1, int(sweep["threads"])))
-        return _closed_form_trial(config["trial"], sweep)
-    cfg = TrialConfig.from_dict(config["trial"])
-    torch.set_num_threads(cfg.threads)  # the config's count: the same numbers as `sweeper trial`
-    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
-                                    run_label(config["trial"], sweep.get("axes", [])),
-                                    key_format=sweep.get("key_format", 1))
-    if tracker.finished:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
-        _report_stored_final(tracker, sweep)
-        return
-    try:
-        trial = Trial(cfg)
-        ckpt = tune.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                trial.load(Path(d) / "trial.pt")
-    except Exception as e:  # before training: the run is marked failed here, as train_tracked does later
-        tracker.log_failure(e)
-        _fail(e, tracker.key)
-        raise
-    if ckpt is not None and trial.done:  # only the final report carries a finished trial: Ray has it already
-        return
-
-    def report(metrics: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            trial.save(Path(d) / "trial.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-    def after_epoch(metrics: dict[str, Any]) -> None:
-        if not trial.done:  # the final report, below, carries the last epoch
-            report({**metrics, "status": "running", "trial_key": tracker.key})
-
-    try:
-        result = tracking.train_tracked(trial, tracker, after_epoch)
-    except Exception as e:
-        _fail(e, tracker.key)
-        raise
-    report(_final_metrics(result, tracker))
-
-
-def _fail(error: BaseException, key: str) -> None:
-    """Before a trial's error propagates: a deterministic one (a :class:`SweeperError`: bad config or data)
-    is reported as such, so :class:`NoRetry` stops Ray from retrying what would fail the same way again."""
-    from ray import tune
-
-    if isinstance(error, SweeperError):
-        tune.report({"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000], "trial_key": key,
-                     "deterministic": 1})
-
-
-def no_retry_callback():
-    """A Tune callback: a trial that reported a deterministic error gets no retry (Ray retries every
-    error up to ``max_failures``; node loss deserves it, a missing file or a bad config does not)."""
-    from ray import tune
-
-    class NoRetry(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("deterministic"):  # the error that follows this report ends the trial
-                trial.max_failures = trial.run_metadata.num_failures
-
-    return NoRetry()
-
-
-def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """Kernel and linear trials: one dense computation, logged and reported once."""
-    from ray import tune
-
-    from trainables import make_config, run_any
-
-    cfg = make_config(trial)
-    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
-                                    run_label(trial, sweep.get("axes", [])), key_format=sweep.get("key_format", 1))
-    if tracker.finished:
-        _report_stored_final(tracker, sweep)
-        return
-    try:
-        result = run_any(cfg)
-        tracker.log_final(result)
-    except Exception as e:
-        tracker.log_failure(e)
-        _fail(e, tracker.key)
-        raise
-    tune.report(_final_metrics(result, tracker))
-
-
-def _final_metrics(result, tracker: tracking.TrialTracker) -> dict[str, Any]:
-    """A trial's last report: final metrics, status, its MLflow run and the node it ran on."""
-    import ray
-
-    objectives = {"clean_acc": float("nan"), "asr": float("nan")}  # a diverged trial has none: NaN for searchers
-    return {**objectives, **result.metrics, "status": result.status, "trial_key": tracker.key,
-            "diverged": int(result.status == "diverged"), "mlflow_run_id": tracker.run_id or "",
-            "node_id": ray.get_runtime_context().get_node_id()}
-
-
-def _report_stored_final(tracker: tracking.TrialTracker, sweep: dict[str, Any]) -> None:
-    """Report a finished trial's final result from MLflow, unless Ray's record already holds it.
-
-    A trial can finish and be reported just before an interrupt that Ray's experiment state never
-    saw: on resume Tune starts it again, and reporting once more would write its final line twice.
-    """
-    from ray import tune
-
-    if not final_recorded(sweep, tune.get_context().get_trial_id(), tracker.key):
-        tune.report(_stored_final(tracker))
-
-
-def final_recorded(sweep: dict[str, Any], trial_id: str, key: str) -> bool:
-    """Whether the trial's ``result.json`` in the sweep folder holds a final (not running) report."""
-    from analysis.schema import read_text
-
-    if "storage" not in sweep:  # sweeps started by an older version: report again, harmless
-        return False
-    text = read_text(sweep["storage"], f"{sweep['name']}/{trial_folder(trial_id)}/result.json") or ""
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut short by a killed driver
-            continue
-        if rec.get("trial_key") == key and rec.get("status", "running") != "running":
-            return True
-    return False
-
-
-def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
-    """The final report of a trial whose MLflow run already finished (from that run's metrics)."""
-    import ray
-
-    metrics = {"clean_acc": float("nan"), "asr": float("nan"), **tracker.final_metrics}
-    return {**metrics, "status": tracker.final_status, "trial_key": tracker.key,
-            "diverged": int(tracker.final_status == "diverged"), "mlflow_run_id": tracker.run_id or "",
-            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _trainable_for(meta: SweepMeta):
@@ -372,31 +82,6 @@ def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
                    cpus_per_model=meta.cpus_per_trial, gpus_per_model=meta.gpus_per_trial,
                    models_dir=str(Path(meta.storage) / meta.name / "models"))
     return out
-
-
-def label_axes(meta: SweepMeta) -> list[str]:
-    """The fields that tell a sweep's trials apart: its axes, and seed when seeds vary."""
-    spec = meta.spec or {}
-    axes = list(spec.get("axes", {}))
-    if meta.kind == "search":  # a defence's seeds are part of it, not an axis
-        return axes
-    return axes + (["seed"] if spec.get("seeds") and "seed" not in axes else [])
-
-
-# ----------------------------------------------------------------------------- Ray
-def quiet_worker_exit() -> None:
-    """Ray worker set-up: drop the "Exception ignored in ... SystemExit" that a worker prints when
-    Ray's SIGTERM handler fires inside a garbage-collection callback at shutdown (it raises
-    SystemExit there, which Python can only report). Every other unraisable error is still printed."""
-    import sys
-
-    default = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, SystemExit):
-            default(unraisable)
-
-    sys.unraisablehook = hook
 
 
 def start_ray(address: str | None) -> None:
@@ -422,7 +107,7 @@ def start_ray(address: str | None) -> None:
     if "PYTHONPATH" in env_vars:  # workers start elsewhere: relative entries would point nowhere
         env_vars["PYTHONPATH"] = os.pathsep.join(
             os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p)
-    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.orchestrate.quiet_worker_exit"}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.worker.quiet_worker_exit"}
     from . import logs
 
     logs.route()  # Ray's import gave its logger a stderr handler: its records go to the sweep's log instead
@@ -454,216 +139,14 @@ def default_defences(meta: SweepMeta) -> int:
     return max(1, math.ceil(max(slots, 1) / models)) + 1
 
 
-def check_cluster_resources(cpus: float, gpus: float | None) -> None:
-    """Some node (or an autoscaler node type) has what one trial asks for, else one line and exit 2.
-
-    Ray would otherwise queue the trials forever, its autoscaler repeating "No available node types can
-    fulfill resource request" every 35 s. On an autoscaling cluster whose node types could hold the trial,
-    the sweep goes on, with a line saying that it waits for a node.
-    """
-    import sys
-
-    import ray
-
-    need = {"CPU": float(cpus), "GPU": float(gpus or 0)}
-    ask = " and ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
-
-    def fits(res: dict[str, float]) -> bool:
-        return all(res.get(k, 0) >= v for k, v in need.items() if v > 0)
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if any(fits(n.get("Resources", {})) for n in nodes):
-        return
-    if any(fits(group) for group in _node_types()):
-        print(f"sweeper: no node has {ask} yet; waiting for the autoscaler to start one (Ctrl-C to stop)",
-              file=sys.stderr, flush=True)
-        return
-    have = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {n.get('Resources', {}).get('CPU', 0):g} CPU, "
-                     f"{n.get('Resources', {}).get('GPU', 0):g} GPU" for n in nodes) or "no live node"
-    raise SweeperError(f"each trial asks for {ask} (--cpus-per-trial/--gpus-per-trial) but no node of the cluster "
-                       f"has that ({have}) and no autoscaler node type could add one; ask for less, or join a "
-                       f"cluster that has it (--address)")
-
-
-def _node_types() -> list[dict[str, float]]:
-    """Resources of each node type the cluster's autoscaler may start (empty: no autoscaler)."""
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-        return [dict(g.resources) for g in (config.node_group_configs if config else [])]
-    except Exception:  # a private API: when it moves, the sweep behaves as on a fixed cluster
-        return []
-
-
 def default_gpus() -> float:
     import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
-    """The sweep's progress without Tune's tables.
-
-    On a terminal: one live bar (done / running / pending / failed, ETA from the finished trials)
-    with a short line per finished trial, so hundreds of trials do not flood the screen. Otherwise
-    (CI, logs): one plain line per trial epoch and per finished trial.
-    """
-    import sys
-
-    from ray import tune
-
-    live = sys.stdout.isatty() if live is None else live
-    if live:
-        stop_progress()
-
-    def label(trial) -> str:  # the axes' values name a trial, as in the summary (Ray's ids are not shown)
-        cfg = trial.config.get("trial", {})
-        text = " ".join(f"{a}={_short(cfg.get(a))}" for a in axes)
-        return text or str((trial.last_result or {}).get("trial_key") or trial.trial_id)
-
-    def epoch_line(trial, result) -> str:
-        return (f"{label(trial)} epoch {result.get('epoch')}/{trial.config['trial'].get('epochs')} "
-                f"loss={result.get('train_loss', float('nan')):.3f} clean={result.get('clean_acc', float('nan')):.3f} "
-                f"asr={result.get('asr', float('nan')):.3f}")
-
-    def finished_line(trial) -> str:
-        r = trial.last_result or {}
-        head = f"{label(trial)} {r.get('status', '?')}: clean={r.get('clean_acc', float('nan')):.3f} asr={r.get('asr', float('nan')):.3f}"
-        if "models_done" in r:  # a defence: its objectives aggregated over the threats
-            return f"{head} over {r.get('n_models', '?')} models"
-        return f"{head} max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}"
-
-    def error_line(trial) -> str:  # a deterministic error reported its message; any other is in Ray's folder
-        msg = (trial.last_result or {}).get("error")
-        return f"{label(trial)} failed: {msg}" if msg else f"{label(trial)} raised an error (see {trial.local_path})"
-
-    class Plain(tune.Callback):
-        def __init__(self):
-            self.done: set[str] = set()
-
-        def on_step_begin(self, iteration, trials, **info):
-            # a resumed sweep's finished trials count from the first line on (the callback is restored empty)
-            self.done |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("status") == "running" and "models_done" in result:
-                print(f"[{len(self.done)}/{n_trials} done] {label(trial)}: {result['models_done']}/"
-                      f"{result.get('n_models')} models trained", flush=True)
-            elif result.get("status") == "running":
-                print(f"[{len(self.done)}/{n_trials} done] {epoch_line(trial, result)}", flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            r = trial.last_result or {}
-            if "epoch" in r and r.get("status") != "running":  # the final report carries the last epoch
-                print(f"[{len(self.done)}/{n_trials} done] {epoch_line(trial, r)}", flush=True)
-            self.done.add(trial.trial_id)
-            print(f"[{len(self.done)}/{n_trials} done] {finished_line(trial)}", flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[{len(self.done)}/{n_trials} done] {error_line(trial)}", flush=True)
-
-    class Live(tune.Callback):
-        def __init__(self):
-            self.bar = None  # made on the first step: Tune pickles its callbacks, a live display cannot be
-
-        def __getstate__(self):
-            return {"bar": None}
-
-        def _start(self):
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.console = Console()
-            self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[counts]}"), TimeRemainingColumn(), console=self.console)
-            self.task = self.bar.add_task("trials", total=n_trials, counts="")
-            self.bar.start()
-            _LIVE.append(self)
-
-        def on_step_begin(self, iteration, trials, **info):
-            if self.bar is None:
-                self._start()
-            by = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "ERROR")}
-            pending = n_trials - sum(by.values())
-            self.bar.update(self.task, completed=by["TERMINATED"] + by["ERROR"],
-                            counts=f"{by['RUNNING']} running, {pending} pending, {by['ERROR']} failed")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if self.bar is not None:
-                self.console.print(finished_line(trial))
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            if self.bar is not None:
-                self.console.print(error_line(trial))
-
-        def on_experiment_end(self, trials, **info):
-            if self.bar is not None:
-                self.on_step_begin(0, trials)  # the final counts
-                self.bar.stop()
-
-    return Live() if live else Plain()
-
-
-def _short(value: Any) -> Any:
-    """A value as a progress line shows it: floats to 4 significant digits (a search's kappa=122.96, not
-    122.96071107325702)."""
-    return f"{value:.4g}" if isinstance(value, float) else value
-
-
-_LIVE: list[Any] = []  # live bars of the running tuner, stopped before the summary is printed
-
-
-def stop_progress() -> None:
-    """Stop any live progress bar (an interrupted tuner never calls ``on_experiment_end``)."""
-    while _LIVE:
-        _LIVE.pop().bar.stop()
-
-
-def trial_folder(trial_id: str) -> str:
-    """The folder of a trial in the sweep's Ray folder (Tune's dir and name creators, final_recorded)."""
-    return f"trial_{trial_id}"
-
-
 def _trial_dirname(trial) -> str:
     return trial_folder(trial.trial_id)
-
-
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
-
-
-def make_sampler(name: str, seed: int, budget: int):
-    """The Optuna sampler ``sweeper search --sampler NAME`` uses (the benchmark builds the same)."""
-    import optuna
-
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, budget // 3))
-    # TPE and GP keep Optuna's 10 random start-up trials: with 3 (tried) both did worse than random
-    # search on benchmarks/search_vs_grid.py; below 11 trials they *are* random search (same points)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise SweeperError(f"--sampler {name!r} is invalid: must be one of {', '.join(SAMPLERS)}")
-
-
-def _searcher(meta: SweepMeta):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from analysis.defence import stored_objectives
-
-    s = meta.search
-    objectives = stored_objectives(s)
-    from . import logs
-
-    logs.route()  # Optuna's import gave its logger a stderr handler ("A new study created ...")
-    storage = optuna.storages.RDBStorage(s["optuna_storage"])
-    return OptunaSearch(metric=[o.metric for o in objectives], mode=[o.direction for o in objectives],
-                        sampler=make_sampler(s["sampler"], s["seed"], s["budget"]), study_name=meta.name,
-                        storage=storage)
 
 
 def _tuner(meta: SweepMeta, configs: list[TrialConfig] | None, restore: str | None = None,
@@ -680,36 +163,19 @@ def _tuner(meta: SweepMeta, configs: list[TrialConfig] | None, restore: str | No
         failure_config=tune.FailureConfig(max_failures=meta.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
-        callbacks=[no_retry_callback()] + ([_progress_callback(meta.n_trials, label_axes(meta), meta.live)]
+        callbacks=[no_retry_callback()] + ([progress_callback(meta.n_trials, label_axes(meta), meta.live)]
                                             if meta.verbose else []),
     )
     # reused actors keep torch and the dataset imported between trials: no per-trial process start
     names = {"trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname, "reuse_actors": True}
     if search_space is not None:  # adaptive: Optuna proposes, Tune runs (no scheduler)
-        tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, search_alg=_searcher(meta),
+        tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, search_alg=searcher(meta),
                                       num_samples=meta.search["budget"], **names)
         param_space = {"trial": search_space, "sweep": _sweep_settings(meta)}
     else:
         tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, num_samples=1, **names)
         param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": _sweep_settings(meta)}
     return tune.Tuner(_trainable_for(meta), param_space=param_space, tune_config=tune_config, run_config=run_config)
-
-
-# ----------------------------------------------------------------------------- entry points
-@dataclass
-class SweepReport:
-    """What a sweep run or resume produced."""
-
-    name: str
-    path: str
-    mlflow_uri: str
-    experiment_id: str
-    parent_run_id: str
-    rows: list[dict[str, Any]]  # one per trial: config fields, final metrics, status
-    counts: dict[str, int]
-    varying: list[str] = dataclasses.field(default_factory=list)  # the fields that tell trials apart
-    groups: list[str] | None = None  # one frontier per combination of these (None: the attack fields that vary)
-    objectives: list[tuple[str, str]] | None = None  # the frontier's (metric, max|min); None: the trial kind's
 
 
 def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]]:
@@ -815,7 +281,7 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
         grid = _tuner(meta, configs, search_space=search_space).fit()
     finally:
         stop_progress()
-    return _finish(meta, grid)
+    return finish_sweep(meta, grid)
 
 
 def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
@@ -847,7 +313,7 @@ def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
         grid = _tuner(meta, None, restore=path, errored=errored).fit()
     finally:
         stop_progress()
-    return _finish(meta, grid)
+    return finish_sweep(meta, grid)
 
 
 def _log_to_sweep(storage: str, name: str) -> None:
@@ -867,152 +333,3 @@ def _flat_spec(spec: SweepSpec) -> dict[str, Any]:
     if spec.seeds:
         out["seeds"] = ",".join(map(str, spec.seeds))
     return out
-
-
-def _finish(meta: SweepMeta, grid) -> SweepReport:
-    """Rows and counts of a sweep whose tuner returned, its parent run closed with the counts.
-
-    Ray knows which trials raised and which stopped part-way; a trial's own MLflow run knows
-    whether it finished (the trial writes that last, so it wins: a trial that finished after an
-    interrupt but before Ray recorded it is completed, and a resume never re-runs it).
-    """
-    from analysis.defence import THREAT_FIELDS
-    from analysis.results import CONFIG_FIELDS, pending_rows
-
-    search = meta.kind == "search"
-    stored = _mlflow_states(meta, "defence" if search else "trial")
-    rows = []
-    for res in grid:
-        cfg = (res.config or {}).get("trial", {})
-        if not cfg:  # never started (the sweep was interrupted first): counted as pending below
-            continue
-        metrics = {k: v for k, v in (res.metrics or {}).items() if k != "models_json"}
-        if search:  # a defence: its own fields (the threats are in every row of its models)
-            from .defence import defence_config
-
-            key = metrics.get("trial_key") or tracking.trial_key(defence_config(cfg, meta.search), meta.key_format)
-            cfg = {k: v for k, v in cfg.items() if k not in THREAT_FIELDS and k != "seed"}
-        else:
-            key = metrics.get("trial_key") or tracking.trial_key(_full_config(cfg), meta.key_format)
-        run = stored.get(key)
-        if run is not None and not (res.error is not None and run[0] == "running"):
-            status = _tuner_returned(run[0])  # the trial's own record decides, as `sweeper status` reads it
-            if status in tracking.FINAL_STATUSES:
-                metrics = {**metrics, **run[1]}
-        elif res.error is not None:  # it raised (and its retries too): failed, never "interrupted"
-            status = "failed"
-        else:
-            status = "interrupted" if metrics.get("status") == "running" else metrics.get("status", "pending")
-        error = error_text(res.error, metrics) if status == "failed" else ""
-        metrics = {k: v for k, v in metrics.items() if k not in ("error", "deterministic")}
-        row = {**trial_row(cfg, metrics, CONFIG_FIELDS), "trial_key": key, "status": status, "error": error}
-        rows.append(row)
-    seen = {r["trial_key"] for r in rows}
-    owed = pending_rows(meta) if meta.trials is not None else pending_rows(meta)[len(rows):]  # a search owes a count
-    rows += [r for r in owed if r["trial_key"] not in seen]
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "interrupted")}
-    counts["pending"] = int(meta.n_trials) - sum(counts.values())
-    counts["total"] = int(meta.n_trials)
-    done = counts["completed"] + counts["diverged"] == counts["total"]
-    if search and counts["interrupted"] == 0 and counts["pending"] == 0:  # nothing left for Tune to resume
-        _close_orphans(meta)
-    tracking.finish_parent(meta.mlflow_uri, meta.parent_run_id, "completed" if done else "incomplete",
-                           {f"n_{k}": v for k, v in counts.items()})
-    return SweepReport(meta.name, sweep_path(meta.storage, meta.name), meta.mlflow_uri,
-                       meta.experiment_id, meta.parent_run_id, rows, counts, label_axes(meta),
-                       summary_groups(meta), _objectives(meta))
-
-
-def error_text(error: BaseException | None, metrics: dict[str, Any]) -> str:
-    """A failed trial's own message: the one it reported, else the cause inside Ray's wrapper (whose
-    first line is only ``ray::ImplicitFunc.train() (pid=...)``)."""
-    if metrics.get("error"):
-        return str(metrics["error"])[:300]
-    if error is None:
-        return ""
-    cause = getattr(error, "cause", None) or error
-    first = next((ln for ln in str(cause).splitlines() if ln.strip()), "")
-    return f"{type(cause).__name__}: {first}"[:300]
-
-
-def _close_orphans(meta: SweepMeta) -> None:
-    """Mark FAIL the Optuna trials still RUNNING once the tuner returned: a driver killed after
-    Optuna proposed a defence but before Tune saved its state leaves one behind (the restored
-    searcher proposes again, and the defence's MLflow run and models are found by its key)."""
-    import optuna
-
-    study = optuna.load_study(study_name=meta.name, storage=meta.search["optuna_storage"])
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_system_attr(t._trial_id, "sweeper", "orphaned by an interrupted driver")
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-
-
-def _objectives(meta: SweepMeta) -> list[tuple[str, str]] | None:
-    """A search's objectives (metric, direction); None: the trial kind's."""
-    if meta.kind != "search":
-        return None
-    from analysis.defence import stored_objectives
-
-    return [(o.metric, o.direction) for o in stored_objectives(meta.search)]
-
-
-def summary_groups(meta: SweepMeta) -> list[str] | None:
-    """A search draws one frontier over its defences (the threats are aggregated in every row); a
-    grid one per attack field that varies (None lets the analysis decide from the rows)."""
-    return [] if meta.kind == "search" else None
-
-
-def _tuner_returned(status: str) -> str:
-    """A trial status once no driver runs it any more: a run still marked running was interrupted."""
-    return trial_status(status, alive=False)
-
-
-def _full_config(trial: dict[str, Any]) -> dict[str, Any]:
-    from trainables import make_config
-
-    return make_config(trial).to_dict()
-
-
-def _mlflow_states(meta: SweepMeta, kind: str = "trial") -> dict[str, tuple[str, dict[str, float]]]:
-    """trial key -> (status tag, final metrics) of the sweep's child runs (``kind`` 'defence': a
-    search's defence runs); empty if MLflow is down."""
-    from analysis.schema import trial_runs
-
-    def _do():
-        return {r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
-                for r in trial_runs(meta.mlflow_uri, meta.experiment_id, kind)}
-
-    return tracking.retry(_do, "reading the trials' states", attempts=2) or {}
-
-
-def sweep_status(name: str, storage: str = "./sweeps") -> dict[str, Any]:
-    """Trials completed / diverged / failed / running / interrupted / pending of a sweep.
-
-    Each trial's status is its MLflow run's, as in every other view; a trial still marked running
-    whose driver process is gone counts as interrupted; a trial without a run yet is pending.
-    """
-    from analysis.schema import trial_statuses
-
-    check_name(name)
-    storage = resolve_storage(storage)
-    meta = read_meta(storage, name)
-    if meta is None:
-        raise SweeperError(f"no sweep {name!r} in {storage}")
-    tracking.check_uri(meta.mlflow_uri)
-    kind = "defence" if meta.kind == "search" else "trial"  # a search owes defences
-    states = trial_statuses(meta.mlflow_uri, meta.experiment_id, kind) if meta.experiment_id else {}
-    if meta.trials is not None:  # a grid: only its own trials count (keys of other sweeps never do)
-        states = {t["key"]: states[t["key"]] for t in meta.trials if t["key"] in states}
-    by = {s: 0 for s in ("completed", "diverged", "failed", "running", "interrupted", "pending")}
-    live = driver_alive(meta)
-    for s in states.values():
-        s = trial_status(s, live)  # the rule frontier and report apply too
-        by[s] = by.get(s, 0) + 1
-    by["pending"] = max(0, int(meta.n_trials) - len(states))
-    by["total"] = meta.n_trials
-    return {"name": name, "path": sweep_path(storage, name), "mlflow_uri": meta.mlflow_uri, **by}
-
-
-def this_driver() -> dict[str, Any]:
-    """Host and pid of this process, recorded as the sweep's driver (run and each resume)."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}

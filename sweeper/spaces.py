@@ -68,6 +68,15 @@ def absolute_data_dir(point: dict[str, Any], fields: dict | None = None) -> dict
     return point
 
 
+def check_asked(values: dict[str, Any]) -> None:
+    """What a user asks for must be able to happen: ``detect=true`` with ``hessian=false`` would silently give
+    no detection statistic (they are read off the spectrum). Checked on new input only: records of sweeps made
+    when detect's default was true (with ``hessian=false``) stay valid configs."""
+    if values.get("detect") is True and values.get("hessian") is False:
+        raise SpaceError("detect=True is invalid: needs hessian=true (the statistics are computed from the "
+                         "input-Hessian spectrum; the baselines of detect_baselines run without it)")
+
+
 class SpaceError(SweeperError):
     """A bad search-space value: names the flag or key, the value and the valid syntax."""
 
@@ -250,6 +259,7 @@ class SweepSpec:
             if self.kind != "network":
                 point["kind"] = self.kind
             try:
+                check_asked(point)
                 out.append(make_config(point))
             except SweeperError as e:
                 shown = {k: v for k, v in point.items() if k in self.axes or k == "seed"}
@@ -415,6 +425,7 @@ class SearchSpec:
         for combo in itertools.product(*choices):
             point = absolute_data_dir({**self.fixed, **dict(zip(names, combo, strict=True))}, FIELDS)
             try:
+                check_asked(point)
                 out.append(TrialConfig.from_dict(point))
             except SweeperError as e:
                 raise SpaceError(f"{e} (search-space corner {dict(zip(names, combo, strict=True))})") from None
@@ -520,6 +531,7 @@ def trial_config(kind: str = "network", config_file: Path | None = None, flags: 
         values["kind"] = kind
     from trainables import config_class
 
+    check_asked(values)
     return config_class(kind).from_dict(absolute_data_dir(values, fields))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from analysis.schema import check_uri, client, read_meta
 from trainables.config import SweeperError
 
-from .orchestrate import check_name, resolve_storage
+from .preflight import check_name, resolve_storage
 from .tracking import default_uri, retry
 
 
@@ -195,6 +195,8 @@ def serve_ui(name: str | None, storage: str, mlflow_uri: str | None, port: int, 
                     echo(f"{k}: {v}")
                 proc.wait()
             finally:
-                arm(False)  # a second signal must not cut the cleanup short: it is only noted
-                stop_group(proc)  # uvicorn's workers and the huey consumers outlive the leader otherwise
+                try:  # first in the finally: a signal landing before arm(False) takes effect still stops the tree
+                    arm(False)  # a second signal must not cut the cleanup short: it is only noted
+                finally:
+                    stop_group(proc)  # uvicorn's workers and the huey consumers outlive the leader otherwise
     return links

@@ -298,11 +298,17 @@ def test_a_sqlite_uri_in_a_missing_folder_is_refused_and_nothing_is_created(tmp_
     assert not (tmp_path / "no").exists()
 
 
-def test_no_hessian_turns_detection_off_unless_asked_for():
+def test_no_hessian_turns_detection_off_unless_asked_for(capsys):
     from trainables import TrialConfig
-    from trainables.config import ConfigError
 
     assert TrialConfig(hessian=False).detect is False  # the statistics need the spectrum
     assert TrialConfig().detect is True
-    with pytest.raises(ConfigError, match="needs hessian=true"):
-        TrialConfig(hessian=False, detect=True)
+    # asking for both is refused in every command, before anything runs ...
+    for argv in (["plan", "--set", "hessian=false", "--set", "detect=true"],
+                 ["run", "--set", "hessian=false", "--set", "detect=true", "--name", "x", "--storage", "/nonexistent"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "detect=True is invalid: needs hessian=true" in err, err
+    # ... but a record written when detect defaulted to true (an old sweep with hessian=false) still reads:
+    # a resume must not fail on its own old config
+    old = TrialConfig.from_dict({"hessian": False, "detect": True})
+    assert old.detect is True and old.hessian is False

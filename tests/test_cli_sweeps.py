@@ -290,8 +290,8 @@ def test_every_way_of_giving_seeds_makes_one_seed_column(seeds, sets, file_seeds
     """Item 1 of issue 15 for each spelling: --seeds N, --seeds a,b, --seeds 1, --set seed=..., a file's seeds."""
     from analysis.report import sweep_summary
     from analysis.schema import SweepMeta
-    from sweeper.orchestrate import label_axes
     from sweeper.spaces import build_spec
+    from sweeper.states import label_axes
 
     sweep_file = None
     if file_seeds is not None:

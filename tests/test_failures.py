@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -21,12 +20,12 @@ LIBRARY_LINES = ("Tuner.restore", "Token authentication is enabled", "A new stud
 
 
 def sweeper(argv, cwd=None, env=None, timeout=240):
-    """Run ``sweeper ARGV`` as a user would; returns (exit code, stdout + stderr, seconds)."""
-    t0 = time.monotonic()
+    """Run ``sweeper ARGV`` as a user would; returns (exit code, stdout + stderr). ``timeout`` is a hang guard
+    (items 1 and 3 of the issue: the command must end within 30 s), never a speed target."""
     env = {**os.environ, "COLUMNS": "200", **(env or {})}
     r = subprocess.run([sys.executable, "-c", "import sys; from sweeper.cli import main; sys.exit(main())", *argv],
                        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
-    return r.returncode, r.stdout + r.stderr, time.monotonic() - t0
+    return r.returncode, r.stdout + r.stderr
 
 
 def assert_quiet(text: str) -> None:
@@ -40,10 +39,9 @@ def assert_quiet(text: str) -> None:
 # ----------------------------------------------------------------------------- item 1: data
 def test_missing_mnist_stops_before_ray_with_one_line(tmp_path):
     storage = tmp_path / "sweeps"
-    code, out, secs = sweeper(["run", "--dataset", "mnist", "--set", f"data_dir={tmp_path / 'nowhere'}",
-                               "--epochs", "1", "--name", "b14", "--storage", str(storage)])
+    code, out = sweeper(["run", "--dataset", "mnist", "--set", f"data_dir={tmp_path / 'nowhere'}",
+                               "--epochs", "1", "--name", "b14", "--storage", str(storage)], timeout=30)
     assert code == 2, out
-    assert secs < 30, secs
     assert f"missing dataset file {tmp_path / 'nowhere'}/mnist/train-images-idx3-ubyte.gz" in out, out
     assert "Traceback" not in out
     assert not (storage / "b14").exists()  # nothing written: the name is still free
@@ -58,7 +56,7 @@ def test_a_sweep_files_relative_data_dir_is_read_from_its_folder(tmp_path):
                                   "verify_checksums: false, epochs: 1, hessian: false}\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code, out, _ = sweeper(["plan", "--sweep-file", str(files / "m.yaml")], cwd=elsewhere)
+    code, out = sweeper(["plan", "--sweep-file", str(files / "m.yaml")], cwd=elsewhere)
     assert code == 0, out
     from sweeper.spaces import load_sweep_file
 
@@ -66,9 +64,9 @@ def test_a_sweep_files_relative_data_dir_is_read_from_its_folder(tmp_path):
     assert spec.fixed["data_dir"] == str(tmp_path / "project" / "data")
     # the same file with the data gone: one line naming the absolute folder, before Ray
     (tmp_path / "project" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
-    code, out, secs = sweeper(["run", "--sweep-file", str(files / "m.yaml"), "--storage", str(tmp_path / "s")],
-                              cwd=elsewhere)
-    assert code == 2 and secs < 30, out
+    code, out = sweeper(["run", "--sweep-file", str(files / "m.yaml"), "--storage", str(tmp_path / "s")],
+                        cwd=elsewhere, timeout=30)
+    assert code == 2, out
     assert str(tmp_path / "project" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz") in out, out
     assert not (tmp_path / "s" / "m").exists()
 
@@ -92,7 +90,7 @@ def test_a_deterministic_trial_error_fails_at_once_with_its_own_message(tmp_path
     (tmp_path / "broken_trigger.py").write_text(BROKEN_TRIGGER)
     env = {"SWEEPER_PLUGINS": "broken_trigger", "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
     storage = tmp_path / "s"
-    code, out, secs = sweeper(["run", "--trigger", "broken", "--theta", "0.05", "--kappa", "0", "--epochs", "1",
+    code, out = sweeper(["run", "--trigger", "broken", "--theta", "0.05", "--kappa", "0", "--epochs", "1",
                                "--max-failures", "2", "--name", "d", "--storage", str(storage)], env=env)
     assert code == 1, out
     assert "0 interrupted" in out and "1 failed" in out, out
@@ -101,18 +99,18 @@ def test_a_deterministic_trial_error_fails_at_once_with_its_own_message(tmp_path
     assert_quiet(out)
     errors = list(storage.glob("d/trial_*/error.txt"))
     assert len(errors) == 1 and errors[0].read_text().count("Failure #") == 1  # no retry
-    code, out, _ = sweeper(["status", "d", "--storage", str(storage)], env=env)
+    code, out = sweeper(["status", "d", "--storage", str(storage)], env=env)
     assert code == 0 and "1 failed" in out and "0 interrupted" in out, out
-    code, out, _ = sweeper(["frontier", "d", "--storage", str(storage)], env=env)  # not a word on --objectives
+    code, out = sweeper(["frontier", "d", "--storage", str(storage)], env=env)  # not a word on --objectives
     assert code == 2 and "has no completed trial (1 failed)" in out and "--objectives" not in out, out
 
 
 # ----------------------------------------------------------------------------- item 3: resources
 def test_a_resource_no_node_has_stops_in_seconds(tmp_path):
     storage = tmp_path / "s"
-    code, out, secs = sweeper(["run", "--gpus-per-trial", "1", "--epochs", "1", "--theta", "0.05", "--kappa", "0",
-                               "--name", "g", "--storage", str(storage)])
-    assert code == 2 and secs < 30, (secs, out)
+    code, out = sweeper(["run", "--gpus-per-trial", "1", "--epochs", "1", "--theta", "0.05", "--kappa", "0",
+                               "--name", "g", "--storage", str(storage)], timeout=30)
+    assert code == 2, out
     assert "each trial asks for 1 CPU and 1 GPU" in out and "0 GPU" in out, out
     assert not (storage / "g").exists()
     assert_quiet(out)
@@ -121,7 +119,7 @@ def test_a_resource_no_node_has_stops_in_seconds(tmp_path):
 def test_check_cluster_resources_names_what_the_nodes_have():
     import ray
 
-    from sweeper.orchestrate import check_cluster_resources
+    from sweeper.preflight import check_cluster_resources
     from trainables.config import SweeperError
 
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
@@ -136,7 +134,7 @@ def test_check_cluster_resources_names_what_the_nodes_have():
 # ----------------------------------------------------------------------------- item 6: library output
 def test_a_default_run_prints_only_the_projects_lines_and_logs_the_rest(tmp_path):
     storage = tmp_path / "s"
-    code, out, _ = sweeper(["run", "--epochs", "1", "--theta", "0.05", "--kappa", "0", "--seeds", "2", "--name", "q",
+    code, out = sweeper(["run", "--epochs", "1", "--theta", "0.05", "--kappa", "0", "--seeds", "2", "--name", "q",
                             "--storage", str(storage), "--set", "hessian=false"])
     assert code == 0, out
     assert_quiet(out)
@@ -185,15 +183,16 @@ def test_trial_keys_survive_a_new_field_and_a_resume_finds_every_run(tmp_path):
                                       "raise RuntimeError('toy v1 cannot run a=2')"))
     env = {"SWEEPER_PLUGINS": "toykind", "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
     storage = tmp_path / "s"
-    code, out, _ = sweeper(["run", "--kind", "toy", "--max-failures", "0", "--name", "up", "--storage", str(storage)],
+    code, out = sweeper(["run", "--kind", "toy", "--max-failures", "0", "--name", "up", "--storage", str(storage)],
                            env=env)
     assert code == 1 and "1 completed" in out and "1 failed" in out, out
     assert json.loads((storage / "up" / "sweeper.json").read_text())["key_format"] == 2
     plugin.write_text(TOY_KIND.format(version=2, extra="    b: int = 3  # new in version 2, with a default\n",
                                       body="    assert cfg.b == 3"))
-    code, out, _ = sweeper(["resume", "up", "--storage", str(storage), "--errored", "restart"], env=env)
+    code, out = sweeper(["resume", "up", "--storage", str(storage), "--errored", "restart", "--verbose"], env=env)
+    assert "INFO ray._private.worker: Started a local Ray instance" in out, out  # --verbose: the library's lines too
     assert code == 0 and "2 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending" in out, out
-    code, out, _ = sweeper(["status", "up", "--storage", str(storage)], env=env)
+    code, out = sweeper(["status", "up", "--storage", str(storage)], env=env)
     assert "2 completed" in out and "0 pending" in out, out
     from analysis.schema import read_meta, trial_runs
 
@@ -219,7 +218,7 @@ def test_key_format_2_hashes_only_fields_off_their_defaults():
 def test_trials_are_named_by_their_axes_with_short_floats():
     """A search's kappa=122.96071107325702 reads kappa=123; pending trials are named as running ones are."""
     from sweeper.cli import _point
-    from sweeper.orchestrate import _short
+    from sweeper.sweep_progress import _short
 
     assert _short(122.96071107325702) == "123" and _short(0.05) == "0.05" and _short(3) == 3
     row = {"kappa": 122.96071107325702, "seed": 1, "trial_key": "cbf59894670dbc13", "status": "pending"}

@@ -17,8 +17,9 @@ from conftest import FAST
 from mlflow.tracking import MlflowClient
 
 from sweeper.cli import main
-from sweeper.orchestrate import SweepOptions, resume_sweep, run_sweep, sweep_status
+from sweeper.orchestrate import SweepOptions, resume_sweep, run_sweep
 from sweeper.spaces import SweepSpec
+from sweeper.states import sweep_status
 from sweeper.tracking import TAG_KEY, TAG_KIND, default_uri
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import plots
+from analysis import detection_plots, frontier_plot, plots
 from analysis.report import markdown_table, write_report
 from sweeper.cli import main
 
@@ -60,7 +60,7 @@ def test_table2_with_seeds_names_the_index_most_seeds_share_and_how_many():
 def test_figures_are_valid_pngs_and_svgs(tmp_path):
     df = synthetic()
     files = plots.plot_asr_vs_theta(df, tmp_path) + plots.plot_overlap_vs_theta(df, tmp_path)
-    files += plots.plot_frontier(df, tmp_path) + plots.plot_lag(plots.detectability_lag(df), tmp_path)
+    files += frontier_plot.plot_frontier(df, tmp_path) + plots.plot_lag(plots.detectability_lag(df), tmp_path)
     files += plots.plot_eigenvector_grid(df, lambda row: np.random.default_rng(0).normal(size=(2, 3, 8, 8)), tmp_path)
     assert len(files) == 10
     for f in files:
@@ -169,9 +169,9 @@ def test_every_figure_is_png_and_svg_without_equals_in_its_name(tmp_path):
         return v
 
     files = plots.plot_asr_vs_theta(df, tmp_path) + plots.plot_overlap_vs_theta(df, tmp_path)
-    files += plots.plot_frontier(df, tmp_path) + plots.plot_lag(plots.detectability_lag(df), tmp_path)
-    files += plots.plot_eigenvector_grid(df, vectors, tmp_path) + plots.plot_detection(table, one, tmp_path)
-    maps = plots.plot_localisation(df, vectors, tmp_path)
+    files += frontier_plot.plot_frontier(df, tmp_path) + plots.plot_lag(plots.detectability_lag(df), tmp_path)
+    files += plots.plot_eigenvector_grid(df, vectors, tmp_path) + detection_plots.plot_detection(table, one, tmp_path)
+    maps = detection_plots.plot_localisation(df, vectors, tmp_path)
     assert sorted(p.name for p in maps if p.suffix == ".png") == [
         "localisation_theta0.05_kappa0.png",
         "localisation_theta0.05_kappa400.png",
@@ -186,29 +186,29 @@ def test_every_figure_is_png_and_svg_without_equals_in_its_name(tmp_path):
         assert b"<svg" in (tmp_path / f"{stem}.svg").read_bytes()[:500], stem
         assert "=" not in stem and " " not in stem, stem
     assert len(files) == 2 * len(stems)
-    assert plots.plot_localisation(df.drop(columns="det_ipr_1"), vectors, tmp_path) == []  # no localisation run
+    assert detection_plots.plot_localisation(df.drop(columns="det_ipr_1"), vectors, tmp_path) == []  # no localisation run
 
 
 def test_detection_panels_hold_a_few_statistics_with_the_oracles_in_each():
     from analysis.detect import ORACLES, detection_table
 
     g = detection_table(population(kappas=(0.0,)), n_boot=5)
-    panels = plots.detection_panels(g)
+    panels = detection_plots.detection_panels(g)
     assert all(len(stats) <= 6 and stats[-2:] == ["max_overlap_sq", "overlap_sq"] for _, stats in panels)
     shown = [s for _, stats in panels for s in stats if s not in ORACLES]
     assert sorted(shown) == sorted(s for s in DETECT_STATS if s not in ORACLES)  # each once
     assert [t for t, _ in panels][:2] == ["spectral shape", "localisation (1/2)"]
-    best = plots.best_per_family(g)
-    fams = [plots.statistic_family(s, s in ORACLES) for s in best]
-    assert fams == ["spectral shape", "localisation", "flip concentration", "per-class curvature", plots.ORACLE_FAMILY]
+    best = detection_plots.best_per_family(g)
+    fams = [detection_plots.statistic_family(s, s in ORACLES) for s in best]
+    assert fams == ["spectral shape", "localisation", "flip concentration", "per-class curvature", detection_plots.ORACLE_FAMILY]
     # the access-level hook: any column of the table groups the panels instead of the families
     access = g.assign(access=np.where(g["statistic"].str.startswith("det_class_"), "white-box", "black-box"))
-    assert [t for t, _ in plots.detection_panels(access, panel_by="access")][0].startswith("black-box")
+    assert [t for t, _ in detection_plots.detection_panels(access, panel_by="access")][0].startswith("black-box")
 
 
 def test_coincident_points_get_one_label():
     # four frontier points on one spot (three seeds and another kappa), one apart
-    merged = plots.merge_coincident(
+    merged = frontier_plot.merge_coincident(
         [1.0, 1.0, 1.0, 1.0, 0.2],
         [0.96, 0.96, 0.96, 0.96, 0.85],
         ["κ=0", "κ=0", "κ=0", "κ=200", "κ=400"],
@@ -219,7 +219,7 @@ def test_coincident_points_get_one_label():
         (0.2, 0.85, "κ=400"),
     ]
     assert merged[0][3] == [0, 1, 2, 3]
-    many = plots.merge_coincident([0.0] * 6, [0.0] * 6, [f"κ={k}" for k in range(6)])
+    many = frontier_plot.merge_coincident([0.0] * 6, [0.0] * 6, [f"κ={k}" for k in range(6)])
     assert len(many) == 1 and many[0][2].splitlines()[-1] == "+ 3 more"
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -32,14 +31,12 @@ def test_report_with_a_dead_tracking_server_falls_back_within_seconds(grid_sweep
     storage, _ = grid_sweep
     for extra in ([], ["--no-log-to-mlflow"]):
         out = tmp_path / f"rep{len(extra)}"
-        start = time.monotonic()
-        res = sweeper(
+        res = sweeper(  # timeout: a hang guard (MLflow's retries take minutes), not a speed target
             "report", "grid", "--storage", str(storage), "--out", str(out), "--mlflow-uri", DEAD, *extra, timeout=30
         )
-        took = time.monotonic() - start
         text = res.stdout + res.stderr
         assert res.returncode == 0, text
-        assert took < 30 and "Traceback" not in text, text
+        assert "Traceback" not in text, text
         assert "MLflow unavailable" in res.stderr and "Connection refused" in res.stderr, res.stderr  # the note
         assert "report: 6 trials read from ray" in res.stderr and "report: eigenvector images" in res.stderr
         assert ("not logged to MLflow" in res.stderr) == (not extra), res.stderr

@@ -54,7 +54,6 @@ def test_eigenvectors_from_mlflow_and_from_checkpoints(grid_sweep):
 
 
 def test_artifacts_come_from_files_and_checkpoints_and_a_dead_server_is_asked_once(grid_sweep, tmp_path):
-    import time
 
     from analysis import schema
     from analysis.results import Artifacts
@@ -73,7 +72,6 @@ def test_artifacts_come_from_files_and_checkpoints_and_a_dead_server_is_asked_on
     meta.mlflow_uri = "http://127.0.0.1:9"
     schema.write_meta(copy, "grid", meta)
     arts = Artifacts("grid", copy)
-    start = time.monotonic()
     assert (arts.eigenvectors(row) == v).all()  # from the trial's last checkpoint: MLflow never asked
     assert arts.why is None
     assert arts.fetch(row["run_id"], "localisation.png", tmp_path) is None  # only MLflow has it: checked, refused
@@ -81,7 +79,7 @@ def test_artifacts_come_from_files_and_checkpoints_and_a_dead_server_is_asked_on
     for ckpt in (copy / "grid").glob("trial_*/checkpoint_*"):
         shutil.rmtree(ckpt)
     assert arts.eigenvectors(row) is None and arts.missing == 1 and arts.skipped == 2
-    assert time.monotonic() - start < 10  # not MLflow's minutes of HTTP retries
+    # skipped, not downloaded: MLflow's minutes of HTTP retries are never entered
     assert load_eigenvectors(row, copy) is None
 
 

@@ -154,13 +154,10 @@ def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, 
         assert str(proc.pid) not in groups  # the server runs in its own process group, away from the terminal's
 
         proc.send_signal(sig)
-        t0 = time.monotonic()
-        code_seen = proc.wait(timeout=15)
-        took = time.monotonic() - t0
+        code_seen = proc.wait(timeout=15)  # a hang guard: the tree must stop, not wait for us
         err = proc.stderr.read()
         assert code_seen == code, err
         assert f"stopped the MLflow UI on {sig.name}" in err and "Traceback" not in err, err
-        assert took < 15
         assert _live(tree) == [] and _tagged(tag) == [], "left running: " + ", ".join(_live(tree) + _tagged(tag))
         left = [e.name for e in Path("/proc").iterdir() if e.name.isdigit() and (st := _stat(e.name)) and
                 st[2] in groups and st[0] not in ("Z", "X")]

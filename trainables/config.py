@@ -252,9 +252,8 @@ def _validate(cfg: TrialConfig) -> None:
     for name in ("download", "verify_checksums", "augment", "hessian", "geometry", "detect"):
         if not isinstance(getattr(cfg, name), bool):
             _fail(name, getattr(cfg, name), "must be true or false")
-    if cfg.detect and not cfg.hessian:  # else no statistic would come out, and nothing would say why
-        _fail("detect", True, "needs hessian=true (the statistics are computed from the input-Hessian spectrum; "
-                              "the baselines of detect_baselines run without it)")
+    # detect=true with hessian=false computes nothing; a record written before detect's default became None
+    # holds exactly that (the old default), so it stays valid here: new input is refused by check_asked()
 
     _check_float(cfg, "theta", 0.0, 1.0, hi_open=True)
     _check_int(cfg, "target", 0, cfg.num_classes - 1)
