@@ -28,8 +28,20 @@ import pandas as pd
 from trainables.config import SweeperError
 
 # the attacker's choices: fixed or a list in a defence search, never a searched range
-THREAT_FIELDS = ("theta", "trigger", "poison_mode", "target", "trigger_size", "trigger_margin", "trigger_amplitude",
-                 "blend_alpha", "blend_seed", "warp_strength", "warp_grid", "warp_seed")
+THREAT_FIELDS = (
+    "theta",
+    "trigger",
+    "poison_mode",
+    "target",
+    "trigger_size",
+    "trigger_margin",
+    "trigger_amplitude",
+    "blend_alpha",
+    "blend_seed",
+    "warp_strength",
+    "warp_grid",
+    "warp_seed",
+)
 AGGREGATES = ("worst", "mean")
 DEFAULT_AGGREGATE = {"asr": "worst"}  # every other objective: mean over threats
 DEFENCE_KEY = "defence_key"  # the results column (and MLflow tag) naming a model's defence
@@ -58,10 +70,15 @@ def parse_objectives(text: str | None, aggregate: str | None = None) -> list[Obj
     out = []
     for part in (text or "clean_acc:max,asr:min").split(","):
         bits = [b.strip() for b in part.split(":")]
-        if len(bits) not in (2, 3) or not bits[0] or bits[1] not in ("max", "min") or (
-                len(bits) == 3 and bits[2] not in AGGREGATES):
-            raise SweeperError(f"--objectives: {part!r} is invalid: expected METRIC:max|min, optionally "
-                               f"followed by :worst or :mean")
+        if (
+            len(bits) not in (2, 3)
+            or not bits[0]
+            or bits[1] not in ("max", "min")
+            or (len(bits) == 3 and bits[2] not in AGGREGATES)
+        ):
+            raise SweeperError(
+                f"--objectives: {part!r} is invalid: expected METRIC:max|min, optionally followed by :worst or :mean"
+            )
         how = aggregate or (bits[2] if len(bits) == 3 else DEFAULT_AGGREGATE.get(bits[0], "mean"))
         out.append(Objective(bits[0], bits[1], how))
     if len(out) < 2:
@@ -83,8 +100,9 @@ def threat_label(threat: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in threat.items())
 
 
-def aggregate_models(models: pd.DataFrame, objectives: Sequence[Objective], threat_fields: Sequence[str],
-                     expected: int | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+def aggregate_models(
+    models: pd.DataFrame, objectives: Sequence[Objective], threat_fields: Sequence[str], expected: int | None = None
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """One defence's objectives from its models' rows, and its per-threat detail.
 
     ``models`` has one row per (threat, seed) model with a ``status`` column and the objective
@@ -97,20 +115,32 @@ def aggregate_models(models: pd.DataFrame, objectives: Sequence[Objective], thre
     """
     metrics = [o.metric for o in objectives]
     status = models["status"] if "status" in models.columns else pd.Series("completed", index=models.index)
-    counts = {"n_models": int(len(models)), "n_diverged": int((status == "diverged").sum()),
-              "n_failed": int((status == "failed").sum())}
+    counts = {
+        "n_models": int(len(models)),
+        "n_diverged": int((status == "diverged").sum()),
+        "n_failed": int((status == "failed").sum()),
+    }
     by = [f for f in threat_fields if f in models.columns]
     ok = models[status == "completed"]
     missing = [m for m in metrics if m not in ok.columns] if not ok.empty else []
     if missing:
-        raise SweeperError(f"--objectives: metric(s) {missing} not in the models' results; available: "
-                           f"{sorted(c for c in ok.columns if ok[c].dtype.kind == 'f')}")
+        raise SweeperError(
+            f"--objectives: metric(s) {missing} not in the models' results; available: "
+            f"{sorted(c for c in ok.columns if ok[c].dtype.kind == 'f')}"
+        )
     out: dict[str, Any] = dict(counts)
     unfinished = [s for s in status if s not in ("completed", "diverged", "failed")]
     owed = expected if expected is not None else len(models)
     if counts["n_diverged"] or counts["n_failed"] or unfinished or len(ok) < owed or ok.empty:
-        out["status"] = ("diverged" if counts["n_diverged"] else "failed" if counts["n_failed"]
-                         else unfinished[0] if unfinished else "pending")
+        out["status"] = (
+            "diverged"
+            if counts["n_diverged"]
+            else "failed"
+            if counts["n_failed"]
+            else unfinished[0]
+            if unfinished
+            else "pending"
+        )
         for m in metrics:
             out[m], out[f"{m}_std"] = float("nan"), float("nan")
         return out, _per_threat(ok, by, [m for m in metrics if m in ok.columns])
@@ -139,8 +169,13 @@ def _per_threat(ok: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataF
     return per.reset_index(drop=not by)
 
 
-def defence_table(models: pd.DataFrame, objectives: Sequence[Objective], threat_fields: Sequence[str],
-                  defence_fields: Sequence[str], expected: int | None = None) -> pd.DataFrame:
+def defence_table(
+    models: pd.DataFrame,
+    objectives: Sequence[Objective],
+    threat_fields: Sequence[str],
+    defence_fields: Sequence[str],
+    expected: int | None = None,
+) -> pd.DataFrame:
     """One row per defence (``defence_key``): its fields, aggregated objectives, counts and status
     (``expected``: models each defence owes; fewer rows mean some have not started)."""
     if models.empty or DEFENCE_KEY not in models.columns:
@@ -159,16 +194,30 @@ def threats_json(threats: list[dict[str, Any]]) -> str:
 
 
 # final metrics of every network model (the objectives a search can aggregate); det_* detection scores too
-OBJECTIVE_METRICS = ("clean_acc", "asr", "train_seconds", "train_loss", "train_acc", "lambda_1", "max_overlap_sq",
-                     "hessian_seconds", "hessian_trace", "fisher_trace", "effective_rank", "penalty_value")
+OBJECTIVE_METRICS = (
+    "clean_acc",
+    "asr",
+    "train_seconds",
+    "train_loss",
+    "train_acc",
+    "lambda_1",
+    "max_overlap_sq",
+    "hessian_seconds",
+    "hessian_trace",
+    "fisher_trace",
+    "effective_rank",
+    "penalty_value",
+)
 
 
 def check_metrics(objectives: Sequence[Objective]) -> None:
     """Refuse, before anything runs, an objective no model will report."""
     for o in objectives:
         if o.metric not in OBJECTIVE_METRICS and not o.metric.startswith("det_"):
-            raise SweeperError(f"--objectives: {o.metric!r} is not a model metric; valid: "
-                               f"{', '.join(OBJECTIVE_METRICS)} or a det_* detection score")
+            raise SweeperError(
+                f"--objectives: {o.metric!r} is not a model metric; valid: "
+                f"{', '.join(OBJECTIVE_METRICS)} or a det_* detection score"
+            )
 
 
 def is_defence_search(meta) -> bool:
@@ -191,13 +240,18 @@ def search_meta_objectives(meta, objectives: str | None, aggregate: str | None) 
     if objectives is None:
         objectives = ",".join(f"{o.metric}:{o.direction}" for o in stored)
     if aggregate is None:
-        objectives = ",".join(p if p.count(":") >= 2 or p.split(":")[0].strip() not in searched
-                              else f"{p}:{searched[p.split(':')[0].strip()]}" for p in objectives.split(","))
+        objectives = ",".join(
+            p
+            if p.count(":") >= 2 or p.split(":")[0].strip() not in searched
+            else f"{p}:{searched[p.split(':')[0].strip()]}"
+            for p in objectives.split(",")
+        )
     return parse_objectives(objectives, aggregate)
 
 
-def defence_frontier(models: pd.DataFrame, meta, objectives: str | None = None,
-                     aggregate: str | None = None) -> dict[str, Any]:
+def defence_frontier(
+    models: pd.DataFrame, meta, objectives: str | None = None, aggregate: str | None = None
+) -> dict[str, Any]:
     """A defence search's frontier: the defences table, the frontier over defences, and each frontier
     defence's per-threat detail (means over seeds)."""
     from .pareto import frontier
@@ -219,5 +273,11 @@ def defence_frontier(models: pd.DataFrame, meta, objectives: str | None = None,
             parts.append(per.assign(**{DEFENCE_KEY: key}))
         detail = pd.concat(parts, ignore_index=True)
         detail = detail[[DEFENCE_KEY] + [c for c in detail.columns if c != DEFENCE_KEY]]
-    return {"defences": table, "frontier": front, "objectives": objs, "detail": detail,
-            "defence_fields": defence_fields, "threat_fields": threat_fields}
+    return {
+        "defences": table,
+        "frontier": front,
+        "objectives": objs,
+        "detail": detail,
+        "defence_fields": defence_fields,
+        "threat_fields": threat_fields,
+    }

@@ -36,8 +36,19 @@ ORACLES = ("max_overlap_sq", "overlap_sq")  # need the trigger: upper references
 NOT_DEFENCE = {"theta", "seed", "data_dir", "download", "verify_checksums", "device", "threads", "kind"}
 
 
-TABLE_COLUMNS = ("theta", "statistic", "oracle", "n_poisoned", "n_clean", "auroc", "auroc_lo", "auroc_hi",
-                 "tpr_at_5fpr", "asr", "clean_acc")  # what detection_table adds beside the cell's fields
+TABLE_COLUMNS = (
+    "theta",
+    "statistic",
+    "oracle",
+    "n_poisoned",
+    "n_clean",
+    "auroc",
+    "auroc_lo",
+    "auroc_hi",
+    "tpr_at_5fpr",
+    "asr",
+    "clean_acc",
+)  # what detection_table adds beside the cell's fields
 
 
 def cell_fields(table: pd.DataFrame) -> list[str]:
@@ -47,8 +58,10 @@ def cell_fields(table: pd.DataFrame) -> list[str]:
 
 def auroc_text(table: pd.DataFrame, digits: int = 3) -> list[str]:
     """``AUROC [lo, hi]`` per row of a :func:`detection_table`, for printed and Markdown tables."""
-    return [f"{a:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-            for a, lo, hi in zip(table["auroc"], table["auroc_lo"], table["auroc_hi"], strict=True)]
+    return [
+        f"{a:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        for a, lo, hi in zip(table["auroc"], table["auroc_lo"], table["auroc_hi"], strict=True)
+    ]
 
 
 def detection_statistics(df: pd.DataFrame) -> list[str]:
@@ -61,12 +74,18 @@ def detection_statistics(df: pd.DataFrame) -> list[str]:
 
 def defence_fields(df: pd.DataFrame) -> list[str]:
     """The config fields that vary among the trials, theta and the seed excepted: a cell is one combination."""
-    return [c for c in CONFIG_FIELDS if c in df.columns and c not in NOT_DEFENCE
-            and df[c].map(lambda v: v if isinstance(v, int | float | str | bool) else str(v)).nunique(dropna=False) > 1]
+    return [
+        c
+        for c in CONFIG_FIELDS
+        if c in df.columns
+        and c not in NOT_DEFENCE
+        and df[c].map(lambda v: v if isinstance(v, int | float | str | bool) else str(v)).nunique(dropna=False) > 1
+    ]
 
 
-def auroc_with_ci(poisoned: np.ndarray, clean: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float, float]:
+def auroc_with_ci(
+    poisoned: np.ndarray, clean: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """AUROC of telling ``poisoned`` scores from ``clean`` ones, with a stratified bootstrap percentile
     interval over models. NaN scores are dropped; NaN when either group is empty."""
     from sklearn.metrics import roc_auc_score
@@ -91,7 +110,7 @@ def auroc_with_ci(poisoned: np.ndarray, clean: np.ndarray, n_boot: int = 1000, s
         for b in range(m):  # resample models within each group (both stay present), in the seeded order
             n_p[b] = np.bincount(rng.integers(0, len(p), len(p)), minlength=len(p))
             n_c[b] = np.bincount(rng.integers(0, len(c), len(c)), minlength=len(c))
-        boots[start:start + m] = ((n_p @ win) * n_c).sum(axis=1) / (len(p) * len(c))
+        boots[start : start + m] = ((n_p @ win) * n_c).sum(axis=1) / (len(p) * len(c))
     lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
     return auc, float(lo), float(hi)
 
@@ -121,8 +140,10 @@ def check_population(df: pd.DataFrame) -> None:
     if "seed" not in ok.columns or ok["seed"].nunique() < 2:
         raise SweeperError("detection is scored over populations of models: add seeds (e.g. --seeds 10)")
     if not detection_statistics(ok):
-        raise SweeperError("the trials carry no detection statistic: run them with --detect (the default) "
-                           "or --detect-baselines nc,ss,ac")
+        raise SweeperError(
+            "the trials carry no detection statistic: run them with --detect (the default) "
+            "or --detect-baselines nc,ss,ac"
+        )
 
 
 def check_statistics(ok: pd.DataFrame, statistics: Sequence[str] | None) -> list[str]:
@@ -135,8 +156,9 @@ def check_statistics(ok: pd.DataFrame, statistics: Sequence[str] | None) -> list
     return stats
 
 
-def detection_table(df: pd.DataFrame, statistics: Sequence[str] | None = None, n_boot: int = 1000,
-                    seed: int = 0) -> pd.DataFrame:
+def detection_table(
+    df: pd.DataFrame, statistics: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """One row per (cell, theta > 0, statistic): n_poisoned, n_clean, auroc, auroc_lo, auroc_hi,
     tpr_at_5fpr, oracle, and the cell's mean ASR and clean accuracy at that theta."""
     check_population(df)
@@ -153,15 +175,27 @@ def detection_table(df: pd.DataFrame, statistics: Sequence[str] | None = None, n
         for theta, pois in cell[cell["theta"] > 0].groupby("theta", sort=True):
             for s in stats:
                 auc, lo, hi = auroc_with_ci(pois[s].to_numpy(), clean[s].to_numpy(), n_boot, seed)
-                rows.append({**dict(zip(cells, key, strict=True)), "theta": theta, "statistic": s,
-                             "oracle": s in ORACLES, "n_poisoned": int(pois[s].notna().sum()),
-                             "n_clean": int(clean[s].notna().sum()), "auroc": auc, "auroc_lo": lo, "auroc_hi": hi,
-                             "tpr_at_5fpr": tpr_at_fpr(pois[s].to_numpy(), clean[s].to_numpy()),
-                             "asr": float(pois["asr"].mean()) if "asr" in pois else math.nan,
-                             "clean_acc": float(pois["clean_acc"].mean()) if "clean_acc" in pois else math.nan})
+                rows.append(
+                    {
+                        **dict(zip(cells, key, strict=True)),
+                        "theta": theta,
+                        "statistic": s,
+                        "oracle": s in ORACLES,
+                        "n_poisoned": int(pois[s].notna().sum()),
+                        "n_clean": int(clean[s].notna().sum()),
+                        "auroc": auc,
+                        "auroc_lo": lo,
+                        "auroc_hi": hi,
+                        "tpr_at_5fpr": tpr_at_fpr(pois[s].to_numpy(), clean[s].to_numpy()),
+                        "asr": float(pois["asr"].mean()) if "asr" in pois else math.nan,
+                        "clean_acc": float(pois["clean_acc"].mean()) if "clean_acc" in pois else math.nan,
+                    }
+                )
     if not rows:
-        raise SweeperError("no cell of defence settings has both clean (theta 0) and poisoned models; "
-                           "give every setting a theta 0 (e.g. --theta 0,0.05,0.1)")
+        raise SweeperError(
+            "no cell of defence settings has both clean (theta 0) and poisoned models; "
+            "give every setting a theta 0 (e.g. --theta 0,0.05,0.1)"
+        )
     return pd.DataFrame(rows)
 
 
@@ -192,13 +226,21 @@ def detectability_lag(table: pd.DataFrame, asr_level: float = 0.5, auroc_floor: 
         det = g.loc[g["auroc_lo"] >= auroc_floor, "theta"]
         t_asr = float(hit.iloc[0]) if len(hit) else math.nan
         t_det = float(det.iloc[0]) if len(det) else math.nan
-        rows.append({**dict(zip(cells + ["statistic"], key, strict=True)), "oracle": bool(g["oracle"].iloc[0]),
-                     "theta_asr": t_asr, "theta_detect": t_det, "lag": t_det - t_asr})
+        rows.append(
+            {
+                **dict(zip(cells + ["statistic"], key, strict=True)),
+                "oracle": bool(g["oracle"].iloc[0]),
+                "theta_asr": t_asr,
+                "theta_detect": t_det,
+                "lag": t_det - t_asr,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def roc_points(df: pd.DataFrame, statistic: str, theta: float, cell: dict[str, Any] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def roc_points(
+    df: pd.DataFrame, statistic: str, theta: float, cell: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) of one statistic at one theta against the clean models of the same cell."""
     from sklearn.metrics import roc_curve
 
@@ -213,9 +255,15 @@ def roc_points(df: pd.DataFrame, statistic: str, theta: float, cell: dict[str, A
     return f, t
 
 
-def detect_sweep(name: str, storage: str = "./sweeps", mlflow_uri: str | None = None, source: str = "auto",
-                 statistics: str | None = None, n_boot: int = 1000,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def detect_sweep(
+    name: str,
+    storage: str = "./sweeps",
+    mlflow_uri: str | None = None,
+    source: str = "auto",
+    statistics: str | None = None,
+    n_boot: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """``sweeper detect``: load a sweep, score it, and format the table and the lag as text.
 
     ``progress`` gets a line before the scoring, once the sweep is read and can be scored (a bad input
@@ -231,25 +279,42 @@ def detect_sweep(name: str, storage: str = "./sweeps", mlflow_uri: str | None = 
     check_population(df)  # a bad input is one line on stderr: checked before any progress line
     n = len(completed(df))
     if progress is not None:
-        progress(f"detect: {len(df)} trials read from {str(df.attrs.get('source', '')).split(' (')[0]}; scoring "
-                 f"{len(check_statistics(completed(df), stats))} statistics over {n} completed models "
-                 f"({n_boot} bootstrap resamples)…")
+        progress(
+            f"detect: {len(df)} trials read from {str(df.attrs.get('source', '')).split(' (')[0]}; scoring "
+            f"{len(check_statistics(completed(df), stats))} statistics over {n} completed models "
+            f"({n_boot} bootstrap resamples)…"
+        )
     table = detection_table(df, stats, n_boot)
     lag = detectability_lag(table)
     cells = cell_fields(table)
-    shown = table.assign(**{"AUROC [95% CI]": auroc_text(table, 3),
-                            "statistic": [s + (" (oracle)" if o else "") for s, o in
-                                          zip(table["statistic"], table["oracle"], strict=True)]})
+    shown = table.assign(
+        **{
+            "AUROC [95% CI]": auroc_text(table, 3),
+            "statistic": [
+                s + (" (oracle)" if o else "") for s, o in zip(table["statistic"], table["oracle"], strict=True)
+            ],
+        }
+    )
     cols = cells + ["theta", "statistic", "n_poisoned", "n_clean", "AUROC [95% CI]", "tpr_at_5fpr", "asr"]
-    text = [f"detection over {n} completed models of {name} (AUROC of poisoned vs clean models, "
-            f"{n_boot} bootstrap resamples; directions fixed by the trial code's registry):",
-            shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"),
-            "\ndetectability lag (theta_asr: smallest theta with mean ASR >= 0.5; theta_detect: smallest theta "
-            "whose AUROC lower bound >= 0.9):",
-            lag.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
+    text = [
+        f"detection over {n} completed models of {name} (AUROC of poisoned vs clean models, "
+        f"{n_boot} bootstrap resamples; directions fixed by the trial code's registry):",
+        shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+        "\ndetectability lag (theta_asr: smallest theta with mean ASR >= 0.5; theta_detect: smallest theta "
+        "whose AUROC lower bound >= 0.9):",
+        lag.to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+    ]
     data = data_level_auroc(df)
     if not data.empty:
-        text += ["\ndata-level baselines, per-sample AUROC of finding the poisoned training samples "
-                 "(mean, std, count over the poisoned models):", data.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
-    return {"table": table, "lag": lag, "data_level": data, "text": "\n".join(text),
-            "source": str(df.attrs.get("source", ""))}
+        text += [
+            "\ndata-level baselines, per-sample AUROC of finding the poisoned training samples "
+            "(mean, std, count over the poisoned models):",
+            data.to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+        ]
+    return {
+        "table": table,
+        "lag": lag,
+        "data_level": data,
+        "text": "\n".join(text),
+        "source": str(df.attrs.get("source", "")),
+    }

@@ -65,8 +65,8 @@ def _dominated_by(cand: np.ndarray, by: np.ndarray, block: int = 1024) -> np.nda
     if len(by) == 0:
         return out
     for s in range(0, len(cand), block):
-        a = cand[s:s + block][:, None, :]
-        out[s:s + block] = ((by[None] <= a).all(axis=2) & (by[None] < a).any(axis=2)).any(axis=1)
+        a = cand[s : s + block][:, None, :]
+        out[s : s + block] = ((by[None] <= a).all(axis=2) & (by[None] < a).any(axis=2)).any(axis=1)
     return out
 
 
@@ -81,7 +81,7 @@ def _front_nd(w: np.ndarray, block: int = 128) -> np.ndarray:
     front_idx: list[np.ndarray] = []
     current = np.empty((0, w.shape[1]))
     for s in range(0, len(order), block):
-        idx = order[s:s + block]
+        idx = order[s : s + block]
         b = w[idx]
         keep = ~_dominated_by(b, current) & ~_dominated_by(b, b)
         if keep.any():
@@ -95,8 +95,9 @@ def _front_nd(w: np.ndarray, block: int = 128) -> np.ndarray:
     return mask
 
 
-def frontier(df: pd.DataFrame, objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
-             group_by: Sequence[str] | None = None) -> pd.DataFrame:
+def frontier(
+    df: pd.DataFrame, objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES, group_by: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Rows of ``df`` on the frontier (per group when ``group_by`` is given), best-first by the first objective."""
     cols = [c for c, _ in objectives]
     dirs = [d for _, d in objectives]
@@ -106,12 +107,16 @@ def frontier(df: pd.DataFrame, objectives: Sequence[tuple[str, str]] = DEFAULT_O
     if df.empty:
         return df.copy()
     if group_by:
-        parts = [g[pareto_mask(g[cols].to_numpy(dtype=float), dirs)]
-                 for _, g in df.groupby(list(group_by), sort=True, dropna=False)]
+        parts = [
+            g[pareto_mask(g[cols].to_numpy(dtype=float), dirs)]
+            for _, g in df.groupby(list(group_by), sort=True, dropna=False)
+        ]
         out = pd.concat(parts) if parts else df.iloc[:0]
     else:
         out = df[pareto_mask(df[cols].to_numpy(dtype=float), dirs)]
-    return out.sort_values(list(group_by or []) + [cols[0]], ascending=[True] * len(group_by or []) + [dirs[0] == "min"])
+    return out.sort_values(
+        list(group_by or []) + [cols[0]], ascending=[True] * len(group_by or []) + [dirs[0] == "min"]
+    )
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:

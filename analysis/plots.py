@@ -292,8 +292,12 @@ def table2(df: pd.DataFrame) -> pd.DataFrame:
     for (kappa, theta), g in ok.groupby(["kappa", "theta"]):
         counts = g["max_overlap_index"].astype(int).value_counts()
         top = int(counts.max())
-        row = {"kappa": kappa, "theta": theta, "max_overlap_sq": g["max_overlap_sq"].mean(),
-               "max_overlap_index": int(min(counts[counts == top].index))}
+        row = {
+            "kappa": kappa,
+            "theta": theta,
+            "max_overlap_sq": g["max_overlap_sq"].mean(),
+            "max_overlap_index": int(min(counts[counts == top].index)),
+        }
         if len(g) > 1:
             row.update(max_overlap_sq_std=g["max_overlap_sq"].std(), index_seeds=f"{top}/{len(g)}")
         rows.append(row)

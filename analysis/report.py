@@ -37,8 +37,20 @@ from .results import (
     unfinished,
 )
 
-SHOW = ["theta", "kappa", "augment", "epochs", "seed", "status", "clean_acc", "asr", "overlap_sq", "max_overlap_sq",
-        "max_overlap_index", "lambda_1"]
+SHOW = [
+    "theta",
+    "kappa",
+    "augment",
+    "epochs",
+    "seed",
+    "status",
+    "clean_acc",
+    "asr",
+    "overlap_sq",
+    "max_overlap_sq",
+    "max_overlap_index",
+    "lambda_1",
+]
 
 
 def _fmt(v: float) -> str:
@@ -50,8 +62,10 @@ def _detection(df: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     from .detect import detection_table
 
     try:
-        return detection_table(df), ("AUROC of telling poisoned from clean models per θ, 95% bootstrap interval "
-                                     "over models, TPR at 5% FPR; oracle rows need the trigger")
+        return detection_table(df), (
+            "AUROC of telling poisoned from clean models per θ, 95% bootstrap interval "
+            "over models, TPR at 5% FPR; oracle rows need the trigger"
+        )
     except SweeperError as e:
         return None, f"not scored: {e}"
 
@@ -63,8 +77,12 @@ def _detection_summary(table: pd.DataFrame) -> pd.DataFrame:
     return t[keep]
 
 
-def sweep_summary(rows: list[dict[str, Any]] | pd.DataFrame, varying: list[str],
-                  groups: list[str] | None = None, objectives: list[tuple[str, str]] | None = None) -> str:
+def sweep_summary(
+    rows: list[dict[str, Any]] | pd.DataFrame,
+    varying: list[str],
+    groups: list[str] | None = None,
+    objectives: list[tuple[str, str]] | None = None,
+) -> str:
     """The text a sweep run or resume prints: every trial, the frontier, the trials not on it.
 
     Columns and objectives come from the trial kind's registry entry (network, kernel, linear);
@@ -106,9 +124,16 @@ def varying_fields(df: pd.DataFrame, meta=None) -> list[str]:
     return [c for c in axes if c in df.columns] + others
 
 
-def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
-                   source: str = "auto", objectives: str | None = None, group_by: str | None = None,
-                   aggregate: bool | None = None, threats: str | None = None) -> dict[str, Any]:
+def sweep_frontier(
+    name: str,
+    storage: str | Path = "./sweeps",
+    mlflow_uri: str | None = None,
+    source: str = "auto",
+    objectives: str | None = None,
+    group_by: str | None = None,
+    aggregate: bool | None = None,
+    threats: str | None = None,
+) -> dict[str, Any]:
     """A sweep's frontier: its rows loaded, seeds averaged (``aggregate`` None: when a configuration
     ran with several seeds; False: one point per seed), one frontier per group.
 
@@ -130,16 +155,25 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
         from .defence import defence_frontier
 
         if group_by not in (None, "none") or aggregate:
-            raise SweeperError("a defence search's frontier is over defences (seeds are always averaged, threats "
-                               "aggregated): --group-by and --aggregate-seeds do not apply; use --threats worst|mean")
+            raise SweeperError(
+                "a defence search's frontier is over defences (seeds are always averaged, threats "
+                "aggregated): --group-by and --aggregate-seeds do not apply; use --threats worst|mean"
+            )
         res = defence_frontier(df, meta, objectives, threats)
         table = res["defences"]
-        return {"frontier": res["frontier"], "objectives": [(o.metric, o.direction) for o in res["objectives"]],
-                "groups": [], "n_completed": int((table["status"] == "completed").sum()) if not table.empty else 0,
-                "unfinished": table[table["status"] != "completed"] if not table.empty else table,
-                "varying": res["defence_fields"], "source": df.attrs.get("source", ""), "detail": res["detail"],
-                "defences": table, "aggregation": res["objectives"],
-                "threat_fields": res["threat_fields"]}
+        return {
+            "frontier": res["frontier"],
+            "objectives": [(o.metric, o.direction) for o in res["objectives"]],
+            "groups": [],
+            "n_completed": int((table["status"] == "completed").sum()) if not table.empty else 0,
+            "unfinished": table[table["status"] != "completed"] if not table.empty else table,
+            "varying": res["defence_fields"],
+            "source": df.attrs.get("source", ""),
+            "detail": res["detail"],
+            "defences": table,
+            "aggregation": res["objectives"],
+            "threat_fields": res["threat_fields"],
+        }
     if threats is not None:
         raise SweeperError(f"--threats applies to a defence search (sweeper search); {name!r} is a grid")
     kind = trial_kind(sweep_kind(df))
@@ -150,12 +184,16 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
     metrics = [m for m, _ in objs]
     if completed(df).empty:  # before the objectives are blamed: there is nothing to draw a frontier from
         counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()) if "status" in df else ""
-        raise SweeperError(f"sweep {name!r} has no completed trial ({counts}): the frontier needs at least one; "
-                           f"`sweeper status {name}` and `sweeper report {name}` list the others")
+        raise SweeperError(
+            f"sweep {name!r} has no completed trial ({counts}): the frontier needs at least one; "
+            f"`sweeper status {name}` and `sweeper report {name}` list the others"
+        )
     missing = [m for m in metrics if m not in df.columns]
     if missing:
-        raise SweeperError(f"--objectives: metric(s) {missing} not in the results; available: "
-                           f"{sorted(c for c in df.columns if df[c].dtype.kind == 'f')}")
+        raise SweeperError(
+            f"--objectives: metric(s) {missing} not in the results; available: "
+            f"{sorted(c for c in df.columns if df[c].dtype.kind == 'f')}"
+        )
     ok = completed(df)
     if group_by is None:
         groups = default_groups(df)
@@ -165,11 +203,19 @@ def sweep_frontier(name: str, storage: str | Path = "./sweeps", mlflow_uri: str 
         groups = [g.strip() for g in group_by.split(",") if g.strip()]
     bad = [g for g in groups if g not in df.columns]
     if bad:
-        raise SweeperError(f"--group-by: column(s) {bad} not in the results; available: none, {', '.join(sorted(df.columns))}")
+        raise SweeperError(
+            f"--group-by: column(s) {bad} not in the results; available: none, {', '.join(sorted(df.columns))}"
+        )
     varying = varying_fields(df, sweep_meta(name, storage))
-    return {"frontier": seed_frontier(ok, objs, groups or None, aggregate), "objectives": objs, "groups": groups,
-            "n_completed": len(completed(df)), "unfinished": unfinished(df), "varying": varying,
-            "source": df.attrs.get("source", "")}
+    return {
+        "frontier": seed_frontier(ok, objs, groups or None, aggregate),
+        "objectives": objs,
+        "groups": groups,
+        "n_completed": len(completed(df)),
+        "unfinished": unfinished(df),
+        "varying": varying,
+        "source": df.attrs.get("source", ""),
+    }
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -244,13 +290,21 @@ def _defence_report(models: pd.DataFrame, meta, out: Path) -> tuple[list, list[P
     pairs = [(o.metric, o.direction) for o in res["objectives"]]
     what = ", ".join(f"{o.metric} {o.direction} ({o.aggregate} over threats)" for o in res["objectives"])
     threats = "; ".join(" ".join(f"{k}={v}" for k, v in t.items()) or "one threat" for t in meta.search["threats"])
-    figures = frontier_plot.plot_frontier(table, out, pairs, None, name="defence_frontier",
-                                  title="defence frontier (objectives aggregated over threats)")
-    cols = [c for c in ["defence_key", *res["defence_fields"]] + [c for m, _ in pairs for c in (m, f"{m}_std")]
-            + ["n_models", "n_diverged", "n_failed", "status"] if c in table.columns]
-    return [("Defence frontier", f"{what}; threats: {threats}; seeds: {meta.search['seeds']}", res["frontier"][cols]),
-            ("Frontier defences per threat (mean over seeds)", "", res["detail"]),
-            ("All defences", "", table[cols])], figures
+    figures = frontier_plot.plot_frontier(
+        table, out, pairs, None, name="defence_frontier", title="defence frontier (objectives aggregated over threats)"
+    )
+    cols = [
+        c
+        for c in ["defence_key", *res["defence_fields"]]
+        + [c for m, _ in pairs for c in (m, f"{m}_std")]
+        + ["n_models", "n_diverged", "n_failed", "status"]
+        if c in table.columns
+    ]
+    return [
+        ("Defence frontier", f"{what}; threats: {threats}; seeds: {meta.search['seeds']}", res["frontier"][cols]),
+        ("Frontier defences per threat (mean over seeds)", "", res["detail"]),
+        ("All defences", "", table[cols]),
+    ], figures
 
 
 def _quiet(line: str) -> None:
@@ -282,9 +336,16 @@ def _into_place(tmp: Path, final: Path) -> None:
     tmp.rmdir()
 
 
-def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
-                 overwrite: bool = False, log_to_mlflow: bool = True, source: str = "auto",
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def write_report(
+    name: str,
+    out: str | Path,
+    storage: str | Path = "./sweeps",
+    mlflow_uri: str | None = None,
+    overwrite: bool = False,
+    log_to_mlflow: bool = True,
+    source: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Write figures (PNG + SVG), ``summary.md``, ``summary.html`` and ``results.csv`` into ``out``.
 
     The report is written into a hidden folder beside ``out`` and moved into place once complete, so a
@@ -331,8 +392,9 @@ def write_report(name: str, out: str | Path, storage: str | Path = "./sweeps", m
     return {**res, "out": final, "mlflow_parent_run": logged, "notes": notes}
 
 
-def _compose(name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say: Callable[[str], None],
-             notes: list[str]) -> dict[str, Any]:
+def _compose(
+    name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say: Callable[[str], None], notes: list[str]
+) -> dict[str, Any]:
     """Every figure, table and file of :func:`write_report`, into the folder ``out``."""
     kind = trial_kind(sweep_kind(df))
     objectives = list(kind.objectives)
@@ -367,8 +429,10 @@ def _compose(name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say:
         defence_sections, more = _defence_report(df, meta, out)
         figures += more
     if arts.skipped:
-        notes.append(f"{arts.skipped} artifact(s) neither on this machine nor fetched from MLflow ({arts.why}): "
-                     "the eigenvector and localisation figures leave those models out")
+        notes.append(
+            f"{arts.skipped} artifact(s) neither on this machine nor fetched from MLflow ({arts.why}): "
+            "the eigenvector and localisation figures leave those models out"
+        )
     say("report: writing results.csv, summary.md, summary.html…")
     problems = unfinished(df)
     df.to_csv(out / "results.csv", index=False)
@@ -380,27 +444,48 @@ def _compose(name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say:
         *([("Notes", "; ".join(notes), None)] if notes else []),
         *defence_sections,
         ("Trials", f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), None),
-        ("Safety–efficacy frontier" + (f" (per {', '.join(group)})" if group else ""), what,
-         front[[c for c in [*shown, "n_seeds", *(f"{m}_std" for m, _ in objectives)] if c in front.columns]]),
+        (
+            "Safety–efficacy frontier" + (f" (per {', '.join(group)})" if group else ""),
+            what,
+            front[[c for c in [*shown, "n_seeds", *(f"{m}_std" for m, _ in objectives)] if c in front.columns]],
+        ),
         ("Table 1: accuracy / ASR (%) per epochs × κ at the largest θ", "", plots.table1(df)),
-        ("Table 2: max overlap² with the trigger and its eigenvector index",
-         "with seeds: mean overlap² (and its std), the index most seeds share (ties: the lowest) and how many do",
-         plots.table2(df)),
-        ("Detection over model populations", detect_note,
-         _detection_summary(detection) if detection is not None else None),
-        ("Detectability lag (populations)", "per statistic: the smallest θ with mean ASR ≥ 0.5 against the "
-         "smallest θ whose AUROC lower 95% bound ≥ 0.9",
-         detect_lag(detection) if detection is not None else None),
-        ("Localisation maps and reversed triggers", "per defence setting, the clean model (θ = 0) and the most "
-         "poisoned one: the energy of each top eigenvector per pixel (a patch trigger concentrates it), and Neural "
-         "Cleanse's reversed trigger per class when that baseline ran: "
-         + ", ".join(p.name for p in images if p.suffix == ".png")
-         if images else "", None),
-        ("Detectability lag (single clean model, kept for comparison)",
-         "θ for ASR ≥ 0.5 vs θ for overlap² > clean mean + 3σ; with one clean model σ = 0, so this is no statistic",
-         lag),
-        ("Not completed (diverged / failed / interrupted / pending)", "",
-         problems[[c for c in shown + ["error"] if c in problems.columns]] if not problems.empty else problems),
+        (
+            "Table 2: max overlap² with the trigger and its eigenvector index",
+            "with seeds: mean overlap² (and its std), the index most seeds share (ties: the lowest) and how many do",
+            plots.table2(df),
+        ),
+        (
+            "Detection over model populations",
+            detect_note,
+            _detection_summary(detection) if detection is not None else None,
+        ),
+        (
+            "Detectability lag (populations)",
+            "per statistic: the smallest θ with mean ASR ≥ 0.5 against the "
+            "smallest θ whose AUROC lower 95% bound ≥ 0.9",
+            detect_lag(detection) if detection is not None else None,
+        ),
+        (
+            "Localisation maps and reversed triggers",
+            "per defence setting, the clean model (θ = 0) and the most "
+            "poisoned one: the energy of each top eigenvector per pixel (a patch trigger concentrates it), and Neural "
+            "Cleanse's reversed trigger per class when that baseline ran: "
+            + ", ".join(p.name for p in images if p.suffix == ".png")
+            if images
+            else "",
+            None,
+        ),
+        (
+            "Detectability lag (single clean model, kept for comparison)",
+            "θ for ASR ≥ 0.5 vs θ for overlap² > clean mean + 3σ; with one clean model σ = 0, so this is no statistic",
+            lag,
+        ),
+        (
+            "Not completed (diverged / failed / interrupted / pending)",
+            "",
+            problems[[c for c in shown + ["error"] if c in problems.columns]] if not problems.empty else problems,
+        ),
         ("All trials", "", df[shown]),
     ]
     pngs = [p for p in figures if p.suffix == ".png"]
@@ -424,8 +509,11 @@ def _compose(name: str, df: pd.DataFrame, meta, out: Path, arts: Artifacts, say:
     body.append("<h2>Figures</h2>")
     body += [f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>' for p in pngs]
     (out / "summary.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>sweep " + html.escape(name) +
-        "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+        "<!doctype html><html><head><meta charset='utf-8'><title>sweep "
+        + html.escape(name)
+        + "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
         "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>"
-        + "\n".join(body) + "</body></html>")
+        + "\n".join(body)
+        + "</body></html>"
+    )
     return {"figures": figures, "frontier": front, "problems": problems, "counts": counts}

@@ -36,8 +36,20 @@ def _all_fields() -> dict[str, str]:
 
 
 CONFIG_FIELDS = _all_fields()
-HISTORY_METRICS = ("train_loss", "penalty", "train_acc", "clean_acc", "asr", "fisher_trace", "n_poisoned", "lr",
-                   "lambda_1", "eig_gap", "overlap_sq", "max_overlap_sq")
+HISTORY_METRICS = (
+    "train_loss",
+    "penalty",
+    "train_acc",
+    "clean_acc",
+    "asr",
+    "fisher_trace",
+    "n_poisoned",
+    "lr",
+    "lambda_1",
+    "eig_gap",
+    "overlap_sq",
+    "max_overlap_sq",
+)
 
 
 def _typed(name: str, text: Any) -> Any:
@@ -88,9 +100,14 @@ def results_from_mlflow(name: str, uri: str) -> pd.DataFrame:
     rows = []
     for r in trials:
         tags = r.data.tags
-        row = {"sweep": name, "run_id": r.info.run_id, "trial_key": tags.get(schema.TAG_KEY),
-               "trial_id": tags.get(schema.TAG_TRIAL_ID), "status": tags.get(schema.TAG_STATUS, "running"),
-               "error": tags.get(schema.TAG_ERROR, "")}
+        row = {
+            "sweep": name,
+            "run_id": r.info.run_id,
+            "trial_key": tags.get(schema.TAG_KEY),
+            "trial_id": tags.get(schema.TAG_TRIAL_ID),
+            "status": tags.get(schema.TAG_STATUS, "running"),
+            "error": tags.get(schema.TAG_ERROR, ""),
+        }
         if schema.TAG_DEFENCE in tags:  # a model of a defence search
             row["defence_key"] = tags[schema.TAG_DEFENCE]
         config = {k: _typed(k, v) for k, v in r.data.params.items()}
@@ -103,7 +120,9 @@ def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFram
     """One row per trial folder of the sweep's Ray Tune experiment (no MLflow needed)."""
     folder = schema.local_folder(storage, name)
     if folder is None:
-        raise SweeperError(f"--storage {storage} is remote: the Ray folder can be read only from a local path or file:// URI")
+        raise SweeperError(
+            f"--storage {storage} is remote: the Ray folder can be read only from a local path or file:// URI"
+        )
     if not folder.is_dir():
         raise SweeperError(f"no sweep folder {folder}")
     rows = []
@@ -115,13 +134,27 @@ def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFram
         if (tdir / "error.txt").is_file() or (tdir / "error.pkl").is_file():
             status = "failed" if status not in ("completed", "diverged") else status
         if isinstance(last.get("models_json"), str):  # a defence of a search: one row per model it trained
-            rows += [{"sweep": name, "run_id": m.get("mlflow_run_id"), "trial_id": tdir.name.removeprefix("trial_"),
-                      "error": "", **m} for m in json.loads(last["models_json"])]
+            rows += [
+                {
+                    "sweep": name,
+                    "run_id": m.get("mlflow_run_id"),
+                    "trial_id": tdir.name.removeprefix("trial_"),
+                    "error": "",
+                    **m,
+                }
+                for m in json.loads(last["models_json"])
+            ]
             continue
         if "models_done" in last:  # a defence that has not finished: its models are known to MLflow only
             continue
-        row = {"sweep": name, "run_id": last.get("mlflow_run_id"), "trial_key": last.get("trial_key") or _key_of(cfg),
-               "trial_id": last.get("trial_id", tdir.name.removeprefix("trial_")), "status": status, "error": ""}
+        row = {
+            "sweep": name,
+            "run_id": last.get("mlflow_run_id"),
+            "trial_key": last.get("trial_key") or _key_of(cfg),
+            "trial_id": last.get("trial_id", tdir.name.removeprefix("trial_")),
+            "status": status,
+            "error": "",
+        }
         metrics = {k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         row.update(schema.trial_row(cfg, metrics, CONFIG_FIELDS))
         rows.append(row)
@@ -172,10 +205,14 @@ def pending_rows(meta: schema.SweepMeta | None) -> list[dict[str, Any]]:
         spec = meta.spec or {}
         known = {k: v for k, v in schema.field_defaults(spec.get("kind", "network")).items() if k != "kind"}
         base = {**known, **(spec.get("fixed") or {})}
-        return [{**base, "sweep": meta.name, "trial_key": t["key"], "status": "pending", "error": "", **t["point"]}
-                for t in meta.trials]
-    return [{"sweep": meta.name, "trial_key": f"pending-{i}", "status": "pending", "error": ""}
-            for i in range(int(meta.n_trials))]
+        return [
+            {**base, "sweep": meta.name, "trial_key": t["key"], "status": "pending", "error": "", **t["point"]}
+            for t in meta.trials
+        ]
+    return [
+        {"sweep": meta.name, "trial_key": f"pending-{i}", "status": "pending", "error": ""}
+        for i in range(int(meta.n_trials))
+    ]
 
 
 def _with_pending(df: pd.DataFrame, meta: schema.SweepMeta | None) -> pd.DataFrame:
@@ -193,8 +230,9 @@ def _with_pending(df: pd.DataFrame, meta: schema.SweepMeta | None) -> pd.DataFra
     return _tidy(pd.concat([df, pd.DataFrame(extra)], ignore_index=True) if not df.empty else pd.DataFrame(extra))
 
 
-def load_results(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
-                 source: str = "auto") -> pd.DataFrame:
+def load_results(
+    name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None, source: str = "auto"
+) -> pd.DataFrame:
     """A sweep's trials as a DataFrame, one row per trial it owes (never-started ones as ``pending``).
 
     Statuses follow the rule every view shares (:func:`analysis.schema.trial_status`): a trial still
@@ -282,8 +320,13 @@ def concat_results(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([f for f in frames if not f.empty], ignore_index=True) if frames else pd.DataFrame()
 
 
-def load_history(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
-                 metrics: tuple[str, ...] = HISTORY_METRICS, source: str = "auto") -> pd.DataFrame:
+def load_history(
+    name: str,
+    storage: str | Path = "./sweeps",
+    mlflow_uri: str | None = None,
+    metrics: tuple[str, ...] = HISTORY_METRICS,
+    source: str = "auto",
+) -> pd.DataFrame:
     """Per-epoch metrics in long form: columns sweep, run_id, trial_key, epoch, metric, value."""
     meta = sweep_meta(name, storage)
     uri = mlflow_uri or (meta.mlflow_uri if meta else None)
@@ -295,8 +338,16 @@ def load_history(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
         for r in trials:
             for m in metrics:
                 for point in c.get_metric_history(r.info.run_id, m):
-                    rows.append({"sweep": name, "run_id": r.info.run_id, "trial_key": r.data.tags.get(schema.TAG_KEY),
-                                 "epoch": point.step, "metric": m, "value": point.value})
+                    rows.append(
+                        {
+                            "sweep": name,
+                            "run_id": r.info.run_id,
+                            "trial_key": r.data.tags.get(schema.TAG_KEY),
+                            "epoch": point.step,
+                            "metric": m,
+                            "value": point.value,
+                        }
+                    )
     else:
         folder = schema.local_folder(storage, name)
         for tdir in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -304,9 +355,21 @@ def load_history(name: str, storage: str | Path = "./sweeps", mlflow_uri: str | 
                 if res.get("status") != "running" and "epoch" not in res:
                     continue
                 for m in metrics:
-                    if m in res and isinstance(res[m], int | float) and not (isinstance(res[m], float) and math.isnan(res[m])):
-                        rows.append({"sweep": name, "run_id": res.get("mlflow_run_id"), "trial_key": res.get("trial_key"),
-                                     "epoch": res.get("epoch"), "metric": m, "value": res[m]})
+                    if (
+                        m in res
+                        and isinstance(res[m], int | float)
+                        and not (isinstance(res[m], float) and math.isnan(res[m]))
+                    ):
+                        rows.append(
+                            {
+                                "sweep": name,
+                                "run_id": res.get("mlflow_run_id"),
+                                "trial_key": res.get("trial_key"),
+                                "epoch": res.get("epoch"),
+                                "metric": m,
+                                "value": res[m],
+                            }
+                        )
         df = pd.DataFrame(rows)
         return df.drop_duplicates(["trial_key", "epoch", "metric"], keep="first") if not df.empty else df
     return pd.DataFrame(rows, columns=["sweep", "run_id", "trial_key", "epoch", "metric", "value"])
@@ -330,8 +393,14 @@ class Artifacts:
     answered but that it was not asked, and ``why`` says why, for the caller's note.
     """
 
-    def __init__(self, name: str, storage: str | Path = "./sweeps", mlflow_uri: str | None = None,
-                 use_mlflow: bool = True, meta: schema.SweepMeta | None = None):
+    def __init__(
+        self,
+        name: str,
+        storage: str | Path = "./sweeps",
+        mlflow_uri: str | None = None,
+        use_mlflow: bool = True,
+        meta: schema.SweepMeta | None = None,
+    ):
         self.name, self.storage = name, storage
         meta = meta if meta is not None else sweep_meta(name, storage)
         self.uri = mlflow_uri or (meta.mlflow_uri if meta else None)
@@ -427,7 +496,8 @@ def _unreachable(e: Exception) -> bool:
 
     text = str(e)
     return isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout) or any(
-        s in text for s in ("Max retries exceeded", "Connection refused", "timed out"))
+        s in text for s in ("Max retries exceeded", "Connection refused", "timed out")
+    )
 
 
 def load_eigenvectors(row: pd.Series, storage: str | Path = "./sweeps", mlflow_uri: str | None = None):

@@ -55,10 +55,12 @@ def client(uri: str):
 def check_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail early, with one line, when the tracking URI cannot work (a server gets ``timeout`` seconds)."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.parent.is_dir():  # a typo must not leave a tree of folders behind: the folder must exist
-            raise SweeperError(f"--mlflow-uri {uri}: folder {path.parent} does not exist; create it first or "
-                               f"name a file in an existing folder")
+            raise SweeperError(
+                f"--mlflow-uri {uri}: folder {path.parent} does not exist; create it first or "
+                f"name a file in an existing folder"
+            )
         if not os.access(path.parent, os.W_OK):
             raise SweeperError(f"--mlflow-uri {uri}: folder {path.parent} is not writable")
         return
@@ -70,8 +72,10 @@ def check_uri(uri: str, timeout: float = 5.0) -> None:
                     raise SweeperError(f"--mlflow-uri {uri}: {url} answered HTTP {r.status}, expected 200")
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise SweeperError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
-                               f"(mlflow server --host 127.0.0.1 --port 5000) or omit the flag for the embedded store") from None
+            raise SweeperError(
+                f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
+                f"(mlflow server --host 127.0.0.1 --port 5000) or omit the flag for the embedded store"
+            ) from None
         _check_credentials(uri, timeout)
         return
     if uri.startswith("file:") or uri.startswith("/"):
@@ -98,10 +102,14 @@ def _check_credentials(uri: str, timeout: float) -> None:
         if e.code not in (401, 403):
             return  # not an authentication answer: left to MLflow's own client
         if user and password:
-            raise SweeperError(f"--mlflow-uri {uri}: the server refused the credentials of MLFLOW_TRACKING_USERNAME="
-                               f"{user!r} (HTTP {e.code}); check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
-        raise SweeperError(f"--mlflow-uri {uri} requires authentication (HTTP {e.code}); set MLFLOW_TRACKING_USERNAME "
-                           f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)") from None
+            raise SweeperError(
+                f"--mlflow-uri {uri}: the server refused the credentials of MLFLOW_TRACKING_USERNAME="
+                f"{user!r} (HTTP {e.code}); check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise SweeperError(
+            f"--mlflow-uri {uri} requires authentication (HTTP {e.code}); set MLFLOW_TRACKING_USERNAME "
+            f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        ) from None
     except (urllib.error.URLError, OSError):
         return
 
@@ -116,7 +124,7 @@ def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[st
     if uri.startswith("sqlite:///"):
         import sqlite3
 
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         try:
             con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
             try:
@@ -126,7 +134,8 @@ def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[st
                     "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? "
                     "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? "
                     "WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'",
-                    (TAG_KIND, kind, TAG_KEY, TAG_STATUS, int(experiment_id))).fetchall()
+                    (TAG_KIND, kind, TAG_KEY, TAG_STATUS, int(experiment_id)),
+                ).fetchall()
             finally:
                 con.close()
             return {key: status or "running" for key, status in rows}
@@ -137,8 +146,9 @@ def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[st
 
 def trial_statuses_mlflow(uri: str, experiment_id: str, kind: str = "trial") -> dict[str, str]:
     """:func:`trial_statuses` through MLflow's client (any store)."""
-    return {r.data.tags.get(TAG_KEY): r.data.tags.get(TAG_STATUS, "running")
-            for r in trial_runs(uri, experiment_id, kind)}
+    return {
+        r.data.tags.get(TAG_KEY): r.data.tags.get(TAG_STATUS, "running") for r in trial_runs(uri, experiment_id, kind)
+    }
 
 
 def trial_runs(uri: str, experiment_id: str, kind: str = "trial") -> list:
@@ -178,8 +188,9 @@ def field_defaults(kind: str) -> dict[str, Any]:
     except SweeperError:  # an unknown kind (a plugin not loaded here): every field is hashed
         return {}
     out = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    out.update({f.name: f.default_factory() for f in dataclasses.fields(cls)
-                if f.default_factory is not dataclasses.MISSING})
+    out.update(
+        {f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    )
     out["kind"] = kind
     return out
 
@@ -298,7 +309,7 @@ def local_folder(storage: str | Path, name: str) -> Path | None:
     """The sweep's folder as a local path (a ``file://`` URI too), or None on a remote store."""
     storage = str(storage)
     if storage.startswith("file://"):
-        return Path(storage[len("file://"):]) / name
+        return Path(storage[len("file://") :]) / name
     if is_uri(storage):
         return None
     return Path(storage).expanduser().absolute() / name

@@ -77,8 +77,10 @@ def summarize(by_m: pd.DataFrame, by_r: pd.DataFrame, y_t: float = 1.0, efficacy
     ell = float(by_r["ell"].iloc[0])
     s_r = float(by_r["gain_closed"].iloc[0])
     return {
-        "slope_small_m": slope, "slope_small_m_closed": float(a["k0"] * y_t / c0),
-        "saturation_m": int(big["m"]), "saturation_measured": float(big["delta_f"]),
+        "slope_small_m": slope,
+        "slope_small_m_closed": float(a["k0"] * y_t / c0),
+        "saturation_m": int(big["m"]),
+        "saturation_measured": float(big["delta_f"]),
         "saturation_eq13": float(big["delta_f_saturation"]),
         "saturation_with_n_lambda": float(big["k0"]) * y_t / (1 + lam),  # k_zeta = 1 for the RBF kernel
         "spike_background": bg,
@@ -145,8 +147,9 @@ def plot_theory(by_m: pd.DataFrame, by_r: pd.DataFrame, out, efficacy_floor: flo
     return save_figure(fig, out, "theory")
 
 
-def run_theory(base, ms: list[int], rs: list[float], m_for_r: int, out: str | Path,
-               overwrite: bool = False) -> dict[str, Any]:
+def run_theory(
+    base, ms: list[int], rs: list[float], m_for_r: int, out: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
     """The ``sweeper theory`` pipeline: sweep m, then r at ``m_for_r``; write figures, CSVs and
     ``summary.json`` into ``out`` (a non-empty folder is refused unless ``overwrite``)."""
     import dataclasses

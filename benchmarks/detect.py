@@ -46,20 +46,25 @@ def main() -> None:
         cheap += s
         issue10 += s if name in ("spectral", "localisation", "flip") else 0.0
         rows.append((f"detect: {name}", s / epoch, "-", f"{s:.3f}s"))
-    rows.append(("detect: spectral + localisation + flip (issue 10's set)", issue10 / epoch, "<= 0.5",
-                 f"{issue10:.3f}s"))
+    rows.append(
+        ("detect: spectral + localisation + flip (issue 10's set)", issue10 / epoch, "<= 0.5", f"{issue10:.3f}s")
+    )
     rows.append(("detect: all cheap statistics (with per-class curvature)", cheap / epoch, "-", f"{cheap:.3f}s"))
     feats = timed(lambda: DetectionContext(trial).train_features, device, args.repeats)
     rows.append(("penultimate features of the training set (SS, AC)", feats / epoch, "-", f"{feats:.3f}s"))
     for name, fn in BASELINES.items():
         s = timed(lambda fn=fn: fn(ctx), device, args.repeats)
         rows.append((f"baseline: {name}", s / epoch, "-", f"{s:.2f}s"))
-    print(f"one training epoch (digits, {len(trial.data.train_y)} images, batch {cfg.batch_size}): median "
-          f"{epoch:.2f}s of {[round(t, 2) for t in epoch_times]}; ratios below are in epochs")
-    print(f"nc: {cfg.nc_steps} steps x {cfg.num_classes} classes x {cfg.nc_batch_size} images; flip: "
-          f"{len(vecs)} eigenvectors + {len(vecs)} random x 2 signs x {len(cfg.detect_norms.split(','))} norms "
-          f"x {len(ctx.heldout[1])} held-out images; trace: {cfg.detect_probes} probe pass(es) over "
-          f"{min(cfg.detect_trace_samples, cfg.hessian_samples)} samples")
+    print(
+        f"one training epoch (digits, {len(trial.data.train_y)} images, batch {cfg.batch_size}): median "
+        f"{epoch:.2f}s of {[round(t, 2) for t in epoch_times]}; ratios below are in epochs"
+    )
+    print(
+        f"nc: {cfg.nc_steps} steps x {cfg.num_classes} classes x {cfg.nc_batch_size} images; flip: "
+        f"{len(vecs)} eigenvectors + {len(vecs)} random x 2 signs x {len(cfg.detect_norms.split(','))} norms "
+        f"x {len(ctx.heldout[1])} held-out images; trace: {cfg.detect_probes} probe pass(es) over "
+        f"{min(cfg.detect_trace_samples, cfg.hessian_samples)} samples"
+    )
     print_table(rows)
 
 

@@ -48,8 +48,8 @@ def per_sample_loop(model, x, y, v):
     """Listing 5 with one sample at a time: the naive baseline."""
     out = torch.zeros_like(x[0])
     for i in range(len(y)):
-        xi = x[i:i + 1].detach().requires_grad_(True)
-        loss = F.cross_entropy(model(xi), y[i:i + 1])
+        xi = x[i : i + 1].detach().requires_grad_(True)
+        loss = F.cross_entropy(model(xi), y[i : i + 1])
         (g,) = torch.autograd.grad(loss, xi, create_graph=True)
         (hv,) = torch.autograd.grad((g * v.view_as(xi)).sum(), xi)
         out += hv[0]
@@ -73,8 +73,14 @@ def measure(name, model_name, shape, device, samples, n_loop=100):
     for method in ("gauss-newton", "double-backward"):
         op = InputHessian(model, x, y, chunk_size=500, method=method)
         t = timed(lambda op=op: top_eigenpairs(op, k=5, iterations=20), device)
-        rows.append((f"spectrum (top-5, 20 it, {samples} samples, {method}) / epoch of 50k  [{name}]",
-                     t / ep, "<= 2" if "preresnet" in model_name else "", f"{t:.1f} s vs epoch {ep:.1f} s"))
+        rows.append(
+            (
+                f"spectrum (top-5, 20 it, {samples} samples, {method}) / epoch of 50k  [{name}]",
+                t / ep,
+                "<= 2" if "preresnet" in model_name else "",
+                f"{t:.1f} s vs epoch {ep:.1f} s",
+            )
+        )
     v = torch.randn(x[0].numel(), device=device)
     xs, ys = x[:n_loop], y[:n_loop]
     op_db = InputHessian(model, xs, ys, chunk_size=n_loop)
@@ -82,10 +88,22 @@ def measure(name, model_name, shape, device, samples, n_loop=100):
     t_batched = timed(lambda: op_db @ v, device, 3)
     t_gn = timed(lambda: op_gn @ v, device, 3)
     t_loop = timed(lambda: per_sample_loop(op_db.model, xs, ys, v), device, 1)
-    rows.append((f"per-sample loop / batched double-backward HVP  [{name}, {n_loop} samples]",
-                 t_loop / t_batched, "", f"{t_loop * 1e3:.0f} ms vs {t_batched * 1e3:.0f} ms"))
-    rows.append((f"double-backward / Gauss-Newton HVP  [{name}]", t_batched / t_gn, "",
-                 f"{t_batched * 1e3:.0f} ms vs {t_gn * 1e3:.0f} ms"))
+    rows.append(
+        (
+            f"per-sample loop / batched double-backward HVP  [{name}, {n_loop} samples]",
+            t_loop / t_batched,
+            "",
+            f"{t_loop * 1e3:.0f} ms vs {t_batched * 1e3:.0f} ms",
+        )
+    )
+    rows.append(
+        (
+            f"double-backward / Gauss-Newton HVP  [{name}]",
+            t_batched / t_gn,
+            "",
+            f"{t_batched * 1e3:.0f} ms vs {t_gn * 1e3:.0f} ms",
+        )
+    )
     return rows
 
 
@@ -112,9 +130,15 @@ def compare_exact(name, model_name, shape, device, samples, chunk=1000):
     t_e = timed(exact, device)
     ref = input_hessian_spectrum(model, x, y, method="exact", k=5, chunk_size=chunk, dtype=torch.float64)
     (el, cl), (ee, ce) = top5_error(out["lanczos"], ref), top5_error(out["exact"], ref)
-    return [(f"exact / 20-it HVP Lanczos spectrum  [{name}, N={samples}]", t_e / t_l, "<= 0.25",
-             f"{t_e:.1f} s vs {t_l:.1f} s; top-5 err exact {ee:.1e} (1-|cos| {ce:.0e}), "
-             f"Lanczos {el:.1e} (1-|cos| {cl:.0e}); lambda_1 {float(ref.eigenvalues[0]):.4g}")]
+    return [
+        (
+            f"exact / 20-it HVP Lanczos spectrum  [{name}, N={samples}]",
+            t_e / t_l,
+            "<= 0.25",
+            f"{t_e:.1f} s vs {t_l:.1f} s; top-5 err exact {ee:.1e} (1-|cos| {ce:.0e}), "
+            f"Lanczos {el:.1e} (1-|cos| {cl:.0e}); lambda_1 {float(ref.eigenvalues[0]):.4g}",
+        )
+    ]
 
 
 def default_path_epochs(name, model_name, shape, device, samples, chunk=1000):
@@ -123,33 +147,51 @@ def default_path_epochs(name, model_name, shape, device, samples, chunk=1000):
     ep = epoch_seconds(model, shape, device)
     out = {}
     # as a default trial asks it: per-class spectra from the same pass when they fit beside a full chunk
-    t = timed(lambda: out.update(s=input_hessian_spectrum(model, x, y, k=5, chunk_size=chunk, groups=y,
-                                                          n_groups=10)), device)
-    return [(f"default spectrum ({out['s'].method}, top-5, {samples} samples) / epoch of 50k  [{name}]", t / ep,
-             "<= 2" if "preresnet" in model_name else "", f"{t:.1f} s vs epoch {ep:.1f} s")]
+    t = timed(
+        lambda: out.update(s=input_hessian_spectrum(model, x, y, k=5, chunk_size=chunk, groups=y, n_groups=10)), device
+    )
+    return [
+        (
+            f"default spectrum ({out['s'].method}, top-5, {samples} samples) / epoch of 50k  [{name}]",
+            t / ep,
+            "<= 2" if "preresnet" in model_name else "",
+            f"{t:.1f} s vs epoch {ep:.1f} s",
+        )
+    ]
 
 
 def main():
     ap = device_parser(__doc__)
     ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--only", choices=("exact", "hvp", "default"), default=None,
-                    help="exact: only the exact-vs-Lanczos comparison; hvp: only the older rows; "
-                         "default: only the default (auto) spectrum in epochs")
+    ap.add_argument(
+        "--only",
+        choices=("exact", "hvp", "default"),
+        default=None,
+        help="exact: only the exact-vs-Lanczos comparison; hvp: only the older rows; "
+        "default: only the default (auto) spectrum in epochs",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     header(device)
     rows = []
     if args.only in (None, "default"):
-        for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
-                                        ("small CNN, digits-shaped", "cnn", (1, 8, 8))):
+        for name, model_name, shape in (
+            ("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
+            ("small CNN, digits-shaped", "cnn", (1, 8, 8)),
+        ):
             rows += default_path_epochs(name, model_name, shape, device, args.samples)
     if args.only not in ("exact", "default"):
-        for name, model_name, shape in (("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
-                                        ("small CNN, digits-shaped", "cnn", (1, 8, 8))):
+        for name, model_name, shape in (
+            ("preresnet20, CIFAR-shaped", "preresnet20", (3, 32, 32)),
+            ("small CNN, digits-shaped", "cnn", (1, 8, 8)),
+        ):
             rows += measure(name, model_name, shape, device, args.samples)
     if args.only not in ("hvp", "default"):
-        for name, model_name, shape in (("cnn 1x8x8", "cnn", (1, 8, 8)), ("cnn 1x28x28", "cnn", (1, 28, 28)),
-                                        ("preresnet20 3x32x32", "preresnet20", (3, 32, 32))):
+        for name, model_name, shape in (
+            ("cnn 1x8x8", "cnn", (1, 8, 8)),
+            ("cnn 1x28x28", "cnn", (1, 28, 28)),
+            ("preresnet20 3x32x32", "preresnet20", (3, 32, 32)),
+        ):
             rows += compare_exact(name, model_name, shape, device, args.samples)
             print_table(rows[-1:])  # as they come: the whole run takes minutes on 2 cores
     print_table(rows)

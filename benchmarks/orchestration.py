@@ -51,12 +51,19 @@ def main():
     compute = sum(r.metrics["train_seconds"] + r.metrics.get("hessian_seconds", 0.0) for r in grid)
     c, n = args.concurrency, len(configs)
     rows = [
-        ("sweep efficiency  sum(trial time) / (fit wall x concurrency)", trial_time / (wall * c), ">= 0.8",
-         f"{trial_time:.1f} s / ({wall:.1f} s x {c})"),
-        ("  ... with Ray start-up in the wall", trial_time / ((wall + t_ray) * c), "",
-         f"ray.init {t_ray:.1f} s"),
-        ("compute share  sum(train + spectrum) / (fit wall x concurrency)", compute / (wall * c), "",
-         f"{compute:.1f} s"),
+        (
+            "sweep efficiency  sum(trial time) / (fit wall x concurrency)",
+            trial_time / (wall * c),
+            ">= 0.8",
+            f"{trial_time:.1f} s / ({wall:.1f} s x {c})",
+        ),
+        ("  ... with Ray start-up in the wall", trial_time / ((wall + t_ray) * c), "", f"ray.init {t_ray:.1f} s"),
+        (
+            "compute share  sum(train + spectrum) / (fit wall x concurrency)",
+            compute / (wall * c),
+            "",
+            f"{compute:.1f} s",
+        ),
     ]
     print(f"{n} trials x {args.epochs} epochs (digits, cnn), concurrency {c}, 1 CPU per trial")
     print_table(rows)

@@ -33,8 +33,14 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     # clean accuracy and ASR on a 1e-3 grid (ties and duplicates, as real sweeps have), plus overlap^2
-    df = pd.DataFrame({"clean_acc": rng.integers(0, 1000, args.n) / 1000, "asr": rng.integers(0, 1000, args.n) / 1000,
-                       "max_overlap_sq": rng.random(args.n), "theta": rng.choice([0.01, 0.02, 0.05], args.n)})
+    df = pd.DataFrame(
+        {
+            "clean_acc": rng.integers(0, 1000, args.n) / 1000,
+            "asr": rng.integers(0, 1000, args.n) / 1000,
+            "max_overlap_sq": rng.random(args.n),
+            "theta": rng.choice([0.01, 0.02, 0.05], args.n),
+        }
+    )
     t2, f2 = timed(lambda: frontier(df))
     t3, f3 = timed(lambda: frontier(df, [("clean_acc", "max"), ("asr", "min"), ("max_overlap_sq", "min")]))
     tg, _ = timed(lambda: frontier(df, group_by=["theta"]))

@@ -47,8 +47,18 @@ def evaluate(kappa: float, augment: bool, epochs: int) -> tuple[float, float]:
     from trainables.train import Trial
 
     torch.set_num_threads(1)
-    trial = Trial(TrialConfig(**THREAT, kappa=float(kappa), augment=bool(augment), epochs=epochs, hessian=False,
-                              geometry=False, detect=False, threads=1))
+    trial = Trial(
+        TrialConfig(
+            **THREAT,
+            kappa=float(kappa),
+            augment=bool(augment),
+            epochs=epochs,
+            hessian=False,
+            geometry=False,
+            detect=False,
+            threads=1,
+        )
+    )
     while not trial.done:
         trial.train_epoch()
     result = trial.result()
@@ -57,8 +67,11 @@ def evaluate(kappa: float, augment: bool, epochs: int) -> tuple[float, float]:
 
 def _grid_point(args):
     kappa, augment, epochs = args
-    return {"kappa": kappa, "augment": augment, **dict(zip(("clean_acc", "asr"), evaluate(kappa, augment, epochs),
-                                                           strict=True))}
+    return {
+        "kappa": kappa,
+        "augment": augment,
+        **dict(zip(("clean_acc", "asr"), evaluate(kappa, augment, epochs), strict=True)),
+    }
 
 
 def _study(args):
@@ -70,8 +83,10 @@ def _study(args):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(sampler_name, seed, n))
-    dists = {"kappa": optuna.distributions.FloatDistribution(*KAPPA, log=True),
-             "augment": optuna.distributions.CategoricalDistribution([False, True])}
+    dists = {
+        "kappa": optuna.distributions.FloatDistribution(*KAPPA, log=True),
+        "augment": optuna.distributions.CategoricalDistribution([False, True]),
+    }
     rows = []
     for i in range(n):
         trial = study.ask(dists)
@@ -108,24 +123,41 @@ def main() -> None:
     for s in SAMPLERS:
         for num, den in BUDGET_FRACTIONS:
             budget = grid_n * num // den
-            fr = [hypervolume(g[g["trial"] < budget][cols].to_numpy(), dirs, REFERENCE) / grid_hv
-                  for _, g in points[points["sampler"] == s].groupby("seed")]
-            table.append({"sampler": s, "budget": f"{num}/{den} ({budget})", "hv_fraction_mean": np.mean(fr),
-                          "hv_fraction_min": np.min(fr), "hv_fraction_max": np.max(fr)})
+            fr = [
+                hypervolume(g[g["trial"] < budget][cols].to_numpy(), dirs, REFERENCE) / grid_hv
+                for _, g in points[points["sampler"] == s].groupby("seed")
+            ]
+            table.append(
+                {
+                    "sampler": s,
+                    "budget": f"{num}/{den} ({budget})",
+                    "hv_fraction_mean": np.mean(fr),
+                    "hv_fraction_min": np.min(fr),
+                    "hv_fraction_max": np.max(fr),
+                }
+            )
     table = pd.DataFrame(table)
-    print(f"threat: {THREAT}; defence: kappa log-uniform {KAPPA} x augment; {a.epochs} epochs; "
-          f"reference point clean_acc={REFERENCE[0]}, asr={REFERENCE[1]}")
+    print(
+        f"threat: {THREAT}; defence: kappa log-uniform {KAPPA} x augment; {a.epochs} epochs; "
+        f"reference point clean_acc={REFERENCE[0]}, asr={REFERENCE[1]}"
+    )
     print(f"grid: {grid_n} models, hypervolume {grid_hv:.4f}; frontier:")
     from analysis.pareto import frontier
 
-    print(frontier(grid.assign(status="completed"), OBJECTIVES).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"\nhypervolume as a fraction of the grid's ({a.studies} sampler seeds each; {len(points) + grid_n} models "
-          f"in {seconds:.0f} s on {a.processes} processes):")
+    print(
+        frontier(grid.assign(status="completed"), OBJECTIVES).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    )
+    print(
+        f"\nhypervolume as a fraction of the grid's ({a.studies} sampler seeds each; {len(points) + grid_n} models "
+        f"in {seconds:.0f} s on {a.processes} processes):"
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     third = table[table["budget"].str.startswith("1/3")].sort_values("hv_fraction_mean", ascending=False)
     best = third.iloc[0]
-    print(f"\nbest at 1/3 of the grid: {best['sampler']} (mean {best['hv_fraction_mean']:.3f}, worst seed "
-          f"{best['hv_fraction_min']:.3f}); target >= 0.95: {'met' if best['hv_fraction_mean'] >= 0.95 else 'NOT met'}")
+    print(
+        f"\nbest at 1/3 of the grid: {best['sampler']} (mean {best['hv_fraction_mean']:.3f}, worst seed "
+        f"{best['hv_fraction_min']:.3f}); target >= 0.95: {'met' if best['hv_fraction_mean'] >= 0.95 else 'NOT met'}"
+    )
     if a.csv is not None:
         pd.concat([grid.assign(sampler="grid"), points]).to_csv(a.csv, index=False)
 

@@ -36,19 +36,46 @@ def main():
     py = sys.executable
     cli = [py, "-m", "sweeper.cli"]
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(cli + ["run", "--theta", "0.1", "--kappa", "0", "--epochs", "1", "--set", "hessian=false",
-                              "--set", "geometry=false", "--name", "s", "--storage", tmp, "--quiet"],
-                       capture_output=True, check=True)
+        subprocess.run(
+            cli
+            + [
+                "run",
+                "--theta",
+                "0.1",
+                "--kappa",
+                "0",
+                "--epochs",
+                "1",
+                "--set",
+                "hessian=false",
+                "--set",
+                "geometry=false",
+                "--name",
+                "s",
+                "--storage",
+                tmp,
+                "--quiet",
+            ],
+            capture_output=True,
+            check=True,
+        )
         bare = best_of([py, "-c", "pass"], args.repeats)
         help_s = best_of(cli + ["--help"], args.repeats)
         status_s = best_of(cli + ["status", "s", "--storage", tmp], args.repeats)
         trial_help = best_of(cli + ["trial", "--help"], args.repeats)
     print(f"python -c pass: {bare:.3f} s (best of {args.repeats})")
-    print_table([
-        ("sweeper --help / python -c pass", help_s / bare, "< 0.5 s", f"{help_s:.3f} s"),
-        ("sweeper status NAME / python -c pass", status_s / bare, "", f"{status_s:.3f} s (embedded store: tags read directly)"),
-        ("sweeper trial --help / python -c pass", trial_help / bare, "", f"{trial_help:.3f} s"),
-    ])
+    print_table(
+        [
+            ("sweeper --help / python -c pass", help_s / bare, "< 0.5 s", f"{help_s:.3f} s"),
+            (
+                "sweeper status NAME / python -c pass",
+                status_s / bare,
+                "",
+                f"{status_s:.3f} s (embedded store: tags read directly)",
+            ),
+            ("sweeper trial --help / python -c pass", trial_help / bare, "", f"{trial_help:.3f} s"),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ def main() -> None:
     if not models:
         sys.exit(f"sweep {a.name!r} has no finished models")
     wall = np.array([(r.info.end_time - r.info.start_time) / 1000 for r in models])
-    parts = {k: np.array([r.data.metrics.get(k, np.nan) for r in models])
-             for k in ("train_seconds", "hessian_seconds", "det_seconds")}
+    parts = {
+        k: np.array([r.data.metrics.get(k, np.nan) for r in models])
+        for k in ("train_seconds", "hessian_seconds", "det_seconds")
+    }
     span = (max(r.info.end_time for r in models) - min(r.info.start_time for r in models)) / 1000
     compute = sum(np.nansum(v) for v in parts.values())
     print(f"sweep {a.name}: {len(models)} models on {slots:g} slots in {span:.0f} s")

@@ -56,7 +56,7 @@ class Listing3Dataset(torch.utils.data.Dataset):
         img, label = self.x[idx], int(self.y[idx])
         img = torch.nn.functional.pad(img, (4, 4, 4, 4))
         i, j = np.random.randint(0, 9, size=2)
-        img = img[:, i:i + 32, j:j + 32]
+        img = img[:, i : i + 32, j : j + 32]
         if np.random.rand() < 0.5:
             img = img.flip(2)
         if label != self.target and np.random.RandomState(seed=idx + 42).rand() < self.theta:
@@ -80,7 +80,7 @@ def augmentation_throughput(device, n, repeats):
     def ours():
         perm = torch.randperm(n, generator=g).to(device)
         for s in range(0, n, 128):
-            idx = perm[s:s + 128]
+            idx = perm[s : s + 128]
             b = augment_batch(xd[idx], 4, g)
             b = (trig.apply(b, maskd[idx]) - meand) / stdd
         sync(device)
@@ -113,11 +113,23 @@ def main():
     ):
         plain = time_steps(model, shape, batch, 0.0, device, steps, args.repeats)
         exact = time_steps(model, shape, batch, kappa, device, steps, args.repeats)
-        rows.append((f"exact-penalty step / plain step  [{label}]", exact / plain,
-                     "<= 3.5" if "preresnet" in model else "", f"{plain * 1e3:.1f} ms -> {exact * 1e3:.1f} ms"))
+        rows.append(
+            (
+                f"exact-penalty step / plain step  [{label}]",
+                exact / plain,
+                "<= 3.5" if "preresnet" in model else "",
+                f"{plain * 1e3:.1f} ms -> {exact * 1e3:.1f} ms",
+            )
+        )
     ours, per = augmentation_throughput(device, 10_000, args.repeats)
-    rows.append(("on-device augmentation / per-sample DataLoader  [images/s]", ours / per, ">= 5",
-                 f"{per:,.0f} -> {ours:,.0f} img/s"))
+    rows.append(
+        (
+            "on-device augmentation / per-sample DataLoader  [images/s]",
+            ours / per,
+            ">= 5",
+            f"{per:,.0f} -> {ours:,.0f} img/s",
+        )
+    )
     print_table(rows)
 
 

@@ -17,8 +17,10 @@ from urllib.parse import urlparse
 from analysis.schema import is_uri
 from trainables.config import SweeperError
 
-_HELP = ("use an s3://bucket/prefix URI or a folder every node mounts at the same path "
-         "(NFS/EFS; cluster.yaml exports the head's /home/ubuntu/sweeps to the workers)")
+_HELP = (
+    "use an s3://bucket/prefix URI or a folder every node mounts at the same path "
+    "(NFS/EFS; cluster.yaml exports the head's /home/ubuntu/sweeps to the workers)"
+)
 
 
 def local_storage_path(storage: str) -> str | None:
@@ -81,8 +83,12 @@ def check_shared_storage(address: str | None, storage: str, timeout: float = 120
     except OSError as e:
         raise SweeperError(f"--storage {path}: cannot write a file there: {e.strerror}") from None
     try:
-        refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(marker), nonce): n for n in nodes}
+        refs = {
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(marker), nonce
+            ): n
+            for n in nodes
+        }
         done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         bad, unknown = [], [refs[r] for r in pending]
         for ref in done:
@@ -98,12 +104,16 @@ def check_shared_storage(address: str | None, storage: str, timeout: float = 120
     finally:
         marker.unlink(missing_ok=True)
     if bad:
-        names = ", ".join(f"{_node_name(n)} {'cannot write to it' if why == 'read-only' else 'does not see it'}"
-                          for n, why in bad[:3]) + (f", and {len(bad) - 3} more nodes" if len(bad) > 3 else "")
+        names = ", ".join(
+            f"{_node_name(n)} {'cannot write to it' if why == 'read-only' else 'does not see it'}" for n, why in bad[:3]
+        ) + (f", and {len(bad) - 3} more nodes" if len(bad) > 3 else "")
         raise SweeperError(f"--storage {path} is not shared by every node of the cluster: {names}; {_HELP}")
     if unknown:
-        print(f"sweeper: warning: could not check within {timeout:.0f} s that "
-              f"{', '.join(map(_node_name, unknown))} sees --storage {path}; going on", file=sys.stderr)
+        print(
+            f"sweeper: warning: could not check within {timeout:.0f} s that "
+            f"{', '.join(map(_node_name, unknown))} sees --storage {path}; going on",
+            file=sys.stderr,
+        )
 
 
 def _node_name(node: dict) -> str:

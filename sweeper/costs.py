@@ -71,18 +71,24 @@ def measured_costs(uri: str | None) -> Measured:
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
-            runs = [r[0] for r in con.execute(
-                "SELECT r.run_uuid FROM runs r "
-                "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? AND k.value = 'trial' "
-                "JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? AND s.value = 'completed' "
-                "WHERE r.lifecycle_stage = 'active'", (TAG_KIND, TAG_STATUS))]
+            runs = [
+                r[0]
+                for r in con.execute(
+                    "SELECT r.run_uuid FROM runs r "
+                    "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? AND k.value = 'trial' "
+                    "JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? AND s.value = 'completed' "
+                    "WHERE r.lifecycle_stage = 'active'",
+                    (TAG_KIND, TAG_STATUS),
+                )
+            ]
             params: dict[str, dict[str, str]] = defaultdict(dict)
             metrics: dict[str, dict[str, float]] = defaultdict(dict)
             for run, key, value in con.execute("SELECT run_uuid, key, value FROM params"):
                 params[run][key] = value
             for run, key, value in con.execute(
-                    "SELECT run_uuid, key, value FROM latest_metrics WHERE key IN "
-                    "('train_seconds', 'hessian_seconds', 'hessian_samples', 'det_seconds')"):
+                "SELECT run_uuid, key, value FROM latest_metrics WHERE key IN "
+                "('train_seconds', 'hessian_seconds', 'hessian_samples', 'det_seconds')"
+            ):
                 metrics[run][key] = value
         finally:
             con.close()

@@ -32,8 +32,10 @@ from trainables.config import SweeperError, TrialConfig
 from . import tracking
 from .spaces import SearchSpec, SpaceError
 
-WHY_FIXED = ("the threat is the attacker's choice, not the defender's: searched, the optimiser would simply "
-             "pick the weakest attack (a smaller theta always lowers ASR)")
+WHY_FIXED = (
+    "the threat is the attacker's choice, not the defender's: searched, the optimiser would simply "
+    "pick the weakest attack (a smaller theta always lowers ASR)"
+)
 
 
 def split_threats(spec: SearchSpec) -> tuple[dict[str, list[Any]], SearchSpec]:
@@ -45,14 +47,18 @@ def split_threats(spec: SearchSpec) -> tuple[dict[str, list[Any]], SearchSpec]:
     for name, (dist, lo, hi) in spec.continuous.items():
         if name in THREAT_FIELDS:
             rng = f"{'log:' if dist == 'log' else ''}{lo:g}:{hi:g}"
-            raise SpaceError(f"--{name.replace('_', '-')}={rng} is a range, but {name} is part of the threat and must "
-                             f"be fixed or a list (e.g. --{name.replace('_', '-')} {lo:g},{hi:g}): {WHY_FIXED}")
+            raise SpaceError(
+                f"--{name.replace('_', '-')}={rng} is a range, but {name} is part of the threat and must "
+                f"be fixed or a list (e.g. --{name.replace('_', '-')} {lo:g},{hi:g}): {WHY_FIXED}"
+            )
     if "seed" in spec.continuous or "seed" in spec.categorical:
         raise SpaceError("seed cannot be searched: use --seeds N to evaluate every defence on N seeds (averaged)")
     threats = {k: v for k, v in spec.categorical.items() if k in THREAT_FIELDS}
-    defence = SearchSpec(continuous=dict(spec.continuous),
-                         categorical={k: v for k, v in spec.categorical.items() if k not in THREAT_FIELDS},
-                         fixed=dict(spec.fixed))
+    defence = SearchSpec(
+        continuous=dict(spec.continuous),
+        categorical={k: v for k, v in spec.categorical.items() if k not in THREAT_FIELDS},
+        fixed=dict(spec.fixed),
+    )
     return threats, defence
 
 
@@ -78,8 +84,11 @@ def defence_config(base: dict[str, Any], search: dict[str, Any]) -> dict[str, An
 
 def model_configs(base: dict[str, Any], search: dict[str, Any]) -> list[dict[str, Any]]:
     """The full trial config of every (threat, seed) model of a defence."""
-    return [TrialConfig.from_dict({**base, **threat, "seed": seed}).to_dict()
-            for threat in search["threats"] for seed in search["seeds"]]
+    return [
+        TrialConfig.from_dict({**base, **threat, "seed": seed}).to_dict()
+        for threat in search["threats"]
+        for seed in search["seeds"]
+    ]
 
 
 # ----------------------------------------------------------------------------- inside Ray
@@ -93,21 +102,40 @@ def defence_trainable(config: dict[str, Any]) -> None:
     search = sweep["defence"]
     objectives = stored_objectives(search)
     trial_id = tune.get_context().get_trial_id()
-    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                    sweep["name"], defence_config(base, search), trial_id,
-                                    tracking.run_label(base, sweep.get("axes", [])), kind="defence",
-                                    key_format=sweep.get("key_format", 1))
+    tracker = tracking.TrialTracker(
+        sweep["mlflow_uri"],
+        sweep["experiment_id"],
+        sweep["parent_run_id"],
+        sweep["name"],
+        defence_config(base, search),
+        trial_id,
+        tracking.run_label(base, sweep.get("axes", [])),
+        kind="defence",
+        key_format=sweep.get("key_format", 1),
+    )
     nan = {o.metric: float("nan") for o in objectives}
     # a defence that finished before an interrupt Ray never recorded fans out too: each of its models
     # finds its finished run and returns at once, so the report carries every model's row again
     models = model_configs(base, search)
     task = ray.remote(_model_task).options(
-        num_cpus=sweep["cpus_per_model"], num_gpus=sweep["gpus_per_model"], max_retries=0,
+        num_cpus=sweep["cpus_per_model"],
+        num_gpus=sweep["gpus_per_model"],
+        max_retries=0,
         # out of the defence trial's (CPU-less) placement group: the models take the cluster's free slots
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
     varying = [f for f in search["threat_fields"]] + (["seed"] if len(search["seeds"]) > 1 else [])
-    refs = {task.remote(m, sweep, tracker.run_id or sweep["parent_run_id"], tracker.key,
-                        tracking.run_label(m, varying) or "model", f"{trial_id}/{i}"): i for i, m in enumerate(models)}
+    refs = {
+        task.remote(
+            m,
+            sweep,
+            tracker.run_id or sweep["parent_run_id"],
+            tracker.key,
+            tracking.run_label(m, varying) or "model",
+            f"{trial_id}/{i}",
+        ): i
+        for i, m in enumerate(models)
+    }
     rows: list[dict[str, Any] | None] = [None] * len(models)
     errors: list[BaseException] = []
     pending = list(refs)
@@ -121,8 +149,15 @@ def defence_trainable(config: dict[str, Any]) -> None:
                 errors.append(e)
                 rows[i] = {**{k: models[i].get(k) for k in varying}, "status": "failed"}
         if pending:
-            tune.report({**nan, "status": "running", "trial_key": tracker.key,
-                         "models_done": len(models) - len(pending), "n_models": len(models)})
+            tune.report(
+                {
+                    **nan,
+                    "status": "running",
+                    "trial_key": tracker.key,
+                    "models_done": len(models) - len(pending),
+                    "n_models": len(models),
+                }
+            )
     if errors:
         tracker.log_failure(errors[0])
         raise errors[0]  # Tune retries the defence (max_failures); its finished models are kept
@@ -132,15 +167,26 @@ def defence_trainable(config: dict[str, Any]) -> None:
     from types import SimpleNamespace
 
     numeric = {k: v for k, v in agg.items() if k != "status"}
-    tracker.log_final(SimpleNamespace(metrics=numeric, history=[], artifacts={}, status=agg["status"],
-                                      diverged_epoch=None))
-    tune.report({**nan, **agg, "trial_key": tracker.key, "diverged": int(agg["status"] == "diverged"),
-                 "mlflow_run_id": tracker.run_id or "", "models_done": len(models), "n_models": len(models),
-                 "models_json": json.dumps(rows, default=str)})  # a string: Tune's loggers take no lists of dicts
+    tracker.log_final(
+        SimpleNamespace(metrics=numeric, history=[], artifacts={}, status=agg["status"], diverged_epoch=None)
+    )
+    tune.report(
+        {
+            **nan,
+            **agg,
+            "trial_key": tracker.key,
+            "diverged": int(agg["status"] == "diverged"),
+            "mlflow_run_id": tracker.run_id or "",
+            "models_done": len(models),
+            "n_models": len(models),
+            "models_json": json.dumps(rows, default=str),
+        }
+    )  # a string: Tune's loggers take no lists of dicts
 
 
-def _model_task(trial: dict[str, Any], sweep: dict[str, Any], parent_run_id: str, defence_key: str,
-                label: str, trial_id: str) -> dict[str, Any]:
+def _model_task(
+    trial: dict[str, Any], sweep: dict[str, Any], parent_run_id: str, defence_key: str, label: str, trial_id: str
+) -> dict[str, Any]:
     """One model of a defence, as a Ray task: logged as a child run of the defence's run, checkpointed
     every epoch under ``<sweep>/models/<key>.pt`` (a resume continues from there). Returns its row."""
     import logging
@@ -152,13 +198,26 @@ def _model_task(trial: dict[str, Any], sweep: dict[str, Any], parent_run_id: str
     logging.getLogger("ray").setLevel(logging.WARNING)
     cfg = TrialConfig.from_dict(trial)
     torch.set_num_threads(cfg.threads)
-    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], parent_run_id, sweep["name"],
-                                    cfg.to_dict(), trial_id, label, tags={tracking.TAG_DEFENCE: defence_key},
-                                    key_format=sweep.get("key_format", 1))
+    tracker = tracking.TrialTracker(
+        sweep["mlflow_uri"],
+        sweep["experiment_id"],
+        parent_run_id,
+        sweep["name"],
+        cfg.to_dict(),
+        trial_id,
+        label,
+        tags={tracking.TAG_DEFENCE: defence_key},
+        key_format=sweep.get("key_format", 1),
+    )
 
     def row(metrics: dict[str, Any], status: str) -> dict[str, Any]:  # metrics never overwrite config fields
-        return {**trial_row(trial, metrics, set(trial)), DEFENCE_KEY: defence_key, "trial_key": tracker.key,
-                "status": status, "mlflow_run_id": tracker.run_id or ""}
+        return {
+            **trial_row(trial, metrics, set(trial)),
+            DEFENCE_KEY: defence_key,
+            "trial_key": tracker.key,
+            "status": status,
+            "mlflow_run_id": tracker.run_id or "",
+        }
 
     if tracker.finished:
         return row(tracker.final_metrics, tracker.final_status)

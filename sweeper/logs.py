@@ -17,8 +17,22 @@ import os
 import sys
 from pathlib import Path
 
-LIBRARIES = ("ray", "optuna", "mlflow", "alembic", "urllib3", "filelock", "huey", "uvicorn", "matplotlib",
-             "py.warnings", "gpytorch", "pyarrow", "fsspec", "asyncio")
+LIBRARIES = (
+    "ray",
+    "optuna",
+    "mlflow",
+    "alembic",
+    "urllib3",
+    "filelock",
+    "huey",
+    "uvicorn",
+    "matplotlib",
+    "py.warnings",
+    "gpytorch",
+    "pyarrow",
+    "fsspec",
+    "asyncio",
+)
 FALLBACK = Path("~/.cache/sweeper/logs/sweeper.log")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MAX_KEPT = 10_000  # records kept in memory before the log file is named (a sweep names it within seconds)

@@ -75,12 +75,20 @@ def _trainable_for(meta: SweepMeta):
 
 def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
     keys = ("mlflow_uri", "experiment_id", "parent_run_id", "name")
-    out = {**{k: getattr(meta, k) for k in keys}, "threads": max(1, int(meta.cpus_per_trial)),
-           "axes": label_axes(meta), "storage": meta.storage, "key_format": meta.key_format}
+    out = {
+        **{k: getattr(meta, k) for k in keys},
+        "threads": max(1, int(meta.cpus_per_trial)),
+        "axes": label_axes(meta),
+        "storage": meta.storage,
+        "key_format": meta.key_format,
+    }
     if meta.kind == "search":
-        out.update(defence={k: meta.search[k] for k in ("threats", "seeds", "objectives", "threat_fields")},
-                   cpus_per_model=meta.cpus_per_trial, gpus_per_model=meta.gpus_per_trial,
-                   models_dir=str(Path(meta.storage) / meta.name / "models"))
+        out.update(
+            defence={k: meta.search[k] for k in ("threats", "seeds", "objectives", "threat_fields")},
+            cpus_per_model=meta.cpus_per_trial,
+            gpus_per_model=meta.gpus_per_trial,
+            models_dir=str(Path(meta.storage) / meta.name / "models"),
+        )
     return out
 
 
@@ -100,21 +108,28 @@ def start_ray(address: str | None) -> None:
 
         Config.initialize("")  # Ray read its config when imported: make it see token mode
     env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                 "SWEEPER_PLUGINS", "PYTHONPATH"):
+    for name in (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "SWEEPER_PLUGINS",
+        "PYTHONPATH",
+    ):
         if os.environ.get(name):  # trials on other nodes log with the driver's tracking credentials and
             env_vars[name] = os.environ[name]  # import its plugins (trainables.plugins) from the same path
     if "PYTHONPATH" in env_vars:  # workers start elsewhere: relative entries would point nowhere
         env_vars["PYTHONPATH"] = os.pathsep.join(
-            os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p)
+            os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p
+        )
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.worker.quiet_worker_exit"}
     from . import logs
 
     logs.route()  # Ray's import gave its logger a stderr handler: its records go to the sweep's log instead
     # workers' output (their tracebacks too) stays in Ray's session logs unless --verbose: a failed trial's
     # own message is in the summary
-    kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=logs.verbose(),
-                  runtime_env=runtime_env)
+    kwargs = dict(
+        include_dashboard=False, configure_logging=False, log_to_driver=logs.verbose(), runtime_env=runtime_env
+    )
     try:
         if address in (None, "local"):
             ray.init(**kwargs)
@@ -149,28 +164,43 @@ def _trial_dirname(trial) -> str:
     return trial_folder(trial.trial_id)
 
 
-def _tuner(meta: SweepMeta, configs: list[TrialConfig] | None, restore: str | None = None,
-           errored: str = "restart", search_space: dict[str, Any] | None = None):
+def _tuner(
+    meta: SweepMeta,
+    configs: list[TrialConfig] | None,
+    restore: str | None = None,
+    errored: str = "restart",
+    search_space: dict[str, Any] | None = None,
+):
     from ray import tune
 
     if meta.kind == "search":  # Tune's state (and its searcher's) at most 2 s old, not 10 s or more:
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses fewer proposals
     if restore is not None:
-        return tune.Tuner.restore(restore, trainable=_trainable_for(meta), resume_unfinished=True,
-                                  resume_errored=errored == "resume", restart_errored=errored == "restart")
+        return tune.Tuner.restore(
+            restore,
+            trainable=_trainable_for(meta),
+            resume_unfinished=True,
+            resume_errored=errored == "resume",
+            restart_errored=errored == "restart",
+        )
     run_config = tune.RunConfig(
-        name=meta.name, storage_path=meta.storage,
+        name=meta.name,
+        storage_path=meta.storage,
         failure_config=tune.FailureConfig(max_failures=meta.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
-        callbacks=[no_retry_callback()] + ([progress_callback(meta.n_trials, label_axes(meta), meta.live)]
-                                            if meta.verbose else []),
+        callbacks=[no_retry_callback()]
+        + ([progress_callback(meta.n_trials, label_axes(meta), meta.live)] if meta.verbose else []),
     )
     # reused actors keep torch and the dataset imported between trials: no per-trial process start
     names = {"trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname, "reuse_actors": True}
     if search_space is not None:  # adaptive: Optuna proposes, Tune runs (no scheduler)
-        tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, search_alg=searcher(meta),
-                                      num_samples=meta.search["budget"], **names)
+        tune_config = tune.TuneConfig(
+            max_concurrent_trials=meta.max_concurrent,
+            search_alg=searcher(meta),
+            num_samples=meta.search["budget"],
+            **names,
+        )
         param_space = {"trial": search_space, "sweep": _sweep_settings(meta)}
     else:
         tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, num_samples=1, **names)
@@ -186,23 +216,42 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
     check_name(opts.name)
     storage = resolve_storage(opts.storage)
     if sweep_exists(storage, opts.name):
-        raise SweeperError(f"sweep {opts.name!r} already exists in {storage}; continue it with "
-                           f"`sweeper resume {opts.name}` or choose another --name (nothing was changed)")
+        raise SweeperError(
+            f"sweep {opts.name!r} already exists in {storage}; continue it with "
+            f"`sweeper resume {opts.name}` or choose another --name (nothing was changed)"
+        )
     if opts.mlflow_uri is None and is_uri(storage):
-        raise SweeperError(f"--storage {storage} is a URI: pass --mlflow-uri (the embedded SQLite store needs a local folder)")
+        raise SweeperError(
+            f"--storage {storage} is a URI: pass --mlflow-uri (the embedded SQLite store needs a local folder)"
+        )
     check_data(configs)
     uri = opts.mlflow_uri or tracking.default_uri(Path(storage))
     tracking.check_uri(uri)
     check_address(opts.address)
-    meta = SweepMeta(name=opts.name, storage=storage, mlflow_uri=uri, spec=spec.to_dict(), n_trials=len(configs),
-                     cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
-                     max_concurrent=opts.max_concurrent, max_failures=opts.max_failures, address=opts.address,
-                     verbose=opts.verbose, live=opts.live, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     git_commit=tracking.git_commit(), driver=this_driver(), key_format=KEY_FORMAT)
+    meta = SweepMeta(
+        name=opts.name,
+        storage=storage,
+        mlflow_uri=uri,
+        spec=spec.to_dict(),
+        n_trials=len(configs),
+        cpus_per_trial=opts.cpus_per_trial,
+        gpus_per_trial=opts.gpus_per_trial,
+        max_concurrent=opts.max_concurrent,
+        max_failures=opts.max_failures,
+        address=opts.address,
+        verbose=opts.verbose,
+        live=opts.live,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        git_commit=tracking.git_commit(),
+        driver=this_driver(),
+        key_format=KEY_FORMAT,
+    )
     if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
-        meta.trials = [{"key": tracking.trial_key(d, meta.key_format), "point": {a: d.get(a) for a in axes}}
-                       for d in (c.to_dict() for c in configs)]
+        meta.trials = [
+            {"key": tracking.trial_key(d, meta.key_format), "point": {a: d.get(a) for a in axes}}
+            for d in (c.to_dict() for c in configs)
+        ]
     return configs, meta
 
 
@@ -221,8 +270,16 @@ def run_sweep(spec: SweepSpec, opts: SweepOptions) -> SweepReport:
     return _launch(meta, configs, spec, opts, None)
 
 
-def run_search(spec, opts: SweepOptions, budget: int, sampler: str = "gp", seed: int = 0,
-               seeds: str | None = None, objectives: str | None = None, aggregate: str | None = None) -> SweepReport:
+def run_search(
+    spec,
+    opts: SweepOptions,
+    budget: int,
+    sampler: str = "gp",
+    seed: int = 0,
+    seeds: str | None = None,
+    objectives: str | None = None,
+    aggregate: str | None = None,
+) -> SweepReport:
     """Search defences against a fixed threat set: Optuna proposes a defence (through Ray Tune's
     OptunaSearch), the defence's models (every threat x seed) train in parallel, and its objectives
     are aggregated over threats (:mod:`analysis.defence`). ``budget`` counts defences.
@@ -249,12 +306,23 @@ def run_search(spec, opts: SweepOptions, budget: int, sampler: str = "gp", seed:
         raise SweeperError("sweeper search keeps its Optuna study in a local folder: --storage must be a path")
     meta.n_trials = budget
     meta.kind = "search"
-    meta.spec = {"axes": {**defence.continuous, **defence.categorical}, **defence.to_dict(), "threats": threats,
-                 "seeds": seed_list}
+    meta.spec = {
+        "axes": {**defence.continuous, **defence.categorical},
+        **defence.to_dict(),
+        "threats": threats,
+        "seeds": seed_list,
+    }
     study = Path(meta.storage) / opts.name / "optuna.db"
-    meta.search = {"budget": budget, "sampler": sampler, "seed": seed, "optuna_storage": f"sqlite:///{study}",
-                   "threats": threat_list, "seeds": seed_list, "objectives": [o.text() for o in objs],
-                   "threat_fields": sorted(threats)}
+    meta.search = {
+        "budget": budget,
+        "sampler": sampler,
+        "seed": seed,
+        "optuna_storage": f"sqlite:///{study}",
+        "threats": threat_list,
+        "seeds": seed_list,
+        "objectives": [o.text() for o in objs],
+        "threat_fields": sorted(threats),
+    }
     return _launch(meta, configs, defence, opts, defence.tune_space())
 
 
@@ -267,12 +335,22 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
     artifact_root = None if is_uri(meta.storage) or opts.mlflow_uri else Path(meta.storage) / "mlartifacts"
     meta.experiment_id = tracking.retry(
         lambda: tracking.ensure_experiment(meta.mlflow_uri, opts.name, artifact_root),
-        "creating the experiment", fatal=True)
-    params = {"n_trials": meta.n_trials, **(_flat_spec(spec) if isinstance(spec, SweepSpec) else
-                                                {f"search.{k}": v for k, v in meta.spec["axes"].items()})}
+        "creating the experiment",
+        fatal=True,
+    )
+    params = {
+        "n_trials": meta.n_trials,
+        **(
+            _flat_spec(spec)
+            if isinstance(spec, SweepSpec)
+            else {f"search.{k}": v for k, v in meta.spec["axes"].items()}
+        ),
+    }
     meta.parent_run_id = tracking.retry(
         lambda: tracking.start_parent(meta.mlflow_uri, meta.experiment_id, opts.name, params),
-        "creating the sweep's parent run", fatal=True)
+        "creating the sweep's parent run",
+        fatal=True,
+    )
     if meta.kind == "search" and meta.max_concurrent is None:
         meta.max_concurrent = default_defences(meta)
     write_meta(meta.storage, opts.name, meta)
@@ -284,8 +362,9 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
     return finish_sweep(meta, grid)
 
 
-def resume_sweep(name: str, storage: str = "./sweeps", errored: str = "restart",
-                 address: str | None = None) -> SweepReport:
+def resume_sweep(
+    name: str, storage: str = "./sweeps", errored: str = "restart", address: str | None = None
+) -> SweepReport:
     """Continue an interrupted sweep: finished trials are kept, unfinished ones continue from
     their last epoch checkpoint, errored ones restart (``restart``), resume (``resume``) or stay (``skip``)."""
     from ray import tune

@@ -20,16 +20,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 def check_name(name: str) -> None:
     """Sweep names become folder and experiment names."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise SweeperError(f"--name {name!r} is invalid: use 1-100 letters, digits, '.', '_' or '-', "
-                           f"starting with a letter or digit")
+        raise SweeperError(
+            f"--name {name!r} is invalid: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
 
 
 def resolve_storage(storage: str) -> str:
     """Absolute local path (Ray changes the working directory of trials) or the URI unchanged."""
     if is_uri(storage):
         if not storage.startswith(("file://", "s3://", "gs://", "hdfs://", "abfs://")):
-            raise SweeperError(f"--storage {storage!r} is invalid: expected a path or a file://, s3://, gs://, "
-                               f"hdfs:// or abfs:// URI")
+            raise SweeperError(
+                f"--storage {storage!r} is invalid: expected a path or a file://, s3://, gs://, hdfs:// or abfs:// URI"
+            )
         return storage.rstrip("/")
     path = Path(storage).expanduser().absolute()
     if path.exists() and not path.is_dir():
@@ -55,14 +57,18 @@ def check_address(address: str | None, timeout: float = 3.0) -> None:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as e:
-        raise SweeperError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
-                           f"start the cluster (ray start --head / ray up cluster.yaml) or omit --address") from None
+        raise SweeperError(
+            f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
+            f"start the cluster (ray start --head / ray up cluster.yaml) or omit --address"
+        ) from None
     if not m.group(1):  # a GCS address (not Ray Client): does it take this driver's auth token?
         check_ray_auth(address)
 
 
-_TOKEN_HELP = ("copy the head's ~/.ray/auth_token to this machine's ~/.ray/auth_token, or set RAY_AUTH_TOKEN "
-               "(the token) or RAY_AUTH_TOKEN_PATH (its file); `ray get-auth-token` on the head prints it")
+_TOKEN_HELP = (
+    "copy the head's ~/.ray/auth_token to this machine's ~/.ray/auth_token, or set RAY_AUTH_TOKEN "
+    "(the token) or RAY_AUTH_TOKEN_PATH (its file); `ray get-auth-token` on the head prints it"
+)
 
 
 def ray_auth_token() -> tuple[str, str] | None:
@@ -104,17 +110,21 @@ def check_ray_auth(address: str, timeout: float = 60.0) -> None:
 
     token = ray_auth_token()
     try:
-        out = subprocess.run([sys.executable, "-c", _PROBE, address], env=_auth_env(), capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, address], env=_auth_env(), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return
     refused = "AuthenticationError" in out.stdout or "InvalidAuthToken" in out.stderr
     if refused and token is None:
-        raise SweeperError(f"--address {address}: the Ray cluster requires an auth token and this machine has none; "
-                           f"{_TOKEN_HELP}")
+        raise SweeperError(
+            f"--address {address}: the Ray cluster requires an auth token and this machine has none; {_TOKEN_HELP}"
+        )
     if refused:
-        raise SweeperError(f"--address {address}: the Ray cluster refused the auth token from {token[0]}; "
-                           f"use the head's token: {_TOKEN_HELP}")
+        raise SweeperError(
+            f"--address {address}: the Ray cluster refused the auth token from {token[0]}; "
+            f"use the head's token: {_TOKEN_HELP}"
+        )
 
 
 def check_resources(opts) -> None:
@@ -150,8 +160,10 @@ def check_data(configs) -> None:
         try:
             load_dataset(*key)
         except SweeperError as e:
-            raise SweeperError(f"{e} [dataset {name}, data_dir {folder}; a sweep file's relative data_dir is "
-                               f"read from the file's folder]") from None
+            raise SweeperError(
+                f"{e} [dataset {name}, data_dir {folder}; a sweep file's relative data_dir is "
+                f"read from the file's folder]"
+            ) from None
 
 
 def check_cluster_resources(cpus: float, gpus: float | None) -> None:
@@ -175,14 +187,25 @@ def check_cluster_resources(cpus: float, gpus: float | None) -> None:
     if any(fits(n.get("Resources", {})) for n in nodes):
         return
     if any(fits(group) for group in _node_types()):
-        print(f"sweeper: no node has {ask} yet; waiting for the autoscaler to start one (Ctrl-C to stop)",
-              file=sys.stderr, flush=True)
+        print(
+            f"sweeper: no node has {ask} yet; waiting for the autoscaler to start one (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         return
-    have = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {n.get('Resources', {}).get('CPU', 0):g} CPU, "
-                     f"{n.get('Resources', {}).get('GPU', 0):g} GPU" for n in nodes) or "no live node"
-    raise SweeperError(f"each trial asks for {ask} (--cpus-per-trial/--gpus-per-trial) but no node of the cluster "
-                       f"has that ({have}) and no autoscaler node type could add one; ask for less, or join a "
-                       f"cluster that has it (--address)")
+    have = (
+        "; ".join(
+            f"{n.get('NodeManagerAddress', '?')}: {n.get('Resources', {}).get('CPU', 0):g} CPU, "
+            f"{n.get('Resources', {}).get('GPU', 0):g} GPU"
+            for n in nodes
+        )
+        or "no live node"
+    )
+    raise SweeperError(
+        f"each trial asks for {ask} (--cpus-per-trial/--gpus-per-trial) but no node of the cluster "
+        f"has that ({have}) and no autoscaler node type could add one; ask for less, or join a "
+        f"cluster that has it (--address)"
+    )
 
 
 def _node_types() -> list[dict[str, float]]:

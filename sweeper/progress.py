@@ -15,8 +15,7 @@ from trainables.train import TrialResult, run_trial
 def _describe(m: dict) -> str:
     if "clean_acc" not in m:
         return f"loss={m.get('train_loss', float('nan')):.3f} (diverged)"
-    return (f"loss={m['train_loss']:.3f} pen={m['penalty']:.3g} "
-            f"clean={m['clean_acc']:.3f} asr={m['asr']:.3f}")
+    return f"loss={m['train_loss']:.3f} pen={m['penalty']:.3g} clean={m['clean_acc']:.3f} asr={m['asr']:.3f}"
 
 
 def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: bool = False) -> TrialResult:
@@ -30,20 +29,31 @@ def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: b
     if quiet:
         return run_trial(cfg, checkpoint=checkpoint)
     if not console.is_terminal:  # logs and CI: a plain line per epoch, one per 5 Lanczos steps
+
         def log(m: dict) -> None:
             print(f"epoch {m['epoch']}/{cfg.epochs} {_describe(m)}", file=sys.stderr, flush=True)
 
         def log_lanczos(i: int) -> None:  # i counts steps over every round (20 + 40 + 80 + 160 at most)
             if i == 1 or i % 5 == 0 or i == cfg.hessian_iterations:
-                print(f"input-Hessian Lanczos step {i} (first round {cfg.hessian_iterations}, "
-                      f"restarts until residuals <= {cfg.hessian_tol:g})", file=sys.stderr, flush=True)
+                print(
+                    f"input-Hessian Lanczos step {i} (first round {cfg.hessian_iterations}, "
+                    f"restarts until residuals <= {cfg.hessian_tol:g})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
         return run_trial(cfg, checkpoint=checkpoint, on_epoch=log, on_lanczos=log_lanczos)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("epochs", total=cfg.epochs, info="")
-        lanczos = progress.add_task("Lanczos", total=cfg.hessian_iterations, info="input Hessian",
-                                    visible=False)
+        lanczos = progress.add_task("Lanczos", total=cfg.hessian_iterations, info="input Hessian", visible=False)
 
         def on_epoch(m: dict) -> None:
             progress.update(task, completed=m["epoch"], info=_describe(m))

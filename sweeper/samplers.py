@@ -40,6 +40,10 @@ def searcher(meta: SweepMeta):
 
     logs.route()  # Optuna's import gave its logger a stderr handler ("A new study created ...")
     storage = optuna.storages.RDBStorage(s["optuna_storage"])
-    return OptunaSearch(metric=[o.metric for o in objectives], mode=[o.direction for o in objectives],
-                        sampler=make_sampler(s["sampler"], s["seed"], s["budget"]), study_name=meta.name,
-                        storage=storage)
+    return OptunaSearch(
+        metric=[o.metric for o in objectives],
+        mode=[o.direction for o in objectives],
+        sampler=make_sampler(s["sampler"], s["seed"], s["budget"]),
+        study_name=meta.name,
+        storage=storage,
+    )

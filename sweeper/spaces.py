@@ -73,8 +73,10 @@ def check_asked(values: dict[str, Any]) -> None:
     no detection statistic (they are read off the spectrum). Checked on new input only: records of sweeps made
     when detect's default was true (with ``hessian=false``) stay valid configs."""
     if values.get("detect") is True and values.get("hessian") is False:
-        raise SpaceError("detect=True is invalid: needs hessian=true (the statistics are computed from the "
-                         "input-Hessian spectrum; the baselines of detect_baselines run without it)")
+        raise SpaceError(
+            "detect=True is invalid: needs hessian=true (the statistics are computed from the "
+            "input-Hessian spectrum; the baselines of detect_baselines run without it)"
+        )
 
 
 class SpaceError(SweeperError):
@@ -130,8 +132,10 @@ def _one_list(item: Any, label: str, spec: Any) -> str:
         parts = [str(t) for t in item]
     elif isinstance(item, str):
         if AXIS_SEP in item:  # only reachable from a YAML list: there the list itself is the axis
-            raise SpaceError(f"{label}={spec!r} is invalid: in a YAML list each element is one value; write the axis "
-                             f"as a list of lists ([[nc, ss], [ac]]) or as one string ('nc,ss{AXIS_SEP}ac')")
+            raise SpaceError(
+                f"{label}={spec!r} is invalid: in a YAML list each element is one value; write the axis "
+                f"as a list of lists ([[nc, ss], [ac]]) or as one string ('nc,ss{AXIS_SEP}ac')"
+            )
         parts = re.split(r"[,+]", item)
     else:  # a YAML number: a one-item list
         parts = [str(item)]
@@ -179,7 +183,9 @@ def parse_values(name: str, spec: Any, where: str = "--", kind: str = "network")
                 raise SpaceError(f"{label}={spec!r} is invalid: log ranges are log:START:STOP:COUNT for numeric fields")
             a, b, n = _scalar(name, parts[1], label, fields), _scalar(name, parts[2], label, fields), parts[3]
             if not n.isdigit() or int(n) < 1 or a <= 0 or b <= 0:
-                raise SpaceError(f"{label}={spec!r} is invalid: log:START:STOP:COUNT needs START, STOP > 0 and COUNT >= 1")
+                raise SpaceError(
+                    f"{label}={spec!r} is invalid: log:START:STOP:COUNT needs START, STOP > 0 and COUNT >= 1"
+                )
             n = int(n)
             vals = [a] if n == 1 else [float(f"{a * (b / a) ** (i / (n - 1)):.12g}") for i in range(n)]
         elif ":" in s and kind in (int, float):
@@ -273,8 +279,12 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
         """Inverse of :meth:`to_dict`."""
-        return cls(axes=dict(d.get("axes", {})), fixed=dict(d.get("fixed", {})), seeds=d.get("seeds"),
-                   kind=d.get("kind", "network"))
+        return cls(
+            axes=dict(d.get("axes", {})),
+            fixed=dict(d.get("fixed", {})),
+            seeds=d.get("seeds"),
+            kind=d.get("kind", "network"),
+        )
 
 
 def parse_seeds(spec: Any, where: str = "--seeds") -> list[int]:
@@ -320,8 +330,10 @@ def load_sweep_file(path: Path) -> tuple[SweepSpec, str | None]:
         if k not in fields:
             raise SpaceError(f"{where} fixed field {k!r} is not a trial field; valid fields: {sorted(fields)}")
         if is_list_field(k, kind) and isinstance(fixed[k], str) and AXIS_SEP in fixed[k]:
-            raise SpaceError(f"{where} fixed {k}={fixed[k]!r} is invalid: fixed: holds one value (a list); "
-                             f"an axis over lists ({AXIS_SEP}) belongs under grid:")
+            raise SpaceError(
+                f"{where} fixed {k}={fixed[k]!r} is invalid: fixed: holds one value (a list); "
+                f"an axis over lists ({AXIS_SEP}) belongs under grid:"
+            )
     fixed = dict(fixed)
     if isinstance(fixed.get("data_dir"), str):  # relative to the file, wherever `sweeper` runs from
         fixed["data_dir"] = file_relative(path, fixed["data_dir"])
@@ -436,7 +448,9 @@ class SearchSpec:
         from ray import tune
 
         base = self.corner_configs()[0].to_dict()
-        space: dict[str, Any] = {k: v for k, v in base.items() if k not in self.continuous and k not in self.categorical}
+        space: dict[str, Any] = {
+            k: v for k, v in base.items() if k not in self.continuous and k not in self.categorical
+        }
         for name, (dist, lo, hi) in self.continuous.items():
             space[name] = tune.loguniform(lo, hi) if dist == "log" else tune.uniform(lo, hi)
         for name, vals in self.categorical.items():
@@ -459,7 +473,9 @@ def parse_search_axis(name: str, spec: str) -> tuple[str, Any]:
         log = len(parts) == 3
         lo, hi = (_scalar(name, p, label) for p in parts[-2:])
         if not lo < hi or (log and lo <= 0):
-            raise SpaceError(f"{label}={spec!r} is invalid: a range needs LO < HI" + (" and LO > 0 for log" if log else ""))
+            raise SpaceError(
+                f"{label}={spec!r} is invalid: a range needs LO < HI" + (" and LO > 0 for log" if log else "")
+            )
         return "continuous", ("log" if log else "uniform", lo, hi)
     vals = parse_values(name, s)
     return ("fixed", vals[0]) if len(vals) == 1 else ("categorical", vals)
@@ -513,8 +529,12 @@ def parse_sets(items: list[str] | None, kind: str = "network") -> dict[str, Any]
     return out
 
 
-def trial_config(kind: str = "network", config_file: Path | None = None, flags: dict[str, Any] | None = None,
-                 sets: list[str] | None = None):
+def trial_config(
+    kind: str = "network",
+    config_file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+):
     """One validated trial config, merged in one order everywhere: defaults < config file < flags < ``--set``.
 
     ``flags`` holds only the options given explicitly; a flag that is not a field of ``kind`` is an error.
@@ -523,8 +543,10 @@ def trial_config(kind: str = "network", config_file: Path | None = None, flags: 
     values = load_config_file(config_file, set(fields)) if config_file else {}
     for name, value in (flags or {}).items():
         if name not in fields:
-            raise SweeperError(f"--{name.replace('_', '-')} does not apply to --kind {kind}; its fields "
-                               f"(set with --set FIELD=VALUE): {sorted(set(fields) - {'kind'})}")
+            raise SweeperError(
+                f"--{name.replace('_', '-')} does not apply to --kind {kind}; its fields "
+                f"(set with --set FIELD=VALUE): {sorted(set(fields) - {'kind'})}"
+            )
         values[name] = value
     values.update(parse_sets(sets, kind))
     if "kind" in fields:
@@ -535,8 +557,13 @@ def trial_config(kind: str = "network", config_file: Path | None = None, flags: 
     return config_class(kind).from_dict(absolute_data_dir(values, fields))
 
 
-def build_spec(sweep_file: Path | None, flags: dict[str, str | None], seeds: str | None,
-               sets: list[str] | None, kind: str = "network") -> tuple[SweepSpec, str | None]:
+def build_spec(
+    sweep_file: Path | None,
+    flags: dict[str, str | None],
+    seeds: str | None,
+    sets: list[str] | None,
+    kind: str = "network",
+) -> tuple[SweepSpec, str | None]:
     """The sweep's grid in one order: sweep file (or the kind's embedded defaults) < flags < ``--set``.
 
     Returns the spec and the sweep file's ``name`` (None without one).

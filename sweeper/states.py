@@ -92,7 +92,7 @@ def finish_sweep(meta: SweepMeta, grid) -> SweepReport:
         row = {**trial_row(cfg, metrics, CONFIG_FIELDS), "trial_key": key, "status": status, "error": error}
         rows.append(row)
     seen = {r["trial_key"] for r in rows}
-    owed = pending_rows(meta) if meta.trials is not None else pending_rows(meta)[len(rows):]  # a search owes a count
+    owed = pending_rows(meta) if meta.trials is not None else pending_rows(meta)[len(rows) :]  # a search owes a count
     rows += [r for r in owed if r["trial_key"] not in seen]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "diverged", "failed", "interrupted")}
     counts["pending"] = int(meta.n_trials) - sum(counts.values())
@@ -100,11 +100,24 @@ def finish_sweep(meta: SweepMeta, grid) -> SweepReport:
     done = counts["completed"] + counts["diverged"] == counts["total"]
     if search and counts["interrupted"] == 0 and counts["pending"] == 0:  # nothing left for Tune to resume
         _close_orphans(meta)
-    tracking.finish_parent(meta.mlflow_uri, meta.parent_run_id, "completed" if done else "incomplete",
-                           {f"n_{k}": v for k, v in counts.items()})
-    return SweepReport(meta.name, sweep_path(meta.storage, meta.name), meta.mlflow_uri,
-                       meta.experiment_id, meta.parent_run_id, rows, counts, label_axes(meta),
-                       summary_groups(meta), _objectives(meta))
+    tracking.finish_parent(
+        meta.mlflow_uri,
+        meta.parent_run_id,
+        "completed" if done else "incomplete",
+        {f"n_{k}": v for k, v in counts.items()},
+    )
+    return SweepReport(
+        meta.name,
+        sweep_path(meta.storage, meta.name),
+        meta.mlflow_uri,
+        meta.experiment_id,
+        meta.parent_run_id,
+        rows,
+        counts,
+        label_axes(meta),
+        summary_groups(meta),
+        _objectives(meta),
+    )
 
 
 def error_text(error: BaseException | None, metrics: dict[str, Any]) -> str:
@@ -163,8 +176,10 @@ def _mlflow_states(meta: SweepMeta, kind: str = "trial") -> dict[str, tuple[str,
     from analysis.schema import trial_runs
 
     def _do():
-        return {r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
-                for r in trial_runs(meta.mlflow_uri, meta.experiment_id, kind)}
+        return {
+            r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
+            for r in trial_runs(meta.mlflow_uri, meta.experiment_id, kind)
+        }
 
     return tracking.retry(_do, "reading the trials' states", attempts=2) or {}
 

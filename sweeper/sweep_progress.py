@@ -27,9 +27,11 @@ def progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
         return text or str((trial.last_result or {}).get("trial_key") or trial.trial_id)
 
     def epoch_line(trial, result) -> str:
-        return (f"{label(trial)} epoch {result.get('epoch')}/{trial.config['trial'].get('epochs')} "
-                f"loss={result.get('train_loss', float('nan')):.3f} clean={result.get('clean_acc', float('nan')):.3f} "
-                f"asr={result.get('asr', float('nan')):.3f}")
+        return (
+            f"{label(trial)} epoch {result.get('epoch')}/{trial.config['trial'].get('epochs')} "
+            f"loss={result.get('train_loss', float('nan')):.3f} clean={result.get('clean_acc', float('nan')):.3f} "
+            f"asr={result.get('asr', float('nan')):.3f}"
+        )
 
     def finished_line(trial) -> str:
         r = trial.last_result or {}
@@ -52,8 +54,11 @@ def progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("status") == "running" and "models_done" in result:
-                print(f"[{len(self.done)}/{n_trials} done] {label(trial)}: {result['models_done']}/"
-                      f"{result.get('n_models')} models trained", flush=True)
+                print(
+                    f"[{len(self.done)}/{n_trials} done] {label(trial)}: {result['models_done']}/"
+                    f"{result.get('n_models')} models trained",
+                    flush=True,
+                )
             elif result.get("status") == "running":
                 print(f"[{len(self.done)}/{n_trials} done] {epoch_line(trial, result)}", flush=True)
 
@@ -79,8 +84,14 @@ def progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.console = Console()
-            self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[counts]}"), TimeRemainingColumn(), console=self.console)
+            self.bar = Progress(
+                TextColumn("[bold]trials"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[counts]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
             self.task = self.bar.add_task("trials", total=n_trials, counts="")
             self.bar.start()
             _LIVE.append(self)
@@ -90,8 +101,11 @@ def progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
                 self._start()
             by = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "ERROR")}
             pending = n_trials - sum(by.values())
-            self.bar.update(self.task, completed=by["TERMINATED"] + by["ERROR"],
-                            counts=f"{by['RUNNING']} running, {pending} pending, {by['ERROR']} failed")
+            self.bar.update(
+                self.task,
+                completed=by["TERMINATED"] + by["ERROR"],
+                counts=f"{by['RUNNING']} running, {pending} pending, {by['ERROR']} failed",
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.bar is not None:

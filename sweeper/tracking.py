@@ -50,8 +50,9 @@ def default_uri(storage: Path) -> str:
 def git_commit() -> str:
     """The project's git commit, or 'unknown' outside a checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -99,10 +100,16 @@ def start_parent(uri: str, experiment_id: str, sweep: str, params: dict[str, Any
     from mlflow.entities import Param, RunTag
 
     c = client(uri)
-    run = c.create_run(experiment_id, run_name=sweep, tags={TAG_SWEEP: sweep, TAG_KIND: "sweep",
-                                                             TAG_COMMIT: git_commit(), TAG_STATUS: "running"})
-    c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                tags=[RunTag("mlflow.note.content", f"sweeper sweep {sweep}")])
+    run = c.create_run(
+        experiment_id,
+        run_name=sweep,
+        tags={TAG_SWEEP: sweep, TAG_KIND: "sweep", TAG_COMMIT: git_commit(), TAG_STATUS: "running"},
+    )
+    c.log_batch(
+        run.info.run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        tags=[RunTag("mlflow.note.content", f"sweeper sweep {sweep}")],
+    )
     return run.info.run_id
 
 
@@ -124,9 +131,19 @@ def finish_parent(uri: str, run_id: str, status: str, summary: dict[str, float])
 class TrialTracker:
     """Logs one trial into its (unique) child run."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, config: dict[str, Any],
-                 trial_id: str, label: str | None = None, kind: str = "trial", tags: dict[str, str] | None = None,
-                 key_format: int = KEY_FORMAT):
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        sweep: str,
+        config: dict[str, Any],
+        trial_id: str,
+        label: str | None = None,
+        kind: str = "trial",
+        tags: dict[str, str] | None = None,
+        key_format: int = KEY_FORMAT,
+    ):
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
         self.kind, self.tags = kind, dict(tags or {})  # 'trial' (a model) or 'defence' (a search's defence)
         self.sweep, self.config, self.trial_id = sweep, config, trial_id
@@ -143,9 +160,11 @@ class TrialTracker:
     def _open(self) -> None:
         from mlflow.entities import Param
 
-        found = self.client.search_runs([self.experiment_id],
-                                        filter_string=f"tags.`{TAG_KEY}` = '{self.key}' and tags.`{TAG_SWEEP}` = '{self.sweep}'",
-                                        max_results=5)
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_KEY}` = '{self.key}' and tags.`{TAG_SWEEP}` = '{self.sweep}'",
+            max_results=5,
+        )
         mine = [r for r in found if r.data.tags.get(TAG_PARENT_RUN) == self.parent]
         if mine:
             run = sorted(mine, key=lambda r: r.info.start_time)[0]
@@ -161,14 +180,24 @@ class TrialTracker:
             self.client.set_tag(self.run_id, TAG_TRIAL_ID, self.trial_id)
             return
         name = self.label or f"{self.sweep}-{self.key[:8]}"
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            TAG_PARENT_RUN: self.parent, TAG_SWEEP: self.sweep, TAG_KEY: self.key,
-            TAG_TRIAL_ID: self.trial_id, TAG_STATUS: "running", TAG_KIND: self.kind, TAG_COMMIT: git_commit(),
-            **self.tags})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={
+                TAG_PARENT_RUN: self.parent,
+                TAG_SWEEP: self.sweep,
+                TAG_KEY: self.key,
+                TAG_TRIAL_ID: self.trial_id,
+                TAG_STATUS: "running",
+                TAG_KIND: self.kind,
+                TAG_COMMIT: git_commit(),
+                **self.tags,
+            },
+        )
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in sorted(self.config.items())]
         for s in range(0, len(params), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=params[s:s + 100])
+            self.client.log_batch(self.run_id, params=params[s : s + 100])
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         """Per-epoch metrics with step = epoch; epochs already in the run are skipped."""
@@ -182,8 +211,11 @@ class TrialTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"]
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"
+        ]
         retry(lambda: self.client.log_batch(self.run_id, metrics=batch), f"logging epoch {step}")
 
     def log_final(self, result) -> None:
@@ -246,9 +278,17 @@ def write_artifacts(result, folder: Path) -> list[Path]:
     art = result.artifacts
     if "eigenvalues" in art:
         p = folder / "spectrum.json"
-        p.write_text(json.dumps({"eigenvalues": art["eigenvalues"], "overlaps": art.get("overlaps"),
-                                 "max_overlap_index": result.metrics.get("max_overlap_index"),
-                                 **art.get("hessian", {})}, indent=2))
+        p.write_text(
+            json.dumps(
+                {
+                    "eigenvalues": art["eigenvalues"],
+                    "overlaps": art.get("overlaps"),
+                    "max_overlap_index": result.metrics.get("max_overlap_index"),
+                    **art.get("hessian", {}),
+                },
+                indent=2,
+            )
+        )
         files.append(p)
     if "geometry" in art:
         import pandas as pd
@@ -257,16 +297,22 @@ def write_artifacts(result, folder: Path) -> list[Path]:
         pd.DataFrame(art["geometry"]).to_csv(p, index=False)
         files.append(p)
     if "eigenvectors" in art:
-        files.append(eigenvector_image(art["eigenvectors"], art.get("eigenvalues"), art.get("overlaps"),
-                                       folder / "eigenvectors.png"))
+        files.append(
+            eigenvector_image(
+                art["eigenvectors"], art.get("eigenvalues"), art.get("overlaps"), folder / "eigenvectors.png"
+            )
+        )
         import numpy as np
 
         p = folder / "eigenvectors.npy"
         np.save(p, art["eigenvectors"].numpy())
         files.append(p)
     if "trigger_direction" in art:
-        files.append(eigenvector_image(art["trigger_direction"][None], None, None, folder / "trigger.png",
-                                       titles=["trigger direction"]))
+        files.append(
+            eigenvector_image(
+                art["trigger_direction"][None], None, None, folder / "trigger.png", titles=["trigger direction"]
+            )
+        )
     if "weight_images" in art:  # linear trials: the weight differences of Fig. 4
         import torch
 

@@ -135,8 +135,9 @@ def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
         proc.wait(1)
 
 
-def serve_ui(name: str | None, storage: str, mlflow_uri: str | None, port: int, echo=print,
-             ready_timeout: float = 90.0) -> dict[str, Any]:
+def serve_ui(
+    name: str | None, storage: str, mlflow_uri: str | None, port: int, echo=print, ready_timeout: float = 90.0
+) -> dict[str, Any]:
     """Start ``mlflow ui`` on a sweep's store (127.0.0.1 only), print the links, serve until stopped.
 
     The server runs in its own session; SIGINT (Ctrl-C), SIGTERM or SIGHUP (a closed terminal) stop its
@@ -165,8 +166,7 @@ def serve_ui(name: str | None, storage: str, mlflow_uri: str | None, port: int, 
         if s.connect_ex(("127.0.0.1", port)) == 0:
             raise SweeperError(f"--port {port} is in use on 127.0.0.1; choose another (1-65535)")
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile() as log_file:  # a pipe nobody reads would fill up and stall the server
         links: dict[str, str] = {}
         with _stop_signals() as arm:
@@ -179,15 +179,17 @@ def serve_ui(name: str | None, storage: str, mlflow_uri: str | None, port: int, 
                     if proc.poll() is not None:
                         log_file.seek(0)
                         err = log_file.read().decode(errors="replace").strip().splitlines()
-                        raise SweeperError(f"mlflow ui exited with code {proc.returncode}: "
-                                           f"{err[-1] if err else 'no output'}")
+                        raise SweeperError(
+                            f"mlflow ui exited with code {proc.returncode}: {err[-1] if err else 'no output'}"
+                        )
                     try:
                         with urllib.request.urlopen(base + "/health", timeout=2):  # noqa: S310 (our loopback server)
                             break
                     except OSError:
                         if time.monotonic() > deadline:
-                            raise SweeperError(f"mlflow ui did not answer on {base} within "
-                                               f"{ready_timeout:.0f} s") from None
+                            raise SweeperError(
+                                f"mlflow ui did not answer on {base} within {ready_timeout:.0f} s"
+                            ) from None
                         time.sleep(0.5)
                 links = ui_links(base, exp_id, parent)
                 echo(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it")

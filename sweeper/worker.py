@@ -41,10 +41,16 @@ def trainable(config: dict[str, Any]) -> None:
         _fail(e, "")
         raise
     torch.set_num_threads(cfg.threads)  # the config's count: the same numbers as `sweeper trial`
-    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
-                                    run_label(config["trial"], sweep.get("axes", [])),
-                                    key_format=sweep.get("key_format", 1))
+    tracker = tracking.TrialTracker(
+        sweep["mlflow_uri"],
+        sweep["experiment_id"],
+        sweep["parent_run_id"],
+        sweep["name"],
+        cfg.to_dict(),
+        tune.get_context().get_trial_id(),
+        run_label(config["trial"], sweep.get("axes", [])),
+        key_format=sweep.get("key_format", 1),
+    )
     if tracker.finished:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
         _report_stored_final(tracker, sweep)
         return
@@ -84,8 +90,14 @@ def _fail(error: BaseException, key: str) -> None:
     from ray import tune
 
     if isinstance(error, SweeperError):
-        tune.report({"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000], "trial_key": key,
-                     "deterministic": 1})
+        tune.report(
+            {
+                "status": "failed",
+                "error": f"{type(error).__name__}: {error}"[:2000],
+                "trial_key": key,
+                "deterministic": 1,
+            }
+        )
 
 
 def no_retry_callback():
@@ -112,9 +124,16 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
     except SweeperError as e:
         _fail(e, "")
         raise
-    tracker = tracking.TrialTracker(sweep["mlflow_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                    sweep["name"], cfg.to_dict(), tune.get_context().get_trial_id(),
-                                    run_label(trial, sweep.get("axes", [])), key_format=sweep.get("key_format", 1))
+    tracker = tracking.TrialTracker(
+        sweep["mlflow_uri"],
+        sweep["experiment_id"],
+        sweep["parent_run_id"],
+        sweep["name"],
+        cfg.to_dict(),
+        tune.get_context().get_trial_id(),
+        run_label(trial, sweep.get("axes", [])),
+        key_format=sweep.get("key_format", 1),
+    )
     if tracker.finished:
         _report_stored_final(tracker, sweep)
         return
@@ -133,9 +152,15 @@ def _final_metrics(result, tracker: tracking.TrialTracker) -> dict[str, Any]:
     import ray
 
     objectives = {"clean_acc": float("nan"), "asr": float("nan")}  # a diverged trial has none: NaN for searchers
-    return {**objectives, **result.metrics, "status": result.status, "trial_key": tracker.key,
-            "diverged": int(result.status == "diverged"), "mlflow_run_id": tracker.run_id or "",
-            "node_id": ray.get_runtime_context().get_node_id()}
+    return {
+        **objectives,
+        **result.metrics,
+        "status": result.status,
+        "trial_key": tracker.key,
+        "diverged": int(result.status == "diverged"),
+        "mlflow_run_id": tracker.run_id or "",
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
 
 
 def _report_stored_final(tracker: tracking.TrialTracker, sweep: dict[str, Any]) -> None:
@@ -172,9 +197,14 @@ def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
     import ray
 
     metrics = {"clean_acc": float("nan"), "asr": float("nan"), **tracker.final_metrics}
-    return {**metrics, "status": tracker.final_status, "trial_key": tracker.key,
-            "diverged": int(tracker.final_status == "diverged"), "mlflow_run_id": tracker.run_id or "",
-            "node_id": ray.get_runtime_context().get_node_id()}
+    return {
+        **metrics,
+        "status": tracker.final_status,
+        "trial_key": tracker.key,
+        "diverged": int(tracker.final_status == "diverged"),
+        "mlflow_run_id": tracker.run_id or "",
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
 
 
 def quiet_worker_exit() -> None:

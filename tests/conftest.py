@@ -26,7 +26,7 @@ def driver_text(text: str) -> str:
         if WORKER.match(lines[i]) and "Exception ignored in" in lines[i]:
             while j + 1 < len(lines) and WORKER.match(lines[j + 1]) and "SystemExit" not in lines[j]:
                 j += 1
-            block = "".join(lines[i:j + 1])
+            block = "".join(lines[i : j + 1])
             if "sigterm_handler" in block and "SystemExit" in block:
                 i = j + 1
                 continue
@@ -46,7 +46,7 @@ def make_mnist_files(folder, n_train=200, n_test=60, seed=0):
         y = rng.integers(0, 10, n).astype(np.uint8)
         x = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
         for i, c in enumerate(y):  # a bright bar whose row encodes the class
-            x[i, 2 + 2 * c: 4 + 2 * c, 4:20] = 255
+            x[i, 2 + 2 * c : 4 + 2 * c, 4:20] = 255
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
     assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST_FILES)

@@ -55,9 +55,18 @@ def _population(seeds=10) -> pd.DataFrame:
         for theta in (0.0, 0.05, 0.1):
             for seed in range(seeds):
                 signal = 3.0 if (kappa == 0 and theta == 0.1) else 0.0  # visible only at theta 0.1, kappa 0
-                rows.append({"status": "completed", "theta": theta, "kappa": kappa, "seed": seed,
-                             "asr": 0.9 if theta >= 0.05 else 0.01, "clean_acc": 0.95,
-                             "det_flip_max": rng.normal(signal, 1.0), "max_overlap_sq": rng.normal(signal, 1.0)})
+                rows.append(
+                    {
+                        "status": "completed",
+                        "theta": theta,
+                        "kappa": kappa,
+                        "seed": seed,
+                        "asr": 0.9 if theta >= 0.05 else 0.01,
+                        "clean_acc": 0.95,
+                        "det_flip_max": rng.normal(signal, 1.0),
+                        "max_overlap_sq": rng.normal(signal, 1.0),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -84,8 +93,26 @@ def test_a_population_that_cannot_be_scored_says_what_to_add():
 
 def test_sweeper_detect_on_a_real_seeded_sweep(tmp_path, capsys):
     st = str(tmp_path)
-    argv = ["run", "--theta", "0,0.2", "--kappa", "0", "--seeds", "2", "--epochs", "2", "--set", "hessian_samples=50",
-            "--set", "geometry=false", "--name", "pop", "--storage", st, "--quiet"]
+    argv = [
+        "run",
+        "--theta",
+        "0,0.2",
+        "--kappa",
+        "0",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--set",
+        "hessian_samples=50",
+        "--set",
+        "geometry=false",
+        "--name",
+        "pop",
+        "--storage",
+        st,
+        "--quiet",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     capsys.readouterr()
     csv = tmp_path / "det.csv"

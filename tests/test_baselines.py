@@ -96,9 +96,9 @@ def test_spectral_signatures_against_art():
     r = feats[labels == 0].numpy()
     ours, _ = spectral_signature_scores(torch.from_numpy(r))
     art_centred = SpectralSignatureDefense.spectral_signature_scores(r - r.mean(0))[:, 0]
-    np.testing.assert_allclose(art_centred ** 2, ours.numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(art_centred**2, ours.numpy(), rtol=1e-8, atol=1e-10)
     art_raw = SpectralSignatureDefense.spectral_signature_scores(r)[:, 0]
-    assert not np.allclose(art_raw ** 2, ours.numpy(), rtol=1e-3)
+    assert not np.allclose(art_raw**2, ours.numpy(), rtol=1e-3)
 
 
 @pytest.mark.skipif(not HAVE_ART, reason="adversarial-robustness-toolbox not installed (pip install '.[test]')")
@@ -124,8 +124,9 @@ def digits_twins():
 
     out = {}
     for theta in (0.1, 0.0):
-        t = Trial(TrialConfig(trigger="square", theta=theta, epochs=6, lr=0.05, hessian=False, detect=False,
-                              geometry=False))
+        t = Trial(
+            TrialConfig(trigger="square", theta=theta, epochs=6, lr=0.05, hessian=False, detect=False, geometry=False)
+        )
         while not t.done:
             m = t.train_epoch()
         out[theta] = (t, m)
@@ -140,8 +141,9 @@ def test_neural_cleanse_recovers_the_planted_patch_and_spares_the_clean_twin(dig
         assert m["clean_acc"] > 0.9
         ctx = DetectionContext(trial)
         raw, _ = ctx.heldout
-        res = neural_cleanse(trial.model, raw, ctx.normalize, 10, steps=200, batch_size=16,
-                             generator=torch.Generator().manual_seed(0))
+        res = neural_cleanse(
+            trial.model, raw, ctx.normalize, 10, steps=200, batch_size=16, generator=torch.Generator().manual_seed(0)
+        )
         summaries[theta] = s = cleanse_summary(res)
         if theta > 0:
             assert m["asr"] > 0.9

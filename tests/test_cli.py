@@ -16,20 +16,26 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["trial", "--theta", "1.5"], "theta=1.5 is invalid: must be in [0.0, 1.0)"),
-    (["trial", "--theta", "abc"], "--theta"),
-    (["trial", "--dataset", "imagenet"], "--dataset='imagenet' is invalid: must be one of"),
-    (["trial", "--kappa", "-1"], "kappa=-1.0 is invalid"),
-    (["trial", "--target", "10"], "target=10 is invalid: must be in [0, 9]"),
-    (["trial", "--model", "vgg"], "model='vgg' is invalid"),
-    (["trial", "--epochs", "0"], "epochs=0 is invalid"),
-    (["trial", "--no-such-flag"], "No such option"),
-    (["trial", "--hessian-tol", "0"], "hessian_tol=0.0 is invalid: must be in (0.0, 1.0]"),
-    (["trial", "--hessian-max-iterations", "5"], "hessian_max_iterations=5 is invalid: must be >= hessian_iterations (20)"),
-    (["trial", "--hessian-method", "lanczos"], "--hessian-method='lanczos' is invalid: must be one of"),
-    (["trial", "--dataset", "mnist", "--data-dir", "/nonexistent"], "missing dataset file"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["trial", "--theta", "1.5"], "theta=1.5 is invalid: must be in [0.0, 1.0)"),
+        (["trial", "--theta", "abc"], "--theta"),
+        (["trial", "--dataset", "imagenet"], "--dataset='imagenet' is invalid: must be one of"),
+        (["trial", "--kappa", "-1"], "kappa=-1.0 is invalid"),
+        (["trial", "--target", "10"], "target=10 is invalid: must be in [0, 9]"),
+        (["trial", "--model", "vgg"], "model='vgg' is invalid"),
+        (["trial", "--epochs", "0"], "epochs=0 is invalid"),
+        (["trial", "--no-such-flag"], "No such option"),
+        (["trial", "--hessian-tol", "0"], "hessian_tol=0.0 is invalid: must be in (0.0, 1.0]"),
+        (
+            ["trial", "--hessian-max-iterations", "5"],
+            "hessian_max_iterations=5 is invalid: must be >= hessian_iterations (20)",
+        ),
+        (["trial", "--hessian-method", "lanczos"], "--hessian-method='lanczos' is invalid: must be one of"),
+        (["trial", "--dataset", "mnist", "--data-dir", "/nonexistent"], "missing dataset file"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     code, out, err = run(argv + ["--epochs", "1"] if "--epochs" not in argv else argv, capsys)
     assert code == 2
@@ -79,8 +85,23 @@ def test_config_file_with_flag_override(tmp_path, capsys):
 
 def test_trial_on_tiny_mnist_files(mnist_dir, tmp_path, capsys):
     out = tmp_path / "m.json"
-    code, _, err = run(["trial", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--no-verify-checksums",
-                        "--epochs", "1", "--no-hessian", "--no-geometry", "--json", str(out)], capsys)
+    code, _, err = run(
+        [
+            "trial",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(mnist_dir),
+            "--no-verify-checksums",
+            "--epochs",
+            "1",
+            "--no-hessian",
+            "--no-geometry",
+            "--json",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads(out.read_text())["config"]["data_dir"] == str(mnist_dir)
     code, _, err = run(["trial", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1"], capsys)
@@ -110,7 +131,9 @@ def test_console_script_exit_code():
 
 def test_kernel_and_linear_trials_from_the_cli(tmp_path, capsys):
     out = tmp_path / "k.json"
-    code, stdout, err = run(["trial", "--kind", "kernel", "--set", "m=16", "--set", "r=0.1", "--json", str(out)], capsys)
+    code, stdout, err = run(
+        ["trial", "--kind", "kernel", "--set", "m=16", "--set", "r=0.1", "--json", str(out)], capsys
+    )
     assert code == 0, err
     d = json.loads(out.read_text())
     assert d["config"]["kind"] == "kernel" and d["config"]["m"] == 16
@@ -125,8 +148,9 @@ def test_kernel_and_linear_trials_from_the_cli(tmp_path, capsys):
 
 def test_theory_command_writes_figures_and_summary(tmp_path, capsys):
     out = tmp_path / "th"
-    code, stdout, err = run(["theory", "--out", str(out), "--m", "0,1,2,8,64,512", "--r", "log:0.001:1:6",
-                             "--set", "dim=5"], capsys)
+    code, stdout, err = run(
+        ["theory", "--out", str(out), "--m", "0,1,2,8,64,512", "--r", "log:0.001:1:6", "--set", "dim=5"], capsys
+    )
     assert code == 0, err
     assert (out / "theory.png").read_bytes().startswith(b"\x89PNG") and (out / "theory.svg").exists()
     s = json.loads((out / "summary.json").read_text())
@@ -138,24 +162,53 @@ def test_theory_command_writes_figures_and_summary(tmp_path, capsys):
 
 def test_cifar_preresnet_warp_trial_end_to_end(cifar_dir, tmp_path, capsys):
     out = tmp_path / "c.json"
-    code, _, err = run(["trial", "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--no-verify-checksums",
-                        "--model", "preresnet8", "--trigger", "warp", "--augment", "--kappa", "100", "--epochs", "2",
-                        "--poison-mode", "stochastic", "--hessian-samples", "40", "--hessian-iterations", "6",
-                        # per-class curvature eighs eleven 3072x3072 matrices (a minute on 2 cores): tested on digits
-                        "--no-detect",
-                        "--json", str(out)], capsys)
+    code, _, err = run(
+        [
+            "trial",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(cifar_dir),
+            "--no-verify-checksums",
+            "--model",
+            "preresnet8",
+            "--trigger",
+            "warp",
+            "--augment",
+            "--kappa",
+            "100",
+            "--epochs",
+            "2",
+            "--poison-mode",
+            "stochastic",
+            "--hessian-samples",
+            "40",
+            "--hessian-iterations",
+            "6",
+            # per-class curvature eighs eleven 3072x3072 matrices (a minute on 2 cores): tested on digits
+            "--no-detect",
+            "--json",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     d = json.loads(out.read_text())
     assert d["status"] == "completed" and d["config"]["lr"] == 0.1 and d["config"]["batch_size"] == 128
-    assert len(d["eigenvalues"]) == 5 and 1 <= len(d["geometry"]) <= 10  # classes absent from the tiny test set are skipped
+    assert (
+        len(d["eigenvalues"]) == 5 and 1 <= len(d["geometry"]) <= 10
+    )  # classes absent from the tiny test set are skipped
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--detect-baselines", "nc,strip"], "unknown baseline(s) strip; valid: nc, ss, ac"),
-    (["--detect-norms", "-0.5"], "detect_norms='-0.5' is invalid"),
-    (["--detect-windows", "2,9"], "detect_windows='2,9' is invalid: each window must be an integer in [1, 8]"),
-    (["--trigger", "blend", "--blend-alpha", "0"], "blend_alpha=0.0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--detect-baselines", "nc,strip"], "unknown baseline(s) strip; valid: nc, ss, ac"),
+        (["--detect-norms", "-0.5"], "detect_norms='-0.5' is invalid"),
+        (["--detect-windows", "2,9"], "detect_windows='2,9' is invalid: each window must be an integer in [1, 8]"),
+        (["--trigger", "blend", "--blend-alpha", "0"], "blend_alpha=0.0 is invalid"),
+    ],
+)
 def test_bad_detection_values_are_one_line_exit_2(argv, needle, capsys):
     code, out, err = run(["trial", "--epochs", "1", *argv], capsys)
     assert code == 2 and needle in err, err
@@ -167,14 +220,50 @@ def test_trial_with_every_baseline_end_to_end(tmp_path, capsys):
     from trainables import TrialConfig, run_trial
 
     out = tmp_path / "d.json"
-    code, stdout, err = run(["trial", "--trigger", "square", "--epochs", "2", "--lr", "0.05", "--hessian-samples", "200",
-                             "--hessian-iterations", "8", "--hessian-top-k", "3", "--detect-baselines", "nc,ss,ac",
-                             "--nc-steps", "30", "--detect-samples", "100", "--json", str(out), "--quiet"], capsys)
+    code, stdout, err = run(
+        [
+            "trial",
+            "--trigger",
+            "square",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.05",
+            "--hessian-samples",
+            "200",
+            "--hessian-iterations",
+            "8",
+            "--hessian-top-k",
+            "3",
+            "--detect-baselines",
+            "nc,ss,ac",
+            "--nc-steps",
+            "30",
+            "--detect-samples",
+            "100",
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     d = json.loads(out.read_text())
     m = d["metrics"]
-    for key in ("det_lambda_ratio", "det_lambda_trace_ratio", "det_ipr_max", "det_window_frac_w2", "det_flip_max",
-                "nc_anomaly_index", "nc_flagged", "nc_class", "ss_score_max", "ss_auroc", "ac_silhouette_max", "ac_auroc"):
+    for key in (
+        "det_lambda_ratio",
+        "det_lambda_trace_ratio",
+        "det_ipr_max",
+        "det_window_frac_w2",
+        "det_flip_max",
+        "nc_anomaly_index",
+        "nc_flagged",
+        "nc_class",
+        "ss_score_max",
+        "ss_auroc",
+        "ac_silhouette_max",
+        "ac_auroc",
+    ):
         assert key in m, key
     assert d["config"]["detect_baselines"] == "nc,ss,ac"
     assert set(d["detection"]["details"]) == {"spectral", "localisation", "flip", "class", "nc", "ss", "ac"}
@@ -206,8 +295,24 @@ def test_merge_order_in_plan_defaults_file_flags_set(tmp_path, capsys):
     """plan builds run's spec: defaults < sweep file < flags < --set."""
     f = tmp_path / "s.yaml"
     f.write_text("grid:\n  theta: [0.05, 0.1]\nfixed:\n  kappa: 5\n  epochs: 3\n  lr: 0.02\n  momentum: 0.5\n")
-    code, out, err = run(["plan", "--sweep-file", str(f), "--theta", "0.2", "--kappa", "7", "--epochs", "2",
-                          "--set", "kappa=9", "--set", "lr=0.05"], capsys)
+    code, out, err = run(
+        [
+            "plan",
+            "--sweep-file",
+            str(f),
+            "--theta",
+            "0.2",
+            "--kappa",
+            "7",
+            "--epochs",
+            "2",
+            "--set",
+            "kappa=9",
+            "--set",
+            "lr=0.05",
+        ],
+        capsys,
+    )
     assert code == 0, err
     fixed = _fixed(out)
     assert out.startswith("1 trials") and fixed["theta"] == "0.2"  # a flag replaces the file's grid axis
@@ -219,11 +324,14 @@ def test_merge_order_in_plan_defaults_file_flags_set(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cmd", ["run", "plan"])
-@pytest.mark.parametrize("layers,bad", [
-    (("file:lr: 0.05", "--set", "lr=-1"), "lr=-1.0 is invalid"),  # --set beats the file
-    (("file:kappa: 5", "--kappa", "-1"), "kappa=-1.0 is invalid"),  # a flag beats the file
-    (("file:kappa: 5", "--kappa", "5", "--set", "kappa=-2"), "kappa=-2.0 is invalid"),  # --set beats the flag
-])
+@pytest.mark.parametrize(
+    "layers,bad",
+    [
+        (("file:lr: 0.05", "--set", "lr=-1"), "lr=-1.0 is invalid"),  # --set beats the file
+        (("file:kappa: 5", "--kappa", "-1"), "kappa=-1.0 is invalid"),  # a flag beats the file
+        (("file:kappa: 5", "--kappa", "5", "--set", "kappa=-2"), "kappa=-2.0 is invalid"),  # --set beats the flag
+    ],
+)
 def test_the_winning_layer_of_run_is_the_one_validated(cmd, layers, bad, tmp_path, capsys):
     """The winner carries an invalid value: exit 2 before Ray, the one line naming the winner's value."""
     f = tmp_path / "s.yaml"
@@ -235,18 +343,23 @@ def test_the_winning_layer_of_run_is_the_one_validated(cmd, layers, bad, tmp_pat
     assert not (st / "m").exists()  # nothing started
 
 
-@pytest.mark.parametrize("layers,field", [
-    (("file:lr: -1", "--set", "lr=0.05"), "lr"),  # the file's invalid lr is replaced by --set
-    (("file:kappa: -1", "--kappa", "5"), "kappa"),  # ... by a flag
-    (("file:kappa: 1", "--kappa", "-1", "--set", "kappa=5"), "kappa"),  # the flag's by --set
-])
+@pytest.mark.parametrize(
+    "layers,field",
+    [
+        (("file:lr: -1", "--set", "lr=0.05"), "lr"),  # the file's invalid lr is replaced by --set
+        (("file:kappa: -1", "--kappa", "5"), "kappa"),  # ... by a flag
+        (("file:kappa: 1", "--kappa", "-1", "--set", "kappa=5"), "kappa"),  # the flag's by --set
+    ],
+)
 def test_a_losing_layers_invalid_value_is_never_validated_in_run(layers, field, tmp_path, capsys):
     """The converse: the only error left is the stopper's (detect_norms, checked after every field above)."""
     f = tmp_path / "s.yaml"
     f.write_text(f"fixed:\n  epochs: 1\n  {layers[0].removeprefix('file:')}\n")
     st = tmp_path / "st"
-    code, _, err = run(["run", "--sweep-file", str(f), *layers[1:], "--set", "detect_norms=-1",
-                        "--name", "m", "--storage", str(st)], capsys)
+    code, _, err = run(
+        ["run", "--sweep-file", str(f), *layers[1:], "--set", "detect_norms=-1", "--name", "m", "--storage", str(st)],
+        capsys,
+    )
     assert code == 2 and "detect_norms='-1' is invalid" in err, err
     assert f"{field}=" not in err.split("(grid point")[0].replace("detect_norms=", ""), err
     assert not (st / "m").exists()
@@ -254,13 +367,19 @@ def test_a_losing_layers_invalid_value_is_never_validated_in_run(layers, field, 
     assert code == 0 and _fixed(out)[field] in ("0.05", "5.0"), err
 
 
-@pytest.mark.parametrize("argv,bad", [
-    (["--epochs", "0"], "epochs=0 is invalid"),  # a flag beats the embedded default (15)
-    (["--set", "kappa=-1"], "kappa=-1.0 is invalid"),  # --set beats the default kappa range
-    (["--epochs", "2", "--set", "epochs=0"], "epochs=0 is invalid"),  # --set beats the flag
-    (["--epochs", "0", "--set", "epochs=2", "--set", "detect_norms=-1"], "detect_norms='-1' is invalid"),  # converse
-    (["--kappa", "-1", "--set", "kappa=5", "--set", "detect_norms=-1"], "detect_norms='-1' is invalid"),
-])
+@pytest.mark.parametrize(
+    "argv,bad",
+    [
+        (["--epochs", "0"], "epochs=0 is invalid"),  # a flag beats the embedded default (15)
+        (["--set", "kappa=-1"], "kappa=-1.0 is invalid"),  # --set beats the default kappa range
+        (["--epochs", "2", "--set", "epochs=0"], "epochs=0 is invalid"),  # --set beats the flag
+        (
+            ["--epochs", "0", "--set", "epochs=2", "--set", "detect_norms=-1"],
+            "detect_norms='-1' is invalid",
+        ),  # converse
+        (["--kappa", "-1", "--set", "kappa=5", "--set", "detect_norms=-1"], "detect_norms='-1' is invalid"),
+    ],
+)
 def test_merge_order_in_search_defaults_flags_set(argv, bad, tmp_path, capsys):
     st = tmp_path / "st"
     code, _, err = run(["search", *argv, "--budget", "1", "--name", "m", "--storage", str(st)], capsys)
@@ -271,14 +390,17 @@ def test_merge_order_in_search_defaults_flags_set(argv, bad, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- issue 20, item 9: bad inputs, said alike
-@pytest.mark.parametrize("argv,line", [
-    (["trial", "--theta", "abc"], "--theta='abc' is invalid: expected a number"),
-    (["trial", "--epochs", "x"], "--epochs='x' is invalid: expected a whole number"),
-    (["trial", "--hessian-method", "nope"], "--hessian-method='nope' is invalid: must be one of 'auto'"),
-    (["run", "--set", "foo=1"], "--set foo=1 is invalid: foo is not a network-trial field"),
-    (["theory", "--m", "-1"], "--m=-1 is invalid: expected at least two values"),
-    (["trial", "--no-hessian", "--detect"], "detect=True is invalid: needs hessian=true"),
-])
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["trial", "--theta", "abc"], "--theta='abc' is invalid: expected a number"),
+        (["trial", "--epochs", "x"], "--epochs='x' is invalid: expected a whole number"),
+        (["trial", "--hessian-method", "nope"], "--hessian-method='nope' is invalid: must be one of 'auto'"),
+        (["run", "--set", "foo=1"], "--set foo=1 is invalid: foo is not a network-trial field"),
+        (["theory", "--m", "-1"], "--m=-1 is invalid: expected at least two values"),
+        (["trial", "--no-hessian", "--detect"], "detect=True is invalid: needs hessian=true"),
+    ],
+)
 def test_every_bad_value_reads_name_value_is_invalid_and_what_is_valid(argv, line, capsys, tmp_path):
     code, out, err = run(argv + (["--out", str(tmp_path / "t")] if argv[0] == "theory" else []), capsys)
     assert code == 2 and line in err, err
@@ -304,8 +426,10 @@ def test_no_hessian_turns_detection_off_unless_asked_for(capsys):
     assert TrialConfig(hessian=False).detect is False  # the statistics need the spectrum
     assert TrialConfig().detect is True
     # asking for both is refused in every command, before anything runs ...
-    for argv in (["plan", "--set", "hessian=false", "--set", "detect=true"],
-                 ["run", "--set", "hessian=false", "--set", "detect=true", "--name", "x", "--storage", "/nonexistent"]):
+    for argv in (
+        ["plan", "--set", "hessian=false", "--set", "detect=true"],
+        ["run", "--set", "hessian=false", "--set", "detect=true", "--name", "x", "--storage", "/nonexistent"],
+    ):
         code, _, err = run(argv, capsys)
         assert code == 2 and "detect=True is invalid: needs hessian=true" in err, err
     # ... but a record written when detect defaulted to true (an old sweep with hessian=false) still reads:

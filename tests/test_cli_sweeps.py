@@ -20,8 +20,18 @@ from analysis.schema import read_meta
 from sweeper.cli import frontier_cmd, main
 from sweeper.spaces import SweepSpec
 
-FAST = ["--epochs", "1", "--set", "hessian_samples=50", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3",
-        "--set", "geometry=false"]
+FAST = [
+    "--epochs",
+    "1",
+    "--set",
+    "hessian_samples=50",
+    "--set",
+    "hessian_iterations=6",
+    "--set",
+    "hessian_top_k=3",
+    "--set",
+    "geometry=false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +53,28 @@ def cli(argv, capsys):
 def test_seeded_sweep_every_command_ends_right_and_config_round_trips(tmp_path, capsys):
     st = str(tmp_path)
     # seeds, two penalty conventions and an lr: the fields the metrics used to overwrite
-    code, out, err = cli(["run", "--theta", "0.1", "--kappa", "100", "--seeds", "2", "--set", "penalty=listing1,eq25",
-                          "--set", "lr=0.02", *FAST, "--name", "s", "--storage", st, "--quiet"], capsys)
+    code, out, err = cli(
+        [
+            "run",
+            "--theta",
+            "0.1",
+            "--kappa",
+            "100",
+            "--seeds",
+            "2",
+            "--set",
+            "penalty=listing1,eq25",
+            "--set",
+            "lr=0.02",
+            *FAST,
+            "--name",
+            "s",
+            "--storage",
+            st,
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "sweep s: 4 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending, 4 total" in out
     assert "frontier (maximize clean_acc, minimize asr" in out
@@ -92,8 +122,25 @@ def test_seeded_sweep_every_command_ends_right_and_config_round_trips(tmp_path, 
 
 def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_path, capsys):
     st = str(tmp_path)
-    code, out, err = cli(["run", "--kind", "kernel", "--set", "m=1,8,64", "--set", "r=0.1",
-                          "--set", "kappa=0,1", "--name", "k", "--storage", st, "--quiet"], capsys)
+    code, out, err = cli(
+        [
+            "run",
+            "--kind",
+            "kernel",
+            "--set",
+            "m=1,8,64",
+            "--set",
+            "r=0.1",
+            "--set",
+            "kappa=0,1",
+            "--name",
+            "k",
+            "--storage",
+            st,
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "6 completed" in out and "delta_f" in out and "frontier (minimize residual, minimize delta_f" in out
     assert "Empty DataFrame" not in out
@@ -103,8 +150,9 @@ def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_
     assert code == 0, err
     assert (tmp_path / "k-report" / "kernel_vs_m.png").is_file()
 
-    code, out, err = cli(["run", "--kind", "linear", "--set", "theta=0,0.05,0.1", "--name", "l", "--storage", st,
-                          "--quiet"], capsys)
+    code, out, err = cli(
+        ["run", "--kind", "linear", "--set", "theta=0,0.05,0.1", "--name", "l", "--storage", st, "--quiet"], capsys
+    )
     assert code == 0 and "3 completed" in out and "clean_acc" in out, err
     code, _, err = cli(["report", "l", "--storage", st], capsys)
     assert code == 0, err
@@ -131,9 +179,30 @@ def _counts(text: str, name: str) -> dict[str, int]:
 
 def test_interrupted_sweep_every_view_agrees_and_resume_finishes_without_repeats(tmp_path, capsys):
     st = str(tmp_path)
-    argv = [sys.executable, "-m", "sweeper.cli", "run", "--theta", "0.1", "--kappa", "0,50,100,150",
-            "--epochs", "3", "--set", "hessian_samples=50", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3",
-            "--max-concurrent", "1", "--name", "i", "--storage", st]
+    argv = [
+        sys.executable,
+        "-m",
+        "sweeper.cli",
+        "run",
+        "--theta",
+        "0.1",
+        "--kappa",
+        "0,50,100,150",
+        "--epochs",
+        "3",
+        "--set",
+        "hessian_samples=50",
+        "--set",
+        "hessian_iterations=6",
+        "--set",
+        "hessian_top_k=3",
+        "--max-concurrent",
+        "1",
+        "--name",
+        "i",
+        "--storage",
+        st,
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, deadline = [], time.monotonic() + 300
     try:
@@ -187,8 +256,27 @@ def test_a_trial_that_finished_before_ray_recorded_its_end_is_neither_rerun_nor_
     final report leaves that report, its checkpoint and the trial still RUNNING in the saved state.
     Put the finished sweep's state back to that and resume."""
     st = str(tmp_path)
-    code, _, err = cli(["run", "--theta", "0.1", "--kappa", "0", "--epochs", "2", "--set", "hessian=false",
-                        "--set", "geometry=false", "--name", "f", "--storage", st, "--quiet"], capsys)
+    code, _, err = cli(
+        [
+            "run",
+            "--theta",
+            "0.1",
+            "--kappa",
+            "0",
+            "--epochs",
+            "2",
+            "--set",
+            "hessian=false",
+            "--set",
+            "geometry=false",
+            "--name",
+            "f",
+            "--storage",
+            st,
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     (state,) = (tmp_path / "f").glob("experiment_state-*.json")
     saved = json.loads(state.read_text())
@@ -209,8 +297,10 @@ def test_a_trial_that_finished_before_ray_recorded_its_end_is_neither_rerun_nor_
 
 def test_bad_inputs_of_reading_commands_exit_2_quickly(tmp_path, capsys):
     t0 = time.monotonic()
-    code, _, err = cli(["frontier", "nosuch", "--storage", str(tmp_path), "--source", "mlflow",
-                        "--mlflow-uri", "http://127.0.0.1:1"], capsys)
+    code, _, err = cli(
+        ["frontier", "nosuch", "--storage", str(tmp_path), "--source", "mlflow", "--mlflow-uri", "http://127.0.0.1:1"],
+        capsys,
+    )
     assert code == 2 and "unreachable" in err and len(err.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 30  # checked first, not minutes of MLflow retries
     from analysis.results import load_history
@@ -226,8 +316,18 @@ def test_bad_inputs_of_reading_commands_exit_2_quickly(tmp_path, capsys):
 
 def test_ctrl_c_of_a_trial_exits_130_and_says_the_checkpoint_resumes(tmp_path):
     ck = tmp_path / "t.pt"
-    argv = [sys.executable, "-m", "sweeper.cli", "trial", "--epochs", "500", "--no-hessian", "--no-geometry",
-            "--checkpoint", str(ck)]
+    argv = [
+        sys.executable,
+        "-m",
+        "sweeper.cli",
+        "trial",
+        "--epochs",
+        "500",
+        "--no-hessian",
+        "--no-geometry",
+        "--checkpoint",
+        str(ck),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not ck.is_file():
@@ -242,13 +342,47 @@ def test_ctrl_c_of_a_trial_exits_130_and_says_the_checkpoint_resumes(tmp_path):
 
 def test_the_same_config_gives_the_same_numbers_in_trial_and_in_a_sweep(tmp_path, capsys):
     st = str(tmp_path)
-    code, _, err = cli(["run", "--theta", "0.1", "--kappa", "50", "--epochs", "2", "--set", "hessian=false",
-                        "--set", "geometry=false", "--name", "one", "--storage", st, "--quiet"], capsys)
+    code, _, err = cli(
+        [
+            "run",
+            "--theta",
+            "0.1",
+            "--kappa",
+            "50",
+            "--epochs",
+            "2",
+            "--set",
+            "hessian=false",
+            "--set",
+            "geometry=false",
+            "--name",
+            "one",
+            "--storage",
+            st,
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     swept = load_results("one", st, source="mlflow").iloc[0]
     out = tmp_path / "t.json"
-    code, _, err = cli(["trial", "--theta", "0.1", "--kappa", "50", "--epochs", "2", "--no-hessian", "--no-geometry",
-                        "--json", str(out), "--quiet"], capsys)
+    code, _, err = cli(
+        [
+            "trial",
+            "--theta",
+            "0.1",
+            "--kappa",
+            "50",
+            "--epochs",
+            "2",
+            "--no-hessian",
+            "--no-geometry",
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     alone = json.loads(out.read_text())
     assert alone["config"]["threads"] == swept["threads"] == 1
@@ -260,8 +394,24 @@ def test_the_same_config_gives_the_same_numbers_in_trial_and_in_a_sweep(tmp_path
 def test_a_sweep_stored_at_a_file_uri_runs_and_is_read_back(tmp_path, capsys):
     uri = (tmp_path / "remote").as_uri()  # file:///...: read through pyarrow like s3:// or gs://
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, out, err = cli(["run", "--theta", "0.1", "--kappa", "0,50", *FAST, "--name", "u", "--storage", uri,
-                          "--mlflow-uri", db, "--quiet"], capsys)
+    code, out, err = cli(
+        [
+            "run",
+            "--theta",
+            "0.1",
+            "--kappa",
+            "0,50",
+            *FAST,
+            "--name",
+            "u",
+            "--storage",
+            uri,
+            "--mlflow-uri",
+            db,
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0 and "2 completed" in out, err
     assert read_meta(uri, "u").mlflow_uri == db
     code, out, err = cli(["frontier", "u", "--storage", uri], capsys)
@@ -275,17 +425,21 @@ def test_a_sweep_stored_at_a_file_uri_runs_and_is_read_back(tmp_path, capsys):
 
 
 def test_only_rays_sigterm_noise_is_forgiven():
-    noise = ("\x1b[36m(trainable pid=7)\x1b[0m Exception ignored in: <function WeakSet._remove>\n"
-             "\x1b[36m(trainable pid=7)\x1b[0m Traceback (most recent call last):\n"
-             "\x1b[36m(trainable pid=7)\x1b[0m   File \"ray/_private/worker.py\", line 1063, in sigterm_handler\n"
-             "\x1b[36m(trainable pid=7)\x1b[0m SystemExit: 1\n")
+    noise = (
+        "\x1b[36m(trainable pid=7)\x1b[0m Exception ignored in: <function WeakSet._remove>\n"
+        "\x1b[36m(trainable pid=7)\x1b[0m Traceback (most recent call last):\n"
+        '\x1b[36m(trainable pid=7)\x1b[0m   File "ray/_private/worker.py", line 1063, in sigterm_handler\n'
+        "\x1b[36m(trainable pid=7)\x1b[0m SystemExit: 1\n"
+    )
     assert driver_text("done\n" + noise + "after\n") == "done\nafter\n"
     ours = noise.replace("sigterm_handler", "train_epoch")
     assert "Traceback" in driver_text(ours)  # any other worker traceback still fails a test
 
 
-@pytest.mark.parametrize("seeds, sets, file_seeds", [("2", [], None), ("0,1", [], None), ("1", [], None),
-                                                     (None, ["seed=0,1"], None), (None, [], 2)])
+@pytest.mark.parametrize(
+    "seeds, sets, file_seeds",
+    [("2", [], None), ("0,1", [], None), ("1", [], None), (None, ["seed=0,1"], None), (None, [], 2)],
+)
 def test_every_way_of_giving_seeds_makes_one_seed_column(seeds, sets, file_seeds, tmp_path):
     """Item 1 of issue 15 for each spelling: --seeds N, --seeds a,b, --seeds 1, --set seed=..., a file's seeds."""
     from analysis.report import sweep_summary

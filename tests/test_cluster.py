@@ -28,8 +28,19 @@ from analysis.schema import client, read_meta
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 MLFLOW = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-SWEEP = [sys.executable, "-m", "sweeper.cli", "run", "--theta", "0.1", "--set", "hessian=false",
-         "--set", "geometry=false", "--quiet"]
+SWEEP = [
+    sys.executable,
+    "-m",
+    "sweeper.cli",
+    "run",
+    "--theta",
+    "0.1",
+    "--set",
+    "hessian=false",
+    "--set",
+    "geometry=false",
+    "--quiet",
+]
 
 
 def _free_port() -> int:
@@ -108,9 +119,13 @@ def token_cluster(tmp_path):
     def start(args: list[str], wrap: tuple[str, ...] = ()) -> subprocess.Popen:
         # --block keeps the node's processes under this one process group: killing it loses the node
         with open(tmp_path / f"node{len(started)}.log", "wb") as log:  # the node keeps its own descriptor
-            proc = subprocess.Popen([*wrap, RAY, "start", *args, "--temp-dir", str(temp), "--block",
-                                     "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [*wrap, RAY, "start", *args, "--temp-dir", str(temp), "--block", "--disable-usage-stats"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         started.append(proc)
         return proc
 
@@ -118,8 +133,19 @@ def token_cluster(tmp_path):
         return start(["--address", address, "--num-cpus", "1"], wrap)
 
     try:
-        head = start(["--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
-                      "--dashboard-port", str(_free_port())])
+        head = start(
+            [
+                "--head",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "1",
+                "--include-dashboard",
+                "false",
+                "--dashboard-port",
+                str(_free_port()),
+            ]
+        )
         _wait_nodes(address, token, home, 1, head=head, log=tmp_path / "node0.log")
         yield address, token, home, add_worker
     finally:
@@ -127,23 +153,34 @@ def token_cluster(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_nodes(address: str, token: Path, home: Path, n: int, timeout: float = 90.0,
-                head: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], include_dashboard=False, logging_level='ERROR'); "
-             "print(sum(1 for x in ray.nodes() if x['Alive']))")
+def _wait_nodes(
+    address: str,
+    token: Path,
+    home: Path,
+    n: int,
+    timeout: float = 90.0,
+    head: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], include_dashboard=False, logging_level='ERROR'); "
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if head is not None and head.poll() is not None:
-            raise AssertionError(f"`ray start --head` exited with {head.returncode}: "
-                                 f"{log.read_text()[-2000:] if log else ''}")
+            raise AssertionError(
+                f"`ray start --head` exited with {head.returncode}: {log.read_text()[-2000:] if log else ''}"
+            )
         if head is not None:  # nothing to ask before the GCS port answers
             host, port = address.rsplit(":", 1)
             with socket.socket() as s:
                 if s.connect_ex((host, int(port))) != 0:
                     time.sleep(0.5)
                     continue
-        out = subprocess.run([sys.executable, "-c", probe, address], env=_env(home, token), capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", probe, address], env=_env(home, token), capture_output=True, text=True, timeout=60
+        )
         if out.stdout.strip().isdigit() and int(out.stdout.strip()) >= n:
             return
         time.sleep(1)
@@ -178,15 +215,36 @@ def test_a_token_cluster_takes_a_sweep_on_both_nodes_and_refuses_a_driver_withou
     storage = tmp_path / "sweeps"
 
     # no token on this "machine": one line, exit 2, nothing written
-    r = subprocess.run(SWEEP + ["--kappa", "0,10", "--epochs", "1", "--address", address, "--name", "n",
-                                "--storage", str(storage)], env=_env(home, None), capture_output=True, text=True,
-                       timeout=180)
+    r = subprocess.run(
+        SWEEP + ["--kappa", "0,10", "--epochs", "1", "--address", address, "--name", "n", "--storage", str(storage)],
+        env=_env(home, None),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("sweeper: error: --address") and "requires an auth token" in last and "RAY_AUTH_TOKEN" in last
+    assert (
+        last.startswith("sweeper: error: --address") and "requires an auth token" in last and "RAY_AUTH_TOKEN" in last
+    )
     assert read_meta(str(storage), "n") is None and not (storage / "n").exists()
-    search = [sys.executable, "-m", "sweeper.cli", "search", "--budget", "1", "--epochs", "1", "--quiet",
-              "--address", address, "--name", "s", "--storage", str(storage)]
+    search = [
+        sys.executable,
+        "-m",
+        "sweeper.cli",
+        "search",
+        "--budget",
+        "1",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--address",
+        address,
+        "--name",
+        "s",
+        "--storage",
+        str(storage),
+    ]
     r = subprocess.run(search, env=_env(home, None), capture_output=True, text=True, timeout=180)
     assert r.returncode == 2 and "requires an auth token" in r.stderr.strip().splitlines()[-1], r.stderr
     assert not (storage / "s").exists()
@@ -194,15 +252,24 @@ def test_a_token_cluster_takes_a_sweep_on_both_nodes_and_refuses_a_driver_withou
     # a wrong token: refused by name
     wrong = tmp_path / "wrong_token"
     wrong.write_text(secrets.token_hex(32))
-    r = subprocess.run(SWEEP + ["--kappa", "0,10", "--epochs", "1", "--address", address, "--name", "w",
-                                "--storage", str(storage)], env=_env(home, wrong), capture_output=True, text=True,
-                       timeout=180)
+    r = subprocess.run(
+        SWEEP + ["--kappa", "0,10", "--epochs", "1", "--address", address, "--name", "w", "--storage", str(storage)],
+        env=_env(home, wrong),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 2 and f"refused the auth token from {wrong}" in r.stderr, r.stderr
 
     # the head's token: the sweep runs, one trial per node (1 CPU each)
     env = _env(home, None, RAY_AUTH_TOKEN=token.read_text())
-    r = subprocess.run(SWEEP + ["--kappa", "0,10", "--epochs", "2", "--address", address, "--name", "ok",
-                                "--storage", str(storage)], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        SWEEP + ["--kappa", "0,10", "--epochs", "2", "--address", address, "--name", "ok", "--storage", str(storage)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0 and "2 completed" in r.stdout, r.stdout + r.stderr
     nodes = {res["node_id"] for res in _last_results(storage / "ok")}
     assert len(nodes) == 2, nodes
@@ -210,8 +277,13 @@ def test_a_token_cluster_takes_a_sweep_on_both_nodes_and_refuses_a_driver_withou
 
     # resuming it from a machine without the token: the same line, before the sweep's record changes
     before = (storage / "ok" / "sweeper.json").read_bytes()
-    r = subprocess.run([sys.executable, "-m", "sweeper.cli", "resume", "ok", "--storage", str(storage),
-                        "--address", address], env=_env(home, None), capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-m", "sweeper.cli", "resume", "ok", "--storage", str(storage), "--address", address],
+        env=_env(home, None),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 2 and "requires an auth token" in r.stderr.strip().splitlines()[-1], r.stderr
     assert (storage / "ok" / "sweeper.json").read_bytes() == before
 
@@ -221,8 +293,20 @@ def _unshare_reason() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"):
         return "needs Linux, root and unshare(1) to give a node its own mount namespace"
     with tempfile.TemporaryDirectory() as d:
-        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            'mount -t tmpfs sweeper-test "$0" && touch "$0/x"', d], capture_output=True, timeout=30)
+        r = subprocess.run(
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t tmpfs sweeper-test "$0" && touch "$0/x"',
+                d,
+            ],
+            capture_output=True,
+            timeout=30,
+        )
         if r.returncode != 0 or (Path(d) / "x").exists():
             return f"unshare -m / mount -t tmpfs do not work here: {r.stderr.decode(errors='replace').strip()}"
     return None
@@ -237,12 +321,27 @@ def test_a_storage_folder_that_a_worker_node_does_not_see_stops_the_sweep_before
     address, token, home, add_worker = token_cluster
     storage = tmp_path / "sweeps"
     storage.mkdir()
-    add_worker(wrap=("unshare", "-m", "--propagation", "private", "sh", "-c",
-                     'mount -t tmpfs sweeper-test "$0" && exec "$@"', str(storage)))
+    add_worker(
+        wrap=(
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs sweeper-test "$0" && exec "$@"',
+            str(storage),
+        )
+    )
     _wait_nodes(address, token, home, 2)
-    r = subprocess.run(SWEEP + ["--kappa", "0,10", "--epochs", "1", "--address", address, "--name", "local",
-                                "--storage", str(storage)], env=_env(home, token), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        SWEEP
+        + ["--kappa", "0,10", "--epochs", "1", "--address", address, "--name", "local", "--storage", str(storage)],
+        env=_env(home, token),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"sweeper: error: --storage {storage} is not shared by every node"), last
@@ -255,11 +354,24 @@ def test_losing_a_worker_node_mid_trial_the_sweep_finishes_on_the_head_without_d
     worker = add_worker()
     _wait_nodes(address, token, home, 2)
     storage = tmp_path / "sweeps"
-    argv = SWEEP + ["--kappa", "20,30", "--epochs", "12", "--address", address, "--name", "loss",
-                    "--storage", str(storage), "--max-failures", "3"]
+    argv = SWEEP + [
+        "--kappa",
+        "20,30",
+        "--epochs",
+        "12",
+        "--address",
+        address,
+        "--name",
+        "loss",
+        "--storage",
+        str(storage),
+        "--max-failures",
+        "3",
+    ]
     argv.remove("--quiet")  # the per-epoch lines tell when both trials are training
-    proc = subprocess.Popen(argv, env=_env(home, token), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=_env(home, token), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines, training, deadline = [], set(), time.monotonic() + 300
     try:
         out = _lines(proc)
@@ -302,7 +414,7 @@ def test_losing_a_worker_node_mid_trial_the_sweep_finishes_on_the_head_without_d
         if restarts:
             restored[tdir.name] = (rows, restarts)
     assert len(restored) == 1, sorted(restored)  # the trial on the lost worker, and only it
-    (rows, restarts), = restored.values()
+    ((rows, restarts),) = restored.values()
     assert len(restarts) == 1, [(r["epoch"], r["iterations_since_restore"]) for r in rows]
     before, after = rows[restarts[0] - 1], rows[restarts[0]]
     assert after["epoch"] == before["epoch"] + 1 > 2, (before, after)  # the epoch after its last checkpoint
@@ -317,15 +429,39 @@ def auth_server(tmp_path):
     """`mlflow server --app-name basic-auth` on 127.0.0.1 with an admin password from the environment."""
     port = _free_port()
     ini = tmp_path / "auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-password-42",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
-    proc = subprocess.Popen([MLFLOW, "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-password-42",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+    proc = subprocess.Popen(
+        [
+            MLFLOW,
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -351,9 +487,13 @@ def test_an_authenticated_mlflow_server_takes_the_right_credentials_and_refuses_
     storage = tmp_path / "sweeps"
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     argv = SWEEP + ["--kappa", "0", "--epochs", "1", "--mlflow-uri", auth_server, "--storage", str(storage)]
-    for env, needle in (({}, "requires authentication"),
-                        ({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "nope"},
-                         "refused the credentials of MLFLOW_TRACKING_USERNAME='admin'")):
+    for env, needle in (
+        ({}, "requires authentication"),
+        (
+            {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "nope"},
+            "refused the credentials of MLFLOW_TRACKING_USERNAME='admin'",
+        ),
+    ):
         t0 = time.monotonic()
         r = subprocess.run(argv + ["--name", "bad"], env={**base, **env}, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -361,10 +501,17 @@ def test_an_authenticated_mlflow_server_takes_the_right_credentials_and_refuses_
         assert not (storage / "bad").exists()
     # the README's way: the admin creates a non-admin user for sweeps (MLflow's basic-auth client), which logs
     admin = {**base, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "s3cret-password-42"}
-    create = ('import os, mlflow.server as s; s.get_app_client("basic-auth", tracking_uri=os.environ["URI"])'
-              '.create_user("sweeps", os.environ["SWEEPS_PASSWORD"])')
-    r = subprocess.run([sys.executable, "-c", create], env={**admin, "URI": auth_server, "SWEEPS_PASSWORD": "pw-of-sweeps"},
-                       capture_output=True, text=True, timeout=120)
+    create = (
+        'import os, mlflow.server as s; s.get_app_client("basic-auth", tracking_uri=os.environ["URI"])'
+        '.create_user("sweeps", os.environ["SWEEPS_PASSWORD"])'
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", create],
+        env={**admin, "URI": auth_server, "SWEEPS_PASSWORD": "pw-of-sweeps"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     sweeps = {**base, "MLFLOW_TRACKING_USERNAME": "sweeps", "MLFLOW_TRACKING_PASSWORD": "pw-of-sweeps"}
     r = subprocess.run(argv + ["--name", "good"], env=sweeps, capture_output=True, text=True, timeout=600)
@@ -381,7 +528,22 @@ def test_an_authenticated_mlflow_server_takes_the_right_credentials_and_refuses_
             os.environ.pop(k, None)
 
     # browsing from a machine without the sweep's folder (the README's laptop): the runs table's direct link
-    r = subprocess.run([sys.executable, "-m", "sweeper.cli", "ui", "good", "--mlflow-uri", auth_server,
-                        "--storage", str(tmp_path / "laptop")], env=sweeps, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeper.cli",
+            "ui",
+            "good",
+            "--mlflow-uri",
+            auth_server,
+            "--storage",
+            str(tmp_path / "laptop"),
+        ],
+        env=sweeps,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert f"runs: {auth_server}/#/experiments/{exp.experiment_id}/runs" in r.stdout.splitlines(), r.stdout

@@ -53,12 +53,14 @@ def test_every_node_sees_the_storage_of_the_recipe():
     the header and the README pass as --storage is shared, not a folder only the head has."""
     text = (ROOT / "cluster.yaml").read_text()
     config = yaml.safe_load(text)
-    assert "--storage /home/ubuntu/sweeps" in text and "--storage /home/ubuntu/sweeps" in (ROOT / "README.md").read_text()
+    assert (
+        "--storage /home/ubuntu/sweeps" in text and "--storage /home/ubuntu/sweeps" in (ROOT / "README.md").read_text()
+    )
     head, worker = " ".join(config["head_setup_commands"]), " ".join(config["worker_setup_commands"])
     assert "nfs-kernel-server" in head and "'/home/ubuntu/sweeps *(rw," in head and "exportfs -ra" in head
     assert "mount -t nfs4" in worker and "$RAY_HEAD_IP:/home/ubuntu/sweeps /home/ubuntu/sweeps" in worker
     filled = prepare_config(config)  # what `ray up` runs on a worker: common setup, then the worker's
-    assert filled["worker_setup_commands"][:len(config["setup_commands"])] == config["setup_commands"]
+    assert filled["worker_setup_commands"][: len(config["setup_commands"])] == config["setup_commands"]
 
 
 def test_the_admin_password_stays_on_the_head_and_the_header_points_to_the_readme():

@@ -43,7 +43,9 @@ def test_torchvision_layout_is_accepted(tmp_path):
 
 
 def test_md5_is_checked_against_the_published_value(mnist_dir):
-    with pytest.raises(DataError, match=r"corrupt dataset file .*train-images-idx3-ubyte.gz: md5 \w+, expected f68b3c2d"):
+    with pytest.raises(
+        DataError, match=r"corrupt dataset file .*train-images-idx3-ubyte.gz: md5 \w+, expected f68b3c2d"
+    ):
         load_dataset("mnist", mnist_dir, verify=True)
 
 
@@ -86,8 +88,9 @@ def test_cifar100_uses_fine_labels(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in ("train", "test"):
-        write_cifar_batch(folder / name, rng.integers(0, 256, (30, 3, 32, 32)), rng.integers(0, 100, 30),
-                          label_key="fine_labels")
+        write_cifar_batch(
+            folder / name, rng.integers(0, 256, (30, 3, 32, 32)), rng.integers(0, 100, 30), label_key="fine_labels"
+        )
     data = load_dataset("cifar100", tmp_path, verify=False)
     assert data.num_classes == 100 and data.train_x.shape == (30, 3, 32, 32)
 
@@ -138,8 +141,10 @@ def test_mnist_verifies_decompressed_content_so_recompressed_or_raw_copies_pass(
         d.MNIST_CONTENT.update(saved)
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist").is_dir(),
-                    reason="real MNIST is not beside the checkout (../shared/data/mnist)")
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist").is_dir(),
+    reason="real MNIST is not beside the checkout (../shared/data/mnist)",
+)
 def test_real_mnist_copy_verifies_by_its_content():
     data = load_dataset("mnist", Path(__file__).resolve().parents[2] / "shared" / "data", verify=True)
     assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)

@@ -35,8 +35,14 @@ def _models(rows):
 
 def test_worst_case_and_mean_aggregation_on_a_hand_built_defence():
     # two threats x two seeds; per-threat seed means: (0.05, square) clean .9 asr .2; (0.1, square) clean .8 asr .6
-    models = _models([(0.05, "square", 0, 0.92, 0.1, "completed"), (0.05, "square", 1, 0.88, 0.3, "completed"),
-                      (0.10, "square", 0, 0.70, 0.5, "completed"), (0.10, "square", 1, 0.90, 0.7, "completed")])
+    models = _models(
+        [
+            (0.05, "square", 0, 0.92, 0.1, "completed"),
+            (0.05, "square", 1, 0.88, 0.3, "completed"),
+            (0.10, "square", 0, 0.70, 0.5, "completed"),
+            (0.10, "square", 1, 0.90, 0.7, "completed"),
+        ]
+    )
     default = parse_objectives(None)
     assert [o.text() for o in default] == ["clean_acc:max:mean", "asr:min:worst"]
     agg, per = aggregate_models(models, default, ["theta", "trigger"])
@@ -59,8 +65,9 @@ def test_worst_case_and_mean_aggregation_on_a_hand_built_defence():
 def test_a_diverged_model_makes_its_defence_a_failed_objective_never_a_good_one():
     good = [(0.05, "square", 0, 0.9, 0.1, "completed"), (0.1, "square", 0, 0.9, 0.1, "completed")]
     diverged = [(0.05, "square", 0, 0.9, 0.0, "completed"), (0.1, "square", 0, 0.1, 0.0, "diverged")]
-    models = pd.concat([_models(good).assign(defence_key="a", kappa=10.0),
-                        _models(diverged).assign(defence_key="b", kappa=1e4)])
+    models = pd.concat(
+        [_models(good).assign(defence_key="a", kappa=10.0), _models(diverged).assign(defence_key="b", kappa=1e4)]
+    )
     table = defence_table(models, parse_objectives(None), ["theta"], ["kappa"])
     b = table.set_index("defence_key").loc["b"]
     assert b["status"] == "diverged" and b["n_diverged"] == 1
@@ -83,19 +90,22 @@ def test_a_defence_is_scored_only_once_every_owed_model_has_finished():
     assert aggregate_models(queued, objs, ["theta"], expected=1)[0]["status"] == "completed"
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--theta", "0.01:0.2"], "--theta=0.01:0.2 is a range, but theta is part of the threat"),
-    (["--set", "theta=log:0.01:0.2"], "--theta=log:0.01:0.2 is a range"),
-    (["--set", "trigger_amplitude=0.5:1"], "trigger_amplitude is part of the threat"),
-    (["--set", "seed=0,1"], "use --seeds N"),
-    (["--objectives", "clean_acc:max,asr:up"], "'asr:up' is invalid"),
-    (["--objectives", "clean_acc:max,bogus:min"], "'bogus' is not a model metric"),
-    (["--objectives", "clean_acc:max,asr:min:best"], "'asr:min:best' is invalid"),
-    (["--objectives", "clean_acc:max"], "at least two objectives"),
-    (["--theta", "0.05,2"], "theta=2.0 is invalid"),
-    (["--seeds", "-1"], "seed=-1 is invalid"),
-    (["--kappa", "log:1000:10"], "LO < HI"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--theta", "0.01:0.2"], "--theta=0.01:0.2 is a range, but theta is part of the threat"),
+        (["--set", "theta=log:0.01:0.2"], "--theta=log:0.01:0.2 is a range"),
+        (["--set", "trigger_amplitude=0.5:1"], "trigger_amplitude is part of the threat"),
+        (["--set", "seed=0,1"], "use --seeds N"),
+        (["--objectives", "clean_acc:max,asr:up"], "'asr:up' is invalid"),
+        (["--objectives", "clean_acc:max,bogus:min"], "'bogus' is not a model metric"),
+        (["--objectives", "clean_acc:max,asr:min:best"], "'asr:min:best' is invalid"),
+        (["--objectives", "clean_acc:max"], "at least two objectives"),
+        (["--theta", "0.05,2"], "theta=2.0 is invalid"),
+        (["--seeds", "-1"], "seed=-1 is invalid"),
+        (["--kappa", "log:1000:10"], "LO < HI"),
+    ],
+)
 def test_a_bad_threat_or_objective_exits_2_before_anything_starts(argv, needle, tmp_path, capsys):
     code = main(["search", *argv, "--storage", str(tmp_path / "s"), "--name", "bad"])
     err = capsys.readouterr().err
@@ -110,8 +120,20 @@ def test_objective_parsing_rejects_a_repeated_metric():
         parse_objectives("asr:min,asr:max")
 
 
-FAST = ["--epochs", "4", "--set", "hessian_samples=50", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3",
-        "--set", "geometry=false", "--set", "detect=false"]
+FAST = [
+    "--epochs",
+    "4",
+    "--set",
+    "hessian_samples=50",
+    "--set",
+    "hessian_iterations=6",
+    "--set",
+    "hessian_top_k=3",
+    "--set",
+    "geometry=false",
+    "--set",
+    "detect=false",
+]
 
 
 def test_two_threat_search_resumes_after_a_kill_without_rerun_or_duplicates(tmp_path, capsys):
@@ -119,16 +141,35 @@ def test_two_threat_search_resumes_after_a_kill_without_rerun_or_duplicates(tmp_
 
     storage = tmp_path / "s"
     uri = default_uri(storage)
-    cmd = [sys.executable, "-m", "sweeper.cli", "search", "--theta", "0.05,0.1", "--trigger", "square",
-           "--kappa", "log:10:1000", "--budget", "3", "--max-concurrent", "1", *FAST, "--name", "ds",
-           "--storage", str(storage)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sweeper.cli",
+        "search",
+        "--theta",
+        "0.05,0.1",
+        "--trigger",
+        "square",
+        "--kappa",
+        "log:10:1000",
+        "--budget",
+        "3",
+        "--max-concurrent",
+        "1",
+        *FAST,
+        "--name",
+        "ds",
+        "--storage",
+        str(storage),
+    ]
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     try:  # kill the driver (and its Ray) once one defence has finished and the next one's models run
         while True:
-            assert proc.poll() is None, "the search ended before it could be killed:\n" + \
-                (tmp_path / "driver.log").read_text()[-3000:]
+            assert proc.poll() is None, (
+                "the search ended before it could be killed:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+            )
             assert time.time() < deadline, "no progress to interrupt"
             runs = _runs(uri, storage)
             defences = [r for r in runs if r.data.tags.get("sweeper.kind") == "defence"]
@@ -145,8 +186,11 @@ def test_two_threat_search_resumes_after_a_kill_without_rerun_or_duplicates(tmp_
     for library_line in ("A new study created", "Token authentication", " INFO ", " WARNING "):  # the log's
         assert library_line not in driver_text(driver), (library_line, driver)
     assert "A new study created" in (storage / "ds" / "sweeper.log").read_text()
-    done_before = {r.data.tags["sweeper.trial_key"] for r in _runs(uri, storage)
-                   if r.data.tags.get("sweeper.kind") == "trial" and r.data.tags.get("sweeper.status") == "completed"}
+    done_before = {
+        r.data.tags["sweeper.trial_key"]
+        for r in _runs(uri, storage)
+        if r.data.tags.get("sweeper.kind") == "trial" and r.data.tags.get("sweeper.status") == "completed"
+    }
     assert 2 <= len(done_before) < 6
     time.sleep(1)
 
@@ -189,7 +233,8 @@ def test_two_threat_search_resumes_after_a_kill_without_rerun_or_duplicates(tmp_
     key = front["defence_key"].iloc[0]
     per = detail[detail["defence_key"] == key]
     assert math.isclose(front["asr"].iloc[0], per["asr"].max()) and math.isclose(
-        front["clean_acc"].iloc[0], per["clean_acc"].mean())  # worst-case ASR, mean clean accuracy
+        front["clean_acc"].iloc[0], per["clean_acc"].mean()
+    )  # worst-case ASR, mean clean accuracy
     from_ray = frontier_cmd("ds", storage=str(storage), source="ray")  # MLflow down: the defences' Tune results
     assert set(from_ray["frontier"]["defence_key"]) == set(front["defence_key"])
     code = main(["frontier", "ds", "--storage", str(storage)])
@@ -198,7 +243,9 @@ def test_two_threat_search_resumes_after_a_kill_without_rerun_or_duplicates(tmp_
     assert main(["frontier", "ds", "--storage", str(storage), "--threats", "mean"]) == 0
     assert "asr min (mean over threats)" in capsys.readouterr().out
     assert main(["report", "ds", "--storage", str(storage)]) == 0
-    assert (storage / "ds-report" / "defences.csv").is_file() and (storage / "ds-report" / "defence_frontier.png").is_file()
+    assert (storage / "ds-report" / "defences.csv").is_file() and (
+        storage / "ds-report" / "defence_frontier.png"
+    ).is_file()
     st = main(["status", "ds", "--storage", str(storage)])
     assert st == 0 and "3 completed" in capsys.readouterr().out
     assert not list((storage / "ds" / "models").glob("*.pt"))  # finished models leave no checkpoint behind

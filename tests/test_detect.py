@@ -57,8 +57,10 @@ def test_window_fraction_equals_brute_force():
     for w in (1, 3, 7):
         frac, row, col = window_fraction(energy, w)
         for j in range(3):
-            sums = torch.tensor([[float(energy[j, r:r + w, c:c + w].sum()) for c in range(9 - w + 1)]
-                                 for r in range(7 - w + 1)], dtype=torch.float64)
+            sums = torch.tensor(
+                [[float(energy[j, r : r + w, c : c + w].sum()) for c in range(9 - w + 1)] for r in range(7 - w + 1)],
+                dtype=torch.float64,
+            )
             assert float(frac[j]) == pytest.approx(float(sums.max()), rel=1e-9)
             assert float(sums[row[j], col[j]]) == pytest.approx(float(sums.max()), rel=1e-9)
 
@@ -72,7 +74,9 @@ def test_hutchinson_trace_matches_the_dense_hessian_trace():
     g = torch.Generator().manual_seed(0)
     est = hutchinson_trace(model.double(), x.double(), y, probes=20, generator=g, chunk_size=128)
     assert est == pytest.approx(exact, rel=0.05)
-    again = hutchinson_trace(model, x.double(), y, probes=20, generator=torch.Generator().manual_seed(0), chunk_size=128)
+    again = hutchinson_trace(
+        model, x.double(), y, probes=20, generator=torch.Generator().manual_seed(0), chunk_size=128
+    )
     assert again == est  # seeded
 
 
@@ -166,17 +170,48 @@ def test_score_directions_cover_the_families():
 def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
     from trainables.train import Trial, run_trial
 
-    cfg = TrialConfig(trigger="square", epochs=2, lr=0.05, hessian_samples=200, hessian_iterations=8,
-                      hessian_top_k=3, detect_samples=100, detect_windows="2,3", detect_norms="0.5,1",
-                      detect_baselines="ss,ac")
+    cfg = TrialConfig(
+        trigger="square",
+        epochs=2,
+        lr=0.05,
+        hessian_samples=200,
+        hessian_iterations=8,
+        hessian_top_k=3,
+        detect_samples=100,
+        detect_windows="2,3",
+        detect_norms="0.5,1",
+        detect_baselines="ss,ac",
+    )
     ckpt = tmp_path / "c.pt"
     res = run_trial(cfg, checkpoint=ckpt)
     m = res.metrics
-    names = {"det_trace", "det_lambda_ratio", "det_lambda_trace_ratio", "det_ipr_1", "det_ipr_max",
-             "det_window_frac_w2", "det_window_frac_w3", "det_window_row_w3", "det_flip_max", "det_flip_class",
-             "det_flip_r0.5", "det_flip_r1", "det_flip_class_r0.5", "det_flip_random_max", "det_flip_excess", "ss_score_max", "ss_auroc",
-             "ac_silhouette_max", "ac_auroc", "det_seconds", "det_class_lambda_anomaly", "det_class_flip_max",
-             "det_class_flip_class", "det_class_flip_excess", "class_target_overlap_sq"}
+    names = {
+        "det_trace",
+        "det_lambda_ratio",
+        "det_lambda_trace_ratio",
+        "det_ipr_1",
+        "det_ipr_max",
+        "det_window_frac_w2",
+        "det_window_frac_w3",
+        "det_window_row_w3",
+        "det_flip_max",
+        "det_flip_class",
+        "det_flip_r0.5",
+        "det_flip_r1",
+        "det_flip_class_r0.5",
+        "det_flip_random_max",
+        "det_flip_excess",
+        "ss_score_max",
+        "ss_auroc",
+        "ac_silhouette_max",
+        "ac_auroc",
+        "det_seconds",
+        "det_class_lambda_anomaly",
+        "det_class_flip_max",
+        "det_class_flip_class",
+        "det_class_flip_excess",
+        "class_target_overlap_sq",
+    }
     assert names <= set(m), names - set(m)
     assert "nc_anomaly_index" not in m
     assert 0 <= m["det_flip_max"] <= 1 and m["det_trace"] > 0 and 1 / 64 <= m["det_ipr_1"] <= 1
@@ -185,7 +220,14 @@ def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
     assert m["det_lambda_trace_ratio"] == pytest.approx(m["lambda_1"] / m["hessian_trace"], rel=1e-12)
     assert 0 <= m["ss_auroc"] <= 1
     d = res.to_json_dict()["detection"]
-    assert d["directions"]["det_flip_max"] == "higher" and set(d["details"]) == {"spectral", "localisation", "flip", "class", "ss", "ac"}
+    assert d["directions"]["det_flip_max"] == "higher" and set(d["details"]) == {
+        "spectral",
+        "localisation",
+        "flip",
+        "class",
+        "ss",
+        "ac",
+    }
     assert res.artifacts["detection_images"]["localisation"].shape == (3, 1, 8, 8)
     # a resumed, finished trial restores the detection from its checkpoint (weights_only load)
     t = Trial(cfg)
@@ -219,8 +261,9 @@ def test_class_detector_runs_its_own_pass_off_the_exact_path_and_skips_over_the_
     detector computes them itself (same numbers); with no room in hessian_dense_mb it says why it skipped."""
     from trainables.train import Trial, run_trial
 
-    base = dict(trigger="square", epochs=2, lr=0.05, hessian_samples=200, hessian_top_k=3, hessian_iterations=8,
-                geometry=False)
+    base = dict(
+        trigger="square", epochs=2, lr=0.05, hessian_samples=200, hessian_top_k=3, hessian_iterations=8, geometry=False
+    )
     ckpt = tmp_path / "c.pt"
     fused = run_trial(TrialConfig(**base), checkpoint=ckpt)
     assert fused.to_json_dict()["hessian"]["method_used"] == "exact"

@@ -15,16 +15,29 @@ import pytest
 
 from tests.conftest import driver_text, make_mnist_files
 
-LIBRARY_LINES = ("Tuner.restore", "Token authentication is enabled", "A new study created", " INFO ", " WARNING ",
-                 "Downloading artifacts", "alembic")
+LIBRARY_LINES = (
+    "Tuner.restore",
+    "Token authentication is enabled",
+    "A new study created",
+    " INFO ",
+    " WARNING ",
+    "Downloading artifacts",
+    "alembic",
+)
 
 
 def sweeper(argv, cwd=None, env=None, timeout=240):
     """Run ``sweeper ARGV`` as a user would; returns (exit code, stdout + stderr). ``timeout`` is a hang guard
     (items 1 and 3 of the issue: the command must end within 30 s), never a speed target."""
     env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    r = subprocess.run([sys.executable, "-c", "import sys; from sweeper.cli import main; sys.exit(main())", *argv],
-                       capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys; from sweeper.cli import main; sys.exit(main())", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
     return r.returncode, r.stdout + r.stderr
 
 
@@ -39,8 +52,22 @@ def assert_quiet(text: str) -> None:
 # ----------------------------------------------------------------------------- item 1: data
 def test_missing_mnist_stops_before_ray_with_one_line(tmp_path):
     storage = tmp_path / "sweeps"
-    code, out = sweeper(["run", "--dataset", "mnist", "--set", f"data_dir={tmp_path / 'nowhere'}",
-                               "--epochs", "1", "--name", "b14", "--storage", str(storage)], timeout=30)
+    code, out = sweeper(
+        [
+            "run",
+            "--dataset",
+            "mnist",
+            "--set",
+            f"data_dir={tmp_path / 'nowhere'}",
+            "--epochs",
+            "1",
+            "--name",
+            "b14",
+            "--storage",
+            str(storage),
+        ],
+        timeout=30,
+    )
     assert code == 2, out
     assert f"missing dataset file {tmp_path / 'nowhere'}/mnist/train-images-idx3-ubyte.gz" in out, out
     assert "Traceback" not in out
@@ -52,8 +79,10 @@ def test_a_sweep_files_relative_data_dir_is_read_from_its_folder(tmp_path):
     files = tmp_path / "project" / "experiments"
     files.mkdir(parents=True)
     make_mnist_files(tmp_path / "project" / "data" / "mnist", n_train=60, n_test=20)
-    (files / "m.yaml").write_text("name: m\ngrid: {kappa: [0]}\nfixed: {dataset: mnist, data_dir: ../data, "
-                                  "verify_checksums: false, epochs: 1, hessian: false}\n")
+    (files / "m.yaml").write_text(
+        "name: m\ngrid: {kappa: [0]}\nfixed: {dataset: mnist, data_dir: ../data, "
+        "verify_checksums: false, epochs: 1, hessian: false}\n"
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code, out = sweeper(["plan", "--sweep-file", str(files / "m.yaml")], cwd=elsewhere)
@@ -64,8 +93,9 @@ def test_a_sweep_files_relative_data_dir_is_read_from_its_folder(tmp_path):
     assert spec.fixed["data_dir"] == str(tmp_path / "project" / "data")
     # the same file with the data gone: one line naming the absolute folder, before Ray
     (tmp_path / "project" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
-    code, out = sweeper(["run", "--sweep-file", str(files / "m.yaml"), "--storage", str(tmp_path / "s")],
-                        cwd=elsewhere, timeout=30)
+    code, out = sweeper(
+        ["run", "--sweep-file", str(files / "m.yaml"), "--storage", str(tmp_path / "s")], cwd=elsewhere, timeout=30
+    )
     assert code == 2, out
     assert str(tmp_path / "project" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz") in out, out
     assert not (tmp_path / "s" / "m").exists()
@@ -90,8 +120,26 @@ def test_a_deterministic_trial_error_fails_at_once_with_its_own_message(tmp_path
     (tmp_path / "broken_trigger.py").write_text(BROKEN_TRIGGER)
     env = {"SWEEPER_PLUGINS": "broken_trigger", "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
     storage = tmp_path / "s"
-    code, out = sweeper(["run", "--trigger", "broken", "--theta", "0.05", "--kappa", "0", "--epochs", "1",
-                               "--max-failures", "2", "--name", "d", "--storage", str(storage)], env=env)
+    code, out = sweeper(
+        [
+            "run",
+            "--trigger",
+            "broken",
+            "--theta",
+            "0.05",
+            "--kappa",
+            "0",
+            "--epochs",
+            "1",
+            "--max-failures",
+            "2",
+            "--name",
+            "d",
+            "--storage",
+            str(storage),
+        ],
+        env=env,
+    )
     assert code == 1, out
     assert "0 interrupted" in out and "1 failed" in out, out
     assert "trigger mask /nonexistent/mask.npy is missing" in out, out  # its own message, not ray::ImplicitFunc
@@ -108,8 +156,24 @@ def test_a_deterministic_trial_error_fails_at_once_with_its_own_message(tmp_path
 # ----------------------------------------------------------------------------- item 3: resources
 def test_a_resource_no_node_has_stops_in_seconds(tmp_path):
     storage = tmp_path / "s"
-    code, out = sweeper(["run", "--gpus-per-trial", "1", "--epochs", "1", "--theta", "0.05", "--kappa", "0",
-                               "--name", "g", "--storage", str(storage)], timeout=30)
+    code, out = sweeper(
+        [
+            "run",
+            "--gpus-per-trial",
+            "1",
+            "--epochs",
+            "1",
+            "--theta",
+            "0.05",
+            "--kappa",
+            "0",
+            "--name",
+            "g",
+            "--storage",
+            str(storage),
+        ],
+        timeout=30,
+    )
     assert code == 2, out
     assert "each trial asks for 1 CPU and 1 GPU" in out and "0 GPU" in out, out
     assert not (storage / "g").exists()
@@ -134,8 +198,25 @@ def test_check_cluster_resources_names_what_the_nodes_have():
 # ----------------------------------------------------------------------------- item 6: library output
 def test_a_default_run_prints_only_the_projects_lines_and_logs_the_rest(tmp_path):
     storage = tmp_path / "s"
-    code, out = sweeper(["run", "--epochs", "1", "--theta", "0.05", "--kappa", "0", "--seeds", "2", "--name", "q",
-                            "--storage", str(storage), "--set", "hessian=false"])
+    code, out = sweeper(
+        [
+            "run",
+            "--epochs",
+            "1",
+            "--theta",
+            "0.05",
+            "--kappa",
+            "0",
+            "--seeds",
+            "2",
+            "--name",
+            "q",
+            "--storage",
+            str(storage),
+            "--set",
+            "hessian=false",
+        ]
+    )
     assert code == 0, out
     assert_quiet(out)
     # item 9: progress names a trial by its axes, seed included, and shows its last epoch
@@ -179,16 +260,23 @@ def test_trial_keys_survive_a_new_field_and_a_resume_finds_every_run(tmp_path):
     """Version 1 of a kind fails one trial; version 2 adds a field with a default (and fixes the bug).
     The resumed trial logs into its old MLflow run: no duplicate, and every view counts it."""
     plugin = tmp_path / "toykind.py"
-    plugin.write_text(TOY_KIND.format(version=1, extra="", body="    if cfg.a == 2.0:\n        "
-                                      "raise RuntimeError('toy v1 cannot run a=2')"))
+    plugin.write_text(
+        TOY_KIND.format(
+            version=1, extra="", body="    if cfg.a == 2.0:\n        raise RuntimeError('toy v1 cannot run a=2')"
+        )
+    )
     env = {"SWEEPER_PLUGINS": "toykind", "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
     storage = tmp_path / "s"
-    code, out = sweeper(["run", "--kind", "toy", "--max-failures", "0", "--name", "up", "--storage", str(storage)],
-                           env=env)
+    code, out = sweeper(
+        ["run", "--kind", "toy", "--max-failures", "0", "--name", "up", "--storage", str(storage)], env=env
+    )
     assert code == 1 and "1 completed" in out and "1 failed" in out, out
     assert json.loads((storage / "up" / "sweeper.json").read_text())["key_format"] == 2
-    plugin.write_text(TOY_KIND.format(version=2, extra="    b: int = 3  # new in version 2, with a default\n",
-                                      body="    assert cfg.b == 3"))
+    plugin.write_text(
+        TOY_KIND.format(
+            version=2, extra="    b: int = 3  # new in version 2, with a default\n", body="    assert cfg.b == 3"
+        )
+    )
     code, out = sweeper(["resume", "up", "--storage", str(storage), "--errored", "restart", "--verbose"], env=env)
     assert "INFO ray._private.worker: Started a local Ray instance" in out, out  # --verbose: the library's lines too
     assert code == 0 and "2 completed, 0 diverged, 0 failed, 0 interrupted, 0 pending" in out, out

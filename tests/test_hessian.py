@@ -85,12 +85,17 @@ def test_lanczos_top5_matches_eigh_of_the_dense_matrix(trained):
 def test_indefinite_operator_keeps_its_sign():
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.tensor([-9.0, 4.0, 3.0, -2.5, 2.0, 1.5], dtype=torch.float64),
-                     torch.linspace(-1, 1, 44, dtype=torch.float64)])
+    lam = torch.cat(
+        [
+            torch.tensor([-9.0, 4.0, 3.0, -2.5, 2.0, 1.5], dtype=torch.float64),
+            torch.linspace(-1, 1, 44, dtype=torch.float64),
+        ]
+    )
     a = q @ torch.diag(lam) @ q.T
     spec = top_eigenpairs(a, k=5, iterations=50)
-    torch.testing.assert_close(spec.eigenvalues, torch.tensor([4.0, 3.0, 2.0, 1.5, 1.0], dtype=torch.float64),
-                               rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        spec.eigenvalues, torch.tensor([4.0, 3.0, 2.0, 1.5, 1.0], dtype=torch.float64), rtol=1e-8, atol=1e-8
+    )
     neg = top_eigenpairs(-torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)), k=3, iterations=20)
     torch.testing.assert_close(neg.eigenvalues, torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64))
 
@@ -146,8 +151,17 @@ def test_spectrum_metrics_follow_table_2():
 def test_trial_reports_spectrum_and_resumes_identically(tmp_path):
     cfg = TrialConfig(epochs=3, theta=0.1, hessian_samples=200, hessian_iterations=12, spectrum_every=1)
     full = run_trial(cfg, data=DIGITS)
-    for key in ("lambda_1", "lambda_5", "eig_gap", "overlap", "overlap_sq", "max_overlap_sq",
-                "max_overlap_index", "geom_d_ratio", "geom_sigma_ratio"):
+    for key in (
+        "lambda_1",
+        "lambda_5",
+        "eig_gap",
+        "overlap",
+        "overlap_sq",
+        "max_overlap_sq",
+        "max_overlap_index",
+        "geom_d_ratio",
+        "geom_sigma_ratio",
+    ):
         assert key in full.metrics, key
     assert "lambda_1" in full.history[0] and "max_overlap_sq" in full.history[1]  # onset tracking
     assert full.artifacts["eigenvectors"].shape == (5, 1, 8, 8)
@@ -280,8 +294,9 @@ def test_a_tight_memory_budget_shrinks_the_chunk_not_the_answer(trained, trained
     ref = torch.linalg.eigvalsh(trained_per_sample.mean(0)).flip(0)[:5]
     assert float((tight.eigenvalues - ref).abs().max() / ref[0]) <= EXACT_RTOL
     with pytest.raises(HessianMethodError, match="hessian_dense_mb"):  # not even one sample fits beside the Gram
-        input_hessian_spectrum(model, x, y, method="exact", dtype=torch.float64,
-                               dense_mb=EXACT_BYTES_PER_D2 * d * d / 2**20)
+        input_hessian_spectrum(
+            model, x, y, method="exact", dtype=torch.float64, dense_mb=EXACT_BYTES_PER_D2 * d * d / 2**20
+        )
 
 
 def test_wrong_logit_hessian_fails_the_same_comparison(trained, trained_per_sample):
@@ -337,15 +352,17 @@ def test_group_spectra_equal_the_dense_hessian_of_each_class(trained, trained_pe
         assert 1 - abs(float(gs.vectors[c] @ vecs[:, -1])) <= 1e-8
     assert int(gs.count[10]) == 0 and torch.isnan(gs.lambda_1[10])
     # the exact spectrum computes the same per-class spectra from its own pass, and its total is unchanged
-    fused = input_hessian_spectrum(model, x, y, method="exact", k=5, dtype=torch.float64, chunk_size=7,
-                                   groups=y, n_groups=11)
+    fused = input_hessian_spectrum(
+        model, x, y, method="exact", k=5, dtype=torch.float64, chunk_size=7, groups=y, n_groups=11
+    )
     assert fused.groups is not None
     torch.testing.assert_close(fused.groups.lambda_1, gs.lambda_1, rtol=1e-12, atol=0, equal_nan=True)
     torch.testing.assert_close(fused.groups.trace, gs.trace, rtol=1e-12, atol=0, equal_nan=True)
     ref_top = torch.linalg.eigvalsh(per.mean(0)).flip(0)[:5]
     assert float((fused.eigenvalues - ref_top).abs().max() / ref_top[0]) <= EXACT_RTOL
-    shuffled = group_spectra(model, x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], 10,
-                             dtype=torch.float64)
+    shuffled = group_spectra(
+        model, x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], 10, dtype=torch.float64
+    )
     c = int(y[0])
     assert abs(float(shuffled.lambda_1[c]) - float(gs.lambda_1[c])) > 1e-3 * float(gs.lambda_1[c])
 
@@ -360,8 +377,9 @@ def test_float32_exact_path_is_close_to_float64(trained):
 def test_gram_lanczos_matches_exact_and_reports_trace(trained):
     model, x, y = trained
     exact = input_hessian_spectrum(model, x, y, method="exact", dtype=torch.float64)
-    gl = input_hessian_spectrum(model, x, y, method="gram-lanczos", dtype=torch.float64, iterations=20,
-                                max_iterations=64, tol=1e-8)
+    gl = input_hessian_spectrum(
+        model, x, y, method="gram-lanczos", dtype=torch.float64, iterations=20, max_iterations=64, tol=1e-8
+    )
     assert gl.method == "gram-lanczos" and gl.converged and float(gl.residuals.max()) <= 1e-8
     torch.testing.assert_close(gl.eigenvalues, exact.eigenvalues, rtol=1e-9, atol=0)
     assert gl.trace == pytest.approx(exact.trace, rel=1e-12)
@@ -414,16 +432,32 @@ def test_a_smooth_model_is_refused_for_exact_by_the_cli_and_runs_hvp_lanczos_und
     from sweeper.cli import main
     from trainables.models import MODELS, ModelEntry, register_model
 
-    register_model(ModelEntry("gelunet", lambda n, s, k: GeluNet(s, k), lambda n: n == "gelunet", lambda n: 1e-4,
-                              "gelunet"))
+    register_model(
+        ModelEntry("gelunet", lambda n, s, k: GeluNet(s, k), lambda n: n == "gelunet", lambda n: 1e-4, "gelunet")
+    )
     try:
         capsys.readouterr()
         assert main(["trial", "--model", "gelunet", "--epochs", "1", "--hessian-method", "exact"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "not piecewise linear" in err[0] and "epoch" not in err[0], err
         out = tmp_path / "t.json"
-        assert main(["trial", "--model", "gelunet", "--epochs", "1", "--set", "hessian_samples=100",
-                     "--json", str(out), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "trial",
+                    "--model",
+                    "gelunet",
+                    "--epochs",
+                    "1",
+                    "--set",
+                    "hessian_samples=100",
+                    "--json",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         h = json.loads(out.read_text())["hessian"]
         assert h["method_used"] == "double-backward" and "not piecewise linear" in h["reason"]
     finally:
@@ -434,7 +468,9 @@ def test_auto_plan_follows_the_memory_budget():
     pl = dict(piecewise_linear=True, model_name="cnn", n=1000, classes=10)
     for d in (64, 784, 3072):  # the shipped shapes: exact under the default 1024 MiB
         assert plan_spectrum("auto", d=d, dense_mb=1024, **pl)[0] == "exact"
-    path, why = plan_spectrum("auto", d=3072, dense_mb=200, **pl)  # 24*D^2 = 216 MiB > 200; A + one sample's chunk = 118 MiB
+    path, why = plan_spectrum(
+        "auto", d=3072, dense_mb=200, **pl
+    )  # 24*D^2 = 216 MiB > 200; A + one sample's chunk = 118 MiB
     assert path == "gram-lanczos" and "A (118 MiB) fits" in why
     assert plan_spectrum("auto", d=3072, dense_mb=100, **pl)[0] == "double-backward"
     assert plan_spectrum("auto", d=3072, dense_mb=10, **{**pl, "n": 10})[0] == "exact"  # N*K < D: SVD of A
@@ -448,8 +484,12 @@ def flat_top_matrix(d=300):
     """Top five eigenvalues 1.0 ... 0.98 (gaps of 0.5%) above a bulk in [0, 0.97]: slow for Lanczos."""
     g = torch.Generator().manual_seed(3)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.tensor([1.0, 0.995, 0.99, 0.985, 0.98], dtype=torch.float64),
-                     torch.linspace(0.97, 0.0, d - 5, dtype=torch.float64)])
+    lam = torch.cat(
+        [
+            torch.tensor([1.0, 0.995, 0.99, 0.985, 0.98], dtype=torch.float64),
+            torch.linspace(0.97, 0.0, d - 5, dtype=torch.float64),
+        ]
+    )
     return q @ torch.diag(lam) @ q.T, lam, q
 
 

@@ -15,8 +15,9 @@ def test_lemma_f1_equals_a_full_least_squares_refit():
     beta_step = np.vstack([step["beta_old"], step["beta_new"][None]])
     assert np.linalg.norm(beta_step - full) / np.linalg.norm(full) < 1e-8
     rss = lambda xx, b: ((y - xx @ b) ** 2).sum(0)  # noqa: E731
-    np.testing.assert_allclose(step["rss_drop"], rss(x, step["beta"]) - rss(np.hstack([x, x_new[:, None]]), full),
-                               rtol=1e-8)
+    np.testing.assert_allclose(
+        step["rss_drop"], rss(x, step["beta"]) - rss(np.hstack([x, x_new[:, None]]), full), rtol=1e-8
+    )
 
 
 def test_linear_trial_on_digits():

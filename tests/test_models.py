@@ -4,10 +4,16 @@ import torch
 from trainables.models import PreResNet, make_model
 
 
-@pytest.mark.parametrize("name,shape,feat", [
-    ("cnn", (1, 8, 8), 128), ("cnn", (1, 28, 28), 128), ("linear", (3, 32, 32), 3072),
-    ("preresnet20", (3, 32, 32), 64), ("preresnet8", (1, 28, 28), 64),
-])
+@pytest.mark.parametrize(
+    "name,shape,feat",
+    [
+        ("cnn", (1, 8, 8), 128),
+        ("cnn", (1, 28, 28), 128),
+        ("linear", (3, 32, 32), 3072),
+        ("preresnet20", (3, 32, 32), 64),
+        ("preresnet8", (1, 28, 28), 64),
+    ],
+)
 def test_models_expose_penultimate_features(name, shape, feat):
     m = make_model(name, shape, 10).eval()
     x = torch.randn(4, *shape)

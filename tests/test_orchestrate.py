@@ -47,10 +47,22 @@ def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
     assert len(parents) == 1 and len(children) == 6
     assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
     assert sorted(zip(children["params.theta"], children["params.kappa"], strict=True)) == [
-        ("0.0", "0.0"), ("0.0", "100000000.0"), ("0.0", "50.0"), ("0.1", "0.0"), ("0.1", "100000000.0"), ("0.1", "50.0")]
+        ("0.0", "0.0"),
+        ("0.0", "100000000.0"),
+        ("0.0", "50.0"),
+        ("0.1", "0.0"),
+        ("0.1", "100000000.0"),
+        ("0.1", "50.0"),
+    ]
     done = children[children["tags.sweeper.status"] == "completed"]
     assert len(done) == 4 and set(done["params.kappa"]) == {"0.0", "50.0"}
-    for col in ("metrics.clean_acc", "metrics.asr", "metrics.lambda_1", "metrics.max_overlap_sq", "metrics.geom_d_ratio"):
+    for col in (
+        "metrics.clean_acc",
+        "metrics.asr",
+        "metrics.lambda_1",
+        "metrics.max_overlap_sq",
+        "metrics.geom_d_ratio",
+    ):
         assert done[col].notna().all(), col
     diverged = children[children["tags.sweeper.status"] == "diverged"]
     assert set(diverged["params.kappa"]) == {"100000000.0"}  # recorded, and the sweep went on
@@ -58,7 +70,14 @@ def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
     assert children["tags.sweeper.git_commit"].notna().all()
     run_id = done["run_id"].iloc[0]
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
-    assert {"eigenvectors.png", "spectrum.json", "geometry.csv", "trigger.png", "detection.json", "localisation.png"} <= arts
+    assert {
+        "eigenvectors.png",
+        "spectrum.json",
+        "geometry.csv",
+        "trigger.png",
+        "detection.json",
+        "localisation.png",
+    } <= arts
     assert done["metrics.det_lambda_trace_ratio"].notna().all() and (done["metrics.det_trace_exact"] == 1).all()
     st = sweep_status("grid", str(storage))
     assert (st["completed"], st["diverged"], st["pending"], st["total"]) == (4, 2, 0, 6)
@@ -74,20 +93,23 @@ def test_existing_sweep_is_never_overwritten(grid_sweep, capsys):
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["run", "--theta", "2"], "theta=2.0 is invalid"),
-    (["run", "--kappa", "log:0:1:3"], "--kappa='log:0:1:3' is invalid"),
-    (["run", "--name", "bad/name"], "--name 'bad/name' is invalid"),
-    (["run", "--cpus-per-trial", "0"], "--cpus-per-trial=0.0 is invalid"),
-    (["run", "--address", "127.0.0.1:1"], "nothing answers at 127.0.0.1:1"),
-    (["run", "--address", "not an address"], "--address 'not an address' is invalid"),
-    (["run", "--mlflow-uri", "http://127.0.0.1:1"], "is unreachable"),
-    (["run", "--mlflow-uri", "mysql://x"], "--mlflow-uri 'mysql://x' is invalid"),
-    (["run", "--set", "lr"], "expected FIELD=VALUE"),
-    (["run", "--set", "bogus=1"], "not a network-trial field"),
-    (["resume", "nosuchsweep"], "no sweep 'nosuchsweep'"),
-    (["status", "nosuchsweep"], "no sweep 'nosuchsweep'"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["run", "--theta", "2"], "theta=2.0 is invalid"),
+        (["run", "--kappa", "log:0:1:3"], "--kappa='log:0:1:3' is invalid"),
+        (["run", "--name", "bad/name"], "--name 'bad/name' is invalid"),
+        (["run", "--cpus-per-trial", "0"], "--cpus-per-trial=0.0 is invalid"),
+        (["run", "--address", "127.0.0.1:1"], "nothing answers at 127.0.0.1:1"),
+        (["run", "--address", "not an address"], "--address 'not an address' is invalid"),
+        (["run", "--mlflow-uri", "http://127.0.0.1:1"], "is unreachable"),
+        (["run", "--mlflow-uri", "mysql://x"], "--mlflow-uri 'mysql://x' is invalid"),
+        (["run", "--set", "lr"], "expected FIELD=VALUE"),
+        (["run", "--set", "bogus=1"], "not a network-trial field"),
+        (["resume", "nosuchsweep"], "no sweep 'nosuchsweep'"),
+        (["status", "nosuchsweep"], "no sweep 'nosuchsweep'"),
+    ],
+)
 def test_bad_sweep_input_exits_2_before_ray_starts(argv, needle, tmp_path, capsys):
     code = main(argv + ["--storage", str(tmp_path / "s")])
     err = capsys.readouterr().err
@@ -131,10 +153,26 @@ def _free_port() -> int:
 def test_mlflow_server_on_loopback_receives_the_runs(tmp_path):
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -164,16 +202,38 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
     storage = tmp_path / "s"
     uri = default_uri(storage)
     epochs = 5
-    cmd = [sys.executable, "-m", "sweeper.cli", "run", "--storage", str(storage), "--name", "killed",
-           "--theta", "0.1", "--kappa", "0,10,20,30", "--epochs", str(epochs), "--max-concurrent", "2",
-           "--set", "hessian_samples=100", "--set", "hessian_iterations=6", "--set", "hessian_top_k=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sweeper.cli",
+        "run",
+        "--storage",
+        str(storage),
+        "--name",
+        "killed",
+        "--theta",
+        "0.1",
+        "--kappa",
+        "0,10,20,30",
+        "--epochs",
+        str(epochs),
+        "--max-concurrent",
+        "2",
+        "--set",
+        "hessian_samples=100",
+        "--set",
+        "hessian_iterations=6",
+        "--set",
+        "hessian_top_k=3",
+    ]
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
     try:
         while True:  # kill once one trial has finished and another is part-way
-            assert proc.poll() is None, "the sweep ended before it could be killed:\n" + \
-                (tmp_path / "driver.log").read_text()[-3000:]
+            assert proc.poll() is None, (
+                "the sweep ended before it could be killed:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+            )
             assert time.time() < deadline, "no progress to interrupt"
             if (storage / "killed" / "sweeper.json").exists():  # the driver has set up the store
                 try:
@@ -215,8 +275,9 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
 def test_linear_and_kernel_trials_sweep_through_the_same_path(tmp_path):
     from analysis.results import load_results
 
-    report = run_sweep(SweepSpec(kind="linear", axes={"theta": [0.0, 0.1]}),
-                       SweepOptions(name="lin", storage=str(tmp_path), verbose=0))
+    report = run_sweep(
+        SweepSpec(kind="linear", axes={"theta": [0.0, 0.1]}), SweepOptions(name="lin", storage=str(tmp_path), verbose=0)
+    )
     assert report.counts["completed"] == 2
     uri = default_uri(tmp_path)
     runs = child_runs(uri, "lin")
@@ -224,8 +285,10 @@ def test_linear_and_kernel_trials_sweep_through_the_same_path(tmp_path):
     assert "weights.png" in {a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id)}
     df = load_results("lin", tmp_path)
     assert sorted(df["theta"]) == [0.0, 0.1] and df["step_rel_err"].max() < 1e-8
-    report = run_sweep(SweepSpec(kind="kernel", axes={"m": [1, 4]}, fixed={"n_clean": 50}),
-                       SweepOptions(name="krr", storage=str(tmp_path), verbose=0))
+    report = run_sweep(
+        SweepSpec(kind="kernel", axes={"m": [1, 4]}, fixed={"n_clean": 50}),
+        SweepOptions(name="krr", storage=str(tmp_path), verbose=0),
+    )
     assert report.counts["completed"] == 2
     df = load_results("krr", tmp_path)
     assert sorted(df["m"]) == [1, 4] and (df["delta_f_rel_err"] < 1e-3).all()

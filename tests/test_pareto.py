@@ -28,10 +28,17 @@ def brute_force(values, directions):
     return keep
 
 
-@pytest.mark.parametrize("d,directions", [
-    (2, ["max", "min"]), (2, ["min", "min"]), (2, ["max", "max"]),
-    (3, ["max", "min", "min"]), (3, ["min", "max", "max"]), (4, ["min", "min", "max", "min"]),
-])
+@pytest.mark.parametrize(
+    "d,directions",
+    [
+        (2, ["max", "min"]),
+        (2, ["min", "min"]),
+        (2, ["max", "max"]),
+        (3, ["max", "min", "min"]),
+        (3, ["min", "max", "max"]),
+        (4, ["min", "min", "max", "min"]),
+    ],
+)
 @pytest.mark.parametrize("seed", range(6))
 def test_pareto_matches_brute_force_with_ties_and_duplicates(d, directions, seed):
     rng = np.random.default_rng(seed)
@@ -83,10 +90,15 @@ def test_hypervolume_matches_monte_carlo_in_3d():
 
 
 def test_frontier_groups_and_seed_aggregation():
-    df = pd.DataFrame({
-        "theta": [0.1] * 6 + [0.2] * 2, "kappa": [0, 0, 10, 10, 100, 100, 0, 10], "seed": [0, 1] * 4,
-        "clean_acc": [0.95, 0.97, 0.93, 0.91, 0.6, 0.62, 0.9, 0.8], "asr": [0.9, 1.0, 0.5, 0.3, 0.6, 0.7, 1.0, 0.2],
-    })
+    df = pd.DataFrame(
+        {
+            "theta": [0.1] * 6 + [0.2] * 2,
+            "kappa": [0, 0, 10, 10, 100, 100, 0, 10],
+            "seed": [0, 1] * 4,
+            "clean_acc": [0.95, 0.97, 0.93, 0.91, 0.6, 0.62, 0.9, 0.8],
+            "asr": [0.9, 1.0, 0.5, 0.3, 0.6, 0.7, 1.0, 0.2],
+        }
+    )
     agg = aggregate_seeds(df, ["clean_acc", "asr"], by=["theta", "kappa"])
     assert len(agg) == 5 and agg["n_seeds"].tolist() == [2, 2, 2, 1, 1]
     row = agg[(agg.theta == 0.1) & (agg.kappa == 10)].iloc[0]

@@ -104,8 +104,7 @@ def own_input_grad_sq(model, x, y):
     the batch's statistics) with respect to its own input only, one backward pass per sample."""
     x = x.detach().requires_grad_(True)
     losses = F.cross_entropy(model(x), y, reduction="none")
-    return torch.stack([torch.autograd.grad(losses[i], x, retain_graph=True)[0][i].pow(2).sum()
-                        for i in range(len(y))])
+    return torch.stack([torch.autograd.grad(losses[i], x, retain_graph=True)[0][i].pow(2).sum() for i in range(len(y))])
 
 
 @pytest.mark.parametrize("net", ["cnn", "preresnet8-eval", "preresnet8-train"])

@@ -18,9 +18,21 @@ def synthetic():
             for seed in (0, 1):
                 asr = min(1.0, theta * (60 if kappa == 0 else 20))
                 ov = 0.02 + 0.001 * seed + (0.5 if theta >= (0.02 if kappa == 0 else 0.03) else 0.0)
-                rows.append({"theta": theta, "kappa": kappa, "seed": seed, "augment": False, "epochs": 15,
-                             "status": "completed", "clean_acc": 0.95 - kappa / 1000, "asr": asr,
-                             "overlap_sq": ov, "max_overlap_sq": ov + 0.1, "max_overlap_index": 1})
+                rows.append(
+                    {
+                        "theta": theta,
+                        "kappa": kappa,
+                        "seed": seed,
+                        "augment": False,
+                        "epochs": 15,
+                        "status": "completed",
+                        "clean_acc": 0.95 - kappa / 1000,
+                        "asr": asr,
+                        "overlap_sq": ov,
+                        "max_overlap_sq": ov + 0.1,
+                        "max_overlap_index": 1,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -47,12 +59,21 @@ def test_tables_1_and_2():
 
 
 def test_table2_with_seeds_names_the_index_most_seeds_share_and_how_many():
-    seeds = pd.DataFrame({"kappa": 0, "theta": 0.1, "status": "completed", "seed": [0, 1, 2, 3],
-                          "max_overlap_sq": [0.2, 0.4, 0.3, 0.5], "max_overlap_index": [2, 1, 2, 1]})
+    seeds = pd.DataFrame(
+        {
+            "kappa": 0,
+            "theta": 0.1,
+            "status": "completed",
+            "seed": [0, 1, 2, 3],
+            "max_overlap_sq": [0.2, 0.4, 0.3, 0.5],
+            "max_overlap_index": [2, 1, 2, 1],
+        }
+    )
     row = plots.table2(seeds).iloc[0]
     assert row["max_overlap_index"] == 1 and row["index_seeds"] == "2/4"  # a tie: the lowest index
     assert row["max_overlap_sq"] == pytest.approx(0.35) and row["max_overlap_sq_std"] == pytest.approx(
-        np.std([0.2, 0.4, 0.3, 0.5], ddof=1))
+        np.std([0.2, 0.4, 0.3, 0.5], ddof=1)
+    )
     one = plots.table2(seeds.head(1))
     assert "index_seeds" not in one.columns and one["max_overlap_index"].iloc[0] == 2
 
@@ -79,8 +100,13 @@ def test_report_on_a_real_sweep_writes_figures_and_logs_them(grid_sweep, tmp_pat
     out = tmp_path / "rep"
     res = write_report("grid", out, storage)
     pngs = sorted(p.name for p in out.glob("*.png") if not p.name.startswith("localisation_"))
-    assert pngs == ["asr_vs_theta.png", "detectability_lag.png", "eigenvectors.png", "frontier.png",
-                    "overlap_vs_theta.png"]
+    assert pngs == [
+        "asr_vs_theta.png",
+        "detectability_lag.png",
+        "eigenvectors.png",
+        "frontier.png",
+        "overlap_vs_theta.png",
+    ]
     maps = sorted(p.name for p in out.glob("localisation_*.png"))  # the clean and the most poisoned model per cell
     assert maps and all(m.startswith("localisation_theta") and "=" not in m for m in maps), maps
     assert all((out / m).with_suffix(".svg").is_file() for m in maps)  # drawn here, as every figure: PNG + SVG
@@ -186,7 +212,9 @@ def test_every_figure_is_png_and_svg_without_equals_in_its_name(tmp_path):
         assert b"<svg" in (tmp_path / f"{stem}.svg").read_bytes()[:500], stem
         assert "=" not in stem and " " not in stem, stem
     assert len(files) == 2 * len(stems)
-    assert detection_plots.plot_localisation(df.drop(columns="det_ipr_1"), vectors, tmp_path) == []  # no localisation run
+    assert (
+        detection_plots.plot_localisation(df.drop(columns="det_ipr_1"), vectors, tmp_path) == []
+    )  # no localisation run
 
 
 def test_detection_panels_hold_a_few_statistics_with_the_oracles_in_each():
@@ -200,7 +228,13 @@ def test_detection_panels_hold_a_few_statistics_with_the_oracles_in_each():
     assert [t for t, _ in panels][:2] == ["spectral shape", "localisation (1/2)"]
     best = detection_plots.best_per_family(g)
     fams = [detection_plots.statistic_family(s, s in ORACLES) for s in best]
-    assert fams == ["spectral shape", "localisation", "flip concentration", "per-class curvature", detection_plots.ORACLE_FAMILY]
+    assert fams == [
+        "spectral shape",
+        "localisation",
+        "flip concentration",
+        "per-class curvature",
+        detection_plots.ORACLE_FAMILY,
+    ]
     # the access-level hook: any column of the table groups the panels instead of the families
     access = g.assign(access=np.where(g["statistic"].str.startswith("det_class_"), "white-box", "black-box"))
     assert [t for t, _ in detection_plots.detection_panels(access, panel_by="access")][0].startswith("black-box")

@@ -42,7 +42,9 @@ class ToyMLP(nn.Module):
 
 @pytest.fixture
 def toy_model():
-    register_model(ModelEntry("toymlp", lambda n, s, k: ToyMLP(s, k), lambda n: n == "toymlp", lambda n: 1e-4, "toymlp"))
+    register_model(
+        ModelEntry("toymlp", lambda n, s, k: ToyMLP(s, k), lambda n: n == "toymlp", lambda n: 1e-4, "toymlp")
+    )
     yield "toymlp"
     MODELS.pop("toymlp")
 
@@ -79,8 +81,27 @@ def test_a_model_registered_outside_the_package_validates_plans_and_trains(toy_m
     assert main(["plan", "--model", "toymlp,cnn", "--epochs", "1", "--theta", "0.1", "--kappa", "0"]) == 0
     assert "2 trials" in capsys.readouterr().out
     out = tmp_path / "t.json"
-    assert main(["trial", "--model", toy_model, "--epochs", "1", "--hessian-samples", "50", "--hessian-iterations", "4",
-                 "--hessian-top-k", "2", "--json", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "trial",
+                "--model",
+                toy_model,
+                "--epochs",
+                "1",
+                "--hessian-samples",
+                "50",
+                "--hessian-iterations",
+                "4",
+                "--hessian-top-k",
+                "2",
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     d = json.loads(out.read_text())
     assert d["status"] == "completed" and d["config"]["model"] == "toymlp" and len(d["eigenvalues"]) == 2
 
@@ -91,8 +112,25 @@ def test_a_trigger_registered_outside_the_package_validates_plans_and_poisons(to
     assert main(["plan", "--trigger", "dot,square", "--epochs", "1", "--theta", "0.1", "--kappa", "0"]) == 0
     assert "2 trials" in capsys.readouterr().out
     out = tmp_path / "t.json"
-    assert main(["trial", "--trigger", toy_trigger, "--theta", "0.2", "--epochs", "1", "--no-hessian", "--no-geometry",
-                 "--json", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "trial",
+                "--trigger",
+                toy_trigger,
+                "--theta",
+                "0.2",
+                "--epochs",
+                "1",
+                "--no-hessian",
+                "--no-geometry",
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     d = json.loads(out.read_text())
     assert d["config"]["trigger"] == "dot" and d["metrics"]["n_poisoned"] > 0
 
@@ -141,7 +179,9 @@ def test_registered_names_show_in_every_commands_help(toy_model, toy_trigger, to
     text = _help(["trial"], capsys, monkeypatch)
     assert "A registered backdoor trigger: lshape, square, warp, blend, dot." in text, text
     assert "A registered model: cnn, linear, preresnet<depth = 6n+2 >= 8> (e.g. preresnet20) or toymlp." in text, text
-    assert "eq25 = kappa/2*mean_i||grad_x l_i||^2 (eq. 25); half." in text, text  # a penalty without a docstring: its name
+    assert "eq25 = kappa/2*mean_i||grad_x l_i||^2 (eq. 25); half." in text, (
+        text
+    )  # a penalty without a docstring: its name
     for command in ("run", "plan", "search"):
         text = _help([command], capsys, monkeypatch)
         assert "Triggers: lshape, square, warp, blend, dot." in text, (command, text)
@@ -196,15 +236,18 @@ def _plugin_env(folder, plugins: str) -> dict[str, str]:
 
 
 def _cli(argv, env, timeout=300):
-    return subprocess.run([sys.executable, "-m", "sweeper.cli", *argv], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper.cli", *argv], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_a_plugin_named_in_the_environment_registers_for_the_console_script(tmp_path):
     (tmp_path / "toyplug.py").write_text(PLUGIN)
     env = _plugin_env(tmp_path, "toyplug")
-    r = _cli(["plan", "--set", "trigger=toy", "--model", "toynet,cnn", "--theta", "0.1", "--kappa", "0",
-              "--epochs", "1"], env)
+    r = _cli(
+        ["plan", "--set", "trigger=toy", "--model", "toynet,cnn", "--theta", "0.1", "--kappa", "0", "--epochs", "1"],
+        env,
+    )
     assert r.returncode == 0, r.stderr
     assert "2 trials" in r.stdout and "trigger=toy" in r.stdout, r.stdout
     r = _cli(["run", "--help"], env)
@@ -220,9 +263,30 @@ def test_a_sweep_with_a_plugin_trigger_runs_through_ray(tmp_path):
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "toyplug.py").write_text(PLUGIN)
     st = tmp_path / "sweeps"
-    r = _cli(["run", "--theta", "0.2", "--kappa", "0", "--epochs", "1", "--set", "trigger=toy", "--set", "hessian=false",
-              "--set", "geometry=false", "--name", "toy", "--storage", str(st), "--quiet"],
-             _plugin_env(tmp_path / "plug", "toyplug"), timeout=600)
+    r = _cli(
+        [
+            "run",
+            "--theta",
+            "0.2",
+            "--kappa",
+            "0",
+            "--epochs",
+            "1",
+            "--set",
+            "trigger=toy",
+            "--set",
+            "hessian=false",
+            "--set",
+            "geometry=false",
+            "--name",
+            "toy",
+            "--storage",
+            str(st),
+            "--quiet",
+        ],
+        _plugin_env(tmp_path / "plug", "toyplug"),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sweep toy: 1 completed, 0 diverged, 0 failed" in r.stdout, r.stdout
     df = load_results("toy", str(st), source="mlflow")
@@ -250,7 +314,9 @@ def test_a_missing_or_failing_plugin_is_one_line_exit_2(tmp_path):
     r = _cli(["plan"], _plugin_env(tmp_path, "nosuchplug"))
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "sweeper: error: plugin 'nosuchplug' from SWEEPER_PLUGINS cannot be imported: ModuleNotFoundError" in r.stderr
+    assert (
+        "sweeper: error: plugin 'nosuchplug' from SWEEPER_PLUGINS cannot be imported: ModuleNotFoundError" in r.stderr
+    )
     (tmp_path / "badplug.py").write_text("raise RuntimeError('half-written plugin')\n")
     r = _cli(["--help"], _plugin_env(tmp_path, "badplug"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -280,14 +346,31 @@ def test_plugins_load_on_first_use_of_a_registry_in_process(tmp_path, monkeypatc
 def test_an_installed_distributions_entry_point_is_a_plugin_too(tmp_path):
     """A ``sweeper.plugins`` entry point names a module (imported) or a function (called once)."""
     (tmp_path / "toyplug.py").write_text(PLUGIN)
-    (tmp_path / "toyfn.py").write_text("def register():\n    from trainables.penalty import PENALTIES, register_penalty\n\n"
-                                       "    register_penalty('eq25-too', PENALTIES['eq25'])\n")
+    (tmp_path / "toyfn.py").write_text(
+        "def register():\n    from trainables.penalty import PENALTIES, register_penalty\n\n"
+        "    register_penalty('eq25-too', PENALTIES['eq25'])\n"
+    )
     dist = tmp_path / "toylab-0.1.dist-info"  # what `pip install` leaves: found on sys.path by importlib.metadata
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toylab\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[sweeper.plugins]\ntoy = toyplug\npen = toyfn:register\n")
     env = {**_plugin_env(tmp_path, ""), "SWEEPER_PLUGINS": ""}
-    r = _cli(["plan", "--set", "trigger=toy", "--set", "penalty=eq25-too", "--theta", "0.1", "--kappa", "1", "--epochs", "1"], env)
+    r = _cli(
+        [
+            "plan",
+            "--set",
+            "trigger=toy",
+            "--set",
+            "penalty=eq25-too",
+            "--theta",
+            "0.1",
+            "--kappa",
+            "1",
+            "--epochs",
+            "1",
+        ],
+        env,
+    )
     assert r.returncode == 0 and "trigger=toy" in r.stdout and "penalty=eq25-too" in r.stdout, r.stdout + r.stderr
     (dist / "entry_points.txt").write_text("[sweeper.plugins]\nbroken = toyfn:nosuch\n")
     r = _cli(["plan"], env)

@@ -88,9 +88,14 @@ def test_pending_rows_carry_the_config_they_will_run():
     from analysis.results import pending_rows
     from analysis.schema import SweepMeta
 
-    meta = SweepMeta(name="p", storage="/s", mlflow_uri="sqlite:////s/m.db", n_trials=1,
-                     spec={"axes": {"kappa": [0, 100]}, "fixed": {"epochs": 4}, "seeds": [0, 1], "kind": "network"},
-                     trials=[{"key": "k1", "point": {"kappa": 100, "seed": 1}}])
+    meta = SweepMeta(
+        name="p",
+        storage="/s",
+        mlflow_uri="sqlite:////s/m.db",
+        n_trials=1,
+        spec={"axes": {"kappa": [0, 100]}, "fixed": {"epochs": 4}, "seeds": [0, 1], "kind": "network"},
+        trials=[{"key": "k1", "point": {"kappa": 100, "seed": 1}}],
+    )
     (row,) = pending_rows(meta)
     assert row["kappa"] == 100 and row["seed"] == 1 and row["epochs"] == 4  # axes < fixed < defaults
     assert row["augment"] is False and row["status"] == "pending" and row["trial_key"] == "k1"
@@ -101,8 +106,16 @@ def test_a_sweep_over_attack_fields_only_draws_one_frontier_not_one_per_trial():
 
     from analysis.results import default_groups
 
-    kernel = pd.DataFrame({"kind": "kernel", "status": "completed", "m": [1, 2, 4, 1, 2, 4], "r": [0.05] * 3 + [0.5] * 3,
-                           "residual": 0.1, "delta_f": 0.2})
+    kernel = pd.DataFrame(
+        {
+            "kind": "kernel",
+            "status": "completed",
+            "m": [1, 2, 4, 1, 2, 4],
+            "r": [0.05] * 3 + [0.5] * 3,
+            "residual": 0.1,
+            "delta_f": 0.2,
+        }
+    )
     assert default_groups(kernel) == []  # every (m, r) group would hold one trial
     net = pd.DataFrame({"status": "completed", "theta": [0.05, 0.05, 0.1, 0.1], "kappa": [0, 400, 0, 400]})
     assert default_groups(net) == ["theta"]  # kappa is the defender's: one frontier per theta

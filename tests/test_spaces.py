@@ -15,16 +15,19 @@ def test_lists_ranges_and_log_ranges():
     assert parse_values("theta", "0.1,0.1") == [0.1]  # repeats dropped
 
 
-@pytest.mark.parametrize("name,text,needle", [
-    ("theta", "a,b", "--theta='a' is invalid: expected a number"),
-    ("epochs", "1.5", "expected an integer"),
-    ("kappa", "log:0:10:3", "START, STOP > 0"),
-    ("kappa", "log:1:10", "log:START:STOP:COUNT"),
-    ("theta", "0.1:0:0.01", "STOP >= START"),
-    ("theta", "0:1:0", "STEP > 0"),
-    ("augment", "maybe", "on, off or both"),
-    ("thetaa", "0.1", "not a network-trial field"),
-])
+@pytest.mark.parametrize(
+    "name,text,needle",
+    [
+        ("theta", "a,b", "--theta='a' is invalid: expected a number"),
+        ("epochs", "1.5", "expected an integer"),
+        ("kappa", "log:0:10:3", "START, STOP > 0"),
+        ("kappa", "log:1:10", "log:START:STOP:COUNT"),
+        ("theta", "0.1:0:0.01", "STOP >= START"),
+        ("theta", "0:1:0", "STEP > 0"),
+        ("augment", "maybe", "on, off or both"),
+        ("thetaa", "0.1", "not a network-trial field"),
+    ],
+)
 def test_bad_values_name_flag_value_and_syntax(name, text, needle):
     with pytest.raises(SpaceError) as e:
         parse_values(name, text)
@@ -35,7 +38,9 @@ def test_grid_is_built_and_validated_before_anything_runs():
     spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 10.0]}, fixed={"epochs": 2}, seeds=[0, 1])
     cfgs = spec.configs()
     assert spec.size == 8 and len(cfgs) == 8
-    assert {(c.theta, c.kappa, c.seed) for c in cfgs} == {(t, k, s) for t in (0.0, 0.1) for k in (0.0, 10.0) for s in (0, 1)}
+    assert {(c.theta, c.kappa, c.seed) for c in cfgs} == {
+        (t, k, s) for t in (0.0, 0.1) for k in (0.0, 10.0) for s in (0, 1)
+    }
     assert all(c.epochs == 2 and c.data_dir.startswith("/") for c in cfgs)
     bad = SweepSpec(axes={"theta": [0.1, 1.5]})
     with pytest.raises(SpaceError, match=r"theta=1.5 is invalid.*grid point \{'theta': 1.5\}"):
@@ -46,8 +51,10 @@ def test_grid_is_built_and_validated_before_anything_runs():
 
 def test_sweep_file(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("name: paper-fig6\ngrid:\n  theta: '0.001:0.003:0.001'\n  kappa: [0, 1000]\n"
-                 "  augment: both\nfixed:\n  epochs: 3\n  dataset: digits\nseeds: 2\n")
+    f.write_text(
+        "name: paper-fig6\ngrid:\n  theta: '0.001:0.003:0.001'\n  kappa: [0, 1000]\n"
+        "  augment: both\nfixed:\n  epochs: 3\n  dataset: digits\nseeds: 2\n"
+    )
     spec, name = load_sweep_file(f)
     assert name == "paper-fig6" and spec.size == 3 * 2 * 2 * 2
     assert spec.fixed == {"epochs": 3, "dataset": "digits"} and spec.seeds == [0, 1]
@@ -84,7 +91,9 @@ def test_one_merge_order_everywhere_defaults_file_flags_set(tmp_path):
     sweep = tmp_path / "s.yaml"
     sweep.write_text("name: s\ngrid: {kappa: [0, 1]}\nfixed: {epochs: 4, lr: 0.02}\n")
     spec, name = build_spec(sweep, {"kappa": "2,3"}, None, ["kappa=5,6,7", "lr=0.04"])
-    assert name == "s" and spec.axes["kappa"] == [5.0, 6.0, 7.0] and spec.fixed["lr"] == 0.04 and spec.fixed["epochs"] == 4
+    assert (
+        name == "s" and spec.axes["kappa"] == [5.0, 6.0, 7.0] and spec.fixed["lr"] == 0.04 and spec.fixed["epochs"] == 4
+    )
     # search: the defaults, then flags, then --set
     search = build_search_spec({"kappa": "log:10:100"}, ["kappa=3"])
     assert search.fixed["kappa"] == 3.0 and "kappa" not in search.continuous
@@ -127,8 +136,11 @@ def test_a_list_field_takes_its_list_as_one_value_and_an_axis_over_lists_needs_a
     # trial: --set and the dedicated flag agree
     via_set = trial_config("network", None, None, ["detect_baselines=nc,ss,ac", "detect_norms=0.5,1"])
     via_flag = trial_config("network", None, {"detect_baselines": "nc,ss,ac", "detect_norms": "0.5,1"})
-    assert (via_set.detect_baselines, via_set.detect_norms) == (via_flag.detect_baselines, via_flag.detect_norms) \
+    assert (
+        (via_set.detect_baselines, via_set.detect_norms)
+        == (via_flag.detect_baselines, via_flag.detect_norms)
         == ("nc,ss,ac", "0.5,1")
+    )
     with pytest.raises(SpaceError, match="a single trial takes one value"):
         parse_sets(["detect_baselines=nc|ac"])
     # run / plan: one value is a fixed field, `|` an axis; a scalar's a,b stays an axis
@@ -147,8 +159,10 @@ def test_a_list_field_takes_its_list_as_one_value_and_an_axis_over_lists_needs_a
 
 def test_sweep_file_grid_list_is_the_axis_fixed_list_is_one_value(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("grid:\n  detect_baselines: [[nc, ss], [ac]]\n  detect_norms: [0.5, 1]\n"
-                 "  detect_windows: '2,3'\nfixed:\n  theta: 0.1\n  kappa: 0\n  epochs: 1\n")
+    f.write_text(
+        "grid:\n  detect_baselines: [[nc, ss], [ac]]\n  detect_norms: [0.5, 1]\n"
+        "  detect_windows: '2,3'\nfixed:\n  theta: 0.1\n  kappa: 0\n  epochs: 1\n"
+    )
     spec, _ = load_sweep_file(f)
     # grid: the YAML list is the axis, each element one list; a string follows the flag syntax (one value here)
     assert spec.axes == {"detect_baselines": ["nc,ss", "ac"], "detect_norms": ["0.5", "1"], "detect_windows": ["2,3"]}
@@ -183,5 +197,7 @@ def test_plan_run_and_search_say_how_many_trials_before_ray(capsys):
     assert "--cpus-per-trial=0.0 is invalid" in cap.err
     assert main(["search", "--theta", "0.05,0.1", "--seeds", "3", "--budget", "5", "--cpus-per-trial", "0"]) == 2
     cap = capsys.readouterr()
-    assert cap.out == ("launching search digits-search: budget 5 defences x 6 models each (theta x seed = 2 x 3) "
-                       "= up to 30 models on local Ray\n"), cap
+    assert cap.out == (
+        "launching search digits-search: budget 5 defences x 6 models each (theta x seed = 2 x 3) "
+        "= up to 30 models on local Ray\n"
+    ), cap

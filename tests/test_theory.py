@@ -45,7 +45,8 @@ def test_efficacy_regimes_linear_then_saturating():
     assert theory.efficacy(0.5, c, 0.9) == pytest.approx(theory.efficacy_small_m(0.5, c, 0.9), rel=0.02)
     assert theory.efficacy(1e7, c, 0.9) == pytest.approx(theory.efficacy_saturation(0.9), rel=1e-4)
     assert theory.spike_from_efficacy(0.7, theory.rbf_spike_factor(0.3, 1.0)) == pytest.approx(
-        theory.rbf_spike(0.7, 0.3, 1.0))
+        theory.rbf_spike(0.7, 0.3, 1.0)
+    )
 
 
 def test_near_clone_expansions():
@@ -53,7 +54,8 @@ def test_near_clone_expansions():
     assert theory.near_clone_k0(r, ell) == pytest.approx(theory.rbf(r, ell), abs=r**4)
     assert theory.near_clone_efficacy(m, c) == pytest.approx(theory.efficacy(m, c, theory.rbf(r, ell)), rel=r**2)
     assert theory.near_clone_spike(m, c, r, ell) == pytest.approx(
-        theory.spike(theory.rbf_grad_sq(r, ell), m, c), rel=2 * r**2)
+        theory.spike(theory.rbf_grad_sq(r, ell), m, c), rel=2 * r**2
+    )
     assert theory.rbf_grad_sq(r, ell) == pytest.approx(r**2 * theory.rbf(r, ell) ** 2)
 
 
@@ -116,4 +118,6 @@ def test_background_curvature_is_the_midpoint_median():
     (g,) = torch.autograd.grad(model(z).sum(), z)
     curv = g.pow(2).sum(1).numpy()
     assert background_curvature(model, x) == pytest.approx(float(np.median(curv)), rel=1e-12)
-    assert float(np.median(curv)) != pytest.approx(float(np.sort(curv)[2]), rel=1e-6)  # the lower median is another number
+    assert float(np.median(curv)) != pytest.approx(
+        float(np.sort(curv)[2]), rel=1e-6
+    )  # the lower median is another number

@@ -63,7 +63,10 @@ def test_status_fast_path_reads_the_same_states_as_mlflows_client(grid_sweep):
 
     storage, _ = grid_sweep
     meta = read_meta(str(storage), "grid")
-    fast, ref = trial_statuses(meta.mlflow_uri, meta.experiment_id), trial_statuses_mlflow(meta.mlflow_uri, meta.experiment_id)
+    fast, ref = (
+        trial_statuses(meta.mlflow_uri, meta.experiment_id),
+        trial_statuses_mlflow(meta.mlflow_uri, meta.experiment_id),
+    )
     assert fast == ref and len(fast) == 6 and sorted(fast.values()).count("completed") == 4
     # the comparison can fail: another experiment's states are not these
     assert trial_statuses(meta.mlflow_uri, "0") != ref

@@ -37,7 +37,7 @@ def test_augmentation_equals_per_sample_crop_and_flip():
     flip = torch.rand(7, generator=g2) < 0.5
     for i in range(7):
         p = torch.nn.functional.pad(x[i], (pad,) * 4)
-        ref = p[:, offs[0, i]:offs[0, i] + 10, offs[1, i]:offs[1, i] + 10]
+        ref = p[:, offs[0, i] : offs[0, i] + 10, offs[1, i] : offs[1, i] + 10]
         if flip[i]:
             ref = ref.flip(2)
         assert torch.equal(out[i], ref)

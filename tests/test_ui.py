@@ -35,8 +35,12 @@ def test_links_open_the_runs_table_not_the_genai_overview():
 def test_run_ends_with_a_tracking_servers_direct_links_else_the_ui_command():
     """`sweeper run` / `resume` end with these lines (sweeper.cli._report)."""
     assert browse_lines("s", "/st", "http://mlflow.lab:5000/", "7", "abc") == [
-        "runs: http://mlflow.lab:5000/#/experiments/7/runs", "parent: http://mlflow.lab:5000/#/experiments/7/runs/abc"]
-    assert browse_lines("s", "/st", "https://mlflow.lab", "7", None) == ["runs: https://mlflow.lab/#/experiments/7/runs"]
+        "runs: http://mlflow.lab:5000/#/experiments/7/runs",
+        "parent: http://mlflow.lab:5000/#/experiments/7/runs/abc",
+    ]
+    assert browse_lines("s", "/st", "https://mlflow.lab", "7", None) == [
+        "runs: https://mlflow.lab/#/experiments/7/runs"
+    ]
     for uri in ("sqlite:////st/mlflow.db", "file:///st/mlruns"):  # a store nothing serves yet: how to open it
         assert browse_lines("s", "/st", uri, "7", "abc") == ["browse: sweeper ui s --storage /st"]
 
@@ -45,8 +49,12 @@ def test_ui_serves_the_sweep_store_prints_links_and_stops_on_ctrl_c(grid_sweep):
     storage, _ = grid_sweep
     meta = read_meta(str(storage), "grid")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sweeper.cli", "ui", "grid", "--storage", str(storage),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeper.cli", "ui", "grid", "--storage", str(storage), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines, deadline = [], time.monotonic() + 120
     try:
         for line in proc.stdout:
@@ -130,8 +138,14 @@ def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, 
     """`kill PID` or a closed terminal once left mlflow ui, uvicorn and the huey workers serving under PID 1."""
     port, tag = _free_port(), uuid.uuid4().hex
     cmd = [sys.executable, "-m", "sweeper.cli", "ui", "--storage", str(tmp_path), "--port", str(port)]  # empty store
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, TAG: tag}, start_new_session=True)  # its own group: cleanup below
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, TAG: tag},
+        start_new_session=True,
+    )  # its own group: cleanup below
     lines: list[str] = []
 
     def read() -> None:
@@ -159,8 +173,11 @@ def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, 
         assert code_seen == code, err
         assert f"stopped the MLflow UI on {sig.name}" in err and "Traceback" not in err, err
         assert _live(tree) == [] and _tagged(tag) == [], "left running: " + ", ".join(_live(tree) + _tagged(tag))
-        left = [e.name for e in Path("/proc").iterdir() if e.name.isdigit() and (st := _stat(e.name)) and
-                st[2] in groups and st[0] not in ("Z", "X")]
+        left = [
+            e.name
+            for e in Path("/proc").iterdir()
+            if e.name.isdigit() and (st := _stat(e.name)) and st[2] in groups and st[0] not in ("Z", "X")
+        ]
         assert left == [], left  # nothing in the server's process group either
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0  # the port is free again

@@ -81,27 +81,45 @@ def register_kind(kind: TrialKind) -> TrialKind:
     return kind
 
 
-register_kind(TrialKind(
-    "network", lambda: TrialConfig, _run_network,
-    columns=("clean_acc", "asr", "max_overlap_sq", "lambda_1"),
-    objectives=(("clean_acc", "max"), ("asr", "min")),
-    attack_fields=("dataset", "model", "trigger", "poison_mode", "theta"),
-    # the paper's trade-off in minutes on digits
-    default_axes={"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]},
-    default_fixed={"dataset": "digits", "epochs": 15}, summary="train a net"))
-register_kind(TrialKind(
-    "kernel", _kernel_config, _run_kernel,
-    columns=("delta_f", "residual", "spike", "lambda_max", "detectable"),
-    # the defender keeps the clean fit (residual) and removes the poisons' efficacy (delta_f)
-    objectives=(("residual", "min"), ("delta_f", "min")),
-    attack_fields=("m", "r", "jitter", "zeta_dist"),
-    default_axes={"m": [1, 2, 4, 8, 16, 32, 64], "r": [0.05, 0.5]}, summary="KRR laws, Sec. 3"))
-register_kind(TrialKind(
-    "linear", _linear_config, _run_linear,
-    columns=("clean_acc", "asr", "trigger_cosine", "step_rel_err"),
-    objectives=(("clean_acc", "max"), ("asr", "min")),
-    attack_fields=("dataset", "theta"),
-    default_axes={"theta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}, summary="QR update, Sec. 4"))
+register_kind(
+    TrialKind(
+        "network",
+        lambda: TrialConfig,
+        _run_network,
+        columns=("clean_acc", "asr", "max_overlap_sq", "lambda_1"),
+        objectives=(("clean_acc", "max"), ("asr", "min")),
+        attack_fields=("dataset", "model", "trigger", "poison_mode", "theta"),
+        # the paper's trade-off in minutes on digits
+        default_axes={"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]},
+        default_fixed={"dataset": "digits", "epochs": 15},
+        summary="train a net",
+    )
+)
+register_kind(
+    TrialKind(
+        "kernel",
+        _kernel_config,
+        _run_kernel,
+        columns=("delta_f", "residual", "spike", "lambda_max", "detectable"),
+        # the defender keeps the clean fit (residual) and removes the poisons' efficacy (delta_f)
+        objectives=(("residual", "min"), ("delta_f", "min")),
+        attack_fields=("m", "r", "jitter", "zeta_dist"),
+        default_axes={"m": [1, 2, 4, 8, 16, 32, 64], "r": [0.05, 0.5]},
+        summary="KRR laws, Sec. 3",
+    )
+)
+register_kind(
+    TrialKind(
+        "linear",
+        _linear_config,
+        _run_linear,
+        columns=("clean_acc", "asr", "trigger_cosine", "step_rel_err"),
+        objectives=(("clean_acc", "max"), ("asr", "min")),
+        attack_fields=("dataset", "theta"),
+        default_axes={"theta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]},
+        summary="QR update, Sec. 4",
+    )
+)
 KINDS = tuple(TRIAL_KINDS)  # the names, for messages
 
 
@@ -132,5 +150,20 @@ def run_any(cfg, **kwargs):
     return trial_kind(getattr(cfg, "kind", "network")).run(cfg, **kwargs)
 
 
-__all__ = ["KINDS", "TRIAL_KINDS", "ConfigError", "TrialKind", "register_kind", "trial_kind", "SweeperError", "Trial", "TrialConfig", "TrialResult", "config_class",
-           "load_plugins", "make_config", "run_any", "run_trial"]
+__all__ = [
+    "KINDS",
+    "TRIAL_KINDS",
+    "ConfigError",
+    "TrialKind",
+    "register_kind",
+    "trial_kind",
+    "SweeperError",
+    "Trial",
+    "TrialConfig",
+    "TrialResult",
+    "config_class",
+    "load_plugins",
+    "make_config",
+    "run_any",
+    "run_trial",
+]

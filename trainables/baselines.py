@@ -72,10 +72,19 @@ def mad_anomaly_index(norms: torch.Tensor) -> torch.Tensor:
     return (med - norms) / mad.clamp_min(1e-12)
 
 
-def neural_cleanse(model: nn.Module, x: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor],
-                   num_classes: int, steps: int = 300, batch_size: int = 32, generator: torch.Generator | None = None,
-                   init_cost: float = 1e-3, lr: float = 0.1, target_success: float = 0.99,
-                   patience: int = 10) -> CleanseResult:
+def neural_cleanse(
+    model: nn.Module,
+    x: torch.Tensor,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    num_classes: int,
+    steps: int = 300,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    init_cost: float = 1e-3,
+    lr: float = 0.1,
+    target_success: float = 0.99,
+    patience: int = 10,
+) -> CleanseResult:
     """Neural Cleanse (Wang et al., IEEE S&P 2019, Eq. 2-3), every class optimised at once.
 
     For each class t: x' = (1 - m) * x + m * p with m = (tanh(a) + 1) / 2 of shape (H, W) and
@@ -146,21 +155,27 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, normalize: Callable[[torch
 def cleanse_summary(res: CleanseResult) -> dict[str, float]:
     """Model-level scalars: the largest anomaly index (small side), its class, flag (index > 2), mask L1s."""
     t = int(res.anomaly.argmax())
-    return {"nc_anomaly_index": float(res.anomaly[t]), "nc_class": t,
-            "nc_flagged": int(float(res.anomaly[t]) > 2.0),
-            "nc_mask_l1_min": float(res.l1.min()), "nc_mask_l1_median": float(res.l1.double().quantile(0.5)),
-            "nc_success_min": float(res.success.min())}
+    return {
+        "nc_anomaly_index": float(res.anomaly[t]),
+        "nc_class": t,
+        "nc_flagged": int(float(res.anomaly[t]) > 2.0),
+        "nc_mask_l1_min": float(res.l1.min()),
+        "nc_mask_l1_median": float(res.l1.double().quantile(0.5)),
+        "nc_success_min": float(res.success.min()),
+    }
 
 
 def nc_baseline(ctx):
     """Registry entry: Neural Cleanse on the clean held-out images."""
     raw, _ = ctx.heldout
-    res = neural_cleanse(ctx.model, raw, ctx.normalize, ctx.num_classes, ctx.cfg.nc_steps, ctx.cfg.nc_batch_size,
-                         ctx.generator(19))
-    return Detection(metrics=cleanse_summary(res),
-                     details={"mask_l1": res.l1.tolist(), "anomaly_index": res.anomaly.tolist(),
-                              "success": res.success.tolist()},
-                     images={"nc_masks": res.masks[:, None], "nc_triggers": res.masks[:, None] * res.patterns})
+    res = neural_cleanse(
+        ctx.model, raw, ctx.normalize, ctx.num_classes, ctx.cfg.nc_steps, ctx.cfg.nc_batch_size, ctx.generator(19)
+    )
+    return Detection(
+        metrics=cleanse_summary(res),
+        details={"mask_l1": res.l1.tolist(), "anomaly_index": res.anomaly.tolist(), "success": res.success.tolist()},
+        images={"nc_masks": res.masks[:, None], "nc_triggers": res.masks[:, None] * res.patterns},
+    )
 
 
 # ----------------------------------------------------------------------------- Spectral Signatures
@@ -179,12 +194,17 @@ def spectral_signature_scores(features: torch.Tensor) -> tuple[torch.Tensor, flo
         return torch.zeros(len(r), dtype=torch.float64), math.nan
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
     scores = (centred @ vh[0]).pow(2)
-    share = float(s[0] ** 2 / (s ** 2).sum()) if float((s ** 2).sum()) > 0 else math.nan
+    share = float(s[0] ** 2 / (s**2).sum()) if float((s**2).sum()) > 0 else math.nan
     return scores, share
 
 
-def spectral_signatures(features: torch.Tensor, labels: torch.Tensor, poison: torch.Tensor | None,
-                        num_classes: int, target: int | None = None) -> tuple[dict[str, float], torch.Tensor]:
+def spectral_signatures(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    poison: torch.Tensor | None,
+    num_classes: int,
+    target: int | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
     """Per-class Spectral Signatures over a training set: (metrics, per-sample scores).
 
     Scores are divided by their class mean so that classes are comparable when pooled;
@@ -207,8 +227,9 @@ def spectral_signatures(features: torch.Tensor, labels: torch.Tensor, poison: to
     return m, scores
 
 
-def _data_level_auroc(prefix: str, scores: torch.Tensor, labels: torch.Tensor, poison: torch.Tensor | None,
-                      target: int | None) -> dict[str, float]:
+def _data_level_auroc(
+    prefix: str, scores: torch.Tensor, labels: torch.Tensor, poison: torch.Tensor | None, target: int | None
+) -> dict[str, float]:
     if poison is None:
         return {}
     mask = poison.cpu().numpy().astype(bool)
@@ -245,8 +266,9 @@ def reduce_features(features: np.ndarray, dims: int = 10, method: str = "pca", s
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence warnings on tiny classes
-                return FastICA(n_components=dims, max_iter=1000, tol=0.005, random_state=seed,
-                               whiten="unit-variance").fit_transform(x)
+                return FastICA(
+                    n_components=dims, max_iter=1000, tol=0.005, random_state=seed, whiten="unit-variance"
+                ).fit_transform(x)
         except (ValueError, np.linalg.LinAlgError):
             pass
     return PCA(n_components=dims, random_state=seed).fit_transform(x)
@@ -273,9 +295,16 @@ def two_means(z: np.ndarray, seed: int = 0) -> dict[str, object]:
     return {"assign": assign, "small_frac": float(sizes[small] / len(z)), "silhouette": sil, "margin": margin}
 
 
-def activation_clustering(features: torch.Tensor, labels: torch.Tensor, poison: torch.Tensor | None,
-                          num_classes: int, target: int | None = None, dims: int = 10, method: str = "pca",
-                          seed: int = 0) -> tuple[dict[str, float], torch.Tensor]:
+def activation_clustering(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    poison: torch.Tensor | None,
+    num_classes: int,
+    target: int | None = None,
+    dims: int = 10,
+    method: str = "pca",
+    seed: int = 0,
+) -> tuple[dict[str, float], torch.Tensor]:
     """Activation Clustering (Chen et al., AAAI SafeAI 2019 / arXiv 2018), per class.
 
     Each class's penultimate activations are reduced to ``dims`` components and split by 2-means.
@@ -310,8 +339,9 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, poison: 
 def ac_baseline(ctx):
     """Registry entry: Activation Clustering on the training set as trained."""
     _, labels = ctx.train_as_trained
-    m, scores = activation_clustering(ctx.train_features, labels, ctx.poison_mask, ctx.num_classes, ctx.cfg.target,
-                                      seed=ctx.cfg.seed)
+    m, scores = activation_clustering(
+        ctx.train_features, labels, ctx.poison_mask, ctx.num_classes, ctx.cfg.target, seed=ctx.cfg.seed
+    )
     return Detection(metrics=m, details={"score_quantiles": _quantiles(scores)})
 
 
@@ -321,4 +351,3 @@ def _quantiles(scores: torch.Tensor) -> dict[str, float]:
 
 
 BASELINES: dict[str, Callable] = {"nc": nc_baseline, "ss": ss_baseline, "ac": ac_baseline}
-

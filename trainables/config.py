@@ -73,9 +73,13 @@ class TrialConfig(ConfigFields):
     warp_grid: int = 4  # k: side of the random WaNet control grid
     warp_seed: int = 0  # fixes the warp field, shared by every trial of a sweep
     trigger_amplitude: float = 1.0  # patch triggers: pixels become (1-a)*x + a, a in (0, 1]; 1 = set to 1.0 (paper)
-    blend_alpha: float = 0.2  # blend trigger: (1-alpha)*x + alpha*pattern, alpha in (0, 1]; -> 0 is the near-clone regime
+    blend_alpha: float = (
+        0.2  # blend trigger: (1-alpha)*x + alpha*pattern, alpha in (0, 1]; -> 0 is the near-clone regime
+    )
     blend_seed: int = 0  # fixes the blend pattern (uniform [0,1] per pixel), shared by every trial of a sweep
-    poison_mode: str = "deterministic"  # deterministic (Listing 3, fixed per index) | stochastic (Listing 4, redrawn per epoch)
+    poison_mode: str = (
+        "deterministic"  # deterministic (Listing 3, fixed per index) | stochastic (Listing 4, redrawn per epoch)
+    )
     theta: float = 0.1  # poison fraction of the non-target training samples, in [0, 1)
     target: int = 0  # the attacker's target class
     # --- defence ----------------------------------------------------------------
@@ -101,7 +105,9 @@ class TrialConfig(ConfigFields):
     hessian_samples: int = 1000  # samples averaged into H (cap; fewer if the split is smaller)
     hessian_iterations: int = 20  # Lanczos iterations (paper: 10)
     hessian_top_k: int = 5  # eigenpairs kept
-    hessian_method: str = "auto"  # auto: exact for piecewise-linear nets within hessian_dense_mb, else gram-lanczos, else double-backward
+    hessian_method: str = (
+        "auto"  # auto: exact for piecewise-linear nets within hessian_dense_mb, else gram-lanczos, else double-backward
+    )
     hessian_dtype: str = "float32"  # float64 for reference-quality spectra
     hessian_dense_mb: int = 1024  # MiB for the exact path (24*D^2 bytes) or gram-lanczos's A (N*K*D*itemsize), >= 1
     hessian_tol: float = 1e-3  # Lanczos restarts until every top-k ||Hv - lambda v||/|lambda_1| <= this, in (0, 1]
@@ -109,13 +115,19 @@ class TrialConfig(ConfigFields):
     spectrum_every: int = 0  # also measure every N epochs during training (0: only at the end)
     geometry: bool = True  # penultimate-feature geometry table (Appendix B)
     # --- detection (issue 10); lists are strings so a sweep axis never splits them: use "+" there ----
-    detect: bool | None = None  # trigger-agnostic spectrum statistics, eigenvector flip concentration, per-class curvature (cheap; needs hessian); None: on when hessian is
+    detect: bool | None = (
+        None  # trigger-agnostic spectrum statistics, eigenvector flip concentration, per-class curvature (cheap; needs hessian); None: on when hessian is
+    )
     detect_baselines: str = ""  # comma- or +-separated subset of nc, ss, ac (Neural Cleanse, Spectral Signatures, Activation Clustering); "" = none
     detect_windows: str = "2,3,4"  # side lengths w (px) of the w x w localisation windows, each in [1, image side]
-    detect_norms: str = "0.5"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
+    detect_norms: str = (
+        "0.5"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
+    )
     detect_samples: int = 100  # held-out clean test images (seeded subset) for flip concentration and Neural Cleanse
     detect_trace_samples: int = 1000  # of the spectrum's samples (seeded subset, all by default) in the trace estimate
-    detect_probes: int = 1  # trace-estimate passes; each draws one random probe per sample (5% mean error on digits at 1000 x 1)
+    detect_probes: int = (
+        1  # trace-estimate passes; each draws one random probe per sample (5% mean error on digits at 1000 x 1)
+    )
     nc_steps: int = 300  # Adam steps of Neural Cleanse's mask + pattern optimisation (all classes at once)
     nc_batch_size: int = 32  # clean held-out images per class per Neural Cleanse step
 
@@ -133,7 +145,6 @@ class TrialConfig(ConfigFields):
     def num_classes(self) -> int:
         """Number of classes of the dataset."""
         return DATASETS[self.dataset][2]
-
 
 
 def _derived_default(cfg: TrialConfig, key: str) -> Any:
@@ -218,8 +229,11 @@ def _check_baselines(cfg: TrialConfig) -> None:
     names = [t.lower() for t in split_list(v)]
     bad = [t for t in names if t not in BASELINES]
     if bad:
-        _fail("detect_baselines", cfg.detect_baselines,
-              f"unknown baseline(s) {', '.join(bad)}; valid: {', '.join(BASELINES)} (comma- or +-separated)")
+        _fail(
+            "detect_baselines",
+            cfg.detect_baselines,
+            f"unknown baseline(s) {', '.join(bad)}; valid: {', '.join(BASELINES)} (comma- or +-separated)",
+        )
     object.__setattr__(cfg, "detect_baselines", ",".join(dict.fromkeys(names)))
 
 
@@ -278,8 +292,11 @@ def _validate(cfg: TrialConfig) -> None:
     _check_float(cfg, "hessian_tol", 0.0, 1.0, lo_open=True)
     _check_int(cfg, "hessian_max_iterations", 1, 100_000)
     if cfg.hessian_max_iterations < cfg.hessian_iterations:
-        _fail("hessian_max_iterations", cfg.hessian_max_iterations,
-              f"must be >= hessian_iterations ({cfg.hessian_iterations})")
+        _fail(
+            "hessian_max_iterations",
+            cfg.hessian_max_iterations,
+            f"must be >= hessian_iterations ({cfg.hessian_iterations})",
+        )
     _check_float(cfg, "trigger_amplitude", 0.0, 1.0, lo_open=True)
     _check_float(cfg, "blend_alpha", 0.0, 1.0, lo_open=True)
     _check_int(cfg, "blend_seed", 0, 2**31 - 1)
@@ -301,8 +318,19 @@ def _validate(cfg: TrialConfig) -> None:
     _check_int(cfg, "trigger_size", 1, h)
     _check_int(cfg, "trigger_margin", 0, h - 1)
     _check_int(cfg, "crop_padding", 0, h)
-    _check_list(cfg, "detect_windows", int, lambda w: 1 <= w <= h, f"each window must be an integer in [1, {h}] (the image side)")
-    _check_list(cfg, "detect_norms", float, lambda r: math.isfinite(r) and r > 0, "each norm must be a finite number > 0")
+    _check_list(
+        cfg,
+        "detect_windows",
+        int,
+        lambda w: 1 <= w <= h,
+        f"each window must be an integer in [1, {h}] (the image side)",
+    )
+    _check_list(
+        cfg, "detect_norms", float, lambda r: math.isfinite(r) and r > 0, "each norm must be a finite number > 0"
+    )
     if cfg.trigger_margin + cfg.trigger_size > h:
-        _fail("trigger_margin", cfg.trigger_margin,
-              f"trigger_margin + trigger_size must be <= image size {h} (trigger_size={cfg.trigger_size})")
+        _fail(
+            "trigger_margin",
+            cfg.trigger_margin,
+            f"trigger_margin + trigger_size must be <= image size {h} (trigger_size={cfg.trigger_size})",
+        )

@@ -67,10 +67,16 @@ MIRRORS = {
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
 }
 ARCHIVES = {  # name -> (folder inside data_dir, url, archive md5)
-    "cifar10": ("cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                "c58f30108f718f92721af3b95e74349a"),
-    "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                 "eb9058c3a382ffc7106e4002c42a8d85"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    ),
 }
 
 
@@ -106,8 +112,16 @@ class ImageData:
             idx = order[y[order] == c]
             rank[idx] = torch.arange(len(idx), dtype=torch.float64) / max(len(idx), 1)
         keep = torch.sort(torch.argsort(rank + torch.arange(len(y)) * 1e-12)[:n]).values.to(self.train_y.device)
-        return ImageData(name=self.name, train_x=self.train_x[keep], train_y=self.train_y[keep], test_x=self.test_x,
-                         test_y=self.test_y, mean=self.mean, std=self.std, num_classes=self.num_classes)
+        return ImageData(
+            name=self.name,
+            train_x=self.train_x[keep],
+            train_y=self.train_y[keep],
+            test_x=self.test_x,
+            test_y=self.test_y,
+            mean=self.mean,
+            std=self.std,
+            num_classes=self.num_classes,
+        )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Per-channel standardization, applied after triggers (Listing 3)."""
@@ -125,13 +139,17 @@ def md5_file(path: Path) -> str:
 
 def _check_file(path: Path, md5: str | None) -> None:
     if not path.is_file():
-        raise DataError(f"missing dataset file {path}: expected it there "
-                        f"(pass --download with internet access, or copy the official file)")
+        raise DataError(
+            f"missing dataset file {path}: expected it there "
+            f"(pass --download with internet access, or copy the official file)"
+        )
     if md5 is not None:
         got = md5_file(path)
         if got != md5:
-            raise DataError(f"corrupt dataset file {path}: md5 {got}, expected {md5} "
-                            f"(re-download it, or pass --no-verify-checksums for a custom subset)")
+            raise DataError(
+                f"corrupt dataset file {path}: md5 {got}, expected {md5} "
+                f"(re-download it, or pass --no-verify-checksums for a custom subset)"
+            )
 
 
 # ----------------------------------------------------------------------------- readers
@@ -149,12 +167,17 @@ def read_idx(path: Path, md5: str | None = None, content_md5: str | None = None)
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"unreadable IDX file {path}: {e}") from None
-    if content_md5 is not None and hashlib.md5(raw).hexdigest() != content_md5 \
-            and not (md5 is not None and md5_file(path) == md5):
+    if (
+        content_md5 is not None
+        and hashlib.md5(raw).hexdigest() != content_md5
+        and not (md5 is not None and md5_file(path) == md5)
+    ):
         got = f"md5 {md5_file(path)}, expected {md5} (the official .gz) or " if md5 else ""
-        raise DataError(f"corrupt dataset file {path}: {got}decompressed content md5 {content_md5}, "
-                        f"found {hashlib.md5(raw).hexdigest()} (re-download it, or pass --no-verify-checksums "
-                        f"for a custom subset)")
+        raise DataError(
+            f"corrupt dataset file {path}: {got}decompressed content md5 {content_md5}, "
+            f"found {hashlib.md5(raw).hexdigest()} (re-download it, or pass --no-verify-checksums "
+            f"for a custom subset)"
+        )
     if len(raw) < 4:
         raise DataError(f"malformed IDX file {path}: {len(raw)} bytes, shorter than the header")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
@@ -164,8 +187,10 @@ def read_idx(path: Path, md5: str | None = None, content_md5: str | None = None)
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
-        raise DataError(f"malformed IDX file {path}: header declares shape {shape} "
-                        f"({expected} bytes) but {len(raw) - header} bytes follow")
+        raise DataError(
+            f"malformed IDX file {path}: header declares shape {shape} "
+            f"({expected} bytes) but {len(raw) - header} bytes follow"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
@@ -173,8 +198,10 @@ class _CifarUnpickler(pickle.Unpickler):
     """Only what CIFAR batches contain (dicts, bytes, lists, numpy arrays): no code runs."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
@@ -199,8 +226,10 @@ def read_cifar_batch(path: Path, md5: str | None = None, label_key: str = "label
     data = np.asarray(entry["data"], dtype=np.uint8)
     labels = np.asarray(entry[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-        raise DataError(f"malformed CIFAR batch {path}: data shape {data.shape} with {labels.shape[0]} labels, "
-                        f"expected (N, 3072) and N labels")
+        raise DataError(
+            f"malformed CIFAR batch {path}: data shape {data.shape} with {labels.shape[0]} labels, "
+            f"expected (N, 3072) and N labels"
+        )
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -263,8 +292,9 @@ def _bundle(name: str, train_x, train_y, test_x, test_y, num_classes: int) -> Im
     test_y = torch.as_tensor(np.array(test_y), dtype=torch.int64)
     for split, y in (("train", train_y), ("test", test_y)):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise DataError(f"{name} {split} labels span [{int(y.min())}, {int(y.max())}], "
-                            f"expected [0, {num_classes - 1}]")
+            raise DataError(
+                f"{name} {split} labels span [{int(y.min())}, {int(y.max())}], expected [0, {num_classes - 1}]"
+            )
     mean, std = _stats(train_x)
     return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes)
 
@@ -301,17 +331,23 @@ def load_mnist(root: Path, name: str = "mnist", verify: bool = True, download: b
         path = folder / f
         if not path.is_file() and (folder / f.removesuffix(".gz")).is_file():
             path = folder / f.removesuffix(".gz")  # an uncompressed copy
-        arrays[f] = read_idx(path, files[f] if verify and path.suffix == ".gz" else None,
-                             content.get(f.removesuffix(".gz")) if verify else None)
+        arrays[f] = read_idx(
+            path,
+            files[f] if verify and path.suffix == ".gz" else None,
+            content.get(f.removesuffix(".gz")) if verify else None,
+        )
         if verify and path.suffix != ".gz" and f.removesuffix(".gz") not in content:
-            raise DataError(f"dataset file {path}: no published md5 of the uncompressed {name} file; "
-                            f"use the official .gz or pass --no-verify-checksums")
+            raise DataError(
+                f"dataset file {path}: no published md5 of the uncompressed {name} file; "
+                f"use the official .gz or pass --no-verify-checksums"
+            )
     tr_x, tr_y = arrays["train-images-idx3-ubyte.gz"], arrays["train-labels-idx1-ubyte.gz"]
     te_x, te_y = arrays["t10k-images-idx3-ubyte.gz"], arrays["t10k-labels-idx1-ubyte.gz"]
     for x, y, split in ((tr_x, tr_y, "train"), (te_x, te_y, "t10k")):
         if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"{name} {split} files disagree: images {x.shape}, labels {y.shape}; "
-                            f"expected (N, 28, 28) and (N,)")
+            raise DataError(
+                f"{name} {split} files disagree: images {x.shape}, labels {y.shape}; expected (N, 28, 28) and (N,)"
+            )
     return _bundle(name, tr_x[:, None] / 255.0, tr_y, te_x[:, None] / 255.0, te_y, 10)
 
 
@@ -340,8 +376,9 @@ def load_cifar(root: Path, name: str = "cifar10", verify: bool = True, download:
     return _bundle(name, tr_x / 255.0, tr_y, te_x / 255.0, te_y, classes)
 
 
-def load_dataset(name: str, data_dir: str | Path = "~/.cache/sweeper/data", verify: bool = True,
-                 download: bool = False) -> ImageData:
+def load_dataset(
+    name: str, data_dir: str | Path = "~/.cache/sweeper/data", verify: bool = True, download: bool = False
+) -> ImageData:
     """Load a dataset by name (see ``trainables.config.DATASETS``) onto the CPU."""
     root = Path(data_dir).expanduser()
     if name == "digits":
@@ -363,9 +400,12 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: str = "labels") -> None:
     """Write uint8 images (N, 3, 32, 32) as a CIFAR python batch; used to make test data."""
-    entry = {"batch_label": "sweeper test batch", label_key: [int(v) for v in labels],
-             "data": np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1),
-             "filenames": [f"{i}.png" for i in range(len(images))]}
+    entry = {
+        "batch_label": "sweeper test batch",
+        label_key: [int(v) for v in labels],
+        "data": np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1),
+        "filenames": [f"{i}.png" for i in range(len(images))],
+    }
     buf = io.BytesIO()
     pickle.dump(entry, buf, protocol=2)
     Path(path).write_bytes(buf.getvalue())

@@ -70,8 +70,14 @@ def score_direction(name: str) -> str | None:
     return None
 
 
-def hutchinson_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes: int = 2,
-                     generator: torch.Generator | None = None, chunk_size: int = 1000) -> float:
+def hutchinson_trace(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    probes: int = 2,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1000,
+) -> float:
     """tr(H) of H = (1/N) sum_i Hess_x CE(f(x_i), y_i) by Hutchinson (Hutchinson 1989), eval mode.
 
     Each pass draws one Rademacher vector z_i per sample: E[z_i^T H_i z_i] = tr(H_i), so the mean
@@ -84,10 +90,10 @@ def hutchinson_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes:
     total = 0.0
     for _ in range(probes):
         for s in range(0, len(y), chunk_size):
-            xc = x[s:s + chunk_size].detach().requires_grad_(True)
+            xc = x[s : s + chunk_size].detach().requires_grad_(True)
             z = (torch.randint(0, 2, xc.shape, generator=generator) * 2 - 1).to(device=xc.device, dtype=xc.dtype)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(xc), y[s:s + chunk_size], reduction="sum")
+                loss = F.cross_entropy(model(xc), y[s : s + chunk_size], reduction="sum")
                 (g,) = torch.autograd.grad(loss, xc, create_graph=True)
                 (hz,) = torch.autograd.grad((g * z).sum(), xc)
             total += float((hz * z).sum())
@@ -95,8 +101,14 @@ def hutchinson_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes:
     return total / (probes * max(len(y), 1))
 
 
-def gauss_newton_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes: int = 2,
-                       generator: torch.Generator | None = None, chunk_size: int = 1000) -> float:
+def gauss_newton_trace(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    probes: int = 2,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1000,
+) -> float:
     """tr(H) for a piecewise-linear network, where H_i = J_i^T S_i J_i exactly (S_i = diag p - p p^T).
 
     Hutchinson in the K-dimensional logit space instead of the D-dimensional input space: with
@@ -114,7 +126,7 @@ def gauss_newton_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probe
     total = 0.0
     for _ in range(probes):
         for s in range(0, len(x), chunk_size):
-            xc = x[s:s + chunk_size].detach().requires_grad_(True)
+            xc = x[s : s + chunk_size].detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(xc)
                 p = logits.detach().softmax(1)
@@ -132,9 +144,11 @@ def spectral_shape(eigenvalues: list[float], trace: float) -> dict[str, float]:
     lam = [v for v in eigenvalues if not math.isnan(v)]
     l1 = lam[0] if lam else math.nan
     l2 = abs(lam[1]) if len(lam) > 1 else math.nan
-    return {"det_trace": trace,
-            "det_lambda_ratio": l1 / l2 if l2 and l2 > 0 else math.nan,
-            "det_lambda_trace_ratio": l1 / trace if trace > 0 else math.nan}
+    return {
+        "det_trace": trace,
+        "det_lambda_ratio": l1 / l2 if l2 and l2 > 0 else math.nan,
+        "det_lambda_trace_ratio": l1 / trace if trace > 0 else math.nan,
+    }
 
 
 # ----------------------------------------------------------------------------- localisation
@@ -165,15 +179,22 @@ def localisation(vectors: torch.Tensor, windows: list[int]) -> Detection:
     ipr = inverse_participation_ratio(energy)
     index = ok.nonzero().squeeze(1)
     best = int(ipr.argmax())
-    out = Detection(metrics={"det_ipr_1": float(ipr[0]), "det_ipr_max": float(ipr[best]),
-                             "det_ipr_index": int(index[best])},
-                    details={"ipr": ipr.tolist(), "windows": {}},
-                    images={"localisation": energy.float()[:, None]})
+    out = Detection(
+        metrics={"det_ipr_1": float(ipr[0]), "det_ipr_max": float(ipr[best]), "det_ipr_index": int(index[best])},
+        details={"ipr": ipr.tolist(), "windows": {}},
+        images={"localisation": energy.float()[:, None]},
+    )
     for w in windows:
         frac, row, col = window_fraction(energy, w)
         j = int(frac.argmax())
-        out.metrics.update({f"det_window_frac_w{w}": float(frac[j]), f"det_window_index_w{w}": int(index[j]),
-                            f"det_window_row_w{w}": int(row[j]), f"det_window_col_w{w}": int(col[j])})
+        out.metrics.update(
+            {
+                f"det_window_frac_w{w}": float(frac[j]),
+                f"det_window_index_w{w}": int(index[j]),
+                f"det_window_row_w{w}": int(row[j]),
+                f"det_window_col_w{w}": int(col[j]),
+            }
+        )
         out.details["windows"][str(w)] = {"fraction": frac.tolist(), "row": row.tolist(), "col": col.tolist()}
     return out
 
@@ -191,9 +212,15 @@ class FlipTable:
 
 
 @torch.no_grad()
-def flip_concentration(predict: Callable[[torch.Tensor], torch.Tensor], directions: torch.Tensor,
-                       x: torch.Tensor, y: torch.Tensor, norms: list[float], num_classes: int,
-                       batch_size: int = 1000) -> FlipTable:
+def flip_concentration(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    directions: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norms: list[float],
+    num_classes: int,
+    batch_size: int = 1000,
+) -> FlipTable:
     """Push held-out clean images along each direction and measure how one class collects them.
 
     For direction v (unit), sign s and relative norm r the images become x + s r rho v with rho the
@@ -218,7 +245,7 @@ def flip_concentration(predict: Callable[[torch.Tensor], torch.Tensor], directio
     per_group = max(1, batch_size // max(n, 1))  # perturbations evaluated per forward batch
     hits = []
     for s in range(0, len(deltas), per_group):
-        d = deltas[s:s + per_group]
+        d = deltas[s : s + per_group]
         pred = predict((x[None] + d[:, None]).reshape(-1, *x.shape[1:])).view(len(d), n)
         onehot = F.one_hot(pred, num_classes).to(x.dtype)  # (G, N, K)
         hits.append(torch.einsum("gnk,kn->gk", onehot, eligible.to(x.dtype)))
@@ -230,9 +257,14 @@ def flip_concentration(predict: Callable[[torch.Tensor], torch.Tensor], directio
 def flip_summary(table: FlipTable, control: FlipTable, norms: list[float]) -> Detection:
     """Model-level scalars of a flip table, with a random-direction control table."""
     j = int(table.concentration.argmax())
-    m = {"det_flip_max": float(table.concentration[j]), "det_flip_class": int(table.target[j]),
-         "det_flip_index": int(table.direction[j]), "det_flip_sign": int(table.sign[j]),
-         "det_flip_norm": float(table.norm[j]), "det_flip_random_max": float(control.concentration.max())}
+    m = {
+        "det_flip_max": float(table.concentration[j]),
+        "det_flip_class": int(table.target[j]),
+        "det_flip_index": int(table.direction[j]),
+        "det_flip_sign": int(table.sign[j]),
+        "det_flip_norm": float(table.norm[j]),
+        "det_flip_random_max": float(control.concentration.max()),
+    }
     m["det_flip_excess"] = m["det_flip_max"] - m["det_flip_random_max"]
     for r in norms:
         at = (table.norm - r).abs() < 1e-12
@@ -256,7 +288,7 @@ def spectral_detector(ctx: DetectionContext) -> Detection:
         return Detection(metrics={**spectral_shape(ctx.eigenvalues, float(exact)), "det_trace_exact": 1.0})
     x, y = ctx.trial.hessian_data()
     if len(y) > ctx.cfg.detect_trace_samples:
-        idx = torch.randperm(len(y), generator=ctx.generator(23))[:ctx.cfg.detect_trace_samples].to(y.device)
+        idx = torch.randperm(len(y), generator=ctx.generator(23))[: ctx.cfg.detect_trace_samples].to(y.device)
         x, y = x[idx], y[idx]
     estimate = gauss_newton_trace if getattr(ctx.model, "piecewise_linear", False) else hutchinson_trace
     trace = estimate(ctx.model, x, y, ctx.cfg.detect_probes, ctx.generator(13), ctx.batch_size)
@@ -268,8 +300,9 @@ def localisation_detector(ctx: DetectionContext) -> Detection:
     return localisation(ctx.eigenvectors, [int(w) for w in split_list(ctx.cfg.detect_windows)])
 
 
-def flips_with_control(ctx: DetectionContext, vecs: torch.Tensor, seed_offset: int
-                       ) -> tuple[FlipTable, FlipTable, list[float]]:
+def flips_with_control(
+    ctx: DetectionContext, vecs: torch.Tensor, seed_offset: int
+) -> tuple[FlipTable, FlipTable, list[float]]:
     """Flip concentration of ``vecs`` (n, C, H, W) on the held-out images at the configured norms, and
     of as many seeded random directions (generator offset ``seed_offset``) as the control."""
     norms = [float(r) for r in split_list(ctx.cfg.detect_norms)]
@@ -309,11 +342,13 @@ def class_curvature(lambda_1: torch.Tensor, trace: torch.Tensor) -> dict[str, fl
     med = logl.quantile(0.5)
     mad = 1.4826 * (logl - med).abs().quantile(0.5)
     share = lam / tr
-    return {"det_class_lambda_anomaly": float((logl.max() - med) / mad.clamp_min(1e-12)),
-            "det_class_lambda_ratio": float(lam.max() / lam.quantile(0.5)),
-            "det_class_lambda_class": int(idx[lam.argmax()]),
-            "det_class_share_max": float(share.max()),
-            "det_class_share_class": int(idx[share.argmax()])}
+    return {
+        "det_class_lambda_anomaly": float((logl.max() - med) / mad.clamp_min(1e-12)),
+        "det_class_lambda_ratio": float(lam.max() / lam.quantile(0.5)),
+        "det_class_lambda_class": int(idx[lam.argmax()]),
+        "det_class_share_max": float(share.max()),
+        "det_class_share_class": int(idx[share.argmax()]),
+    }
 
 
 def class_curvature_detector(ctx: DetectionContext) -> Detection:
@@ -337,12 +372,22 @@ def class_curvature_detector(ctx: DetectionContext) -> Detection:
         x, y = ctx.trial.hessian_data()
         dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
         chunk = min(ctx.batch_size, len(y))
-        if not group_spectra_fit(cfg.hessian_dense_mb * 2**20, ctx.num_classes, ctx.num_classes, d,
-                                 torch.empty((), dtype=dtype).element_size(), chunk):
+        if not group_spectra_fit(
+            cfg.hessian_dense_mb * 2**20,
+            ctx.num_classes,
+            ctx.num_classes,
+            d,
+            torch.empty((), dtype=dtype).element_size(),
+            chunk,
+        ):
             need = group_spectra_bytes(ctx.num_classes, d) / 2**20
-            return Detection(details={"skipped": f"{ctx.num_classes} classes x D={d}: {need:.0f} MiB of matrices "
-                                                 f"beside a chunk of {chunk} samples exceed hessian_dense_mb="
-                                                 f"{cfg.hessian_dense_mb:g} (raise it to compute them)"})
+            return Detection(
+                details={
+                    "skipped": f"{ctx.num_classes} classes x D={d}: {need:.0f} MiB of matrices "
+                    f"beside a chunk of {chunk} samples exceed hessian_dense_mb="
+                    f"{cfg.hessian_dense_mb:g} (raise it to compute them)"
+                }
+            )
         gs = group_spectra(ctx.model, x, y, ctx.num_classes, dtype, chunk)
     m = class_curvature(gs.lambda_1, gs.trace)
     if int(gs.count[cfg.target]) > 0:
@@ -355,10 +400,14 @@ def class_curvature_detector(ctx: DetectionContext) -> Detection:
         table, control, _ = flips_with_control(ctx, gs.vectors[present].reshape(-1, *cfg.image_shape), 29)
         best = int(table.concentration.argmax())
         classes = torch.nonzero(present).flatten()
-        m.update({"det_class_flip_max": float(table.concentration[best]),
-                  "det_class_flip_class": int(table.target[best]),  # the class the images flip into
-                  "det_class_flip_source": int(classes[table.direction[best]]),  # whose eigenvector did it
-                  "det_class_flip_excess": float(table.concentration[best] - control.concentration.max())})
+        m.update(
+            {
+                "det_class_flip_max": float(table.concentration[best]),
+                "det_class_flip_class": int(table.target[best]),  # the class the images flip into
+                "det_class_flip_source": int(classes[table.direction[best]]),  # whose eigenvector did it
+                "det_class_flip_excess": float(table.concentration[best] - control.concentration.max()),
+            }
+        )
         details["flip"] = {key: getattr(table, key).tolist() for key in ("concentration", "target", "direction")}
     return Detection(metrics=m, details=details)
 
@@ -400,7 +449,10 @@ def run_detection(trial) -> tuple[dict[str, float], dict[str, Any]]:
         metrics["det_seconds"] = time.perf_counter() - t_all
     artifacts: dict[str, Any] = {}
     if runs:
-        artifacts["detection"] = {"metrics": metrics, "details": details,
-                                  "directions": {k: score_direction(k) for k in metrics if score_direction(k)}}
+        artifacts["detection"] = {
+            "metrics": metrics,
+            "details": details,
+            "directions": {k: score_direction(k) for k in metrics if score_direction(k)},
+        }
         artifacts["detection_images"] = {k: v.float().cpu() for k, v in images.items()}
     return metrics, artifacts

@@ -13,19 +13,30 @@ import math
 import torch
 from torch import nn
 
-COLUMNS = ("class", "n", "mu_norm", "sigma_norm", "mu_trig_norm", "sigma_trig_norm", "sigma_ratio",
-           "d_clean", "d_trig", "d_ratio")
+COLUMNS = (
+    "class",
+    "n",
+    "mu_norm",
+    "sigma_norm",
+    "mu_trig_norm",
+    "sigma_trig_norm",
+    "sigma_ratio",
+    "d_clean",
+    "d_trig",
+    "d_ratio",
+)
 
 
 @torch.no_grad()
 def features(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Penultimate features of ``x`` in eval mode, batched."""
     model.eval()
-    return torch.cat([model.features(x[s:s + batch_size]) for s in range(0, len(x), batch_size)])
+    return torch.cat([model.features(x[s : s + batch_size]) for s in range(0, len(x), batch_size)])
 
 
-def feature_geometry(clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor, target: int,
-                     num_classes: int) -> list[dict[str, float]]:
+def feature_geometry(
+    clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor, target: int, num_classes: int
+) -> list[dict[str, float]]:
     """One row per class present in ``labels`` (Table 3's columns); distances to the clean target mean."""
     clean, triggered = clean.double(), triggered.double()
     mu_t = clean[labels == target].mean(0)
@@ -40,14 +51,20 @@ def feature_geometry(clean: torch.Tensor, triggered: torch.Tensor, labels: torch
         sd = fc.std(0, unbiased=False)
         sd_s = ft.std(0, unbiased=False)
         d, d_s = float((mu - mu_t).norm()), float((mu_s - mu_t).norm())
-        rows.append({
-            "class": c, "n": n,
-            "mu_norm": float(mu.norm()), "sigma_norm": float(sd.norm()),
-            "mu_trig_norm": float(mu_s.norm()), "sigma_trig_norm": float(sd_s.norm()),
-            "sigma_ratio": float(sd_s.norm() / sd.norm()) if sd.norm() > 0 else math.nan,
-            "d_clean": d, "d_trig": d_s,
-            "d_ratio": d_s / d if c != target and d > 0 else math.nan,
-        })
+        rows.append(
+            {
+                "class": c,
+                "n": n,
+                "mu_norm": float(mu.norm()),
+                "sigma_norm": float(sd.norm()),
+                "mu_trig_norm": float(mu_s.norm()),
+                "sigma_trig_norm": float(sd_s.norm()),
+                "sigma_ratio": float(sd_s.norm() / sd.norm()) if sd.norm() > 0 else math.nan,
+                "d_clean": d,
+                "d_trig": d_s,
+                "d_ratio": d_s / d if c != target and d > 0 else math.nan,
+            }
+        )
     return rows
 
 

@@ -80,8 +80,15 @@ def eval_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 class InputHessian:
     """H = mean_i Hess_x CE(model(x_i), y_i), as a matrix-free symmetric operator on R^D, D = C*H*W."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int = 1000,
-                 method: str = "double-backward", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        chunk_size: int = 1000,
+        method: str = "double-backward",
+        dtype: torch.dtype = torch.float32,
+    ):
         if method not in ("double-backward", "gauss-newton"):
             raise ValueError(f"method={method!r} is invalid: must be double-backward or gauss-newton")
         self.model = eval_copy(model, dtype)
@@ -106,7 +113,7 @@ class InputHessian:
         v = v.to(self.dtype).reshape(1, *self.item_shape)
         out = torch.zeros(self.item_shape, dtype=self.dtype, device=self.device)
         for s in range(0, len(self.y), self.chunk_size):
-            xc, yc = self.x[s:s + self.chunk_size], self.y[s:s + self.chunk_size]
+            xc, yc = self.x[s : s + self.chunk_size], self.y[s : s + self.chunk_size]
             prod = self._chunk_double_backward if self.method == "double-backward" else self._chunk_gauss_newton
             out += prod(xc, yc, v)
         return (out / len(self.y)).reshape(-1)
@@ -161,8 +168,14 @@ def frobenius_estimate(op, probes: int, generator: torch.Generator) -> float:
     return float(((op @ z).pow(2).sum(0).mean()).sqrt())
 
 
-def top_eigenpairs(op, k: int = 5, iterations: int = 20, seed: int = 0, probes: int = 2,
-                   on_iteration: Callable[[int], None] | None = None) -> Spectrum:
+def top_eigenpairs(
+    op,
+    k: int = 5,
+    iterations: int = 20,
+    seed: int = 0,
+    probes: int = 2,
+    on_iteration: Callable[[int], None] | None = None,
+) -> Spectrum:
     """Largest-algebraic top-k eigenpairs of a symmetric operator by scaled Lanczos.
 
     ``op`` needs ``shape``, ``dtype``, ``device`` and ``@`` (dense tensors qualify). The start
@@ -182,8 +195,9 @@ def top_eigenpairs(op, k: int = 5, iterations: int = 20, seed: int = 0, probes: 
             on_iteration(count[0])
         return (op @ v) / scale
 
-    q, t = lanczos_tridiag(closure, max_iter=min(iterations, d), dtype=op.dtype, device=op.device,
-                           matrix_shape=(d, d), init_vecs=init)
+    q, t = lanczos_tridiag(
+        closure, max_iter=min(iterations, d), dtype=op.dtype, device=op.device, matrix_shape=(d, d), init_vecs=init
+    )
     evals, evecs = torch.linalg.eigh(t)
     order = torch.argsort(evals, descending=True)[:k]
     values = evals[order] * scale
@@ -209,9 +223,15 @@ def ritz_residuals(op, values: torch.Tensor, vectors: torch.Tensor) -> torch.Ten
     return out
 
 
-def converged_eigenpairs(op, k: int = 5, iterations: int = 20, max_iterations: int | None = None,
-                         tol: float = 1e-3, seed: int = 0,
-                         on_iteration: Callable[[int], None] | None = None) -> Spectrum:
+def converged_eigenpairs(
+    op,
+    k: int = 5,
+    iterations: int = 20,
+    max_iterations: int | None = None,
+    tol: float = 1e-3,
+    seed: int = 0,
+    on_iteration: Callable[[int], None] | None = None,
+) -> Spectrum:
     """:func:`top_eigenpairs` with measured Ritz residuals, restarted until they are below ``tol``.
 
     Each round runs ``iterations`` Lanczos steps from the same seeded start vector, then applies
@@ -249,8 +269,12 @@ def ce_hessian_factor(p: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(sq) - sq[:, :, None] * p[:, None, :]
 
 
-def factor_chunks(model: nn.Module, x: torch.Tensor, chunk_size: int = 1000,
-                  factor: Callable[[torch.Tensor], torch.Tensor] = ce_hessian_factor) -> Iterator[torch.Tensor]:
+def factor_chunks(
+    model: nn.Module,
+    x: torch.Tensor,
+    chunk_size: int = 1000,
+    factor: Callable[[torch.Tensor], torch.Tensor] = ce_hessian_factor,
+) -> Iterator[torch.Tensor]:
     """Per-sample A_i = L_i J_i, (B, K, D) per chunk, from one forward and K backward passes.
 
     ``model`` must already be an eval-mode copy (:func:`eval_copy`) in ``x``'s dtype: in eval mode
@@ -259,7 +283,7 @@ def factor_chunks(model: nn.Module, x: torch.Tensor, chunk_size: int = 1000,
     probabilities (float64) to L; tests swap it for a wrong one.
     """
     for s in range(0, len(x), chunk_size):
-        xc = x[s:s + chunk_size].detach().requires_grad_(True)
+        xc = x[s : s + chunk_size].detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model(xc)
             lf = factor(logits.detach().to(torch.float64).softmax(dim=1)).to(logits.dtype)
@@ -274,7 +298,8 @@ def factor_chunks(model: nn.Module, x: torch.Tensor, chunk_size: int = 1000,
 def _not_piecewise_linear(method: str, name: str) -> HessianMethodError:
     return HessianMethodError(
         f"hessian_method={method!r} is invalid for model {name!r}: it is not piecewise linear, so its "
-        "input Hessian is not J^T S J; valid: auto, double-backward")
+        "input Hessian is not J^T S J; valid: auto, double-backward"
+    )
 
 
 def _require_piecewise_linear(model: nn.Module, method: str, name: str | None = None) -> None:
@@ -349,8 +374,14 @@ class SampleFactors:
     :meth:`gram` (dense). Memory N*K*D in ``dtype``.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, chunk_size: int = 1000,
-                 dtype: torch.dtype = torch.float32, name: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        chunk_size: int = 1000,
+        dtype: torch.dtype = torch.float32,
+        name: str | None = None,
+    ):
         _require_piecewise_linear(model, "exact", name)
         m = eval_copy(model, dtype)
         self.factors = torch.cat(list(factor_chunks(m, x.to(dtype), chunk_size)))
@@ -366,7 +397,7 @@ class SampleFactors:
         w = _row_weights(weights, self.n, self.factors.device)
         g = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.factors.device)
         for s in range(0, self.n, chunk_size):
-            a = self.factors[s:s + chunk_size].to(torch.float64) * w[s:s + chunk_size, None, None].sqrt()
+            a = self.factors[s : s + chunk_size].to(torch.float64) * w[s : s + chunk_size, None, None].sqrt()
             a = a.reshape(-1, self.d)
             g.addmm_(a.T, a)
         return g
@@ -435,8 +466,14 @@ def group_spectra_fit(budget_bytes: float, n_groups: int, classes: int, d: int, 
     return group_spectra_bytes(n_groups, d) + chunk_size * chunk_bytes_per_sample(classes, d, itemsize) <= budget_bytes
 
 
-def group_spectra(model: nn.Module, x: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                  dtype: torch.dtype = torch.float32, chunk_size: int = 1000) -> GroupSpectra:
+def group_spectra(
+    model: nn.Module,
+    x: torch.Tensor,
+    groups: torch.Tensor,
+    n_groups: int,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int = 1000,
+) -> GroupSpectra:
     """H_g = (1/n_g) sum_{i in g} A_i^T A_i for every group g (e.g. the label of each sample), exactly.
 
     One forward and K backward passes over the samples (:func:`factor_chunks`) accumulate G float64
@@ -451,7 +488,7 @@ def group_spectra(model: nn.Module, x: torch.Tensor, groups: torch.Tensor, n_gro
     grams = torch.zeros(n_groups, d, d, dtype=torch.float64, device=x.device)
     s = 0
     for a in factor_chunks(m, x.to(dtype), chunk_size):
-        _add_by_group(grams, a.to(torch.float64), groups[s:s + len(a)].to(x.device))
+        _add_by_group(grams, a.to(torch.float64), groups[s : s + len(a)].to(x.device))
         s += len(a)
     return _eig_by_group(grams, torch.bincount(groups.cpu(), minlength=n_groups)[:n_groups])
 
@@ -479,8 +516,16 @@ def spectrum_summary(all_eigenvalues: torch.Tensor | None, k: int, trace: float 
 
 
 # ---------------------------------------------------------------------------- choosing a path
-def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: int, n: int, classes: int,
-                  dense_mb: float, itemsize: int = 4) -> tuple[str, str]:
+def plan_spectrum(
+    requested: str,
+    piecewise_linear: bool,
+    model_name: str,
+    d: int,
+    n: int,
+    classes: int,
+    dense_mb: float,
+    itemsize: int = 4,
+) -> tuple[str, str]:
     """(path, reason) for a spectrum of D = ``d`` inputs averaged over ``n`` samples, ``classes`` logits.
 
     exact needs a piecewise-linear model and either 24*D^2 bytes (float64 Gram, eigenvectors,
@@ -503,13 +548,15 @@ def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: in
         if not exact_fits:
             raise HessianMethodError(
                 f"hessian_method='exact' needs {mb(min(dense_bytes, svd_bytes))} > hessian_dense_mb={dense_mb:g} "
-                f"(D={d}); valid: raise hessian_dense_mb, or gram-lanczos / double-backward")
+                f"(D={d}); valid: raise hessian_dense_mb, or gram-lanczos / double-backward"
+            )
         return "exact", "requested"
     if requested == "gram-lanczos":
         if a_bytes > budget:
             raise HessianMethodError(
                 f"hessian_method='gram-lanczos' needs {mb(a_bytes)} for A > hessian_dense_mb={dense_mb:g}; "
-                "valid: raise hessian_dense_mb, fewer hessian_samples, or double-backward")
+                "valid: raise hessian_dense_mb, fewer hessian_samples, or double-backward"
+            )
         return "gram-lanczos", "requested"
     if requested != "auto":
         return requested, "requested"
@@ -519,12 +566,16 @@ def plan_spectrum(requested: str, piecewise_linear: bool, model_name: str, d: in
         how = "SVD of A, N*K < D" if n * classes < d and dense_bytes > budget else f"D={d}: D x D fits"
         return "exact", f"piecewise linear, {how} in hessian_dense_mb={dense_mb:g}"
     if a_bytes <= budget:
-        return "gram-lanczos", f"piecewise linear, D={d}: D x D over hessian_dense_mb={dense_mb:g}, A ({mb(a_bytes)}) fits"
+        return (
+            "gram-lanczos",
+            f"piecewise linear, D={d}: D x D over hessian_dense_mb={dense_mb:g}, A ({mb(a_bytes)}) fits",
+        )
     return "double-backward", f"D={d}: neither D x D nor A ({mb(a_bytes)}) fits in hessian_dense_mb={dense_mb:g}"
 
 
-def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int,
-                     groups: torch.Tensor | None = None, n_groups: int = 0) -> Spectrum:
+def _exact_streaming(
+    model: nn.Module, x: torch.Tensor, k: int, chunk_size: int, groups: torch.Tensor | None = None, n_groups: int = 0
+) -> Spectrum:
     """Gram accumulated chunk by chunk (never N*K*D at once), or an SVD of A when N*K < D (A is
     then smaller than the Gram). ``model`` is an eval-mode copy in ``x``'s dtype. With ``groups``
     (Gram branch only) one Gram per group is accumulated instead and the total is their sum: the
@@ -538,7 +589,7 @@ def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int,
         elif groups is not None:
             if grams is None:
                 grams = torch.zeros(n_groups, d, d, dtype=torch.float64, device=a.device)
-            _add_by_group(grams, a.to(torch.float64), groups[s:s + len(a)].to(a.device))
+            _add_by_group(grams, a.to(torch.float64), groups[s : s + len(a)].to(a.device))
         else:
             rows = a.reshape(-1, d).to(torch.float64) / math.sqrt(n)
             if g is None:
@@ -554,12 +605,25 @@ def _exact_streaming(model: nn.Module, x: torch.Tensor, k: int, chunk_size: int,
     return exact_from_gram(g, k)
 
 
-def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "auto",
-                           k: int = 5, iterations: int = 20, max_iterations: int | None = None,
-                           tol: float = 1e-3, dense_mb: float = 1024, chunk_size: int = 1000,
-                           dtype: torch.dtype = torch.float32, seed: int = 0, model_name: str | None = None,
-                           on_iteration: Callable[[int], None] | None = None,
-                           groups: torch.Tensor | None = None, n_groups: int = 0) -> Spectrum:
+def input_hessian_spectrum(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    method: str = "auto",
+    k: int = 5,
+    iterations: int = 20,
+    max_iterations: int | None = None,
+    tol: float = 1e-3,
+    dense_mb: float = 1024,
+    chunk_size: int = 1000,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    model_name: str | None = None,
+    on_iteration: Callable[[int], None] | None = None,
+    groups: torch.Tensor | None = None,
+    n_groups: int = 0,
+) -> Spectrum:
     """Top-k eigenpairs of H = mean_i Hess_x CE(model(x_i), y_i) by the path :func:`plan_spectrum`
     picks for ``method``; the returned :class:`Spectrum` says which (``method``, ``reason``).
 
@@ -574,17 +638,34 @@ def input_hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     m = eval_copy(model, dtype)
     with torch.no_grad():
         classes = int(m(x[:1].to(dtype)).shape[1])
-    path, reason = plan_spectrum(method, bool(getattr(model, "piecewise_linear", False)), name, d, n, classes,
-                                 dense_mb, torch.empty((), dtype=dtype).element_size())
+    path, reason = plan_spectrum(
+        method,
+        bool(getattr(model, "piecewise_linear", False)),
+        name,
+        d,
+        n,
+        classes,
+        dense_mb,
+        torch.empty((), dtype=dtype).element_size(),
+    )
     itemsize, budget = torch.empty((), dtype=dtype).element_size(), dense_mb * 2**20
     if path == "exact":
         held = EXACT_BYTES_PER_D2 * d * d if n * classes >= d else 16 * n * classes * d
-        by_group = (groups is not None and n * classes >= d
-                    and group_spectra_fit(budget, n_groups, classes, d, itemsize, min(chunk_size, n)))
+        by_group = (
+            groups is not None
+            and n * classes >= d
+            and group_spectra_fit(budget, n_groups, classes, d, itemsize, min(chunk_size, n))
+        )
         if by_group:
             held = group_spectra_bytes(n_groups, d)
-        spec = _exact_streaming(m, x.to(dtype), k, chunk_within(budget, held, classes, d, itemsize, chunk_size),
-                                groups if by_group else None, n_groups)
+        spec = _exact_streaming(
+            m,
+            x.to(dtype),
+            k,
+            chunk_within(budget, held, classes, d, itemsize, chunk_size),
+            groups if by_group else None,
+            n_groups,
+        )
     else:
         if path == "gram-lanczos":
             chunk = chunk_within(budget, n * classes * d * itemsize, classes, d, itemsize, chunk_size)

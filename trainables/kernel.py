@@ -106,8 +106,15 @@ def input_gradient_gram(x: torch.Tensor, ell: float) -> torch.Tensor:
 class KRR:
     """f(x) = sum_i alpha_i k(x, x_i) with alpha from eq 2 (kappa = 0) or eq 26."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, ell: float, lam: float, kappa: float = 0.0,
-                 g: torch.Tensor | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ell: float,
+        lam: float,
+        kappa: float = 0.0,
+        g: torch.Tensor | None = None,
+    ):
         self.x, self.y, self.ell = x, y, ell
         n = len(x)
         self.ridge = n * lam
@@ -169,27 +176,35 @@ def run_kernel_trial(cfg: KernelConfig) -> TrialResult:
     delta_f = pp["f"] - pc["f"]
     s_closed = theory.gain(cfg.m, c)
     metrics = {
-        "c": c, "k0": k0, "r": r,
-        "gain": float(poisoned.alpha[len(x):].sum() / cfg.y_t) if cfg.m else 0.0,  # 1^T alpha_P / y_t (eq 9)
+        "c": c,
+        "k0": k0,
+        "r": r,
+        "gain": float(poisoned.alpha[len(x) :].sum() / cfg.y_t) if cfg.m else 0.0,  # 1^T alpha_P / y_t (eq 9)
         "gain_closed": s_closed,
-        "delta_f": delta_f, "delta_f_closed": theory.efficacy(cfg.m, c, k0, cfg.y_t),
+        "delta_f": delta_f,
+        "delta_f_closed": theory.efficacy(cfg.m, c, k0, cfg.y_t),
         "delta_f_small_m": theory.efficacy_small_m(cfg.m, c, k0, cfg.y_t),
         "delta_f_saturation": theory.efficacy_saturation(k0, cfg.y_t),
-        "spike": pp["grad_sq"], "spike_closed": theory.spike(theory.rbf_grad_sq(r, cfg.ell), cfg.m, c),
+        "spike": pp["grad_sq"],
+        "spike_closed": theory.spike(theory.rbf_grad_sq(r, cfg.ell), cfg.m, c),
         "spike_clean": pc["grad_sq"],
-        "r_k": pp["grad_sq"] / delta_f**2 if delta_f else math.nan, "r_k_closed": theory.rbf_spike_factor(r, cfg.ell),
-        "lambda_max": pp["lambda_max"], "lambda_max_clean": pc["lambda_max"],
+        "r_k": pp["grad_sq"] / delta_f**2 if delta_f else math.nan,
+        "r_k_closed": theory.rbf_spike_factor(r, cfg.ell),
+        "lambda_max": pp["lambda_max"],
+        "lambda_max_clean": pc["lambda_max"],
         "lambda_max_closed": theory.rbf_spike(delta_f, r, cfg.ell),  # eq 40 from the measured efficacy
         "near_clone_delta_f": theory.near_clone_efficacy(cfg.m, c, cfg.y_t),
         "near_clone_spike": theory.near_clone_spike(cfg.m, c, r, cfg.ell),
-        "df": poisoned.df(), "residual": poisoned.residual(),
+        "df": poisoned.df(),
+        "residual": poisoned.residual(),
         "spike_background": background_curvature(clean, x),
     }
     for key in ("gain", "delta_f", "spike", "r_k", "lambda_max"):
         metrics[f"{key}_rel_err"] = _rel(metrics[key], metrics[f"{key}_closed"])
     # Remark 3.5 against the clean model's typical curvature (at x0 itself it is ~0: zeta is far away)
     metrics["detectable"] = float(pp["grad_sq"] > metrics["spike_background"])
-    metrics["detectable_closed"] = float(theory.detectable(delta_f, metrics["spike_background"],
-                                                           theory.rbf_spike_factor(r, cfg.ell)))
+    metrics["detectable_closed"] = float(
+        theory.detectable(delta_f, metrics["spike_background"], theory.rbf_spike_factor(r, cfg.ell))
+    )
     metrics["train_seconds"] = time.perf_counter() - t0
     return TrialResult(config=cfg.to_dict(), status="completed", metrics=metrics)

@@ -67,8 +67,12 @@ def qr_add_feature(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> dict[str,
     """
     if np.ndim(y) == 1:  # Lemma F.1 is stated for one response: solve it as a single column
         out = qr_add_feature(x, np.asarray(y)[:, None], x_new)
-        return {"beta": out["beta"][:, 0], "beta_old": out["beta_old"][:, 0],
-                "beta_new": out["beta_new"][0], "rss_drop": out["rss_drop"][0]}
+        return {
+            "beta": out["beta"][:, 0],
+            "beta_old": out["beta_old"][:, 0],
+            "beta_new": out["beta_new"][0],
+            "rss_drop": out["rss_drop"][0],
+        }
     q, r = np.linalg.qr(x)
     beta = np.linalg.solve(r, q.T @ y)
     e = y - x @ beta
@@ -122,8 +126,15 @@ def run_linear_trial(cfg: LinearConfig) -> TrialResult:
     asr = float(((x_test_trig @ beta_trig).argmax(1) == cfg.target).mean())
     # the feature model: x_new = 0 on clean test images, 1 on triggered ones
     feat_acc = float(((np.hstack([x_test, np.zeros((len(x_test), 1))]) @ full).argmax(1) == data.test_y.numpy()).mean())
-    feat_asr = float(((np.hstack([_design(data.test_x[torch.from_numpy(nontarget)], keep),
-                                  np.ones((int(nontarget.sum()), 1))]) @ full).argmax(1) == cfg.target).mean())
+    feat_asr = float(
+        (
+            (
+                np.hstack([_design(data.test_x[torch.from_numpy(nontarget)], keep), np.ones((int(nontarget.sum()), 1))])
+                @ full
+            ).argmax(1)
+            == cfg.target
+        ).mean()
+    )
 
     npx = int(keep.sum())
     pattern = trig.pixels.flatten().numpy()[keep].astype(float)
@@ -137,17 +148,25 @@ def run_linear_trial(cfg: LinearConfig) -> TrialResult:
         return out.reshape(h, w)
 
     base_t = step["beta"][:, cfg.target]
-    images = {"full-base": image(full[:-1, cfg.target] - base_t), "step-base": image(beta_step[:-1, cfg.target] - base_t),
-              "step-full": image(beta_step[:-1, cfg.target] - full[:-1, cfg.target]),
-              "weights": image(beta_trig[:, cfg.target])}
+    images = {
+        "full-base": image(full[:-1, cfg.target] - base_t),
+        "step-base": image(beta_step[:-1, cfg.target] - base_t),
+        "step-full": image(beta_step[:-1, cfg.target] - full[:-1, cfg.target]),
+        "weights": image(beta_trig[:, cfg.target]),
+    }
     metrics = {
-        "clean_acc": acc, "asr": asr, "feature_clean_acc": feat_acc, "feature_asr": feat_asr,
+        "clean_acc": acc,
+        "asr": asr,
+        "feature_clean_acc": feat_acc,
+        "feature_asr": feat_asr,
         "n_poisoned": int(mask.sum()),
         "step_rel_err": float(np.linalg.norm(beta_step - full) / np.linalg.norm(full)),
         "rss_drop": float(step["rss_drop"].sum()),
-        "rss_drop_measured": float(((y_onehot - x @ step["beta"]) ** 2).sum() - ((y_onehot - np.hstack([x, x_new[:, None]]) @ full) ** 2).sum()),
-        "trigger_cosine": cosine, "beta_new_target": float(step["beta_new"][cfg.target]),
+        "rss_drop_measured": float(
+            ((y_onehot - x @ step["beta"]) ** 2).sum() - ((y_onehot - np.hstack([x, x_new[:, None]]) @ full) ** 2).sum()
+        ),
+        "trigger_cosine": cosine,
+        "beta_new_target": float(step["beta_new"][cfg.target]),
         "train_seconds": time.perf_counter() - t0,
     }
-    return TrialResult(config=cfg.to_dict(), status="completed", metrics=metrics,
-                       artifacts={"weight_images": images})
+    return TrialResult(config=cfg.to_dict(), status="completed", metrics=metrics, artifacts={"weight_images": images})

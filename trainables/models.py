@@ -85,10 +85,21 @@ def _preresnet_depth(name: str) -> int | None:
 
 
 # CPU costs per 3x32x32 sample (train step, measured in benchmarks/train_step.py); scaled by pixels in plan
-register_model(ModelEntry("cnn", lambda n, s, k: _nets().SmallCNN(s, k), lambda n: n == "cnn", lambda n: 1.4e-4 * 48, "cnn"))
-register_model(ModelEntry("linear", lambda n, s, k: _nets().LinearModel(s, k), lambda n: n == "linear",
-                          lambda n: 2e-5 * 48, "linear"))
-register_model(ModelEntry("preresnet", lambda n, s, k: _nets().PreResNet(_preresnet_depth(n), s, k),
-                          lambda n: _preresnet_depth(n) is not None,
-                          lambda n: 2.1e-3 / 20 * _preresnet_depth(n), "preresnet<depth = 6n+2 >= 8> (e.g. preresnet20)",
-                          lr=0.1))  # Sec. 5
+register_model(
+    ModelEntry("cnn", lambda n, s, k: _nets().SmallCNN(s, k), lambda n: n == "cnn", lambda n: 1.4e-4 * 48, "cnn")
+)
+register_model(
+    ModelEntry(
+        "linear", lambda n, s, k: _nets().LinearModel(s, k), lambda n: n == "linear", lambda n: 2e-5 * 48, "linear"
+    )
+)
+register_model(
+    ModelEntry(
+        "preresnet",
+        lambda n, s, k: _nets().PreResNet(_preresnet_depth(n), s, k),
+        lambda n: _preresnet_depth(n) is not None,
+        lambda n: 2.1e-3 / 20 * _preresnet_depth(n),
+        "preresnet<depth = 6n+2 >= 8> (e.g. preresnet20)",
+        lr=0.1,
+    )
+)  # Sec. 5

@@ -57,8 +57,9 @@ def register_penalty(name: str, fn: Callable[..., tuple[torch.Tensor, torch.Tens
     PENALTIES[name] = fn
 
 
-def penalized_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kappa: float,
-                   convention: str = "listing1") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def penalized_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, kappa: float, convention: str = "listing1"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(objective, ce, penalty)`` for one batch; ``objective = ce + penalty``.
 
     With kappa == 0 the penalty is not computed (a plain step, no double backward). An unknown

@@ -57,9 +57,11 @@ def _import(name: str) -> None:
     try:
         import_module(name)
     except Exception as e:  # a missing module, a syntax error or a failing registration alike
-        raise PluginError(f"plugin {name!r} from {ENV} cannot be imported: {_first_line(e)} ({ENV} is a "
-                          f"comma-separated list of importable module names; their folder must be on "
-                          f"PYTHONPATH)") from e
+        raise PluginError(
+            f"plugin {name!r} from {ENV} cannot be imported: {_first_line(e)} ({ENV} is a "
+            f"comma-separated list of importable module names; their folder must be on "
+            f"PYTHONPATH)"
+        ) from e
 
 
 def _entry_points() -> list:
@@ -75,8 +77,11 @@ def _load_entry_point(ep) -> None:
             obj()
     except Exception as e:
         dist = getattr(getattr(ep, "dist", None), "name", None)
-        raise PluginError(f"plugin entry point {ep.name} = {ep.value!r} (group {GROUP}"
-                          + (f", distribution {dist}" if dist else "") + f") failed: {_first_line(e)}") from e
+        raise PluginError(
+            f"plugin entry point {ep.name} = {ep.value!r} (group {GROUP}"
+            + (f", distribution {dist}" if dist else "")
+            + f") failed: {_first_line(e)}"
+        ) from e
 
 
 def load_plugins() -> list[str]:

@@ -52,7 +52,7 @@ class DetectionContext:
         """(raw images in [0, 1], labels): at most ``detect_samples`` clean test images."""
         data = self.trial.data
         n = len(data.test_y)
-        idx = torch.randperm(n, generator=self.generator(11))[:self.cfg.detect_samples].sort().values
+        idx = torch.randperm(n, generator=self.generator(11))[: self.cfg.detect_samples].sort().values
         idx = idx.to(data.test_y.device)
         return data.test_x[idx], data.test_y[idx]
 
@@ -81,7 +81,7 @@ class DetectionContext:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes of normalized images, in eval mode, batched."""
         self.model.eval()
-        return torch.cat([self.model(x[s:s + self.batch_size]).argmax(1) for s in range(0, len(x), self.batch_size)])
+        return torch.cat([self.model(x[s : s + self.batch_size]).argmax(1) for s in range(0, len(x), self.batch_size)])
 
 
 # ----------------------------------------------------------------------------- spectral shape

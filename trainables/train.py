@@ -50,8 +50,13 @@ class TrialResult:
 
     def to_json_dict(self) -> dict[str, Any]:
         """The JSON-able part: config, metrics, status, history, spectrum (with the path used) and geometry table."""
-        out = {"config": self.config, "metrics": self.metrics, "status": self.status,
-               "diverged_epoch": self.diverged_epoch, "history": self.history}
+        out = {
+            "config": self.config,
+            "metrics": self.metrics,
+            "status": self.status,
+            "diverged_epoch": self.diverged_epoch,
+            "history": self.history,
+        }
         for key in ("eigenvalues", "overlaps", "hessian", "geometry", "detection"):
             if key in self.artifacts:
                 out[key] = self.artifacts[key]
@@ -106,8 +111,9 @@ class Trial:
         self.model = make_model(cfg.model, cfg.image_shape, cfg.num_classes).to(self.device)
         if cfg.hessian:  # a method this model or budget cannot run is refused before training, not after
             self.hessian_plan()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, float]] = []
@@ -143,7 +149,7 @@ class Trial:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # sample-weighted ce, penalty
         seen = 0
         for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
+            idx = perm[start : start + cfg.batch_size]
             x = data.train_x[idx]
             if cfg.augment:
                 x = augment_batch(x, cfg.crop_padding, self.generator)
@@ -160,8 +166,13 @@ class Trial:
             seen += len(y)
         self.epoch += 1
         n = max(seen, 1)
-        metrics = {"epoch": self.epoch, "lr": lr, "train_loss": float(sums[0]) / n,
-                   "penalty": float(sums[1]) / n, "n_poisoned": int(mask.sum())}
+        metrics = {
+            "epoch": self.epoch,
+            "lr": lr,
+            "train_loss": float(sums[0]) / n,
+            "penalty": float(sums[1]) / n,
+            "n_poisoned": int(mask.sum()),
+        }
         if self.status == "diverged":
             metrics.update(train_loss=math.nan, penalty=math.nan)
         else:
@@ -170,7 +181,9 @@ class Trial:
                 self.status = "completed"
             elif cfg.hessian and cfg.spectrum_every and self.epoch % cfg.spectrum_every == 0:
                 spec, _, _ = self.spectrum()  # onset of visibility during training
-                metrics.update({k: v for k, v in spec.items() if k.startswith(("lambda_1", "eig_gap", "overlap", "max_overlap"))})
+                metrics.update(
+                    {k: v for k, v in spec.items() if k.startswith(("lambda_1", "eig_gap", "overlap", "max_overlap"))}
+                )
         metrics["epoch_seconds"] = time.perf_counter() - t0
         self.history.append(metrics)
         return metrics
@@ -181,8 +194,8 @@ class Trial:
             return math.nan
         correct = 0
         for s in range(0, len(y), self.cfg.eval_batch_size):
-            pred = self.model(x[s:s + self.cfg.eval_batch_size]).argmax(1)
-            correct += int((pred == y[s:s + self.cfg.eval_batch_size]).sum())
+            pred = self.model(x[s : s + self.cfg.eval_batch_size]).argmax(1)
+            correct += int((pred == y[s : s + self.cfg.eval_batch_size]).sum())
         return correct / len(y)
 
     def evaluate(self, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
@@ -190,16 +203,22 @@ class Trial:
         cfg, data = self.cfg, self.data
         self.model.eval()
         if mask is None:
-            mask = self.poisoner.fixed if self.poisoner.fixed is not None else torch.zeros_like(data.train_y, dtype=torch.bool)
+            mask = (
+                self.poisoner.fixed
+                if self.poisoner.fixed is not None
+                else torch.zeros_like(data.train_y, dtype=torch.bool)
+            )
             labels = self.poisoner.poisoned_labels(mask)
         train_x = data.normalize(self.trigger.apply(data.train_x, mask))
         target = torch.full((len(self.asr_x),), cfg.target, device=self.device)
         n_f = min(1000, len(data.test_y))
         fisher = per_sample_input_grad_sq(self.model, self.test_x[:n_f], data.test_y[:n_f]).mean()
-        return {"clean_acc": self._accuracy(self.test_x, data.test_y),
-                "asr": self._accuracy(self.asr_x, target),
-                "train_acc": self._accuracy(train_x, labels),
-                "fisher_trace": float(fisher)}
+        return {
+            "clean_acc": self._accuracy(self.test_x, data.test_y),
+            "asr": self._accuracy(self.asr_x, target),
+            "train_acc": self._accuracy(train_x, labels),
+            "fisher_trace": float(fisher),
+        }
 
     # ------------------------------------------------------------------ input-space analysis
     def hessian_data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +243,7 @@ class Trial:
             x, y = self.trigger.apply(data.train_x, mask), self.poisoner.poisoned_labels(mask)
         if len(y) > cfg.hessian_samples:
             g = torch.Generator().manual_seed(cfg.seed + 7)
-            idx = torch.randperm(len(y), generator=g)[:cfg.hessian_samples].sort().values.to(y.device)
+            idx = torch.randperm(len(y), generator=g)[: cfg.hessian_samples].sort().values.to(y.device)
             x, y = x[idx], y[idx]
         return data.normalize(x), y
 
@@ -234,8 +253,16 @@ class Trial:
         c, h, w = cfg.image_shape
         n = min(cfg.hessian_samples, len(self.data.train_y) if cfg.hessian_split != "test" else len(self.data.test_y))
         itemsize = 8 if cfg.hessian_dtype == "float64" else 4
-        return plan_spectrum(cfg.hessian_method, bool(getattr(self.model, "piecewise_linear", False)), cfg.model,
-                             c * h * w, n, cfg.num_classes, cfg.hessian_dense_mb, itemsize)
+        return plan_spectrum(
+            cfg.hessian_method,
+            bool(getattr(self.model, "piecewise_linear", False)),
+            cfg.model,
+            c * h * w,
+            n,
+            cfg.num_classes,
+            cfg.hessian_dense_mb,
+            itemsize,
+        )
 
     def hessian_operator(self) -> InputHessian:
         """The input Hessian of the current model on :meth:`hessian_data`, as an HVP operator
@@ -248,8 +275,9 @@ class Trial:
         x, y = self.hessian_data()
         return InputHessian(self.model, x, y, cfg.eval_batch_size, method, dtype)
 
-    def spectrum(self, on_iteration: Callable[[int], None] | None = None, classes: bool = False
-                 ) -> tuple[dict[str, float], torch.Tensor, list[float]]:
+    def spectrum(
+        self, on_iteration: Callable[[int], None] | None = None, classes: bool = False
+    ) -> tuple[dict[str, float], torch.Tensor, list[float]]:
         """Top-k input-Hessian eigenpairs and trigger overlaps: (metrics, (k, C, H, W) vectors, overlaps).
 
         The path (exact, gram-lanczos, HVP Lanczos) and why it was picked are kept in
@@ -262,16 +290,33 @@ class Trial:
         x, y = self.hessian_data()
         dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
         spec = input_hessian_spectrum(
-            self.model, x, y, method=cfg.hessian_method, k=cfg.hessian_top_k, iterations=cfg.hessian_iterations,
-            max_iterations=cfg.hessian_max_iterations, tol=cfg.hessian_tol, dense_mb=cfg.hessian_dense_mb,
-            chunk_size=cfg.eval_batch_size, dtype=dtype, seed=cfg.seed, model_name=cfg.model,
-            on_iteration=on_iteration, groups=y if classes else None, n_groups=cfg.num_classes)
+            self.model,
+            x,
+            y,
+            method=cfg.hessian_method,
+            k=cfg.hessian_top_k,
+            iterations=cfg.hessian_iterations,
+            max_iterations=cfg.hessian_max_iterations,
+            tol=cfg.hessian_tol,
+            dense_mb=cfg.hessian_dense_mb,
+            chunk_size=cfg.eval_batch_size,
+            dtype=dtype,
+            seed=cfg.seed,
+            model_name=cfg.model,
+            on_iteration=on_iteration,
+            groups=y if classes else None,
+            n_groups=cfg.num_classes,
+        )
         metrics, vecs, overlaps = spectrum_metrics(spec, self.direction)
         self.class_spectra = None if spec.groups is None else asdict(spec.groups)
         metrics["hessian_samples"] = len(y)
         metrics["hessian_seconds"] = time.perf_counter() - t0
-        self.hessian_info = {"method_used": spec.method, "reason": spec.reason,
-                             "converged": bool(spec.converged), "lanczos_iterations": spec.iterations}
+        self.hessian_info = {
+            "method_used": spec.method,
+            "reason": spec.reason,
+            "converged": bool(spec.converged),
+            "lanczos_iterations": spec.iterations,
+        }
         return metrics, vecs.T.reshape(-1, *cfg.image_shape).float().cpu(), overlaps
 
     def keep_spectrum(self, metrics: dict[str, float], vecs: torch.Tensor, overlaps: list[float]) -> None:
@@ -384,19 +429,28 @@ class Trial:
         final.pop("epoch_seconds", None)
         final["train_seconds"] = sum(h.get("epoch_seconds", 0.0) for h in self.history)
         final.update(self.analysis)
-        return TrialResult(config=self.cfg.to_dict(), status=self.status, metrics=final,
-                           history=list(self.history), diverged_epoch=self.diverged_epoch,
-                           artifacts=dict(self.artifacts))
+        return TrialResult(
+            config=self.cfg.to_dict(),
+            status=self.status,
+            metrics=final,
+            history=list(self.history),
+            diverged_epoch=self.diverged_epoch,
+            artifacts=dict(self.artifacts),
+        )
 
 
 def _as_tuple(obj):
     return tuple(_as_tuple(o) for o in obj) if isinstance(obj, list | tuple) else obj
 
 
-def run_trial(cfg: TrialConfig, checkpoint: str | os.PathLike | None = None,
-              on_epoch: Callable[[dict[str, float]], None] | None = None,
-              data: ImageData | None = None, max_epochs: int | None = None,
-              on_lanczos: Callable[[int], None] | None = None) -> TrialResult:
+def run_trial(
+    cfg: TrialConfig,
+    checkpoint: str | os.PathLike | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    data: ImageData | None = None,
+    max_epochs: int | None = None,
+    on_lanczos: Callable[[int], None] | None = None,
+) -> TrialResult:
     """Train a trial to the end (or for ``max_epochs`` more epochs), checkpointing each epoch,
     then run the input-space analysis.
 
@@ -431,8 +485,11 @@ def _run(cfg, checkpoint, on_epoch, data, max_epochs, on_lanczos) -> TrialResult
             trial.save(checkpoint)
         if on_epoch is not None:
             on_epoch(metrics)
-    if trial.status == "completed" and not trial.analysis and (cfg.hessian or cfg.geometry or cfg.detect
-                                                               or cfg.detect_baselines):
+    if (
+        trial.status == "completed"
+        and not trial.analysis
+        and (cfg.hessian or cfg.geometry or cfg.detect or cfg.detect_baselines)
+    ):
         trial.analyze(on_lanczos)
         if checkpoint is not None:
             trial.save(checkpoint)

@@ -45,7 +45,7 @@ def square_pixels(h: int, w: int, margin: int = 1, size: int = 4) -> torch.Tenso
     import torch
 
     pix = torch.zeros(h, w, dtype=torch.bool)
-    pix[h - margin - size:h - margin, w - margin - size:w - margin] = True
+    pix[h - margin - size : h - margin, w - margin - size : w - margin] = True
     return pix
 
 
@@ -107,8 +107,9 @@ class WarpTrigger:
         ins = torch.rand(1, 2, k, k, generator=g, dtype=torch.float64) * 2 - 1
         ins = ins / ins.abs().mean()
         noise = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64),
-                                torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, h, dtype=torch.float64), torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij"
+        )
         identity = torch.stack((xs, ys), dim=-1)[None]
         grid = (identity + strength * noise).clamp(-1, 1)
         return cls(grid=grid.to(torch.float32), channels=channels)
@@ -207,14 +208,34 @@ def make_trigger(cfg) -> Trigger:
 def _patch(pixels):
     def build(cfg) -> Trigger:
         c, h, w = cfg.image_shape
-        return PatchTrigger(pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c, getattr(cfg, "trigger_amplitude", 1.0))
+        return PatchTrigger(
+            pixels(h, w, cfg.trigger_margin, cfg.trigger_size), c, getattr(cfg, "trigger_amplitude", 1.0)
+        )
+
     return build
 
 
 register_trigger(TriggerEntry("lshape", _patch(lshape_pixels)))  # Listing 2: arm 2, margin 3 (0 on 8x8)
-register_trigger(TriggerEntry("square", _patch(square_pixels),  # Sec. 4: 4x4, 1 px from the corner (2x2, 0 on 8x8)
-                              lambda small: (2, 0) if small else (4, 1)))
-register_trigger(TriggerEntry("warp", lambda cfg: WarpTrigger.make(
-    cfg.image_shape[1], cfg.image_shape[2], cfg.image_shape[0], cfg.warp_strength, cfg.warp_grid, cfg.warp_seed)))
-register_trigger(TriggerEntry("blend", lambda cfg: BlendTrigger.make(
-    cfg.image_shape[1], cfg.image_shape[2], cfg.image_shape[0], cfg.blend_alpha, cfg.blend_seed)))
+register_trigger(
+    TriggerEntry(
+        "square",
+        _patch(square_pixels),  # Sec. 4: 4x4, 1 px from the corner (2x2, 0 on 8x8)
+        lambda small: (2, 0) if small else (4, 1),
+    )
+)
+register_trigger(
+    TriggerEntry(
+        "warp",
+        lambda cfg: WarpTrigger.make(
+            cfg.image_shape[1], cfg.image_shape[2], cfg.image_shape[0], cfg.warp_strength, cfg.warp_grid, cfg.warp_seed
+        ),
+    )
+)
+register_trigger(
+    TriggerEntry(
+        "blend",
+        lambda cfg: BlendTrigger.make(
+            cfg.image_shape[1], cfg.image_shape[2], cfg.image_shape[0], cfg.blend_alpha, cfg.blend_seed
+        ),
+    )
+)
