@@ -302,6 +302,8 @@ def run_search(
     configs, meta = prepare(defence, opts)
     threat_list = threat_set(threats)
     check_models(defence, threat_list, seed_list)
+    # the threats may name the data (--dataset is an attack field): every model's files, before Ray
+    check_data(TrialConfig.from_dict({**c.to_dict(), **t, "seed": seed_list[0]}) for c in configs for t in threat_list)
     if is_uri(meta.storage):
         raise SweeperError("sweeper search keeps its Optuna study in a local folder: --storage must be a path")
     meta.n_trials = budget

@@ -160,10 +160,7 @@ def check_data(configs) -> None:
         try:
             load_dataset(*key)
         except SweeperError as e:
-            raise SweeperError(
-                f"{e} [dataset {name}, data_dir {folder}; a sweep file's relative data_dir is "
-                f"read from the file's folder]"
-            ) from None
+            raise SweeperError(f"{e} [dataset {name}, data_dir {folder}]") from None
 
 
 def check_cluster_resources(cpus: float, gpus: float | None) -> None:

@@ -312,3 +312,27 @@ def test_trials_are_named_by_their_axes_with_short_floats():
     row = {"kappa": 122.96071107325702, "seed": 1, "trial_key": "cbf59894670dbc13", "status": "pending"}
     assert _point(row, ["kappa", "seed"]) == "kappa=123 seed=1"
     assert _point(row, []) == "cbf59894670dbc13"
+
+
+def test_a_search_with_missing_data_stops_before_ray(tmp_path):
+    storage = tmp_path / "s"
+    code, out = sweeper(
+        [
+            "search",
+            "--dataset",
+            "mnist",
+            "--set",
+            f"data_dir={tmp_path / 'nowhere'}",
+            "--budget",
+            "2",
+            "--epochs",
+            "1",
+            "--name",
+            "srch",
+            "--storage",
+            str(storage),
+        ],
+        timeout=30,
+    )
+    assert code == 2 and f"missing dataset file {tmp_path / 'nowhere'}/mnist/" in out, out
+    assert not (storage / "srch").exists()
