@@ -149,15 +149,20 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 def _final_metrics(result, tracker: tracking.TrialTracker) -> dict[str, Any]:
     """A trial's last report: final metrics, status, its MLflow run and the node it ran on."""
+    return final_report(result.metrics, result.status, tracker)
+
+
+def final_report(metrics: dict[str, Any], status: str, tracker: tracking.TrialTracker) -> dict[str, Any]:
+    """The one shape of a trial's final report, whether it just ran or its MLflow run had finished before."""
     import ray
 
     objectives = {"clean_acc": float("nan"), "asr": float("nan")}  # a diverged trial has none: NaN for searchers
     return {
         **objectives,
-        **result.metrics,
-        "status": result.status,
+        **metrics,
+        "status": status,
         "trial_key": tracker.key,
-        "diverged": int(result.status == "diverged"),
+        "diverged": int(status == "diverged"),
         "mlflow_run_id": tracker.run_id or "",
         "node_id": ray.get_runtime_context().get_node_id(),
     }
@@ -194,17 +199,7 @@ def final_recorded(sweep: dict[str, Any], trial_id: str, key: str) -> bool:
 
 def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
     """The final report of a trial whose MLflow run already finished (from that run's metrics)."""
-    import ray
-
-    metrics = {"clean_acc": float("nan"), "asr": float("nan"), **tracker.final_metrics}
-    return {
-        **metrics,
-        "status": tracker.final_status,
-        "trial_key": tracker.key,
-        "diverged": int(tracker.final_status == "diverged"),
-        "mlflow_run_id": tracker.run_id or "",
-        "node_id": ray.get_runtime_context().get_node_id(),
-    }
+    return final_report(tracker.final_metrics, tracker.final_status, tracker)
 
 
 def quiet_worker_exit() -> None:
