@@ -67,25 +67,13 @@ def parse_objectives(text: str | None, aggregate: str | None = None) -> list[Obj
     """
     if aggregate is not None and aggregate not in AGGREGATES:
         raise SweeperError(f"--aggregate {aggregate!r} is invalid: must be worst or mean")
-    out = []
-    for part in (text or "clean_acc:max,asr:min").split(","):
-        bits = [b.strip() for b in part.split(":")]
-        if (
-            len(bits) not in (2, 3)
-            or not bits[0]
-            or bits[1] not in ("max", "min")
-            or (len(bits) == 3 and bits[2] not in AGGREGATES)
-        ):
-            raise SweeperError(
-                f"--objectives: {part!r} is invalid: expected METRIC:max|min, optionally followed by :worst or :mean"
-            )
-        how = aggregate or (bits[2] if len(bits) == 3 else DEFAULT_AGGREGATE.get(bits[0], "mean"))
-        out.append(Objective(bits[0], bits[1], how))
-    if len(out) < 2:
-        raise SweeperError(f"--objectives {text!r}: a frontier needs at least two objectives")
-    if len({o.metric for o in out}) != len(out):
-        raise SweeperError(f"--objectives {text!r}: a metric appears twice")
-    return out
+    from .pareto import objective_parts
+
+    try:  # the syntax is pareto's, the one parser; a search adds the aggregation over threats
+        parts = objective_parts(text or "clean_acc:max,asr:min", AGGREGATES)
+    except ValueError as e:
+        raise SweeperError(f"--objectives: {e}") from None
+    return [Objective(m, d, aggregate or agg or DEFAULT_AGGREGATE.get(m, "mean")) for m, d, agg in parts]
 
 
 def threat_set(threats: dict[str, list[Any]]) -> list[dict[str, Any]]:

@@ -185,8 +185,6 @@ def test_cifar_preresnet_warp_trial_end_to_end(cifar_dir, tmp_path, capsys):
             "40",
             "--hessian-iterations",
             "6",
-            # per-class curvature eighs eleven 3072x3072 matrices (a minute on 2 cores): tested on digits
-            "--no-detect",
             "--json",
             str(out),
         ],
@@ -198,6 +196,7 @@ def test_cifar_preresnet_warp_trial_end_to_end(cifar_dir, tmp_path, capsys):
     assert (
         len(d["eigenvalues"]) == 5 and 1 <= len(d["geometry"]) <= 10
     )  # classes absent from the tiny test set are skipped
+    assert "det_class_flip_max" in d["metrics"]  # per-class curvature on 3072 pixels: ARPACK's top pair, seconds
 
 
 @pytest.mark.parametrize(

@@ -519,3 +519,22 @@ def test_trial_records_the_exact_path_and_its_summary():
     assert m["hessian_trace"] >= m["lambda_1"] > 0
     info = res.to_json_dict()["hessian"]
     assert info["method_used"] == "exact" and "piecewise linear" in info["reason"]
+
+
+def test_the_top_eigenpair_fast_path_matches_a_float64_eigh_and_a_wrong_pair_fails_the_check():
+    """Above TOP_EIG_DENSE_D per-class curvature takes ARPACK's top pair, not a full eigh: same numbers."""
+    from trainables.hessian import TOP_EIG_DENSE_D, top_eigenpair
+
+    g = torch.Generator().manual_seed(0)
+    d = TOP_EIG_DENSE_D + 76
+    a = torch.randn(300, d, dtype=torch.float64, generator=g)
+    h = a.T @ a / 300  # a PSD Gram, as the per-class J^T S J sums are
+    evals, evecs = torch.linalg.eigh(h)
+
+    def agrees(lam, vec):  # the stated tolerance: 1e-10 relative on the value, 1e-10 on 1 - |cos|
+        return abs(lam - float(evals[-1])) <= 1e-10 * float(evals[-1]) and 1 - abs(float(vec @ evecs[:, -1])) <= 1e-10
+
+    lam, vec = top_eigenpair(h)
+    assert agrees(lam, vec) and abs(float(vec.norm()) - 1) < 1e-12
+    assert not agrees(float(evals[-2]), evecs[:, -2])  # the check can fail: the runner-up pair does not pass
+    assert top_eigenpair(h)[0] == lam  # a fixed start vector: the same number every run
