@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainables.config import SweeperError, TrialConfig
+from trainables.config import SweeperError
 
 from . import tracking
 from .tracking import run_label
@@ -35,22 +35,8 @@ def trainable(config: dict[str, Any]) -> None:
     if config["trial"].get("kind", "network") != "network":
         torch.set_num_threads(max(1, int(sweep["threads"])))
         return _closed_form_trial(config["trial"], sweep)
-    try:
-        cfg = TrialConfig.from_dict(config["trial"])
-    except SweeperError as e:  # a config that cannot be valid anywhere: failed at once, not retried
-        _fail(e, "")
-        raise
+    cfg, tracker = _config_and_tracker(config["trial"], sweep)
     torch.set_num_threads(cfg.threads)  # the config's count: the same numbers as `sweeper trial`
-    tracker = tracking.TrialTracker(
-        sweep["mlflow_uri"],
-        sweep["experiment_id"],
-        sweep["parent_run_id"],
-        sweep["name"],
-        cfg.to_dict(),
-        tune.get_context().get_trial_id(),
-        run_label(config["trial"], sweep.get("axes", [])),
-        key_format=sweep.get("key_format", 1),
-    )
     if tracker.finished:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
         _report_stored_final(tracker, sweep)
         return
@@ -113,11 +99,14 @@ def no_retry_callback():
     return NoRetry()
 
 
-def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """Kernel and linear trials: one dense computation, logged and reported once."""
+def _config_and_tracker(trial: dict[str, Any], sweep: dict[str, Any]):
+    """A trial's validated config (any kind) and its MLflow tracker, as every trainable opens them.
+
+    A config that cannot be valid anywhere fails at once, not retried (:func:`_fail`).
+    """
     from ray import tune
 
-    from trainables import make_config, run_any
+    from trainables import make_config
 
     try:
         cfg = make_config(trial)
@@ -134,6 +123,16 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
         run_label(trial, sweep.get("axes", [])),
         key_format=sweep.get("key_format", 1),
     )
+    return cfg, tracker
+
+
+def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Kernel and linear trials: one dense computation, logged and reported once."""
+    from ray import tune
+
+    from trainables import run_any
+
+    cfg, tracker = _config_and_tracker(trial, sweep)
     if tracker.finished:
         _report_stored_final(tracker, sweep)
         return
