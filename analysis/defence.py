@@ -17,75 +17,14 @@ model has no objectives (NaN; status ``diverged`` or ``failed``): it is never a 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from trainables.config import SweeperError
-
-# the attacker's choices: fixed or a list in a defence search, never a searched range
-THREAT_FIELDS = (
-    "theta",
-    "trigger",
-    "poison_mode",
-    "target",
-    "trigger_size",
-    "trigger_margin",
-    "trigger_amplitude",
-    "blend_alpha",
-    "blend_seed",
-    "warp_strength",
-    "warp_grid",
-    "warp_seed",
-)
-AGGREGATES = ("worst", "mean")
-DEFAULT_AGGREGATE = {"asr": "worst"}  # every other objective: mean over threats
-DEFENCE_KEY = "defence_key"  # the results column (and MLflow tag) naming a model's defence
-
-
-@dataclass(frozen=True)
-class Objective:
-    """One objective of a defence search."""
-
-    metric: str  # a final metric of every model (clean_acc, asr, train_seconds, ...)
-    direction: str  # max | min
-    aggregate: str  # worst | mean: how the per-threat means are combined
-
-    def text(self) -> str:
-        return f"{self.metric}:{self.direction}:{self.aggregate}"
-
-
-def parse_objectives(text: str | None, aggregate: str | None = None) -> list[Objective]:
-    """``clean_acc:max,asr:min`` (optionally ``METRIC:DIR:worst|mean`` per objective) -> objectives.
-
-    ``aggregate`` (worst | mean) sets every objective's aggregation; without it, ASR is taken at its
-    worst and every other objective averaged.
-    """
-    if aggregate is not None and aggregate not in AGGREGATES:
-        raise SweeperError(f"--aggregate {aggregate!r} is invalid: must be worst or mean")
-    from .pareto import objective_parts
-
-    try:  # the syntax is pareto's, the one parser; a search adds the aggregation over threats
-        parts = objective_parts(text or "clean_acc:max,asr:min", AGGREGATES)
-    except ValueError as e:
-        raise SweeperError(f"--objectives: {e}") from None
-    return [Objective(m, d, aggregate or agg or DEFAULT_AGGREGATE.get(m, "mean")) for m, d, agg in parts]
-
-
-def threat_set(threats: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the listed threat values (fields in a stable order)."""
-    import itertools
-
-    names = sorted(threats)
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(threats[n] for n in names))]
-
-
-def threat_label(threat: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in threat.items())
+from trainables.record import DEFENCE_KEY, Objective, parse_objectives, stored_objectives
 
 
 def aggregate_models(
@@ -174,48 +113,6 @@ def defence_table(
         first = g.iloc[0]
         rows.append({DEFENCE_KEY: key, **{f: first[f] for f in defence_fields if f in g.columns}, **agg})
     return pd.DataFrame(rows)
-
-
-def threats_json(threats: list[dict[str, Any]]) -> str:
-    """The threat set as one MLflow param (sorted, compact)."""
-    return json.dumps(threats, sort_keys=True, separators=(",", ":"))
-
-
-# final metrics of every network model (the objectives a search can aggregate); det_* detection scores too
-OBJECTIVE_METRICS = (
-    "clean_acc",
-    "asr",
-    "train_seconds",
-    "train_loss",
-    "train_acc",
-    "lambda_1",
-    "max_overlap_sq",
-    "hessian_seconds",
-    "hessian_trace",
-    "fisher_trace",
-    "effective_rank",
-    "penalty_value",
-)
-
-
-def check_metrics(objectives: Sequence[Objective]) -> None:
-    """Refuse, before anything runs, an objective no model will report."""
-    for o in objectives:
-        if o.metric not in OBJECTIVE_METRICS and not o.metric.startswith("det_"):
-            raise SweeperError(
-                f"--objectives: {o.metric!r} is not a model metric; valid: "
-                f"{', '.join(OBJECTIVE_METRICS)} or a det_* detection score"
-            )
-
-
-def is_defence_search(meta) -> bool:
-    """Whether a sweep's ``sweeper.json`` describes a defence search (threats fixed, defences searched)."""
-    return meta is not None and meta.kind == "search" and (meta.search or {}).get("threats") is not None
-
-
-def stored_objectives(search: dict[str, Any]) -> list[Objective]:
-    """A search's objectives as ``sweeper.json`` keeps them (``METRIC:DIR:AGG`` texts)."""
-    return [Objective(*text.split(":")) for text in search["objectives"]]
 
 
 def search_meta_objectives(meta, objectives: str | None, aggregate: str | None) -> list[Objective]:

@@ -119,34 +119,6 @@ def frontier(
     )
 
 
-def objective_parts(text: str, aggregates: Sequence[str] = ()) -> list[tuple[str, str, str | None]]:
-    """The one parser of ``--objectives``: ``METRIC:max|min`` (and ``:AGG`` when ``aggregates`` allows one, as a
-    defence search does), comma-separated, at least two, each metric once. Raises ValueError naming the part."""
-    out = []
-    for part in text.split(","):
-        bits = [b.strip() for b in part.split(":")]
-        ok = (
-            len(bits) in ((2, 3) if aggregates else (2,))
-            and bool(bits[0])
-            and bits[1] in ("max", "min")
-            and (len(bits) == 2 or bits[2] in aggregates)
-        )
-        if not ok:
-            tail = f", optionally followed by {' or '.join(':' + a for a in aggregates)}" if aggregates else ""
-            raise ValueError(f"{part!r} is invalid: expected METRIC:max or METRIC:min{tail}")
-        out.append((bits[0], bits[1], bits[2] if len(bits) == 3 else None))
-    if len(out) < 2:
-        raise ValueError(f"{text!r}: a frontier needs at least two objectives")
-    if len({m for m, _, _ in out}) != len(out):
-        raise ValueError(f"{text!r}: a metric appears twice")
-    return out
-
-
-def parse_objectives(text: str) -> list[tuple[str, str]]:
-    """``clean_acc:max,asr:min`` -> [("clean_acc", "max"), ("asr", "min")] (see :func:`objective_parts`)."""
-    return [(m, d) for m, d, _ in objective_parts(text)]
-
-
 def _config_columns(df: pd.DataFrame, keep: Sequence[str] = ()) -> list[str]:
     """The columns that name a configuration: every hashable config field but the seed, plus ``keep``."""
     from .results import CONFIG_FIELDS

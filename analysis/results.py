@@ -11,31 +11,39 @@ trials a sweep owes but never started appear as ``pending`` (from the sweep's ``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from trainables.config import SweeperError, TrialConfig
+from trainables.config import SweeperError
+from trainables.fields import EXTRA_FIELDS, specs, value_type
+from trainables.plugins import load_plugins
 
 from . import schema
 
 
-def _all_fields() -> dict[str, str]:
-    from trainables.kernel import KernelConfig
-    from trainables.linear import LinearConfig
+def _all_fields() -> dict[str, type]:
+    """Every trial kind's declared field -> the type its declaration gives (plugin fields included)."""
+    from trainables import TRIAL_KINDS
 
-    out: dict[str, str] = {}
-    for cls in (KernelConfig, LinearConfig, TrialConfig):  # network last: its types win on shared names
-        out.update({f.name: str(f.type) for f in dataclasses.fields(cls)})
+    out: dict[str, type] = {}
+    for kind in reversed(list(TRIAL_KINDS.values())):  # network last: its types win on shared names
+        out.update({name: value_type(d.spec) for name, d in specs(kind.config()).items()})
     return out
 
 
-CONFIG_FIELDS = _all_fields()
+CONFIG_FIELDS = _all_fields()  # at import; config_fields() adds what plugins declared since
+
+
+def config_fields() -> dict[str, type]:
+    """Every declared field -> its type, plugin fields included (SWEEPER_PLUGINS / entry points loaded first)."""
+    load_plugins()
+    return {**CONFIG_FIELDS, **{name: value_type(e.spec) for name, e in EXTRA_FIELDS.items()}}
+
+
 HISTORY_METRICS = (
     "train_loss",
     "penalty",
@@ -53,18 +61,18 @@ HISTORY_METRICS = (
 
 
 def _typed(name: str, text: Any) -> Any:
-    """An MLflow param string back to the TrialConfig field's type."""
+    """An MLflow param string back to the type of the field's declaration."""
     if not isinstance(text, str):
         return text
     if text == "None":
         return None
-    ann = CONFIG_FIELDS.get(name, "str")
+    kind = CONFIG_FIELDS.get(name) or (value_type(EXTRA_FIELDS[name].spec) if name in EXTRA_FIELDS else str)
     try:
-        if ann.startswith("bool"):
+        if kind is bool:
             return text == "True"
-        if ann.startswith("int"):
+        if kind is int:
             return int(float(text))
-        if ann.startswith("float"):
+        if kind is float:
             return float(text)
     except ValueError:
         return text
@@ -97,7 +105,7 @@ def _experiment_runs(uri: str, name: str) -> tuple[list, list]:
 def results_from_mlflow(name: str, uri: str) -> pd.DataFrame:
     """One row per trial run of sweep ``name`` at tracking ``uri``."""
     trials, _ = _experiment_runs(uri, name)
-    rows = []
+    rows, fields = [], config_fields()
     for r in trials:
         tags = r.data.tags
         row = {
@@ -111,7 +119,7 @@ def results_from_mlflow(name: str, uri: str) -> pd.DataFrame:
         if schema.TAG_DEFENCE in tags:  # a model of a defence search
             row["defence_key"] = tags[schema.TAG_DEFENCE]
         config = {k: _typed(k, v) for k, v in r.data.params.items()}
-        row.update(schema.trial_row(config, r.data.metrics, CONFIG_FIELDS))
+        row.update(schema.trial_row(config, r.data.metrics, fields))
         rows.append(row)
     return _tidy(pd.DataFrame(rows))
 
@@ -125,7 +133,7 @@ def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFram
         )
     if not folder.is_dir():
         raise SweeperError(f"no sweep folder {folder}")
-    rows = []
+    rows, fields = [], config_fields()
     for tdir in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "params.json").is_file()):
         cfg = json.loads((tdir / "params.json").read_text()).get("trial", {})
         results = _read_results(tdir)
@@ -156,7 +164,7 @@ def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFram
             "error": "",
         }
         metrics = {k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        row.update(schema.trial_row(cfg, metrics, CONFIG_FIELDS))
+        row.update(schema.trial_row(cfg, metrics, fields))
         rows.append(row)
     return _tidy(pd.DataFrame(rows))
 
@@ -379,129 +387,3 @@ def parent_run_id(name: str, uri: str) -> str | None:
     """The sweep's parent MLflow run."""
     _, parents = _experiment_runs(uri, name)
     return parents[0].info.run_id if parents else None
-
-
-class Artifacts:
-    """A sweep's trial artifacts, read with as few round trips as it can.
-
-    A file is looked up first where the embedded store keeps it (``<storage>/mlartifacts/<sweep>/<run
-    id>/artifacts/``, no MLflow needed), eigenvectors then in the trial's last Ray checkpoint, and only
-    then downloaded through MLflow's client, once the tracking URI answered a quick check: MLflow's own
-    HTTP retries against a dead server take minutes. ``use_mlflow`` False never asks MLflow (a caller
-    that already found it unavailable); after one failed download no other is tried. ``missing`` counts
-    the trials whose eigenvectors were found nowhere, ``skipped`` the lookups that only MLflow could have
-    answered but that it was not asked, and ``why`` says why, for the caller's note.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        storage: str | Path = "./sweeps",
-        mlflow_uri: str | None = None,
-        use_mlflow: bool = True,
-        meta: schema.SweepMeta | None = None,
-    ):
-        self.name, self.storage = name, storage
-        meta = meta if meta is not None else sweep_meta(name, storage)
-        self.uri = mlflow_uri or (meta.mlflow_uri if meta else None)
-        self.folder = schema.local_folder(storage, name)
-        self.store = self.folder.parent / "mlartifacts" / name if self.folder is not None else None
-        self.why: str | None = None if use_mlflow else "MLflow unavailable"
-        self.missing = self.skipped = 0
-        self._client = None
-
-    def local(self, run_id: Any, artifact: str) -> Path | None:
-        """The artifact's file in the embedded store on this machine, or None."""
-        if self.store is None or not isinstance(run_id, str) or not run_id:
-            return None
-        path = self.store / run_id / "artifacts" / artifact
-        return path if path.is_file() else None
-
-    def _mlflow(self):
-        """MLflow's client, or None once MLflow is known not to answer (checked once, in seconds)."""
-        if self.why is not None:
-            return None
-        if self.uri is None:
-            self.why = "no MLflow URI"
-            return None
-        if self._client is None:
-            try:
-                schema.check_uri(self.uri)
-            except SweeperError as e:
-                self.why = str(e)
-                return None
-            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            self._client = schema.client(self.uri)
-        return self._client
-
-    def fetch(self, run_id: Any, artifact: str, into: Path) -> Path | None:
-        """The artifact as a local file: the embedded store's own, else downloaded into ``into``; None when
-        the run has no such artifact or MLflow cannot be asked."""
-        path = self.local(run_id, artifact)
-        if path is not None or not isinstance(run_id, str) or not run_id:
-            return path
-        if self.store is not None and (self.store / run_id / "artifacts").is_dir():
-            return None  # the run's artifacts are all here: it has no such artifact, and MLflow has none either
-        c = self._mlflow()
-        if c is None:
-            self.skipped += self.why is not None
-            return None
-        try:
-            return Path(c.download_artifacts(run_id, artifact, str(into)))
-        except Exception as e:  # no such artifact (hessian off, baseline not run), or the server went away
-            if _unreachable(e):
-                self.why = f"MLflow at {self.uri} stopped answering ({str(e).splitlines()[0][:200]})"
-                self.skipped += 1
-            return None
-
-    def eigenvectors(self, row: pd.Series):
-        """(k, C, H, W) eigenvectors of one trial: the stored artifact, the trial's last checkpoint, else
-        MLflow; None (counted in ``missing``) when none has them."""
-        import tempfile
-
-        import numpy as np
-
-        path = self.local(row.get("run_id"), "eigenvectors.npy")
-        if path is not None:
-            return np.load(path)
-        vecs = self._checkpoint_eigenvectors(row)
-        if vecs is not None:
-            return vecs
-        with tempfile.TemporaryDirectory() as tmp:
-            path = self.fetch(row.get("run_id"), "eigenvectors.npy", Path(tmp))
-            if path is not None:
-                return np.load(path)
-        self.missing += 1
-        return None
-
-    def _checkpoint_eigenvectors(self, row: pd.Series):
-        if self.folder is None or not isinstance(row.get("trial_id"), str):
-            return None
-        ckpts = sorted((self.folder / f"trial_{row['trial_id']}").glob("checkpoint_*/trial.pt"))
-        if not ckpts:
-            return None
-        import torch
-
-        try:
-            state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
-        except Exception:  # a checkpoint cut by a kill: the artifact may still come from MLflow
-            return None
-        vecs = state.get("artifacts", {}).get("eigenvectors")
-        return vecs.numpy() if vecs is not None else None
-
-
-def _unreachable(e: Exception) -> bool:
-    """Whether an MLflow client error means the server cannot be reached (not a missing artifact)."""
-    import requests
-
-    text = str(e)
-    return isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout) or any(
-        s in text for s in ("Max retries exceeded", "Connection refused", "timed out")
-    )
-
-
-def load_eigenvectors(row: pd.Series, storage: str | Path = "./sweeps", mlflow_uri: str | None = None):
-    """(k, C, H, W) eigenvectors of one trial: the stored artifact, else the trial's last checkpoint, else
-    MLflow (asked only when it answers within seconds); None when none has them. Many trials: use one
-    :class:`Artifacts` (one check of MLflow, one client)."""
-    return Artifacts(row["sweep"], storage, mlflow_uri).eigenvectors(row)

@@ -1,48 +1,46 @@
-"""What the writer of a sweep (``sweeper``) and its readers (``analysis``) agree on, in one place.
+"""Reading and writing the sweep record whose format is :mod:`trainables.record` (re-exported here).
 
-* the MLflow tag names, the one client factory and a quick reachability check of a tracking URI;
-* how a trial is keyed: a hash of its full config, the same on every node and after every restart;
-* how one row of results is made from a config and metrics: config fields keep their names, and
-  a metric whose name is also a config field is renamed (:data:`METRIC_RENAMES`, else
-  ``<name>_metric``), so a metric can never overwrite the config that produced it;
-* the sweep folder's ``sweeper.json`` as a :class:`SweepMeta`, read and written through pyarrow's
+* the one MLflow client factory and a quick reachability check of a tracking URI; the trial runs
+  and their statuses;
+* the sweep folder's ``sweeper.json`` (a :class:`SweepMeta`), read and written through pyarrow's
   filesystems, so a local folder and a ``file://`` or ``s3://`` storage are read alike;
-* a trial's status in every view (:func:`trial_status`): a run still marked running whose driver
-  process is gone is interrupted.
+* whether a sweep's driver process is alive (a run still marked running whose driver is gone is
+  interrupted: :func:`trial_status`).
 
 Nothing here imports ``sweeper``: the analysis layer stays below the CLI and the orchestrator.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from trainables.config import SweeperError
-
-TAG_SWEEP = "sweeper.sweep"
-TAG_KEY = "sweeper.trial_key"
-TAG_TRIAL_ID = "sweeper.trial_id"
-TAG_STATUS = "sweeper.status"
-TAG_KIND = "sweeper.kind"  # 'sweep' (the parent run), 'trial' (a model) or 'defence' (a search's defence)
-TAG_DEFENCE = "sweeper.defence_key"  # on a defence search's model runs: the defence they were trained for
-TAG_COMMIT = "sweeper.git_commit"
-TAG_ERROR = "sweeper.error"
-TAG_DIVERGED_EPOCH = "sweeper.diverged_epoch"
-TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: nests a trial run under the sweep's parent run
-FINAL_STATUSES = ("completed", "diverged")
-META = "sweeper.json"
-
-# metrics that share a name with a config field: the per-epoch penalty value, the last epoch's
-# scheduled learning rate and the number of samples actually averaged into the Hessian
-METRIC_RENAMES = {"penalty": "penalty_value", "lr": "lr_last", "hessian_samples": "hessian_samples_used"}
+from trainables.record import (  # noqa: F401 - the record format, re-exported: readers name it schema.TAG_KEY, ...
+    FINAL_STATUSES,
+    KEY_FORMAT,
+    META,
+    METRIC_RENAMES,
+    TAG_COMMIT,
+    TAG_DEFENCE,
+    TAG_DIVERGED_EPOCH,
+    TAG_ERROR,
+    TAG_KEY,
+    TAG_KIND,
+    TAG_PARENT_RUN,
+    TAG_STATUS,
+    TAG_SWEEP,
+    TAG_TRIAL_ID,
+    SweepMeta,
+    field_defaults,
+    metric_column,
+    trial_key,
+    trial_row,
+    trial_status,
+)
 
 
 def client(uri: str):
@@ -156,101 +154,7 @@ def trial_runs(uri: str, experiment_id: str, kind: str = "trial") -> list:
     return client(uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=50_000)
 
 
-KEY_FORMAT = 2  # the trial-key format new sweeps write (sweeper.json's key_format; absent: 1)
-
-
-def trial_key(config: dict[str, Any], key_format: int = KEY_FORMAT) -> str:
-    """A stable 16-hex id of a trial's full config (what makes two trials the same trial).
-
-    Format 2 hashes only the fields that differ from their defaults (with the format number), so a
-    new field with a default leaves every existing key, and so every resumable sweep, as it was.
-    Changing a field's default is a key-breaking change: it needs a new format. Format 1 (sweeps
-    made before it) hashed every field.
-    """
-    if key_format >= 2:
-        defaults = field_defaults(config.get("kind", "network"))
-        config = {k: v for k, v in config.items() if k not in defaults or _json(v) != _json(defaults[k])}
-        config["_key_format"] = key_format
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)  # a tuple default equals its list value
-
-
-def field_defaults(kind: str) -> dict[str, Any]:
-    """Each field's default of a trial kind's config (``kind`` itself included: never hashed)."""
-    from trainables import config_class
-
-    try:
-        cls = config_class(kind)
-    except SweeperError:  # an unknown kind (a plugin not loaded here): every field is hashed
-        return {}
-    out = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    out.update(
-        {f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
-    )
-    out["kind"] = kind
-    return out
-
-
-def metric_column(name: str, config_fields) -> str:
-    """The results column of metric ``name``: renamed when a config field has that name."""
-    if name in METRIC_RENAMES:
-        return METRIC_RENAMES[name]
-    return f"{name}_metric" if name in config_fields else name
-
-
-def trial_row(config: dict[str, Any], metrics: dict[str, Any], config_fields) -> dict[str, Any]:
-    """One results row: every config field under its own name, then the metrics (scalars only)."""
-    row = {k: v for k, v in config.items() if k in config_fields}
-    for k, v in metrics.items():
-        if isinstance(v, dict | list):
-            continue
-        row[metric_column(k, config_fields)] = v
-    return row
-
-
 # ----------------------------------------------------------------------------- the sweep folder
-@dataclass
-class SweepMeta:
-    """A sweep's ``sweeper.json``: what it owes, where it tracks, how it runs (written once at launch;
-    ``driver`` is rewritten by each resume). Read and written only through :func:`read_meta` /
-    :func:`write_meta`."""
-
-    name: str  # folder and MLflow experiment
-    storage: str  # absolute local folder, or a URI (file://, s3://...)
-    mlflow_uri: str  # the tracking store
-    spec: dict[str, Any]  # SweepSpec.to_dict() (grid) or the search space; spec["axes"] names what varies
-    n_trials: int  # trials the sweep owes (a search: its budget)
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # None until Ray says whether the cluster has GPUs
-    max_concurrent: int | None = None
-    max_failures: int = 2
-    address: str | None = None  # the Ray cluster it joined (None: a local Ray)
-    verbose: int = 1
-    live: bool | None = None  # progress as a live bar (None: when stdout is a terminal)
-    created: str = ""  # local time of the launch
-    git_commit: str = ""
-    driver: dict[str, Any] = field(default_factory=dict)  # host and pid of the process running it
-    trials: list[dict[str, Any]] | None = None  # grid: every owed trial's key and varying values
-    kind: str = "grid"  # grid | search
-    search: dict[str, Any] | None = None  # budget, sampler, seed, optuna_storage
-    experiment_id: str | None = None
-    parent_run_id: str | None = None
-    key_format: int = 1  # trial keys' format (trial_key); sweeps written before it have none: 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SweepMeta:
-        """Tolerates keys of other versions: unknown ones are dropped, missing ones take defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
 def is_uri(storage: str) -> bool:
     """True for ``scheme://...`` storages (file://, s3://, gs://...), False for local paths."""
     return "://" in str(storage)
@@ -331,11 +235,3 @@ def driver_alive(meta: SweepMeta | None) -> bool:
     except PermissionError:  # alive, under another user
         return True
     return True
-
-
-def trial_status(tag: str | None, alive: bool) -> str:
-    """A trial's status as every view shows it (``sweeper status``, the run and resume summaries,
-    ``frontier``, ``report``): its MLflow run's ``sweeper.status`` tag (none yet: running), except
-    that a run still marked running whose driver is gone (``alive`` False) is ``interrupted``."""
-    status = tag if isinstance(tag, str) and tag else "running"
-    return "interrupted" if status == "running" and not alive else status

@@ -18,7 +18,8 @@ from common import device_parser, header, print_table, timed
 
 from trainables.baselines import BASELINES
 from trainables.config import TrialConfig
-from trainables.detect import DETECTORS, DetectionContext
+from trainables.detect import DETECTORS
+from trainables.detection_context import ACCESS
 from trainables.train import Trial
 
 
@@ -36,13 +37,13 @@ def main() -> None:
     spec = timed(lambda: trial.spectrum(classes=True), device)  # as Trial.analyze asks it
     metrics, vecs, overlaps = trial.spectrum(classes=True)
     trial.keep_spectrum(metrics, vecs, overlaps)  # the exact trace and per-class spectra, as analyze keeps them
-    ctx = DetectionContext(trial)
-    ctx.heldout, ctx.train_features  # noqa: B018 - built once, outside the timings (cached)
+    ctx = trial.detection_context(access=ACCESS)  # every input, built once outside the timings
+    ctx.train_features  # noqa: B018 - cached on the context
     path = trial.hessian_info["method_used"]  # auto: exact for the CNN on digits
     rows = [(f"spectrum (top-5, {path} path, {cfg.hessian_samples} samples)", spec / epoch, "-", f"{spec:.2f}s")]
     cheap, issue10 = 0.0, 0.0
-    for name, fn in DETECTORS.items():
-        s = timed(lambda fn=fn: fn(ctx), device, args.repeats)
+    for name, entry in DETECTORS.items():
+        s = timed(lambda fn=entry.fn: fn(ctx), device, args.repeats)
         cheap += s
         issue10 += s if name in ("spectral", "localisation", "flip") else 0.0
         rows.append((f"detect: {name}", s / epoch, "-", f"{s:.3f}s"))
@@ -50,10 +51,10 @@ def main() -> None:
         ("detect: spectral + localisation + flip (issue 10's set)", issue10 / epoch, "<= 0.5", f"{issue10:.3f}s")
     )
     rows.append(("detect: all cheap statistics (with per-class curvature)", cheap / epoch, "-", f"{cheap:.3f}s"))
-    feats = timed(lambda: DetectionContext(trial).train_features, device, args.repeats)
+    feats = timed(lambda: trial.detection_context(access=("training-set",)).train_features, device, args.repeats)
     rows.append(("penultimate features of the training set (SS, AC)", feats / epoch, "-", f"{feats:.3f}s"))
-    for name, fn in BASELINES.items():
-        s = timed(lambda fn=fn: fn(ctx), device, args.repeats)
+    for name, entry in BASELINES.items():
+        s = timed(lambda fn=entry.fn: fn(ctx), device, args.repeats)
         rows.append((f"baseline: {name}", s / epoch, "-", f"{s:.2f}s"))
     print(
         f"one training epoch (digits, {len(trial.data.train_y)} images, batch {cfg.batch_size}): median "
@@ -61,7 +62,7 @@ def main() -> None:
     )
     print(
         f"nc: {cfg.nc_steps} steps x {cfg.num_classes} classes x {cfg.nc_batch_size} images; flip: "
-        f"{len(vecs)} eigenvectors + {len(vecs)} random x 2 signs x {len(cfg.detect_norms.split(','))} norms "
+        f"{len(vecs)} eigenvectors + {len(vecs)} random x 2 signs x {len(ctx.settings.norms)} norms "
         f"x {len(ctx.heldout[1])} held-out images; trace: {cfg.detect_probes} probe pass(es) over "
         f"{min(cfg.detect_trace_samples, cfg.hessian_samples)} samples"
     )

@@ -10,7 +10,7 @@ Prints, from one run:
     against the 20-iteration double-backward Lanczos a trial ran before, on cnn 1x8x8, cnn 1x28x28
     and preresnet20 3x32x32 (target: ratio <= 0.25), with each one's top-5 error against a float64
     reference (the exact path in float64, itself checked against torch.func.hessian in
-    tests/test_hessian.py): max_j |lambda_j - ref_j| / ref_1 and the worst 1 - |cos(v_j, ref_j)|.
+    tests/test_exact_hessian.py): max_j |lambda_j - ref_j| / ref_1 and the worst 1 - |cos(v_j, ref_j)|.
   * the spectrum a default trial computes (auto: the exact path) in epochs, preresnet20 and the CNN.
 Epoch time is extrapolated from timed steps. One run each, random init, N random inputs.
 
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from common import device_parser, header, print_table, timed
 
-from trainables.hessian import InputHessian, input_hessian_spectrum, top_eigenpairs
+from trainables.hessian import InputHessian, input_hessian_spectrum
+from trainables.lanczos import top_eigenpairs
 from trainables.models import make_model
 from trainables.penalty import penalized_loss
 

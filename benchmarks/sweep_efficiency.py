@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from analysis.schema import TAG_KIND, client, read_meta
+    from analysis.schema import client, read_meta
+    from trainables.record import TAG_KIND
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name")

@@ -19,7 +19,7 @@ from common import device_parser, header, print_table, sync, timed
 from trainables.config import TrialConfig
 from trainables.models import make_model
 from trainables.penalty import penalized_loss
-from trainables.train import augment_batch
+from trainables.recipe import augment_batch
 from trainables.triggers import make_trigger
 
 

@@ -1,7 +1,8 @@
 """What a planned trial will cost, measured where the store has done it before.
 
 ``sweeper plan`` estimates each trial's CPU seconds in three parts: training, the input-Hessian
-spectrum and detection. The rough model (:func:`sweeper.spaces.estimate_seconds`) misjudges some cases
+spectrum and detection. The rough model (:func:`estimate_seconds`, from the model registry's step cost
+and the dataset's size) misjudges some cases
 (28x28 data at half the measured time; a detection population at 8 min against 617 s). When the tracking
 store holds finished network trials of the same model and dataset, each part is taken from them instead:
 
@@ -24,6 +25,61 @@ from typing import Any
 PENALTY_FACTOR = 2.8  # the rough model's cost of kappa > 0 over kappa = 0 (double backward)
 
 
+# ----------------------------------------------------------------------------- the rough model
+def train_size(dataset: str, subset: int = 0) -> int:
+    """Training images a trial uses: the dataset's (its registry entry), or its ``train_subset`` when smaller."""
+    from trainables.datasets import dataset_entry
+
+    full = dataset_entry(dataset).train_size
+    return min(full, subset) if subset else full
+
+
+def _train_size(cfg) -> int:
+    return train_size(cfg.dataset, getattr(cfg, "train_subset", 0))
+
+
+def estimate_seconds(cfg) -> float:
+    """A rough CPU cost of one trial (training, evaluation and spectrum); GPUs are much faster."""
+    return sum(estimate_parts(cfg).values())
+
+
+def estimate_parts(cfg) -> dict[str, float]:
+    """The rough model's seconds of one trial by part: train, spectrum, detect (see :mod:`sweeper.costs`
+    for estimates measured on finished trials)."""
+    from trainables import trial_kind
+
+    kind = trial_kind(getattr(cfg, "kind", "network"))
+    if not kind.iterative:
+        return {"train": kind.seconds, "spectrum": 0.0, "detect": 0.0}  # one dense computation, as the kind declares
+    from trainables.datasets import dataset_entry
+    from trainables.models import model_entry
+
+    d = dataset_entry(cfg.dataset).pixels
+    per = model_entry(cfg.model).cost(cfg.model) * d / 3072  # the model registry's step cost, per 3072 values
+    train = cfg.epochs * _train_size(cfg) * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
+    n = min(cfg.hessian_samples, _train_size(cfg))
+    if not cfg.hessian:
+        spectrum = 0.0
+    elif cfg.hessian_method in ("auto", "exact") and 24 * d * d <= cfg.hessian_dense_mb * 2**20:
+        # exact path (every shipped model is piecewise linear): one forward + K backward passes,
+        # the float64 Gram (N*K*D^2 flops) and eigh (~10 D^3), at ~1e10 flop/s
+        spectrum = (cfg.num_classes + 1) * n * per + (n * cfg.num_classes * d * d + 10 * d**3) / 1e10
+    else:
+        spectrum = (cfg.hessian_iterations + 2) * n * per * 3
+    return {"train": train, "spectrum": spectrum, "detect": _detection_seconds(cfg, per, n)}
+
+
+def _detection_seconds(cfg, per: float, n: int) -> float:
+    """Detection statistics and baselines: the sum of the ``cost`` each enabled detector and baseline
+    declares in its registry entry (:func:`trainables.detect.detection_cost`), from the model's
+    per-sample step time ``per``, the spectrum's ``n`` samples and the training set's size."""
+    from trainables.detect import detection_cost
+    from trainables.detection_context import DetectionSettings
+
+    return detection_cost(DetectionSettings.from_config(cfg), per, n, _train_size(cfg))
+
+
+# ----------------------------------------------------------------------------- measured on the store
 @dataclass
 class Measured:
     """Per-(model, dataset) medians of finished trials in a store."""
@@ -64,9 +120,7 @@ def measured_costs(uri: str | None) -> Measured:
         return out
     import sqlite3
 
-    from analysis.schema import TAG_KIND, TAG_STATUS
-
-    from .spaces import train_size
+    from trainables.record import TAG_KIND, TAG_STATUS
 
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
@@ -96,7 +150,7 @@ def measured_costs(uri: str | None) -> Measured:
         return out
     for run in runs:
         p = params.get(run, {})
-        if p.get("kind", "network") != "network" or "dataset" not in p:
+        if not {"model", "dataset", "epochs"} <= set(p):  # the measured medians are per (model, dataset) epoch
             continue
         try:
             size = train_size(p["dataset"], int(p.get("train_subset", 0) or 0))
@@ -112,10 +166,9 @@ def _median(values: list[float]) -> float:
 
 def estimate(cfg, measured: Measured) -> tuple[float, str]:
     """(seconds, source) of one trial: each part measured when the store has it, else the rough model."""
-    from .spaces import estimate_parts, train_size
 
     rough = estimate_parts(cfg)
-    if getattr(cfg, "kind", "network") != "network":
+    if not hasattr(cfg, "epochs") or not hasattr(cfg, "model"):  # measured medians are per (model, dataset) epoch
         return sum(rough.values()), "model"
     parts, sources = dict(rough), []
     key = (cfg.model, cfg.dataset)

@@ -18,19 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from analysis.defence import (
-    DEFENCE_KEY,
-    THREAT_FIELDS,
-    aggregate_models,
-    stored_objectives,
-    threat_label,
-    threats_json,
-)
-from analysis.schema import trial_row
-from trainables.config import SweeperError, TrialConfig
+from analysis.defence import aggregate_models
+from trainables import record
+from trainables.config import SweeperError, TrialConfig, threat_fields
+from trainables.record import DEFENCE_KEY, stored_objectives, threat_label, threats_json, trial_row
 
 from . import tracking
-from .spaces import SearchSpec, SpaceError
+from .search_space import SearchSpec
+from .spaces import SpaceError
 
 WHY_FIXED = (
     "the threat is the attacker's choice, not the defender's: searched, the optimiser would simply "
@@ -45,7 +40,7 @@ def split_threats(spec: SearchSpec) -> tuple[dict[str, list[Any]], SearchSpec]:
     averages seeds instead).
     """
     for name, (dist, lo, hi) in spec.continuous.items():
-        if name in THREAT_FIELDS:
+        if name in threat_fields():
             rng = f"{'log:' if dist == 'log' else ''}{lo:g}:{hi:g}"
             raise SpaceError(
                 f"--{name.replace('_', '-')}={rng} is a range, but {name} is part of the threat and must "
@@ -53,10 +48,10 @@ def split_threats(spec: SearchSpec) -> tuple[dict[str, list[Any]], SearchSpec]:
             )
     if "seed" in spec.continuous or "seed" in spec.categorical:
         raise SpaceError("seed cannot be searched: use --seeds N to evaluate every defence on N seeds (averaged)")
-    threats = {k: v for k, v in spec.categorical.items() if k in THREAT_FIELDS}
+    threats = {k: v for k, v in spec.categorical.items() if k in threat_fields()}
     defence = SearchSpec(
         continuous=dict(spec.continuous),
-        categorical={k: v for k, v in spec.categorical.items() if k not in THREAT_FIELDS},
+        categorical={k: v for k, v in spec.categorical.items() if k not in threat_fields()},
         fixed=dict(spec.fixed),
     )
     return threats, defence
@@ -75,8 +70,8 @@ def check_models(defence: SearchSpec, threats: list[dict[str, Any]], seeds: list
 
 def defence_config(base: dict[str, Any], search: dict[str, Any]) -> dict[str, Any]:
     """What identifies a defence: every non-threat field, the threat set and the seeds."""
-    d = {k: v for k, v in base.items() if k not in THREAT_FIELDS and k != "seed"}
-    fixed = {k: base[k] for k in THREAT_FIELDS if k in base}  # the threat's fixed values, then its lists
+    d = {k: v for k, v in base.items() if k not in threat_fields() and k != "seed"}
+    fixed = {k: base[k] for k in threat_fields() if k in base}  # the threat's fixed values, then its lists
     d["threats"] = threats_json([{**fixed, **t} for t in search["threats"]])
     d["seeds"] = ",".join(map(str, search["seeds"]))
     return d
@@ -206,7 +201,7 @@ def _model_task(
         cfg.to_dict(),
         trial_id,
         label,
-        tags={tracking.TAG_DEFENCE: defence_key},
+        tags={record.TAG_DEFENCE: defence_key},
         key_format=sweep.get("key_format", 1),
     )
 

@@ -18,16 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.schema import (
-    KEY_FORMAT,
-    META,
-    SweepMeta,
-    is_uri,
-    read_meta,
-    sweep_exists,
-    write_meta,
-)
+from analysis.schema import is_uri, read_meta, sweep_exists, write_meta
+from trainables import record
 from trainables.config import SweeperError, TrialConfig
+from trainables.record import KEY_FORMAT, META, SweepMeta
 
 from . import tracking
 from .cluster import check_shared_storage
@@ -249,15 +243,17 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
     if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
         meta.trials = [
-            {"key": tracking.trial_key(d, meta.key_format), "point": {a: d.get(a) for a in axes}}
+            {"key": record.trial_key(d, meta.key_format), "point": {a: d.get(a) for a in axes}}
             for d in (c.to_dict() for c in configs)
         ]
     return configs, meta
 
 
 def _default_threads(spec, opts: SweepOptions) -> None:
-    """Network trials run with one torch thread per CPU they hold, unless the space sets ``threads``."""
-    if getattr(spec, "kind", "network") != "network":
+    """Trials with a ``threads`` field run with one torch thread per CPU they hold, unless the space sets it."""
+    from .spaces import fields_for
+
+    if "threads" not in fields_for(getattr(spec, "kind", "network")):
         return
     parts = (spec.axes, spec.fixed) if isinstance(spec, SweepSpec) else (spec.continuous, spec.categorical, spec.fixed)
     if not any("threads" in p for p in parts):
@@ -286,7 +282,7 @@ def run_search(
 
     The study lives in ``<storage>/<name>/optuna.db`` and is restored with the sweep.
     """
-    from analysis.defence import check_metrics, parse_objectives, threat_set
+    from trainables.record import check_metrics, parse_objectives, threat_set
 
     from .defence import check_models, split_threats
     from .spaces import parse_seeds

@@ -21,9 +21,9 @@ def _describe(m: dict) -> str:
 def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: bool = False) -> TrialResult:
     """:func:`trainables.train.run_trial` with a progress bar on stderr (epoch, loss, clean acc, ASR);
     kernel and linear trials (one dense computation) run as they are."""
-    if getattr(cfg, "kind", "network") != "network":
-        from trainables import run_any
+    from trainables import run_any, trial_kind
 
+    if not trial_kind(getattr(cfg, "kind", "network")).iterative:
         return run_any(cfg)
     console = Console(stderr=True)
     if quiet:

@@ -3,10 +3,8 @@ searcher Ray Tune drives."""
 
 from __future__ import annotations
 
-from analysis.schema import (
-    SweepMeta,
-)
 from trainables.config import SweeperError
+from trainables.record import SweepMeta
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 
@@ -32,7 +30,7 @@ def searcher(meta: SweepMeta):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from analysis.defence import stored_objectives
+    from trainables.record import stored_objectives
 
     s = meta.search
     objectives = stored_objectives(s)

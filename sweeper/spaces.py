@@ -10,7 +10,7 @@ Value syntax (flags and strings in sweep files alike):
   ``log:1e2:1e5:4``        4 log-spaced values from 1e2 to 1e5, both included
   ``on`` / ``off`` / ``both``  for true/false fields (``both`` = [false, true])
 
-List-valued fields (:data:`LIST_FIELDS`: ``detect_baselines``, ``detect_windows``, ``detect_norms``) take a
+List-valued fields (declared as lists: ``detect_baselines``, ``detect_windows``, ``detect_norms``) take a
 list as ONE value, the same in ``trial``, ``run``, ``plan``, ``search`` and a sweep file's ``fixed:``:
   ``nc,ss,ac``             one value, the list nc, ss, ac (``+`` separates items too: ``nc+ss``)
   ``nc,ss|ac``             an axis over lists: [nc, ss] and [ac] (``|`` separates the axis' values)
@@ -19,7 +19,6 @@ In a sweep file's ``grid:`` the YAML list is the axis and each element one list 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
@@ -28,29 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.config import SweeperError, TrialConfig
+from trainables.config import SweeperError
+from trainables.fields import Declared, specs, value_type
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
 
-
-def fields_for(kind: str) -> dict[str, dataclasses.Field]:
-    """Config fields of a trial kind (network, kernel, linear)."""
+def fields_for(kind: str) -> dict[str, Declared]:
+    """The declared fields of a trial kind's config (network, kernel, linear, a plugin's), plugin fields included."""
     from trainables import config_class
 
-    return {f.name: f for f in dataclasses.fields(config_class(kind))}
+    return specs(config_class(kind))
 
 
-# Fields whose one value is a list, stored as a comma-separated string (a config class may add its own in
-# ``_list_fields``); a comma inside them separates items, never axis values.
-LIST_FIELDS = frozenset({"detect_baselines", "detect_windows", "detect_norms"})
 AXIS_SEP = "|"  # separates the values of an axis over lists: `|` is no item of any list and reads as "or"
 
 
 def is_list_field(name: str, kind: str = "network") -> bool:
-    """Whether ``name`` is a list-valued field of the trial kind (``a,b,c`` is then one value)."""
-    from trainables import config_class
-
-    return name in LIST_FIELDS | set(getattr(config_class(kind), "_list_fields", ()))
+    """Whether ``name`` is a list-valued field of the trial kind (``a,b,c`` is then one value), as declared."""
+    d = fields_for(kind).get(name)
+    return d is not None and d.is_list
 
 
 MAX_TRIALS = 100_000
@@ -84,14 +78,7 @@ class SpaceError(SweeperError):
 
 
 def _kind(name: str, fields: dict | None = None) -> type:
-    ann = str((fields or FIELDS)[name].type)
-    if ann.startswith("bool"):
-        return bool
-    if ann.startswith("int"):
-        return int
-    if ann.startswith("float"):
-        return float
-    return str
+    return value_type((fields or fields_for("network"))[name].spec)  # the type its declaration gives
 
 
 def _scalar(name: str, text: Any, where: str, fields: dict | None = None) -> Any:
@@ -159,7 +146,7 @@ def _list_values(spec: Any, label: str) -> list[str]:
 def parse_values(name: str, spec: Any, where: str = "--", kind: str = "network") -> list[Any]:
     """Parse one axis (a string in the syntax above, a list, or a scalar) into a list of values.
 
-    For a list-valued field each value is one whole list (see :data:`LIST_FIELDS`): ``a,b`` is one value.
+    For a list-valued field each value is one whole list (declared as a list, see :func:`is_list_field`): ``a,b`` is one value.
     """
     fields = fields_for(kind)
     if name not in fields:
@@ -262,8 +249,7 @@ class SweepSpec:
         out = []
         for point in self.points():
             absolute_data_dir(point, fields)
-            if self.kind != "network":
-                point["kind"] = self.kind
+            point["kind"] = self.kind
             try:
                 check_asked(point)
                 out.append(make_config(point))
@@ -353,134 +339,6 @@ def file_relative(sweep_file: Path, folder: str) -> str:
     return os.path.normpath(p if p.is_absolute() else Path(sweep_file).absolute().parent / p)
 
 
-_TRAIN_SIZE = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
-_PIXELS = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "cifar10": 3072, "cifar100": 3072}
-
-
-def train_size(dataset: str, subset: int = 0) -> int:
-    """Training images a trial uses: the dataset's, or its ``train_subset`` when smaller."""
-    full = _TRAIN_SIZE[dataset]
-    return min(full, subset) if subset else full
-
-
-def _train_size(cfg) -> int:
-    return train_size(cfg.dataset, getattr(cfg, "train_subset", 0))
-
-
-def estimate_seconds(cfg) -> float:
-    """A rough CPU cost of one trial (training, evaluation and spectrum); GPUs are much faster."""
-    return sum(estimate_parts(cfg).values())
-
-
-def estimate_parts(cfg) -> dict[str, float]:
-    """The rough model's seconds of one trial by part: train, spectrum, detect (see :mod:`sweeper.costs`
-    for estimates measured on finished trials)."""
-    if getattr(cfg, "kind", "network") != "network":
-        return {"train": 1.0, "spectrum": 0.0, "detect": 0.0}  # closed-form trials: dense solves, about a second
-    from trainables.models import model_entry
-
-    per = model_entry(cfg.model).cost(cfg.model) * _PIXELS[cfg.dataset] / 3072  # the model registry's step cost
-    train = cfg.epochs * _train_size(cfg) * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
-    n = min(cfg.hessian_samples, _train_size(cfg))
-    d = _PIXELS[cfg.dataset]
-    if not cfg.hessian:
-        spectrum = 0.0
-    elif cfg.hessian_method in ("auto", "exact") and 24 * d * d <= cfg.hessian_dense_mb * 2**20:
-        # exact path (every shipped model is piecewise linear): one forward + K backward passes,
-        # the float64 Gram (N*K*D^2 flops) and eigh (~10 D^3), at ~1e10 flop/s
-        spectrum = (cfg.num_classes + 1) * n * per + (n * cfg.num_classes * d * d + 10 * d**3) / 1e10
-    else:
-        spectrum = (cfg.hessian_iterations + 2) * n * per * 3
-    return {"train": train, "spectrum": spectrum, "detect": _detection_seconds(cfg, per, n)}
-
-
-def _detection_seconds(cfg, per: float, n: int) -> float:
-    """Detection statistics and baselines: flip concentration (forward passes of the held-out images
-    pushed along each top eigenvector at each norm, both signs), the Hutchinson trace (one HVP per
-    probe and sample; the exact path needs none, counted anyway as an upper bound), per-class spectra, Neural Cleanse (an Adam step over every class's batch per step), Spectral
-    Signatures and Activation Clustering (one forward pass over the training set each)."""
-    import re
-
-    seconds = 0.0
-    if cfg.hessian and cfg.detect:
-        norms = len([x for x in cfg.detect_norms.split(",") if x.strip()])
-        seconds += cfg.detect_samples * norms * cfg.hessian_top_k * 2 * per
-        seconds += cfg.detect_probes * min(cfg.detect_trace_samples, n) * per * 3
-        # per-class spectra come from the exact spectrum's pass: each class's eigenvector and a random one flipped
-        seconds += cfg.detect_samples * norms * cfg.num_classes * 4 * per
-    baselines = {b.strip() for b in re.split(r"[,+]", cfg.detect_baselines) if b.strip()}
-    if "nc" in baselines:
-        seconds += cfg.nc_steps * cfg.num_classes * cfg.nc_batch_size * per * 3
-    seconds += len(baselines & {"ss", "ac"}) * _train_size(cfg) * per
-    return seconds
-
-
-# ----------------------------------------------------------------------------- adaptive search spaces
-@dataclass
-class SearchSpec:
-    """Continuous ranges, categorical choices and fixed fields for ``sweeper search``.
-
-    Syntax per field: ``LO:HI`` (uniform), ``log:LO:HI`` (log-uniform), ``a,b,c`` (categorical),
-    a single value (fixed); ``both`` for true/false fields. A list-valued field's ``a,b`` is one (fixed) value;
-    ``a,b|c`` chooses between lists.
-    """
-
-    continuous: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # name -> (dist, lo, hi)
-    categorical: dict[str, list[Any]] = field(default_factory=dict)
-    fixed: dict[str, Any] = field(default_factory=dict)
-
-    def corner_configs(self) -> list[TrialConfig]:
-        """Configs at every range end x every category: validates the whole space before Ray starts."""
-        names = list(self.continuous) + list(self.categorical)
-        choices = [[lo, hi] for _, lo, hi in self.continuous.values()] + list(self.categorical.values())
-        out = []
-        for combo in itertools.product(*choices):
-            point = absolute_data_dir({**self.fixed, **dict(zip(names, combo, strict=True))}, FIELDS)
-            try:
-                check_asked(point)
-                out.append(TrialConfig.from_dict(point))
-            except SweeperError as e:
-                raise SpaceError(f"{e} (search-space corner {dict(zip(names, combo, strict=True))})") from None
-        return out
-
-    def tune_space(self) -> dict[str, Any]:
-        """The ``trial`` part of Ray Tune's param space."""
-        from ray import tune
-
-        base = self.corner_configs()[0].to_dict()
-        space: dict[str, Any] = {
-            k: v for k, v in base.items() if k not in self.continuous and k not in self.categorical
-        }
-        for name, (dist, lo, hi) in self.continuous.items():
-            space[name] = tune.loguniform(lo, hi) if dist == "log" else tune.uniform(lo, hi)
-        for name, vals in self.categorical.items():
-            space[name] = tune.choice(vals)
-        return space
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"continuous": self.continuous, "categorical": self.categorical, "fixed": self.fixed}
-
-
-def parse_search_axis(name: str, spec: str) -> tuple[str, Any]:
-    """('continuous', (dist, lo, hi)) | ('categorical', [...]) | ('fixed', value)."""
-    if name not in FIELDS:
-        raise SpaceError(f"--set {name}={spec} is invalid: {name} is not a trial field; valid fields: {sorted(FIELDS)}")
-    label = f"--{name.replace('_', '-')}"
-    s = spec.strip()
-    kind = _kind(name)
-    parts = s.split(":")
-    if kind is float and (len(parts) == 2 or (len(parts) == 3 and parts[0].lower() == "log")):
-        log = len(parts) == 3
-        lo, hi = (_scalar(name, p, label) for p in parts[-2:])
-        if not lo < hi or (log and lo <= 0):
-            raise SpaceError(
-                f"{label}={spec!r} is invalid: a range needs LO < HI" + (" and LO > 0 for log" if log else "")
-            )
-        return "continuous", ("log" if log else "uniform", lo, hi)
-    vals = parse_values(name, s)
-    return ("fixed", vals[0]) if len(vals) == 1 else ("categorical", vals)
-
-
 # ----------------------------------------------------------------------------- configs from files, flags and --set
 def load_config_file(path: Path, names: set[str] | None = None) -> dict[str, Any]:
     """A YAML or JSON mapping of trial fields (``names``, default TrialConfig's); unknown ones are rejected."""
@@ -500,7 +358,7 @@ def load_config_file(path: Path, names: set[str] | None = None) -> dict[str, Any
         raise SweeperError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {first}") from None
     if not isinstance(data, dict):
         raise SweeperError(f"config file {path} must hold a mapping of field: value, found {type(data).__name__}")
-    names = names if names is not None else set(FIELDS)
+    names = names if names is not None else set(fields_for("network"))
     unknown = sorted(set(data) - names)
     if unknown:
         raise SweeperError(f"config file {path}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
@@ -562,19 +420,20 @@ def build_spec(
     flags: dict[str, str | None],
     seeds: str | None,
     sets: list[str] | None,
-    kind: str = "network",
+    kind: str | None = None,
 ) -> tuple[SweepSpec, str | None]:
     """The sweep's grid in one order: sweep file (or the kind's embedded defaults) < flags < ``--set``.
 
-    Returns the spec and the sweep file's ``name`` (None without one).
+    ``kind`` None: the sweep file's, else network. Returns the spec and the sweep file's ``name`` (None without one).
     """
     if sweep_file is not None:
         spec, file_name = load_sweep_file(sweep_file)
         axes, fixed, seed_list = dict(spec.axes), dict(spec.fixed), spec.seeds
-        kind = spec.kind if kind == "network" else kind
+        kind = kind or spec.kind
     else:
         from trainables import trial_kind
 
+        kind = kind or "network"
         entry = trial_kind(kind)
         file_name, axes, fixed, seed_list = None, dict(entry.default_axes), dict(entry.default_fixed), None
     given = [(k, v) for k, v in flags.items() if v is not None] + split_sets(sets)
@@ -591,17 +450,3 @@ def build_spec(
         axes.pop("seed", None)
         fixed.pop("seed", None)
     return SweepSpec(axes=axes, fixed=fixed, seeds=seed_list, kind=kind), file_name
-
-
-def build_search_spec(flags: dict[str, str | None], sets: list[str] | None) -> SearchSpec:
-    """``sweeper search``'s space: the embedded defaults < flags < ``--set``."""
-    from trainables import trial_kind
-
-    spec = SearchSpec(fixed=dict(trial_kind("network").default_fixed))
-    given = [(k, v) for k, v in flags.items() if v is not None] + split_sets(sets)
-    for key, text in given:
-        where, value = parse_search_axis(key, text)
-        for part in (spec.continuous, spec.categorical, spec.fixed):
-            part.pop(key, None)
-        getattr(spec, where)[key] = value
-    return spec

@@ -10,14 +10,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from analysis.schema import (
-    SweepMeta,
-    driver_alive,
-    read_meta,
-    trial_row,
-    trial_status,
-)
+from analysis.schema import driver_alive, read_meta
+from trainables import record
 from trainables.config import SweeperError
+from trainables.record import SweepMeta, trial_row, trial_status
 
 from . import tracking
 from .preflight import check_name, resolve_storage
@@ -60,8 +56,8 @@ def finish_sweep(meta: SweepMeta, grid) -> SweepReport:
     whether it finished (the trial writes that last, so it wins: a trial that finished after an
     interrupt but before Ray recorded it is completed, and a resume never re-runs it).
     """
-    from analysis.defence import THREAT_FIELDS
     from analysis.results import CONFIG_FIELDS, pending_rows
+    from trainables.config import threat_fields
 
     search = meta.kind == "search"
     stored = _mlflow_states(meta, "defence" if search else "trial")
@@ -74,14 +70,14 @@ def finish_sweep(meta: SweepMeta, grid) -> SweepReport:
         if search:  # a defence: its own fields (the threats are in every row of its models)
             from .defence import defence_config
 
-            key = metrics.get("trial_key") or tracking.trial_key(defence_config(cfg, meta.search), meta.key_format)
-            cfg = {k: v for k, v in cfg.items() if k not in THREAT_FIELDS and k != "seed"}
+            key = metrics.get("trial_key") or record.trial_key(defence_config(cfg, meta.search), meta.key_format)
+            cfg = {k: v for k, v in cfg.items() if k not in threat_fields() and k != "seed"}
         else:
-            key = metrics.get("trial_key") or tracking.trial_key(_full_config(cfg), meta.key_format)
+            key = metrics.get("trial_key") or record.trial_key(_full_config(cfg), meta.key_format)
         run = stored.get(key)
         if run is not None and not (res.error is not None and run[0] == "running"):
             status = _tuner_returned(run[0])  # the trial's own record decides, as `sweeper status` reads it
-            if status in tracking.FINAL_STATUSES:
+            if status in record.FINAL_STATUSES:
                 metrics = {**metrics, **run[1]}
         elif res.error is not None:  # it raised (and its retries too): failed, never "interrupted"
             status = "failed"
@@ -148,7 +144,7 @@ def _objectives(meta: SweepMeta) -> list[tuple[str, str]] | None:
     """A search's objectives (metric, direction); None: the trial kind's."""
     if meta.kind != "search":
         return None
-    from analysis.defence import stored_objectives
+    from trainables.record import stored_objectives
 
     return [(o.metric, o.direction) for o in stored_objectives(meta.search)]
 
@@ -177,7 +173,7 @@ def _mlflow_states(meta: SweepMeta, kind: str = "trial") -> dict[str, tuple[str,
 
     def _do():
         return {
-            r.data.tags.get(tracking.TAG_KEY): (r.data.tags.get(tracking.TAG_STATUS, "running"), dict(r.data.metrics))
+            r.data.tags.get(record.TAG_KEY): (r.data.tags.get(record.TAG_STATUS, "running"), dict(r.data.metrics))
             for r in trial_runs(meta.mlflow_uri, meta.experiment_id, kind)
         }
 

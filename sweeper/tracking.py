@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from analysis.schema import (  # noqa: F401 (re-exported: the writer's names are the readers' names)
+from analysis.schema import check_uri, client  # noqa: F401 - check_uri: the writer checks its store with the readers' check
+from trainables.record import (
     FINAL_STATUSES,
     KEY_FORMAT,
     TAG_COMMIT,
-    TAG_DEFENCE,
     TAG_DIVERGED_EPOCH,
     TAG_ERROR,
     TAG_KEY,
@@ -32,8 +32,6 @@ from analysis.schema import (  # noqa: F401 (re-exported: the writer's names are
     TAG_STATUS,
     TAG_SWEEP,
     TAG_TRIAL_ID,
-    check_uri,
-    client,
     trial_key,
 )
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainables import trial_kind
 from trainables.config import SweeperError
 
 from . import tracking
@@ -32,7 +33,7 @@ def trainable(config: dict[str, Any]) -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     sweep = config["sweep"]
-    if config["trial"].get("kind", "network") != "network":
+    if not trial_kind(config["trial"].get("kind", "network")).iterative:
         torch.set_num_threads(max(1, int(sweep["threads"])))
         return _closed_form_trial(config["trial"], sweep)
     cfg, tracker = _config_and_tracker(config["trial"], sweep)

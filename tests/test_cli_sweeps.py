@@ -17,7 +17,8 @@ from conftest import driver_text
 
 from analysis.results import CONFIG_FIELDS, load_results
 from analysis.schema import read_meta
-from sweeper.cli import frontier_cmd, main
+from sweeper.cli import main
+from sweeper.cli.readers import frontier_cmd
 from sweeper.spaces import SweepSpec
 
 FAST = [
@@ -443,9 +444,9 @@ def test_only_rays_sigterm_noise_is_forgiven():
 def test_every_way_of_giving_seeds_makes_one_seed_column(seeds, sets, file_seeds, tmp_path):
     """Item 1 of issue 15 for each spelling: --seeds N, --seeds a,b, --seeds 1, --set seed=..., a file's seeds."""
     from analysis.report import sweep_summary
-    from analysis.schema import SweepMeta
     from sweeper.spaces import build_spec
     from sweeper.states import label_axes
+    from trainables.record import SweepMeta
 
     sweep_file = None
     if file_seeds is not None:

@@ -12,19 +12,19 @@ BAD = [
     ("model", "preresnet21", "6n+2"),
     ("trigger", "star", "must be one of"),
     ("poison_mode", "sometimes", "must be one of"),
-    ("theta", 1.0, "[0.0, 1.0)"),
-    ("theta", -0.1, "[0.0, 1.0)"),
+    ("theta", 1.0, "[0, 1)"),
+    ("theta", -0.1, "[0, 1)"),
     ("theta", float("nan"), "finite"),
     ("target", 10, "[0, 9]"),
     ("target", -1, "[0, 9]"),
-    ("kappa", -1.0, "[0.0, inf)"),
+    ("kappa", -1.0, ">= 0"),
     ("penalty", "l1", "must be one of"),
     ("epochs", 0, "[1, 100000]"),
     ("epochs", 1.5, "integer"),
-    ("lr", 0.0, "(0.0, 100.0]"),
-    ("momentum", 1.0, "[0.0, 1.0)"),
-    ("weight_decay", -1e-4, "[0.0, 1.0]"),
-    ("lr_decay", 0.0, "(0.0, 1.0]"),
+    ("lr", 0.0, "(0, 100]"),
+    ("momentum", 1.0, "[0, 1)"),
+    ("weight_decay", -1e-4, "[0, 1]"),
+    ("lr_decay", 0.0, "(0, 1]"),
     ("lr_drops", -1, "[0, 100]"),
     ("batch_size", 0, "[1, 1000000]"),
     ("eval_batch_size", 0, "[1, 1000000]"),
@@ -33,29 +33,29 @@ BAD = [
     ("data_dir", "", "non-empty"),
     ("download", "yes", "true or false"),
     ("augment", 1, "true or false"),
-    ("warp_strength", 0.0, "(0.0, 1.0]"),
+    ("warp_strength", 0.0, "(0, 1]"),
     ("warp_grid", 1, "[2, 64]"),
     ("trigger_size", 0, "[1, 8]"),
-    ("trigger_margin", 8, "[0, 7]"),
+    ("trigger_margin", 8, "[0, 6] (image side - trigger_size)"),
     ("crop_padding", -1, "[0, 8]"),
     ("hessian_split", "val", "must be one of"),
     ("hessian_method", "magic", "must be one of"),
     ("hessian_dtype", "float16", "must be one of"),
     ("hessian_samples", 0, "[1, 10000000]"),
     ("hessian_iterations", 0, "[1, 10000]"),
-    ("hessian_top_k", 0, "[1, 1000]"),
+    ("hessian_top_k", 0, "[1, 20] (hessian_iterations)"),
     ("spectrum_every", -1, "[0, 100000]"),
     ("hessian_dense_mb", 0, "[1, 10000000]"),
     ("hessian_dense_mb", 1.5, "integer"),
-    ("hessian_tol", 0.0, "(0.0, 1.0]"),
+    ("hessian_tol", 0.0, "(0, 1]"),
     ("hessian_tol", float("nan"), "finite"),
-    ("hessian_max_iterations", 0, "[1, 100000]"),
-    ("hessian_max_iterations", 10, ">= hessian_iterations (20)"),
-    ("trigger_amplitude", 0.0, "(0.0, 1.0]"),
-    ("blend_alpha", 1.5, "(0.0, 1.0]"),
+    ("hessian_max_iterations", 0, "[20, 100000]"),
+    ("hessian_max_iterations", 10, "[20, 100000] (hessian_iterations)"),
+    ("trigger_amplitude", 0.0, "(0, 1]"),
+    ("blend_alpha", 1.5, "(0, 1]"),
     ("blend_seed", -1, "[0, 2147483647]"),
     ("detect", "yes", "true or false"),
-    ("detect_baselines", "nc,strip", "unknown baseline(s) strip; valid: nc, ss, ac"),
+    ("detect_baselines", "nc,strip", "unknown strip; valid: nc, ss, ac"),
     ("detect_baselines", 3, "subset of nc, ss, ac"),
     ("detect_windows", "9", "integer in [1, 8]"),
     ("detect_windows", "2,0", "integer in [1, 8]"),
@@ -84,11 +84,11 @@ def test_every_invalid_field_raises_naming_field_value_and_range(field, value, v
 
 def test_every_field_is_covered_by_the_invalid_table():
     fields = {f.name for f in dataclasses.fields(TrialConfig)}
-    assert fields - {f for f, _, _ in BAD} <= {"verify_checksums", "hessian", "geometry", "warp_seed"}
+    assert fields - {f for f, _, _ in BAD} <= {"verify_checksums", "hessian", "geometry", "warp_seed", "extra"}
 
 
 def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="hessian_top_k=30 .* <= hessian_iterations"):
+    with pytest.raises(ConfigError, match=r"hessian_top_k=30 .* \[1, 20\] \(hessian_iterations\)"):
         TrialConfig(hessian_top_k=30)
     with pytest.raises(ConfigError, match="target=50"):
         TrialConfig(dataset="cifar10", target=50)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from sweeper.cli import main
-from sweeper.costs import Measured, estimate, measured_costs, store_uri
-from sweeper.spaces import estimate_parts
+from sweeper.costs import Measured, estimate, estimate_parts, measured_costs, store_uri
 from trainables import TrialConfig
 
 

@@ -8,12 +8,12 @@ import torch
 
 from trainables.data import (
     DataError,
-    load_dataset,
     load_digits,
     md5_file,
     read_cifar_batch,
     read_idx,
 )
+from trainables.datasets import load_dataset
 
 
 def test_digits_is_a_fixed_stratified_split_in_unit_range():

@@ -15,11 +15,13 @@ import pytest
 import ray
 from conftest import driver_text
 
-from analysis.defence import Objective, aggregate_models, defence_table, parse_objectives
+from analysis.defence import aggregate_models, defence_table
 from analysis.schema import client, read_meta
-from sweeper.cli import frontier_cmd, main
+from sweeper.cli import main
+from sweeper.cli.readers import frontier_cmd
 from sweeper.tracking import default_uri
 from trainables.config import SweeperError
+from trainables.record import Objective, parse_objectives
 
 
 @pytest.fixture(autouse=True)

@@ -278,3 +278,73 @@ def test_class_detector_runs_its_own_pass_off_the_exact_path_and_skips_over_the_
     skipped = run_trial(TrialConfig(**base, hessian_dense_mb=1))
     assert "det_class_flip_max" not in skipped.metrics
     assert "hessian_dense_mb" in skipped.to_json_dict()["detection"]["details"]["class"]["skipped"]
+
+
+def test_entries_declare_what_a_defender_holds_and_the_context_holds_only_that():
+    """Each entry's access is a tuple of ACCESS levels; ``spectrum-samples`` resolves to the data of the
+    spectrum's split; a trial's context is built with the data its enabled entries declare, nothing else."""
+    from trainables.baselines import BASELINES
+    from trainables.detection_context import ACCESS, DetectionSettings, DetectorEntry, resolve_access
+    from trainables.train import Trial
+
+    assert {n: e.access for n, e in (DETECTORS | BASELINES).items()} == {
+        "spectral": ("weights", "spectrum-samples"),
+        "localisation": ("weights", "spectrum-samples"),
+        "flip": ("weights", "spectrum-samples", "clean-samples"),
+        "class": ("weights", "spectrum-samples", "clean-samples"),
+        "nc": ("weights", "clean-samples"),
+        "ss": ("weights", "training-set"),
+        "ac": ("weights", "training-set"),
+    }
+    assert "trigger" in ACCESS  # declared for oracle detectors; no shipped score needs it
+    flip = DETECTORS["flip"].access
+    deterministic = DetectionSettings.from_config(TrialConfig(poison_mode="deterministic"))
+    assert resolve_access(flip, deterministic) == ("weights", "training-set", "clean-samples")
+    stochastic = DetectionSettings.from_config(TrialConfig(poison_mode="stochastic"))
+    assert resolve_access(flip, stochastic) == ("weights", "clean-samples")
+    assert stochastic.norms == (0.5,) and stochastic.windows == (2, 3, 4) and stochastic.baselines == ()
+    for bad in (("weights", "gpu"), "weights", ()):
+        with pytest.raises(ValueError, match="access must be a tuple of weights"):
+            DetectorEntry("bad", lambda ctx: None, bad, lambda s, per, n, size: 0.0)
+    # Neural Cleanse alone, no spectrum: clean held-out images only (an untrained trial will do)
+    ctx = Trial(TrialConfig(hessian=False, detect_baselines="nc", detect_samples=30)).detection_context()
+    assert ctx.spectrum is None and ctx.training is None and not ctx.settings.detect
+    assert ctx.heldout[0].shape == (30, 1, 8, 8)
+
+
+def test_a_detector_registered_outside_the_package_runs_in_a_trial_and_in_plans_cost():
+    """register_detector from a module of our own: its metric is in a real trial's metrics and detection
+    record, and ``sweeper plan``'s detection estimate adds the cost it declares."""
+    from sweeper.costs import estimate_parts, train_size
+    from trainables.detect import Detection, DetectorEntry, register_detector
+    from trainables.train import run_trial
+
+    def held_out_accuracy(ctx):
+        raw, y = ctx.heldout
+        pred = ctx.predict(ctx.normalize(raw))
+        return Detection(
+            metrics={"toy_heldout_acc": float((pred == y).double().mean()), "toy_k": len(ctx.spectrum.eigenvalues)},
+            details={"n": len(y)},
+        )
+
+    calls = []
+
+    def cost(settings, per, n, size):
+        calls.append((settings.samples, n, size))
+        return 1000.0
+
+    cfg = TrialConfig(epochs=1, hessian_samples=100, hessian_top_k=2, detect_samples=40, geometry=False)
+    before = estimate_parts(cfg)["detect"]
+    register_detector(DetectorEntry("toy", held_out_accuracy, ("weights", "spectrum-samples", "clean-samples"), cost))
+    try:
+        after = estimate_parts(cfg)["detect"]
+        res = run_trial(cfg)
+    finally:
+        DETECTORS.pop("toy")
+    assert after - before == pytest.approx(1000.0)
+    assert calls == [(40, 100, train_size("digits"))]
+    m = res.metrics
+    assert 0 <= m["toy_heldout_acc"] <= 1 and m["toy_k"] == 2 and m["det_toy_seconds"] >= 0
+    assert "det_flip_max" in m  # the built-in detectors still ran
+    assert res.to_json_dict()["detection"]["details"]["toy"] == {"n": 40}
+    assert list(DETECTORS) == ["spectral", "localisation", "flip", "class"]

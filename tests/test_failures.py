@@ -291,8 +291,8 @@ def test_trial_keys_survive_a_new_field_and_a_resume_finds_every_run(tmp_path):
 
 
 def test_key_format_2_hashes_only_fields_off_their_defaults():
-    from analysis.schema import trial_key
     from trainables import TrialConfig
+    from trainables.record import trial_key
 
     d = TrialConfig(theta=0.1).to_dict()
     assert trial_key(d) == trial_key(TrialConfig.from_dict({"theta": 0.1}).to_dict())
@@ -305,7 +305,7 @@ def test_key_format_2_hashes_only_fields_off_their_defaults():
 
 def test_trials_are_named_by_their_axes_with_short_floats():
     """A search's kappa=122.96071107325702 reads kappa=123; pending trials are named as running ones are."""
-    from sweeper.cli import _point
+    from sweeper.cli.readers import _point
     from sweeper.sweep_progress import _short
 
     assert _short(122.96071107325702) == "123" and _short(0.05) == "0.05" and _short(3) == 3

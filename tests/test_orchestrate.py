@@ -20,7 +20,8 @@ from sweeper.cli import main
 from sweeper.orchestrate import SweepOptions, resume_sweep, run_sweep
 from sweeper.spaces import SweepSpec
 from sweeper.states import sweep_status
-from sweeper.tracking import TAG_KEY, TAG_KIND, default_uri
+from sweeper.tracking import default_uri
+from trainables.record import TAG_KEY, TAG_KIND
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.pareto import (
-    aggregate_seeds,
-    frontier,
-    has_seed_replicates,
-    hypervolume,
-    pareto_mask,
-    parse_objectives,
-    seed_frontier,
-)
+from analysis.pareto import aggregate_seeds, frontier, has_seed_replicates, hypervolume, pareto_mask, seed_frontier
+from trainables.errors import SweeperError
+from trainables.record import parse_objectives
 
 
 def brute_force(values, directions):
@@ -109,9 +103,12 @@ def test_frontier_groups_and_seed_aggregation():
     assert frontier(agg[agg.theta == 0.1]).kappa.tolist() == [0, 10]  # kappa=100 is dominated
     with pytest.raises(KeyError, match="not in the results"):
         frontier(df, objectives=[("clean_acc", "max"), ("nope", "min")])
-    assert parse_objectives("clean_acc:max,asr:min,lambda_1:min")[2] == ("lambda_1", "min")
-    with pytest.raises(ValueError):
-        parse_objectives("clean_acc:up,asr:min")
+    third = parse_objectives("clean_acc:max,asr:min,lambda_1:min", search=False)[2]
+    assert (third.metric, third.direction) == ("lambda_1", "min")
+    with pytest.raises(SweeperError, match="'clean_acc:up' is invalid"):
+        parse_objectives("clean_acc:up,asr:min", search=False)
+    with pytest.raises(SweeperError, match="expected METRIC:max or METRIC:min$"):  # no aggregation outside a search
+        parse_objectives("clean_acc:max:worst,asr:min", search=False)
 
 
 def test_two_objective_path_keeps_a_point_whose_second_objective_is_inf():

@@ -255,18 +255,3 @@ def test_coincident_points_get_one_label():
     assert merged[0][3] == [0, 1, 2, 3]
     many = frontier_plot.merge_coincident([0.0] * 6, [0.0] * 6, [f"κ={k}" for k in range(6)])
     assert len(many) == 1 and many[0][2].splitlines()[-1] == "+ 3 more"
-
-
-def test_sweep_summary_frontier_averages_seeds_and_leaves_a_seedless_sweep_alone():
-    from analysis.pareto import frontier
-    from analysis.report import sweep_summary
-
-    df = population(thetas=(0.05,), seeds=3).assign(kind="network")
-    text = sweep_summary(df, ["kappa", "seed"])
-    front = text.split("frontier (")[1].splitlines()
-    assert "n_seeds" in front[1] and "clean_acc_std" in front[1] and len(front) == 2 + 2  # kappa 0 and 400
-    one = population(thetas=(0.05,), seeds=1).assign(kind="network")
-    text = sweep_summary(one, ["kappa"])
-    cols = ["kappa", "status", "clean_acc", "asr", "max_overlap_sq"]  # what the frontier printed before seeds
-    plain = frontier(one)[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
-    assert text.split("(maximize clean_acc, minimize asr):\n")[1] == plain

@@ -177,8 +177,8 @@ def _help(argv, capsys, monkeypatch) -> str:
 
 def test_registered_names_show_in_every_commands_help(toy_model, toy_trigger, toy_penalty, capsys, monkeypatch):
     text = _help(["trial"], capsys, monkeypatch)
-    assert "A registered backdoor trigger: lshape, square, warp, blend, dot." in text, text
-    assert "A registered model: cnn, linear, preresnet<depth = 6n+2 >= 8> (e.g. preresnet20) or toymlp." in text, text
+    assert "Backdoor trigger; one of lshape, square, warp, blend, dot." in text, text
+    assert "A registered model; cnn, linear, preresnet<depth = 6n+2 >= 8> (e.g. preresnet20) or toymlp." in text, text
     assert "eq25 = kappa/2*mean_i||grad_x l_i||^2 (eq. 25); half." in text, (
         text
     )  # a penalty without a docstring: its name
@@ -192,7 +192,8 @@ def test_registered_names_show_in_every_commands_help(toy_model, toy_trigger, to
 
 # ----------------------------------------------------------------------------- plugins: SWEEPER_PLUGINS, entry points
 PLUGIN = '''
-"""A toy plugin: a one-pixel trigger and a one-layer model, registered on import."""
+"""A toy plugin: a one-pixel trigger with its own parameter and a one-layer model, registered on import."""
+from trainables.fields import Interval, field
 from trainables.models import ModelEntry, register_model
 from trainables.triggers import PatchTrigger, TriggerEntry, register_trigger
 
@@ -203,7 +204,7 @@ def centre_pixel(cfg):
     c, h, w = cfg.image_shape
     pix = torch.zeros(h, w, dtype=torch.bool)
     pix[h // 2, w // 2] = True
-    return PatchTrigger(pix, c)
+    return PatchTrigger(pix, c, cfg.toy_brightness)  # the trigger's own parameter, read like any field
 
 
 def linear_net(name, shape, classes):
@@ -225,7 +226,8 @@ def linear_net(name, shape, classes):
     return Net()
 
 
-register_trigger(TriggerEntry("toy", centre_pixel, lambda small: (1, 0)))
+BRIGHTNESS = field(1.0, Interval(float, 0, 1, closed="right"), "Toy trigger: how far its pixel moves to 1")
+register_trigger(TriggerEntry("toy", centre_pixel, lambda small: (1, 0), params={"toy_brightness": BRIGHTNESS}))
 register_model(ModelEntry("toynet", linear_net, lambda n: n == "toynet", lambda n: 1e-4, "toynet"))
 '''
 
@@ -256,8 +258,31 @@ def test_a_plugin_named_in_the_environment_registers_for_the_console_script(tmp_
     assert r.returncode == 2 and "trigger='toy' is invalid: must be one of lshape, square, warp, blend" in r.stderr
 
 
-def test_a_sweep_with_a_plugin_trigger_runs_through_ray(tmp_path):
-    """The driver forwards SWEEPER_PLUGINS and PYTHONPATH to the Ray workers, whose trials import the plugin."""
+def test_a_plugin_triggers_own_parameter_is_a_field_everywhere(tmp_path):
+    """Declared once in the plugin (default, range, help): a `trial` option with its range, a --set axis,
+    validated with the one-line error, part of the threat, and in the trial's record."""
+    (tmp_path / "toyplug.py").write_text(PLUGIN)
+    env = _plugin_env(tmp_path, "toyplug")
+    r = _cli(["trial", "--help"], env)
+    assert "--toy-brightness" in r.stdout and "Toy trigger: how far its pixel moves to 1; in (0, 1]." in r.stdout
+    r = _cli(["plan", "--set", "trigger=toy", "--set", "toy_brightness=0.5,1", "--kappa", "0", "--theta", "0.1"], env)
+    assert r.returncode == 0 and "2 trials" in r.stdout, r.stdout + r.stderr
+    r = _cli(["trial", "--set", "trigger=toy", "--toy-brightness", "2", "--epochs", "1"], env)
+    assert r.returncode == 2 and "toy_brightness=2.0 is invalid: must be in (0, 1]" in r.stderr, r.stderr
+    out = tmp_path / "t.json"
+    argv = ["trial", "--trigger", "toy", "--toy-brightness", "0.5", "--epochs", "1", "--no-hessian", "--no-geometry"]
+    r = _cli([*argv, "--json", str(out), "--quiet"], env)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["config"]["toy_brightness"] == 0.5 and rec["config"]["trigger"] == "toy"
+    check = "from trainables.config import threat_fields; print(threat_fields())"
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120)
+    assert "toy_brightness" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_sweep_with_a_plugin_trigger_runs_through_ray(tmp_path, monkeypatch):
+    """The driver forwards SWEEPER_PLUGINS and PYTHONPATH to the Ray workers, whose trials import the plugin;
+    a reader with the plugin loaded types its field by the declaration."""
     from analysis.results import load_results
 
     (tmp_path / "plug").mkdir()
@@ -275,6 +300,8 @@ def test_a_sweep_with_a_plugin_trigger_runs_through_ray(tmp_path):
             "--set",
             "trigger=toy",
             "--set",
+            "toy_brightness=0.5",
+            "--set",
             "hessian=false",
             "--set",
             "geometry=false",
@@ -289,8 +316,11 @@ def test_a_sweep_with_a_plugin_trigger_runs_through_ray(tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sweep toy: 1 completed, 0 diverged, 0 failed" in r.stdout, r.stdout
+    monkeypatch.syspath_prepend(str(tmp_path / "plug"))
+    monkeypatch.setenv("SWEEPER_PLUGINS", "toyplug")
     df = load_results("toy", str(st), source="mlflow")
     assert list(df["trigger"]) == ["toy"] and df["n_poisoned"].iloc[0] > 0 and df["status"].iloc[0] == "completed"
+    assert list(df["toy_brightness"]) == [0.5]  # the plugin's field, typed by its declaration
 
 
 def test_start_ray_forwards_the_plugins_and_pythonpath_to_the_workers(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 import pytest
 
-from sweeper.spaces import SpaceError, SweepSpec, estimate_seconds, load_sweep_file, parse_seeds, parse_values
+from sweeper.costs import estimate_seconds
+from sweeper.spaces import SpaceError, SweepSpec, load_sweep_file, parse_seeds, parse_values
 
 
 def test_lists_ranges_and_log_ranges():
@@ -79,7 +80,8 @@ def test_seeds_and_cost():
 
 
 def test_one_merge_order_everywhere_defaults_file_flags_set(tmp_path):
-    from sweeper.spaces import build_search_spec, build_spec, trial_config
+    from sweeper.search_space import build_search_spec
+    from sweeper.spaces import build_spec, trial_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("lr: 0.02\nkappa: 5\nepochs: 3\n")
@@ -122,7 +124,8 @@ def test_every_published_sweep_file_validates():
 
 def test_a_list_field_takes_its_list_as_one_value_and_an_axis_over_lists_needs_a_bar():
     """`trial --detect-baselines nc,ss,ac` is one trial with three baselines: `--set` means the same everywhere."""
-    from sweeper.spaces import build_search_spec, build_spec, is_list_field, parse_sets, trial_config
+    from sweeper.search_space import build_search_spec
+    from sweeper.spaces import build_spec, is_list_field, parse_sets, trial_config
 
     assert all(is_list_field(f) for f in ("detect_baselines", "detect_windows", "detect_norms"))
     assert not is_list_field("theta") and not is_list_field("m", "kernel")

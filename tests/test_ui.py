@@ -33,7 +33,7 @@ def test_links_open_the_runs_table_not_the_genai_overview():
 
 
 def test_run_ends_with_a_tracking_servers_direct_links_else_the_ui_command():
-    """`sweeper run` / `resume` end with these lines (sweeper.cli._report)."""
+    """`sweeper run` / `resume` end with these lines (sweeper.cli.sweeps._report)."""
     assert browse_lines("s", "/st", "http://mlflow.lab:5000/", "7", "abc") == [
         "runs: http://mlflow.lab:5000/#/experiments/7/runs",
         "parent: http://mlflow.lab:5000/#/experiments/7/runs/abc",

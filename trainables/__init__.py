@@ -40,6 +40,14 @@ class TrialKind:
     default_axes: dict[str, list[Any]] = field(default_factory=dict)  # `sweeper run --kind NAME` with no flags
     default_fixed: dict[str, Any] = field(default_factory=dict)
     summary: str = ""  # a few words for `--kind`'s help: "train a net"
+    iterative: bool = False  # trains epoch by epoch: checkpoints, a progress bar, torch threads from its CPUs
+    seconds: float = 1.0  # a non-iterative trial's rough cost (one dense computation), for `sweeper plan`
+    demo: str = ""  # `sweeper run --kind NAME`'s default sweep name [default: NAME-demo]
+
+    @property
+    def demo_name(self) -> str:
+        """The sweep name ``sweeper run`` uses when none is given."""
+        return self.demo or f"{self.name}-demo"
 
 
 def _run_network(cfg, **kwargs):
@@ -93,6 +101,8 @@ register_kind(
         default_axes={"theta": [0.05, 0.1], "kappa": [0.0, 200.0, 400.0, 800.0]},
         default_fixed={"dataset": "digits", "epochs": 15},
         summary="train a net",
+        iterative=True,
+        demo="digits-demo",
     )
 )
 register_kind(
@@ -138,9 +148,8 @@ def config_class(kind: str):
 
 def make_config(d: dict[str, Any]):
     """A validated config from a dict; ``kind`` (default network) picks the class."""
-    kind = d.get("kind", "network")
-    cls = config_class(kind)
-    if kind == "network":
+    cls = config_class(d.get("kind", "network"))
+    if "kind" not in cls.__dataclass_fields__:  # a class without the field is the kind's one class
         d = {k: v for k, v in d.items() if k != "kind"}
     return cls.from_dict(d)
 

@@ -12,9 +12,9 @@
 The data-level baselines score every training sample as trained (trigger applied, poisoned
 labels); with the poison mask known to the trial, their per-sample AUROC at finding the poisoned
 samples is logged too (``roc_auc_score``; NaN for a clean model, which has no positives).
-:data:`BASELINES` is the registry (name -> function of a
-:class:`~trainables.detect.DetectionContext`); :data:`SCORES` gives each model-level score's
-direction. Pure PyTorch + scikit-learn; nothing here imports Ray or MLflow.
+:data:`BASELINES` is the registry (name -> :class:`~trainables.detection_context.DetectorEntry`,
+added by :func:`register_baseline`; ``detect_baselines`` names them); :data:`SCORES` gives each
+model-level score's direction. Pure PyTorch + scikit-learn; nothing here imports Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .screening import Detection
+from .detection_context import Detection, DetectionContext, DetectionSettings, DetectorEntry
 
 # "higher": a larger value is more suspicious (see trainables.detect.SCORES for the cheap statistics).
 SCORES: dict[str, str] = {
@@ -165,12 +165,11 @@ def cleanse_summary(res: CleanseResult) -> dict[str, float]:
     }
 
 
-def nc_baseline(ctx):
+def nc_baseline(ctx: DetectionContext) -> Detection:
     """Registry entry: Neural Cleanse on the clean held-out images."""
     raw, _ = ctx.heldout
-    res = neural_cleanse(
-        ctx.model, raw, ctx.normalize, ctx.num_classes, ctx.cfg.nc_steps, ctx.cfg.nc_batch_size, ctx.generator(19)
-    )
+    s = ctx.settings
+    res = neural_cleanse(ctx.model, raw, ctx.normalize, s.num_classes, s.nc_steps, s.nc_batch_size, ctx.generator(19))
     return Detection(
         metrics=cleanse_summary(res),
         details={"mask_l1": res.l1.tolist(), "anomaly_index": res.anomaly.tolist(), "success": res.success.tolist()},
@@ -241,10 +240,10 @@ def _data_level_auroc(
     return out
 
 
-def ss_baseline(ctx):
+def ss_baseline(ctx: DetectionContext) -> Detection:
     """Registry entry: Spectral Signatures on the training set as trained."""
-    _, labels = ctx.train_as_trained
-    m, scores = spectral_signatures(ctx.train_features, labels, ctx.poison_mask, ctx.num_classes, ctx.cfg.target)
+    s, train = ctx.settings, ctx.training
+    m, scores = spectral_signatures(ctx.train_features, train.y, train.poison, s.num_classes, s.target)
     return Detection(metrics=m, details={"score_quantiles": _quantiles(scores)})
 
 
@@ -336,12 +335,10 @@ def activation_clustering(
     return m, scores
 
 
-def ac_baseline(ctx):
+def ac_baseline(ctx: DetectionContext) -> Detection:
     """Registry entry: Activation Clustering on the training set as trained."""
-    _, labels = ctx.train_as_trained
-    m, scores = activation_clustering(
-        ctx.train_features, labels, ctx.poison_mask, ctx.num_classes, ctx.cfg.target, seed=ctx.cfg.seed
-    )
+    s, train = ctx.settings, ctx.training
+    m, scores = activation_clustering(ctx.train_features, train.y, train.poison, s.num_classes, s.target, seed=s.seed)
     return Detection(metrics=m, details={"score_quantiles": _quantiles(scores)})
 
 
@@ -350,4 +347,29 @@ def _quantiles(scores: torch.Tensor) -> dict[str, float]:
     return dict(zip(("min", "median", "q90", "q99", "max"), q.tolist(), strict=True))
 
 
-BASELINES: dict[str, Callable] = {"nc": nc_baseline, "ss": ss_baseline, "ac": ac_baseline}
+# ----------------------------------------------------------------------------- registry
+def _nc_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """An Adam step over every class's batch per step (forward, backward to the input, update)."""
+    return s.nc_steps * s.num_classes * s.nc_batch_size * per * 3
+
+
+def _features_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """One forward pass over the training set (the penultimate features); the clustering is cheap."""
+    return train_size * per
+
+
+BASELINES: dict[str, DetectorEntry] = {}  # config validation reads its names (``detect_baselines``)
+
+
+def register_baseline(entry: DetectorEntry) -> DetectorEntry:
+    """Add a baseline: a valid name of ``detect_baselines`` (validation, ``--help``); trials that name it
+    run it and log its metrics, and ``sweeper plan`` adds its ``cost``."""
+    BASELINES[entry.name] = entry
+    return entry
+
+
+# NC reverses triggers on clean held-out images; SS and AC cluster the training set as trained
+# (the poison mask only scores them, as per-sample AUROC)
+register_baseline(DetectorEntry("nc", nc_baseline, ("weights", "clean-samples"), _nc_cost))
+register_baseline(DetectorEntry("ss", ss_baseline, ("weights", "training-set"), _features_cost))
+register_baseline(DetectorEntry("ac", ac_baseline, ("weights", "training-set"), _features_cost))

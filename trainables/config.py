@@ -1,150 +1,342 @@
 """The one frozen, validated description of a trial.
 
-Everything a trial needs is a field of :class:`TrialConfig`; it is validated once,
-in ``__post_init__``, and nothing downstream reads raw dicts. Defaults that depend on
-other fields (learning rate per model, trigger geometry per image size) are resolved
-here too, so the stored config is always the one that actually ran.
+Everything a trial needs is a field of :class:`TrialConfig`, declared once with
+:func:`trainables.fields.field` (constraint, unit, help, group); validation, the ``sweeper trial``
+options and their help ranges, ``--set`` parsing and the record's defaults are derived from those
+declarations. Defaults that depend on other fields (learning rate per model, trigger geometry per
+image size) are resolved here too, so the stored config is always the one that actually ran.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from .datasets import DATASETS
 from .errors import SweeperError  # re-exported: `from trainables.config import SweeperError` is the usual spelling
+from .fields import (
+    EXTRA_FIELDS,
+    RESERVED,
+    Check,
+    ConfigError,
+    Flag,
+    Interval,
+    NumberList,
+    Options,
+    Ref,
+    Subset,
+    Text,
+    fail,
+    field,
+    specs,
+    split_list,
+    validate,
+)
 from .plugins import load_plugins
 
-DATASETS = {  # name -> (channels, height, classes)
-    "digits": (1, 8, 10),
-    "mnist": (1, 28, 10),
-    "fashion-mnist": (1, 28, 10),
-    "cifar10": (3, 32, 10),
-    "cifar100": (3, 32, 100),
-}
-POISON_MODES = ("deterministic", "stochastic")
-HESSIAN_SPLITS = ("auto", "clean-train", "poisoned-train", "test")
-HESSIAN_METHODS = ("auto", "exact", "gram-lanczos", "double-backward", "gauss-newton")
-DTYPES = ("float32", "float64")
+__all__ = ["DATASETS", "ConfigError", "ConfigFields", "SweeperError", "TrialConfig", "split_list", "threat_fields"]
+
+SEED = Interval(int, 0, 2**31 - 1)
+# one field declaration per group: the group is the `trial --help` panel; "attack" is the threat of a defence search
+DATA, MODEL, ATTACK, DEFENCE, OPTIM, SPECTRUM, DETECTION = (
+    partial(field, group=g) for g in ("data", "model", "attack", "defence", "optimisation", "spectrum", "detection")
+)
+SIDE = Ref("image side", lambda c: c.image_shape[1])
+_ITERS = Ref("hessian_iterations", lambda c: c.hessian_iterations)
 
 
-class ConfigError(SweeperError):
-    """A bad config field: the message names the field, the value and what is valid."""
+def _registry(module: str, name: str):
+    """A registry's names, read at each check (plugins may add to it); the modules import no torch."""
+
+    def names() -> list[str]:
+        from importlib import import_module
+
+        return list(getattr(import_module(f"trainables.{module}"), name))
+
+    return names
+
+
+def _model_ok(name: str) -> bool:
+    from .models import model_entry
+
+    try:
+        model_entry(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _model_syntax() -> str:
+    from .models import model_syntax
+
+    return model_syntax()
+
+
+def _penalties() -> str:
+    from .penalty import PENALTIES
+
+    docs = {k: (fn.__doc__ or "").strip().splitlines() for k, fn in PENALTIES.items()}
+    return "; ".join(f"{k} = {d[0]}" if d else k for k, d in docs.items())
 
 
 class ConfigFields:
-    """``to_dict`` / ``from_dict`` shared by the trial configs (network, kernel, linear)."""
+    """``to_dict`` / ``from_dict`` shared by the trial configs (network, kernel, linear).
+
+    A class with ``_takes_extras`` also holds the fields plugins declared (``fields.EXTRA_FIELDS``) in
+    its ``extra`` mapping; they read as attributes and are flat in ``to_dict`` like every other field.
+    """
 
     _label = "config"  # how errors name this kind of config
+    _takes_extras = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON- and MLflow-friendly)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.update(d.pop("extra", {}))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
         """Build from a dict, rejecting unknown keys by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        load_plugins()  # a plugin's fields are valid keys once its registrations ran
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extras = set(EXTRA_FIELDS) if cls._takes_extras else set()
+        unknown = sorted(set(d) - names - extras)
         if unknown:
-            raise ConfigError(f"unknown {cls._label} field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
+            raise ConfigError(f"unknown {cls._label} field(s) {unknown}; valid fields: {sorted(names | extras)}")
+        kw = {k: v for k, v in d.items() if k in names}
+        if extras:
+            kw["extra"] = {k: v for k, v in d.items() if k in extras}
+        return cls(**kw)
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` (declared fields and plugin fields alike), validated again."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not dataclass fields
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__!r} has no field {name!r}")
 
 
 @dataclass(frozen=True)
 class TrialConfig(ConfigFields):
-    """A single poisoning trial. Units and meaning are given per field."""
+    """A single poisoning trial. Each field's unit, range and meaning is its declaration."""
+
+    _takes_extras = True
 
     # --- data -------------------------------------------------------------------
-    dataset: str = "digits"  # one of DATASETS; digits is embedded in scikit-learn
-    data_dir: str = "~/.cache/sweeper/data"  # folder holding MNIST IDX / CIFAR pickles
-    download: bool = False  # fetch missing files from the official mirrors (needs internet)
-    verify_checksums: bool = True  # md5 of every file against the published value
-    train_subset: int = 0  # training images used: 0 = all; else a class-stratified subset, the same for every seed
+    dataset: str = DATA(
+        "digits",
+        Options(lambda: tuple(DATASETS)),  # the dataset registry (trainables/datasets.py)
+        "Dataset; digits ships with scikit-learn, the others are read from data_dir",
+    )
+    data_dir: str = DATA("~/.cache/sweeper/data", Text(), "Folder holding the MNIST IDX / CIFAR pickle files")
+    download: bool = DATA(False, Flag(), "Fetch missing dataset files from the official mirrors (needs internet)")
+    verify_checksums: bool = DATA(True, Flag(), "Check every dataset file against its published md5")
+    train_subset: int = DATA(
+        0,
+        Interval(int, 0, 10_000_000),
+        "Training images used: 0 = all, else a class-stratified subset, the same for every seed",
+    )
     # --- model ------------------------------------------------------------------
-    model: str = "cnn"  # cnn | linear | preresnet<6n+2> (preresnet20, preresnet110, ...)
+    model: str = MODEL("cnn", Check(_model_ok, _model_syntax), "A registered model")
     # --- attack -----------------------------------------------------------------
-    trigger: str = "lshape"  # lshape (Listing 2) | square (Sec. 4) | warp (WaNet) | blend (Chen et al. 2017)
-    trigger_size: int | None = None  # arm / side length in px; None: 2 (lshape), 4 or 2 (square)
-    trigger_margin: int | None = None  # px from the border; None: 3 (Listing 2), 0 on 8x8 images
-    warp_strength: float = 0.02  # phi: max grid displacement, in [-1,1] image coordinates
-    warp_grid: int = 4  # k: side of the random WaNet control grid
-    warp_seed: int = 0  # fixes the warp field, shared by every trial of a sweep
-    trigger_amplitude: float = 1.0  # patch triggers: pixels become (1-a)*x + a, a in (0, 1]; 1 = set to 1.0 (paper)
-    blend_alpha: float = (
-        0.2  # blend trigger: (1-alpha)*x + alpha*pattern, alpha in (0, 1]; -> 0 is the near-clone regime
+    trigger: str = ATTACK("lshape", Options(_registry("triggers", "TRIGGERS")), "Backdoor trigger")
+    trigger_size: int | None = ATTACK(
+        None,
+        Interval(int, 1, SIDE),
+        "Patch trigger's arm / side length",
+        unit="px",
+        derived="2 for lshape; square 4, or 2 on 8x8",
     )
-    blend_seed: int = 0  # fixes the blend pattern (uniform [0,1] per pixel), shared by every trial of a sweep
-    poison_mode: str = (
-        "deterministic"  # deterministic (Listing 3, fixed per index) | stochastic (Listing 4, redrawn per epoch)
+    trigger_margin: int | None = ATTACK(
+        None,
+        Interval(int, 0, Ref("image side - trigger_size", lambda c: c.image_shape[1] - c.trigger_size)),
+        "Patch trigger's distance from the border",
+        unit="px",
+        derived="3 for lshape, 1 for square; 0 on 8x8",
     )
-    theta: float = 0.1  # poison fraction of the non-target training samples, in [0, 1)
-    target: int = 0  # the attacker's target class
+    warp_strength: float = ATTACK(
+        0.02,
+        Interval(float, 0, 1, closed="right"),
+        "WaNet strength phi: max grid displacement in [-1,1] image coordinates",
+    )
+    warp_grid: int = ATTACK(4, Interval(int, 2, 64), "WaNet control grid side k")
+    warp_seed: int = ATTACK(0, SEED, "Seed of the WaNet warp field, shared by every trial of a sweep")
+    trigger_amplitude: float = ATTACK(
+        1.0,
+        Interval(float, 0, 1, closed="right"),
+        "Patch triggers: pixels become (1-a)*x + a; 1 sets them to 1.0 (paper)",
+    )
+    blend_alpha: float = ATTACK(
+        0.2,
+        Interval(float, 0, 1, closed="right"),
+        "Blend trigger strength alpha: (1-alpha)*x + alpha*pattern; toward 0 is the near-clone regime",
+    )
+    blend_seed: int = ATTACK(0, SEED, "Seed of the blend trigger's uniform random pattern")
+    poison_mode: str = ATTACK(
+        "deterministic",
+        Options(("deterministic", "stochastic")),
+        "deterministic: fixed per index (Listing 3); stochastic: redrawn every epoch (Listing 4)",
+    )
+    theta: float = ATTACK(
+        0.1, Interval(float, 0, 1, closed="left"), "Poison fraction of the non-target training samples"
+    )
+    target: int = ATTACK(
+        0, Interval(int, 0, Ref("classes - 1", lambda c: c.num_classes - 1)), "Target class of the backdoor"
+    )
     # --- defence ----------------------------------------------------------------
-    kappa: float = 0.0  # input-gradient penalty strength (scale: see `penalty`), >= 0
-    penalty: str = "listing1"  # listing1: kappa*sum_batch||grad_x mean-CE||^2; eq25: kappa/2*mean_i||grad_x l_i||^2
-    augment: bool = False  # random crop (zero padding) + horizontal flip, whole-batch on device
-    crop_padding: int | None = None  # px of zero padding for the random crop; None: 4, or 1 on 8x8
+    kappa: float = DEFENCE(0.0, Interval(float, 0, None), "Input-gradient penalty strength (scale set by penalty)")
+    penalty: str = DEFENCE("listing1", Options(_registry("penalty", "PENALTIES"), _penalties), "Input-gradient penalty")
+    augment: bool = DEFENCE(False, Flag(), "Random crop + horizontal flip, whole-batch on the device")
+    crop_padding: int | None = DEFENCE(
+        None, Interval(int, 0, SIDE), "Zero padding of the random crop", unit="px", derived="4, or 1 on 8x8"
+    )
     # --- optimisation -----------------------------------------------------------
-    epochs: int = 15  # passes over the training set, >= 1
-    lr: float | None = None  # SGD learning rate; None: 0.1 for preresnet (Sec. 5), 0.01 otherwise
-    momentum: float = 0.9  # SGD momentum, in [0, 1)
-    weight_decay: float = 5e-4  # L2 weight decay, >= 0
-    lr_decay: float = 0.1  # multiplicative LR drop, in (0, 1]
-    lr_drops: int = 2  # number of equally spaced drops (2: every epochs/3, Sec. 5)
-    batch_size: int | None = None  # training minibatch size; None: 32 on digits (1437 images), else 128
-    eval_batch_size: int = 1000  # batch size for evaluation and Hessian products
-    seed: int = 0  # seeds init, shuffling, augmentation and poisoning
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 1  # torch CPU threads of the trial; float reductions depend on it, so it is part of the config
-    # --- input-space analysis (issue 3) -----------------------------------------
-    hessian: bool = True  # run Lanczos on the input Hessian after training
-    hessian_split: str = "auto"  # auto: clean-train if stochastic, poisoned-train if deterministic
-    hessian_samples: int = 1000  # samples averaged into H (cap; fewer if the split is smaller)
-    hessian_iterations: int = 20  # Lanczos iterations (paper: 10)
-    hessian_top_k: int = 5  # eigenpairs kept
-    hessian_method: str = (
-        "auto"  # auto: exact for piecewise-linear nets within hessian_dense_mb, else gram-lanczos, else double-backward
+    epochs: int = OPTIM(15, Interval(int, 1, 100_000), "Passes over the training set")
+    lr: float | None = OPTIM(
+        None, Interval(float, 0, 100, closed="right"), "SGD learning rate", derived="0.1 for preresnet, 0.01 otherwise"
     )
-    hessian_dtype: str = "float32"  # float64 for reference-quality spectra
-    hessian_dense_mb: int = 1024  # MiB for the exact path (24*D^2 bytes) or gram-lanczos's A (N*K*D*itemsize), >= 1
-    hessian_tol: float = 1e-3  # Lanczos restarts until every top-k ||Hv - lambda v||/|lambda_1| <= this, in (0, 1]
-    hessian_max_iterations: int = 160  # cap on Lanczos iterations over restarts (doubling), >= hessian_iterations
-    spectrum_every: int = 0  # also measure every N epochs during training (0: only at the end)
-    geometry: bool = True  # penultimate-feature geometry table (Appendix B)
-    # --- detection (issue 10); lists are strings so a sweep axis never splits them: use "+" there ----
-    detect: bool | None = (
-        None  # trigger-agnostic spectrum statistics, eigenvector flip concentration, per-class curvature (cheap; needs hessian); None: on when hessian is
+    momentum: float = OPTIM(0.9, Interval(float, 0, 1, closed="left"), "SGD momentum")
+    weight_decay: float = OPTIM(5e-4, Interval(float, 0, 1), "L2 weight decay")
+    lr_decay: float = OPTIM(0.1, Interval(float, 0, 1, closed="right"), "Multiplicative learning-rate drop")
+    lr_drops: int = OPTIM(2, Interval(int, 0, 100), "Equally spaced learning-rate drops (2: every epochs/3, Sec. 5)")
+    batch_size: int | None = OPTIM(
+        None, Interval(int, 1, 1_000_000), "Training minibatch size", derived="32 on digits, else 128"
     )
-    detect_baselines: str = ""  # comma- or +-separated subset of nc, ss, ac (Neural Cleanse, Spectral Signatures, Activation Clustering); "" = none
-    detect_windows: str = "2,3,4"  # side lengths w (px) of the w x w localisation windows, each in [1, image side]
-    detect_norms: str = (
-        "0.5"  # eigenvector perturbation norms, relative to the mean L2 norm of the normalized held-out images, > 0
+    eval_batch_size: int = OPTIM(1000, Interval(int, 1, 1_000_000), "Batch size of evaluation and Hessian products")
+    seed: int = OPTIM(0, SEED, "Seed of init, shuffling, augmentation and poisoning")
+    device: str = OPTIM("auto", Text(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"), "Torch device")
+    threads: int = OPTIM(
+        1,
+        Interval(int, 1, 1024),
+        "Torch CPU threads; float reductions depend on it, so it is part of the config (sweeps: --cpus-per-trial)",
     )
-    detect_samples: int = 100  # held-out clean test images (seeded subset) for flip concentration and Neural Cleanse
-    detect_trace_samples: int = 1000  # of the spectrum's samples (seeded subset, all by default) in the trace estimate
-    detect_probes: int = (
-        1  # trace-estimate passes; each draws one random probe per sample (5% mean error on digits at 1000 x 1)
+    # --- input-space analysis ----------------------------------------------------
+    hessian: bool = SPECTRUM(True, Flag(), "Input-Hessian spectrum and trigger overlap after training")
+    hessian_split: str = SPECTRUM(
+        "auto",
+        Options(("auto", "clean-train", "poisoned-train", "test")),
+        "Data averaged into H (auto: clean-train if stochastic, poisoned-train if deterministic)",
     )
-    nc_steps: int = 300  # Adam steps of Neural Cleanse's mask + pattern optimisation (all classes at once)
-    nc_batch_size: int = 32  # clean held-out images per class per Neural Cleanse step
+    hessian_samples: int = SPECTRUM(1000, Interval(int, 1, 10_000_000), "At most this many samples averaged into H")
+    hessian_iterations: int = SPECTRUM(20, Interval(int, 1, 10_000), "Lanczos iterations (paper: 10)")
+    hessian_top_k: int = SPECTRUM(5, Interval(int, 1, _ITERS), "Eigenpairs kept")
+    hessian_method: str = SPECTRUM(
+        "auto",
+        Options(("auto", "exact", "gram-lanczos", "double-backward", "gauss-newton")),
+        "Spectrum path: exact (Jacobians + eigh, piecewise-linear nets), gram-lanczos, or HVP Lanczos "
+        "(double-backward, gauss-newton); auto picks exact when it fits hessian_dense_mb",
+    )
+    hessian_dtype: str = SPECTRUM("float32", Options(("float32", "float64")), "Precision of the spectrum computation")
+    hessian_dense_mb: int = SPECTRUM(
+        1024,
+        Interval(int, 1, 10_000_000),
+        "Memory budget of the exact path (24*D^2 bytes) or gram-lanczos's A (N*K*D values)",
+        unit="MiB",
+    )
+    hessian_tol: float = SPECTRUM(
+        1e-3,
+        Interval(float, 0, 1, closed="right"),
+        "Lanczos restarts until every top-k residual ||Hv - lambda v||/|lambda_1| is at most this",
+    )
+    hessian_max_iterations: int = SPECTRUM(
+        160, Interval(int, _ITERS, 100_000), "Cap on Lanczos iterations over restarts (doubling)"
+    )
+    spectrum_every: int = SPECTRUM(
+        0, Interval(int, 0, 100_000), "Also measure the spectrum every N epochs (0: only at the end)"
+    )
+    geometry: bool = SPECTRUM(True, Flag(), "Penultimate-feature geometry table (Appendix B)")
+    # --- detection; list fields are strings so a sweep axis never splits them: use "|" there ----
+    detect: bool | None = DETECTION(
+        None,
+        Flag(),
+        "Trigger-agnostic statistics from the spectrum: shape, localisation, flip concentration, per-class "
+        "curvature (cheap; needs hessian)",
+        derived="on exactly when hessian is",
+    )
+    detect_baselines: str = DETECTION(
+        "",
+        Subset(_registry("baselines", "BASELINES")),
+        "Baseline detectors (nc: Neural Cleanse, ss: Spectral Signatures, ac: Activation Clustering); empty: none",
+    )
+    detect_windows: str = DETECTION(
+        "2,3,4", NumberList(Interval(int, 1, SIDE)), "Side lengths of the w x w localisation windows", unit="px"
+    )
+    detect_norms: str = DETECTION(
+        "0.5",
+        NumberList(Interval(float, 0, None, closed="neither")),
+        "Eigenvector perturbation norms, relative to the normalized held-out images' mean L2 norm",
+    )
+    detect_samples: int = DETECTION(
+        100, Interval(int, 1, 10_000_000), "Held-out clean test images for flip concentration and Neural Cleanse"
+    )
+    detect_trace_samples: int = DETECTION(
+        1000, Interval(int, 1, 10_000_000), "Spectrum samples (seeded subset) in the trace estimate of H"
+    )
+    detect_probes: int = DETECTION(
+        1, Interval(int, 1, 1000), "Trace-estimate passes, one random probe per sample each (5% mean error on digits)"
+    )
+    nc_steps: int = DETECTION(
+        300, Interval(int, 1, 100_000), "Adam steps of Neural Cleanse's mask + pattern optimisation"
+    )
+    nc_batch_size: int = DETECTION(
+        32, Interval(int, 1, 100_000), "Clean held-out images per class per Neural Cleanse step"
+    )
+    # fields declared by plugins' registrations (fields.EXTRA_FIELDS): name -> value, flat in to_dict
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        _validate(self)
+        load_plugins()  # registrations from SWEEPER_PLUGINS and entry points, before the registries are read
+        validate(self, _derived_default)
+        _validate_extra(self)
 
     # ------------------------------------------------------------------------------
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the dataset's images."""
-        c, h, _ = DATASETS[self.dataset]
-        return (c, h, h)
+        return DATASETS[self.dataset].shape
+
+    @property
+    def spectrum_split(self) -> str:
+        """The data the spectrum averages: ``hessian_split`` with auto resolved (clean-train under stochastic
+        poisoning; under deterministic, the poisoned training set as trained on: training-set access)."""
+        if self.hessian_split != "auto":
+            return self.hessian_split
+        return "clean-train" if self.poison_mode == "stochastic" else "poisoned-train"
 
     @property
     def num_classes(self) -> int:
         """Number of classes of the dataset."""
-        return DATASETS[self.dataset][2]
+        return DATASETS[self.dataset].classes
+
+
+RESERVED.update(f.name for f in dataclasses.fields(TrialConfig))  # a plugin field may not take one of these
+
+
+def threat_fields() -> tuple[str, ...]:
+    """The attacker's choices: the fields declared in the ``attack`` group (a plugin trigger's parameters too).
+
+    A defence search holds them fixed or lists them, never searches them; a frontier is drawn per threat.
+    """
+    return tuple(name for name, d in specs(TrialConfig).items() if d.spec.group == "attack")
+
+
+def _validate_extra(cfg: TrialConfig) -> None:
+    extra = cfg.extra
+    if not isinstance(extra, dict):
+        fail("extra", extra, "must be a mapping of plugin-declared fields")
+    unknown = sorted(set(extra) - set(EXTRA_FIELDS))
+    if unknown:
+        fail("extra", extra, f"unknown plugin field(s) {unknown}; declared: {sorted(EXTRA_FIELDS) or 'none'}")
+    out = {}
+    for name, e in EXTRA_FIELDS.items():
+        out[name] = e.spec.check.check(name, extra.get(name, e.default), cfg)
+    object.__setattr__(cfg, "extra", out)
 
 
 def _derived_default(cfg: TrialConfig, key: str) -> Any:
@@ -158,179 +350,10 @@ def _derived_default(cfg: TrialConfig, key: str) -> Any:
 
         size, margin = TRIGGERS[cfg.trigger].size_margin(small)  # the trigger registry's default geometry
         return size if key == "trigger_size" else margin
-    if key == "batch_size":
+    if key == "batch_size":  # the paper's 128; digits' 1437 images take 32 for enough steps per epoch
         return 32 if cfg.dataset == "digits" else 128
     if key == "crop_padding":
         return 1 if small else 4
+    if key == "detect":  # the statistics are read off the spectrum: on exactly when there is one
+        return cfg.hessian
     raise KeyError(key)
-
-
-def _fail(field: str, value: Any, valid: str) -> None:
-    raise ConfigError(f"{field}={value!r} is invalid: {valid}")
-
-
-def _check_int(cfg: TrialConfig, name: str, lo: int, hi: int | None = None) -> None:
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int):
-        _fail(name, v, "must be an integer")
-    if v < lo or (hi is not None and v > hi):
-        _fail(name, v, f"must be in [{lo}, {hi if hi is not None else 'inf'}]")
-
-
-def _check_float(cfg: TrialConfig, name: str, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        _fail(name, v, "must be a finite number")
-    bad = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi)
-    if bad:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        _fail(name, v, f"must be in {rng}")
-    object.__setattr__(cfg, name, float(v))
-
-
-def _check_choice(cfg: TrialConfig, name: str, choices) -> None:
-    v = getattr(cfg, name)
-    if v not in choices:
-        _fail(name, v, f"must be one of {', '.join(choices)}")
-
-
-def split_list(text: str) -> list[str]:
-    """The items of a comma- or plus-separated list field (``"nc,ss"``, ``"nc+ss"``, ``""``)."""
-    return [t.strip() for t in re.split(r"[,+]", text) if t.strip()]
-
-
-def _check_list(cfg: TrialConfig, name: str, kind: type, ok, valid: str) -> None:
-    """A non-empty list of numbers, stored back in one canonical comma form."""
-    v = getattr(cfg, name)
-    if isinstance(v, list | tuple):  # YAML/JSON lists are accepted too
-        v = ",".join(str(t) for t in v)
-    if not isinstance(v, str) or not split_list(v):
-        _fail(name, getattr(cfg, name), f"must be a non-empty comma-separated list; {valid}")
-    items = []
-    for t in split_list(v):
-        try:
-            x = kind(float(t)) if kind is int and float(t).is_integer() else kind(t)
-        except ValueError:
-            _fail(name, getattr(cfg, name), valid)
-        if not ok(x):
-            _fail(name, getattr(cfg, name), valid)
-        items.append(x)
-    object.__setattr__(cfg, name, ",".join(f"{x:.12g}" for x in dict.fromkeys(items)))
-
-
-def _check_baselines(cfg: TrialConfig) -> None:
-    from .baselines import BASELINES  # the registry is the one list of valid names
-
-    v = cfg.detect_baselines
-    if isinstance(v, list | tuple):
-        v = ",".join(str(t) for t in v)
-    if not isinstance(v, str):
-        _fail("detect_baselines", v, f"must be a comma-separated subset of {', '.join(BASELINES)}")
-    names = [t.lower() for t in split_list(v)]
-    bad = [t for t in names if t not in BASELINES]
-    if bad:
-        _fail(
-            "detect_baselines",
-            cfg.detect_baselines,
-            f"unknown baseline(s) {', '.join(bad)}; valid: {', '.join(BASELINES)} (comma- or +-separated)",
-        )
-    object.__setattr__(cfg, "detect_baselines", ",".join(dict.fromkeys(names)))
-
-
-def _validate(cfg: TrialConfig) -> None:
-    load_plugins()  # registrations from SWEEPER_PLUGINS and entry points, before the registries are read
-    _check_choice(cfg, "dataset", tuple(DATASETS))
-    from .models import model_entry, model_syntax  # the registries (torch-free: torch loads with the first model)
-    from .penalty import PENALTIES
-
-    if not isinstance(cfg.model, str):
-        _fail("model", cfg.model, "must be a string")
-    try:
-        model_entry(cfg.model)
-    except ValueError:
-        _fail("model", cfg.model, f"must be {model_syntax()}")
-    from .triggers import TRIGGERS
-
-    _check_choice(cfg, "trigger", tuple(TRIGGERS))
-    _check_choice(cfg, "poison_mode", POISON_MODES)
-    _check_choice(cfg, "penalty", tuple(PENALTIES))
-    _check_choice(cfg, "hessian_split", HESSIAN_SPLITS)
-    _check_choice(cfg, "hessian_method", HESSIAN_METHODS)
-    _check_choice(cfg, "hessian_dtype", DTYPES)
-    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        _fail("device", cfg.device, "must be auto, cpu, cuda or cuda:N")
-    if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
-        _fail("data_dir", cfg.data_dir, "must be a non-empty path")
-    if cfg.detect is None:  # the statistics are read off the spectrum: on exactly when there is one
-        object.__setattr__(cfg, "detect", cfg.hessian)
-    for name in ("download", "verify_checksums", "augment", "hessian", "geometry", "detect"):
-        if not isinstance(getattr(cfg, name), bool):
-            _fail(name, getattr(cfg, name), "must be true or false")
-    # detect=true with hessian=false computes nothing; a record written before detect's default became None
-    # holds exactly that (the old default), so it stays valid here: new input is refused by check_asked()
-
-    _check_float(cfg, "theta", 0.0, 1.0, hi_open=True)
-    _check_int(cfg, "target", 0, cfg.num_classes - 1)
-    _check_float(cfg, "kappa", 0.0, math.inf, hi_open=True)
-    _check_float(cfg, "warp_strength", 0.0, 1.0, lo_open=True)
-    _check_int(cfg, "warp_grid", 2, 64)
-    _check_int(cfg, "warp_seed", 0, 2**31 - 1)
-    _check_int(cfg, "epochs", 1, 100_000)
-    _check_float(cfg, "momentum", 0.0, 1.0, hi_open=True)
-    _check_float(cfg, "weight_decay", 0.0, 1.0)
-    _check_float(cfg, "lr_decay", 0.0, 1.0, lo_open=True)
-    _check_int(cfg, "lr_drops", 0, 100)
-    _check_int(cfg, "eval_batch_size", 1, 1_000_000)
-    _check_int(cfg, "seed", 0, 2**31 - 1)
-    _check_int(cfg, "threads", 1, 1024)
-    _check_int(cfg, "train_subset", 0, 10_000_000)
-    _check_int(cfg, "hessian_samples", 1, 10_000_000)
-    _check_int(cfg, "hessian_iterations", 1, 10_000)
-    _check_int(cfg, "hessian_top_k", 1, 1000)
-    _check_int(cfg, "spectrum_every", 0, 100_000)
-    _check_int(cfg, "hessian_dense_mb", 1, 10_000_000)
-    _check_float(cfg, "hessian_tol", 0.0, 1.0, lo_open=True)
-    _check_int(cfg, "hessian_max_iterations", 1, 100_000)
-    if cfg.hessian_max_iterations < cfg.hessian_iterations:
-        _fail(
-            "hessian_max_iterations",
-            cfg.hessian_max_iterations,
-            f"must be >= hessian_iterations ({cfg.hessian_iterations})",
-        )
-    _check_float(cfg, "trigger_amplitude", 0.0, 1.0, lo_open=True)
-    _check_float(cfg, "blend_alpha", 0.0, 1.0, lo_open=True)
-    _check_int(cfg, "blend_seed", 0, 2**31 - 1)
-    _check_int(cfg, "detect_samples", 1, 10_000_000)
-    _check_int(cfg, "detect_trace_samples", 1, 10_000_000)
-    _check_int(cfg, "detect_probes", 1, 1000)
-    _check_int(cfg, "nc_steps", 1, 100_000)
-    _check_int(cfg, "nc_batch_size", 1, 100_000)
-    _check_baselines(cfg)
-    if cfg.hessian_top_k > cfg.hessian_iterations:
-        _fail("hessian_top_k", cfg.hessian_top_k, f"must be <= hessian_iterations ({cfg.hessian_iterations})")
-
-    _, h, _ = cfg.image_shape
-    for key in ("lr", "batch_size", "trigger_size", "trigger_margin", "crop_padding"):
-        if getattr(cfg, key) is None:
-            object.__setattr__(cfg, key, _derived_default(cfg, key))
-    _check_float(cfg, "lr", 0.0, 100.0, lo_open=True)
-    _check_int(cfg, "batch_size", 1, 1_000_000)
-    _check_int(cfg, "trigger_size", 1, h)
-    _check_int(cfg, "trigger_margin", 0, h - 1)
-    _check_int(cfg, "crop_padding", 0, h)
-    _check_list(
-        cfg,
-        "detect_windows",
-        int,
-        lambda w: 1 <= w <= h,
-        f"each window must be an integer in [1, {h}] (the image side)",
-    )
-    _check_list(
-        cfg, "detect_norms", float, lambda r: math.isfinite(r) and r > 0, "each norm must be a finite number > 0"
-    )
-    if cfg.trigger_margin + cfg.trigger_size > h:
-        _fail(
-            "trigger_margin",
-            cfg.trigger_margin,
-            f"trigger_margin + trigger_size must be <= image size {h} (trigger_size={cfg.trigger_size})",
-        )

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SweeperError
+from .errors import SweeperError
 
 
 class DataError(SweeperError):
@@ -374,20 +374,6 @@ def load_cifar(root: Path, name: str = "cifar10", verify: bool = True, download:
     te_x, te_y = read_cifar_batch(folder / test_name, md5(test_name), key)
     classes = 10 if name == "cifar10" else 100
     return _bundle(name, tr_x / 255.0, tr_y, te_x / 255.0, te_y, classes)
-
-
-def load_dataset(
-    name: str, data_dir: str | Path = "~/.cache/sweeper/data", verify: bool = True, download: bool = False
-) -> ImageData:
-    """Load a dataset by name (see ``trainables.config.DATASETS``) onto the CPU."""
-    root = Path(data_dir).expanduser()
-    if name == "digits":
-        return load_digits()
-    if name in ("mnist", "fashion-mnist"):
-        return load_mnist(root, name, verify, download)
-    if name in ("cifar10", "cifar100"):
-        return load_cifar(root, name, verify, download)
-    raise DataError(f"unknown dataset {name!r}")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

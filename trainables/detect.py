@@ -16,8 +16,9 @@ model, clean held-out images and the spectrum the trial already computed (``eige
   target. The same is measured for as many random directions, as a control.
 
 Every scalar goes into the trial's final metrics; :data:`SCORES` says which way is suspicious.
-:func:`run_detection` runs the registry :data:`DETECTORS` (and the baselines the config asks for).
-Pure PyTorch: nothing here imports Ray or MLflow.
+:data:`DETECTORS` is the registry (:func:`register_detector` adds a :class:`DetectorEntry`: its
+function of a :class:`DetectionContext`, the access it needs, its cost); :func:`run_detection` runs
+it (and the baselines the config asks for) on a context. Pure PyTorch: nothing here imports Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -33,8 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import split_list
-from .screening import Detection, DetectionContext  # noqa: F401 (re-exported: detectors' input and output)
+from .detection_context import (  # noqa: F401 (re-exported: what a detector takes, gives and registers)
+    ACCESS,
+    Detection,
+    DetectionContext,
+    DetectionSettings,
+    DetectorEntry,
+)
+from .errors import SweeperError
+from .plugins import load_plugins
 
 # Direction of every model-level score: "higher" means a larger value is more suspicious. Metrics
 # not listed here (indices, classes, positions, seconds) describe a score and are not scores.
@@ -61,10 +69,15 @@ def score_direction(name: str) -> str | None:
 
     Covers the per-window and per-norm families and the baselines (:data:`trainables.baselines.SCORES`).
     """
+    from .baselines import BASELINES
     from .baselines import SCORES as BASELINE_SCORES
 
     if name in SCORES or name in BASELINE_SCORES:
         return (SCORES | BASELINE_SCORES)[name]
+    load_plugins()  # a registered entry's own scores (a plugin's detector)
+    for entry in (*DETECTORS.values(), *BASELINES.values()):
+        if name in entry.scores:
+            return entry.scores[name]
     if re.fullmatch(r"det_window_frac_w\d+|det_flip_r[0-9.e+-]+", name):
         return "higher"
     return None
@@ -276,28 +289,28 @@ def flip_summary(table: FlipTable, control: FlipTable, norms: list[float]) -> De
     return Detection(metrics=m, details=details)
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- detectors
 def spectral_detector(ctx: DetectionContext) -> Detection:
     """lambda ratios against tr(H) of the spectrum's own data: exact when the spectrum came from the
     J^T S J paths (exact, gram-lanczos: tr = ||A||_F^2, free), else a seeded estimate on a seeded
     subset of that data. Piecewise-linear nets use :func:`gauss_newton_trace`, others input-space
     :func:`hutchinson_trace`; both are unbiased for the trace of the spectrum's H.
     """
-    exact = (ctx.trial.artifacts.get("hessian") or {}).get("trace")
-    if exact is not None and math.isfinite(exact):
-        return Detection(metrics={**spectral_shape(ctx.eigenvalues, float(exact)), "det_trace_exact": 1.0})
-    x, y = ctx.trial.hessian_data()
-    if len(y) > ctx.cfg.detect_trace_samples:
-        idx = torch.randperm(len(y), generator=ctx.generator(23))[: ctx.cfg.detect_trace_samples].to(y.device)
+    spec, s = ctx.spectrum, ctx.settings
+    if spec.trace is not None:
+        return Detection(metrics={**spectral_shape(list(spec.eigenvalues), spec.trace), "det_trace_exact": 1.0})
+    x, y = spec.x, spec.y
+    if len(y) > s.trace_samples:
+        idx = torch.randperm(len(y), generator=ctx.generator(23))[: s.trace_samples].to(y.device)
         x, y = x[idx], y[idx]
     estimate = gauss_newton_trace if getattr(ctx.model, "piecewise_linear", False) else hutchinson_trace
-    trace = estimate(ctx.model, x, y, ctx.cfg.detect_probes, ctx.generator(13), ctx.batch_size)
-    return Detection(metrics={**spectral_shape(ctx.eigenvalues, trace), "det_trace_exact": 0.0})
+    trace = estimate(ctx.model, x, y, s.probes, ctx.generator(13), s.batch_size)
+    return Detection(metrics={**spectral_shape(list(spec.eigenvalues), trace), "det_trace_exact": 0.0})
 
 
 def localisation_detector(ctx: DetectionContext) -> Detection:
     """Localisation of the top-k eigenvectors at the configured windows."""
-    return localisation(ctx.eigenvectors, [int(w) for w in split_list(ctx.cfg.detect_windows)])
+    return localisation(ctx.spectrum.eigenvectors, list(ctx.settings.windows))
 
 
 def flips_with_control(
@@ -305,19 +318,20 @@ def flips_with_control(
 ) -> tuple[FlipTable, FlipTable, list[float]]:
     """Flip concentration of ``vecs`` (n, C, H, W) on the held-out images at the configured norms, and
     of as many seeded random directions (generator offset ``seed_offset``) as the control."""
-    norms = [float(r) for r in split_list(ctx.cfg.detect_norms)]
+    s = ctx.settings
+    norms = list(s.norms)
     raw, y = ctx.heldout
     x = ctx.normalize(raw)
     vecs = vecs.to(x.device)
     rand = torch.randn(vecs.shape, generator=ctx.generator(seed_offset), dtype=torch.float64).to(x.device)
-    table = flip_concentration(ctx.predict, vecs, x, y, norms, ctx.num_classes, ctx.batch_size)
-    control = flip_concentration(ctx.predict, rand, x, y, norms, ctx.num_classes, ctx.batch_size)
+    table = flip_concentration(ctx.predict, vecs, x, y, norms, s.num_classes, s.batch_size)
+    control = flip_concentration(ctx.predict, rand, x, y, norms, s.num_classes, s.batch_size)
     return table, control, norms
 
 
 def flip_detector(ctx: DetectionContext) -> Detection:
     """Flip concentration of the top-k eigenvectors against as many seeded random directions."""
-    vecs = ctx.eigenvectors
+    vecs = ctx.spectrum.eigenvectors
     table, control, norms = flips_with_control(ctx, vecs[vecs.flatten(1).norm(dim=1) > 0], 17)
     return flip_summary(table, control, norms)
 
@@ -354,50 +368,49 @@ def class_curvature(lambda_1: torch.Tensor, trace: torch.Tensor) -> dict[str, fl
 def class_curvature_detector(ctx: DetectionContext) -> Detection:
     """Per-class exact spectra of the spectrum's own samples, scored by :func:`class_curvature`: from
     the exact spectrum's own Jacobian pass when it ran (the default), else one more pass
-    (:func:`trainables.hessian.group_spectra`). Skipped, with the reason in its details, for a
+    (:func:`trainables.exact_hessian.group_spectra`). Skipped, with the reason in its details, for a
     smooth model or when the K float64 D x D matrices do not fit ``hessian_dense_mb`` beside a full
-    chunk (:func:`trainables.hessian.group_spectra_fit`: CIFAR-10 needs it raised to ~2 GiB).
+    chunk (:func:`trainables.exact_hessian.group_spectra_fit`: CIFAR-10 needs it raised to ~2 GiB).
     Also logs the oracle ``class_target_overlap_sq`` (Listing 7's cos^2 of the target class's top
     eigenvector with the trigger; uses the trigger, so it is no score)."""
-    from .hessian import GroupSpectra, group_spectra, group_spectra_bytes, group_spectra_fit, listing7_overlap
+    from .exact_hessian import group_spectra, group_spectra_bytes, group_spectra_fit
+    from .spectra import listing7_overlap
 
-    cfg = ctx.cfg
-    stored = ctx.trial.artifacts.get("class_spectra")
-    if stored is not None:  # the exact spectrum computed them from its own Jacobian pass
-        gs = GroupSpectra(**stored)
-    else:  # another path (or the SVD branch) ran: one pass of their own, under the same memory rule
+    s, spec = ctx.settings, ctx.spectrum
+    gs = spec.classes  # the exact spectrum computed them from its own Jacobian pass
+    if gs is None:  # another path (or the SVD branch) ran: one pass of their own, under the same memory rule
         if not getattr(ctx.model, "piecewise_linear", False):
-            return Detection(details={"skipped": f"{cfg.model} is not piecewise linear: no exact per-class spectra"})
-        d = math.prod(cfg.image_shape)
-        x, y = ctx.trial.hessian_data()
-        dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
-        chunk = min(ctx.batch_size, len(y))
+            return Detection(details={"skipped": f"{s.model} is not piecewise linear: no exact per-class spectra"})
+        d = math.prod(s.image_shape)
+        x, y = spec.x, spec.y
+        dtype = torch.float64 if s.spectrum_dtype == "float64" else torch.float32
+        chunk = min(s.batch_size, len(y))
         if not group_spectra_fit(
-            cfg.hessian_dense_mb * 2**20,
-            ctx.num_classes,
-            ctx.num_classes,
+            s.dense_mb * 2**20,
+            s.num_classes,
+            s.num_classes,
             d,
             torch.empty((), dtype=dtype).element_size(),
             chunk,
         ):
-            need = group_spectra_bytes(ctx.num_classes, d) / 2**20
+            need = group_spectra_bytes(s.num_classes, d) / 2**20
             return Detection(
                 details={
-                    "skipped": f"{ctx.num_classes} classes x D={d}: {need:.0f} MiB of matrices "
+                    "skipped": f"{s.num_classes} classes x D={d}: {need:.0f} MiB of matrices "
                     f"beside a chunk of {chunk} samples exceed hessian_dense_mb="
-                    f"{cfg.hessian_dense_mb:g} (raise it to compute them)"
+                    f"{s.dense_mb:g} (raise it to compute them)"
                 }
             )
-        gs = group_spectra(ctx.model, x, y, ctx.num_classes, dtype, chunk)
+        gs = group_spectra(ctx.model, x, y, s.num_classes, dtype, chunk)
     m = class_curvature(gs.lambda_1, gs.trace)
-    if int(gs.count[cfg.target]) > 0:
-        m["class_target_overlap_sq"] = listing7_overlap(gs.vectors[cfg.target], ctx.trial.direction) ** 2
+    if int(gs.count[s.target]) > 0 and ctx.trigger_direction is not None:
+        m["class_target_overlap_sq"] = listing7_overlap(gs.vectors[s.target], ctx.trigger_direction) ** 2
     details = {"lambda_1": gs.lambda_1.tolist(), "trace": gs.trace.tolist(), "count": gs.count.tolist()}
     # each class's top eigenvector as a candidate trigger: pushed along it, do held-out images of other
     # classes land in one class? (flip concentration, as for the global top-k; random directions as control)
     present = gs.count > 0
     if bool(present.any()):
-        table, control, _ = flips_with_control(ctx, gs.vectors[present].reshape(-1, *cfg.image_shape), 29)
+        table, control, _ = flips_with_control(ctx, gs.vectors[present].reshape(-1, *s.image_shape), 29)
         best = int(table.concentration.argmax())
         classes = torch.nonzero(present).flatten()
         m.update(
@@ -412,35 +425,93 @@ def class_curvature_detector(ctx: DetectionContext) -> Detection:
     return Detection(metrics=m, details=details)
 
 
-DETECTORS: dict[str, Callable[[DetectionContext], Detection]] = {
-    "spectral": spectral_detector,
-    "localisation": localisation_detector,
-    "flip": flip_detector,
-    "class": class_curvature_detector,
-}
+# ----------------------------------------------------------------------------- costs (sweeper plan)
+# Each in CPU seconds from the model's per-sample step time ``per`` (``sweeper.costs``'s rough model).
+def _spectral_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """The trace estimate: one HVP per probe and sample (the exact path needs none: counted anyway, an
+    upper bound)."""
+    return s.probes * min(s.trace_samples, n) * per * 3
 
 
-def run_detection(trial) -> tuple[dict[str, float], dict[str, Any]]:
-    """Every detector (when ``detect`` and a spectrum exist) and the configured baselines.
+def _localisation_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """Nothing beyond the spectrum: energy maps of its eigenvectors."""
+    return 0.0
+
+
+def _flip_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """Forward passes of the held-out images pushed along each top eigenvector at each norm, both signs."""
+    return s.samples * len(s.norms) * s.top_k * 2 * per
+
+
+def _class_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """The per-class spectra come from the exact spectrum's pass: each class's eigenvector and a random
+    one flipped, both signs."""
+    return s.samples * len(s.norms) * s.num_classes * 4 * per
+
+
+# ----------------------------------------------------------------------------- registry
+DETECTORS: dict[str, DetectorEntry] = {}
+
+
+def register_detector(entry: DetectorEntry) -> DetectorEntry:
+    """Add a detector: every trial with ``detect`` on (and a spectrum) runs it after the built-in ones,
+    its metrics join the trial's, and ``sweeper plan`` adds its ``cost``."""
+    DETECTORS[entry.name] = entry
+    return entry
+
+
+# every statistic reads the spectrum (so its samples); flips push clean held-out images
+register_detector(DetectorEntry("spectral", spectral_detector, ("weights", "spectrum-samples"), _spectral_cost))
+register_detector(
+    DetectorEntry("localisation", localisation_detector, ("weights", "spectrum-samples"), _localisation_cost)
+)
+register_detector(DetectorEntry("flip", flip_detector, ("weights", "spectrum-samples", "clean-samples"), _flip_cost))
+register_detector(
+    DetectorEntry("class", class_curvature_detector, ("weights", "spectrum-samples", "clean-samples"), _class_cost)
+)
+
+
+def planned(settings: DetectionSettings) -> list[DetectorEntry]:
+    """The entries a trial with these settings runs, in order: every detector when the statistics are
+    on, then the configured baselines. A name both a detector and a baseline is refused (their metrics
+    and details would mix)."""
+    from .baselines import BASELINES
+
+    load_plugins()  # detectors and baselines registered by SWEEPER_PLUGINS / entry points
+    both = sorted(set(DETECTORS) & set(BASELINES))
+    if both:
+        raise SweeperError(f"{', '.join(both)}: registered both as a detector and as a baseline")
+    entries = list(DETECTORS.values()) if settings.detect else []
+    return entries + [BASELINES[name] for name in settings.baselines]
+
+
+def needed_access(settings: DetectionSettings) -> set[str]:
+    """Every access level the entries to run declare: what a detection context must hold."""
+    return {level for entry in planned(settings) for level in entry.access}
+
+
+def detection_cost(settings: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """Rough CPU seconds of the entries to run, each by its declared ``cost`` (``sweeper plan``)."""
+    return sum((entry.cost(settings, per, n, train_size) for entry in planned(settings)), 0.0)
+
+
+def run_detection(ctx: DetectionContext) -> tuple[dict[str, float], dict[str, Any]]:
+    """Every detector (when the statistics are on) and the configured baselines, on ``ctx``.
 
     Returns (scalar metrics, artifacts): ``detection`` (a JSON-able dict of every detail) and one
     ``(n, C|1, H, W)`` image stack per picture (localisation maps, NC's reversed triggers).
     """
     from .baselines import BASELINES
 
-    cfg = trial.cfg
-    ctx = DetectionContext(trial)
-    runs: list[tuple[str, Callable[[DetectionContext], Detection]]] = []
-    if cfg.detect and ctx.eigenvectors is not None:
-        runs += list(DETECTORS.items())
-    runs += [(name, BASELINES[name]) for name in split_list(cfg.detect_baselines)]
+    runs = planned(ctx.settings)
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
     images: dict[str, torch.Tensor] = {}
     t_all = time.perf_counter()
-    for name, fn in runs:
+    for entry in runs:
+        name = entry.name
         t0 = time.perf_counter()
-        found = fn(ctx)
+        found = entry.fn(ctx)
         found.metrics[f"{name}_seconds" if name in BASELINES else f"det_{name}_seconds"] = time.perf_counter() - t0
         metrics.update(found.metrics)
         details[name] = found.details

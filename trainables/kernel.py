@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigFields, _check_float, _check_int, _fail
+from .config import SEED, ConfigFields
+from .fields import Interval, Options, field, validate
 from .train import TrialResult
 
 
@@ -26,36 +27,43 @@ class KernelConfig(ConfigFields):
 
     _label = "kernel-trial"
 
-    kind: str = "kernel"  # fixed: tells sweeps which trial to run
-    data: str = "gaussian"  # gaussian: N(0, I_p) clean inputs; digits: flattened, standardised digits
-    n_clean: int = 200  # clean training points
-    dim: int = 10  # input dimension p (gaussian data; digits is 64)
-    m: int = 8  # cloned poisons
-    ell: float = 1.0  # RBF length scale
-    lam: float = 0.01  # ridge per sample: alpha = (K + n lam I)^-1 y, c = n lam (eq 7)
-    kappa: float = 0.0  # gradient-penalty strength of eq 26 (0: plain KRR)
-    r: float = 0.5  # ||x0 - zeta||, the trigger point's distance from the poison cluster
-    zeta_dist: float = 8.0  # ||zeta|| in units of ell: how far the poison cluster sits from the clean data
-    jitter: float = 0.0  # poisons uniform in a ball of this radius around zeta (0: exact clones)
-    y_t: float = 1.0  # the poisons' (target) label
-    seed: int = 0  # clean data, directions, jitter
+    kind: str = field("kernel", Options(("kernel",)), "Fixed: tells sweeps which trial to run")
+    data: str = field(
+        "gaussian",
+        Options(("gaussian", "digits")),
+        "Clean inputs: gaussian N(0, I_p), or digits flattened and standardised",
+        group="attack",
+    )
+    n_clean: int = field(200, Interval(int, 1, 20_000), "Clean training points")
+    dim: int = field(10, Interval(int, 1, 10_000), "Input dimension p (gaussian data; digits is 64)")
+    m: int = field(8, Interval(int, 0, 100_000), "Cloned poisons", group="attack")
+    ell: float = field(1.0, Interval(float, 0, 1e6, closed="right"), "RBF length scale")
+    lam: float = field(
+        0.01, Interval(float, 0, 1e6, closed="right"), "Ridge per sample: alpha = (K + n lam I)^-1 y, c = n lam (eq 7)"
+    )
+    kappa: float = field(
+        0.0, Interval(float, 0, 1e12), "Gradient-penalty strength of eq 26 (0: plain KRR)", group="defence"
+    )
+    r: float = field(
+        0.5, Interval(float, 0, 1e6), "||x0 - zeta||: the trigger point's distance from the poisons", group="attack"
+    )
+    zeta_dist: float = field(
+        8.0,
+        Interval(float, 0, 1e6),
+        "||zeta|| in units of ell: the poison cluster's distance from the clean data",
+        group="attack",
+    )
+    jitter: float = field(
+        0.0,
+        Interval(float, 0, 1e6),
+        "Poisons uniform in a ball of this radius around zeta (0: exact clones)",
+        group="attack",
+    )
+    y_t: float = field(1.0, Interval(float, -1e6, 1e6), "The poisons' (target) label", group="attack")
+    seed: int = field(0, SEED, "Seed of the clean data, directions and jitter")
 
     def __post_init__(self) -> None:
-        if self.kind != "kernel":
-            _fail("kind", self.kind, "must be kernel for a KernelConfig")
-        if self.data not in ("gaussian", "digits"):
-            _fail("data", self.data, "must be one of gaussian, digits")
-        _check_int(self, "n_clean", 1, 20_000)
-        _check_int(self, "dim", 1, 10_000)
-        _check_int(self, "m", 0, 100_000)
-        _check_float(self, "ell", 0.0, 1e6, lo_open=True)
-        _check_float(self, "lam", 0.0, 1e6, lo_open=True)
-        _check_float(self, "kappa", 0.0, 1e12)
-        _check_float(self, "r", 0.0, 1e6)
-        _check_float(self, "zeta_dist", 0.0, 1e6)
-        _check_float(self, "jitter", 0.0, 1e6)
-        _check_float(self, "y_t", -1e6, 1e6)
-        _check_int(self, "seed", 0, 2**31 - 1)
+        validate(self)
 
 
 def rbf(x: torch.Tensor, z: torch.Tensor, ell: float) -> torch.Tensor:

@@ -22,8 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DATASETS, ConfigFields, _check_float, _check_int, _fail
+from .config import SEED, ConfigFields
+from .datasets import DATASETS
+from .fields import Flag, Interval, Options, Ref, Text, field, validate
 from .train import TrialResult
+
+
+def _side(cfg) -> int:
+    return DATASETS[cfg.dataset].shape[1]
+
+
+_SIDE = Ref("image side", _side)
 
 
 @dataclass(frozen=True)
@@ -32,31 +41,41 @@ class LinearConfig(ConfigFields):
 
     _label = "linear-trial"
 
-    kind: str = "linear"  # fixed: tells sweeps which trial to run
-    dataset: str = "digits"  # digits | mnist | fashion-mnist (grey images)
-    data_dir: str = "~/.cache/sweeper/data"
-    verify_checksums: bool = True
-    theta: float = 0.1  # poison fraction of the non-target training images, in [0, 1)
-    target: int = 0  # target class
-    trigger_size: int | None = None  # square side in px; None: 2 on 8x8, 4 otherwise
-    trigger_margin: int | None = None  # px from the lower-right corner; None: 0 on 8x8, 1 otherwise
-    seed: int = 0  # poisoning decisions
+    kind: str = field("linear", Options(("linear",)), "Fixed: tells sweeps which trial to run")
+    dataset: str = field(
+        "digits",
+        Options(lambda: tuple(n for n, e in DATASETS.items() if e.shape[0] == 1)),  # the registry's grey ones
+        "Grey-image dataset",
+        group="attack",
+    )
+    data_dir: str = field("~/.cache/sweeper/data", Text(), "Folder holding the MNIST IDX files")
+    verify_checksums: bool = field(True, Flag(), "Check every dataset file against its published md5")
+    theta: float = field(
+        0.1, Interval(float, 0, 1, closed="left"), "Poison fraction of the non-target training images", group="attack"
+    )
+    target: int = field(0, Interval(int, 0, 9), "Target class", group="attack")
+    trigger_size: int | None = field(
+        None,
+        Interval(int, 1, _SIDE),
+        "Square trigger's side",
+        unit="px",
+        derived="2 on 8x8, 4 otherwise",
+        group="attack",
+    )
+    trigger_margin: int | None = field(
+        None,
+        Interval(int, 0, Ref("image side - trigger_size", lambda c: _side(c) - c.trigger_size)),
+        "Distance from the lower-right corner",
+        unit="px",
+        derived="0 on 8x8, 1 otherwise",
+        group="attack",
+    )
+    seed: int = field(0, SEED, "Seed of the poisoning decisions")
 
     def __post_init__(self) -> None:
-        if self.kind != "linear":
-            _fail("kind", self.kind, "must be linear for a LinearConfig")
-        if self.dataset not in ("digits", "mnist", "fashion-mnist"):
-            _fail("dataset", self.dataset, "must be one of digits, mnist, fashion-mnist")
-        _check_float(self, "theta", 0.0, 1.0, hi_open=True)
-        _check_int(self, "target", 0, 9)
-        _check_int(self, "seed", 0, 2**31 - 1)
-        h = DATASETS[self.dataset][1]
-        if self.trigger_size is None:
-            object.__setattr__(self, "trigger_size", 2 if h < 16 else 4)
-        if self.trigger_margin is None:
-            object.__setattr__(self, "trigger_margin", 0 if h < 16 else 1)
-        _check_int(self, "trigger_size", 1, h)
-        _check_int(self, "trigger_margin", 0, h - self.trigger_size)
+        validate(
+            self, lambda cfg, key: (2 if _side(cfg) < 16 else 4) if key == "trigger_size" else int(_side(cfg) >= 16)
+        )
 
 
 def qr_add_feature(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> dict[str, np.ndarray]:
@@ -94,7 +113,7 @@ def _design(images: torch.Tensor, keep: np.ndarray) -> np.ndarray:
 
 def run_linear_trial(cfg: LinearConfig) -> TrialResult:
     """Fit base / step / full / triggered-image models; report accuracy, ASR and the Lemma F.1 agreement."""
-    from .data import load_dataset
+    from .datasets import load_dataset
     from .poison import Poisoner
     from .triggers import PatchTrigger, square_pixels
 

@@ -1,9 +1,9 @@
 """Registrations from outside the package: plugins, loaded when a registry is first used.
 
 A plugin is a module whose import calls the registries' ``register_*`` functions (a trigger, a
-model, a penalty, a trial kind). Two ways to name one, both read by :func:`load_plugins`, which
-config validation, :func:`trainables.trial_kind`, the model and trigger look-ups and the CLI call
-before reading a registry:
+model, a penalty, a trial kind, a detector, a baseline). Two ways to name one, both read by
+:func:`load_plugins`, which config validation, :func:`trainables.trial_kind`, the model and trigger
+look-ups, detection (:func:`trainables.detect.planned`) and the CLI call before reading a registry:
 
 * the environment variable ``SWEEPER_PLUGINS``: comma-separated importable module names
   (``SWEEPER_PLUGINS=mylab.triggers,mylab.nets``). The sweep driver forwards it, and

@@ -7,89 +7,41 @@ report and checkpoint between epochs; :func:`run_trial` is the plain loop over i
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .config import SweeperError, TrialConfig
-from .data import ImageData, load_dataset
+from .data import ImageData
+from .datasets import load_dataset
 from .geometry import feature_geometry, features, geometry_summary
-from .hessian import InputHessian, input_hessian_spectrum, plan_spectrum, spectrum_metrics
+from .hessian import InputHessian, input_hessian_spectrum, plan_spectrum
 from .models import make_model
 from .penalty import penalized_loss, per_sample_input_grad_sq
 from .poison import Poisoner
+from .recipe import augment_batch, lr_at
+from .runtime import resolve_device, torch_threads
+from .spectra import spectrum_metrics
+from .trial_result import TrialResult
+from .trial_result import write_json as write_json  # re-exported: sweeper/cli.py imports it from here
 from .triggers import make_trigger
+
+if TYPE_CHECKING:
+    from .detection_context import DetectionContext
 
 CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(SweeperError):
     """A checkpoint that cannot be resumed (another config, another version, unreadable)."""
-
-
-@dataclass
-class TrialResult:
-    """What a trial produced: final metrics, per-epoch history and analysis artifacts."""
-
-    config: dict[str, Any]
-    status: str  # completed | diverged
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-    diverged_epoch: int | None = None
-    artifacts: dict[str, Any] = field(default_factory=dict)  # arrays/tables for tracking (not JSON)
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """The JSON-able part: config, metrics, status, history, spectrum (with the path used) and geometry table."""
-        out = {
-            "config": self.config,
-            "metrics": self.metrics,
-            "status": self.status,
-            "diverged_epoch": self.diverged_epoch,
-            "history": self.history,
-        }
-        for key in ("eigenvalues", "overlaps", "hessian", "geometry", "detection"):
-            if key in self.artifacts:
-                out[key] = self.artifacts[key]
-        return out
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an unavailable CUDA request is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SweeperError(f"device={name!r} is invalid: CUDA is not available here (use cpu or auto)")
-    return torch.device(name)
-
-
-def lr_at(cfg: TrialConfig, epoch: int) -> float:
-    """Step schedule: ``lr * lr_decay**k`` in the k-th of ``lr_drops + 1`` equal spans of the run."""
-    k = min(cfg.lr_drops, (epoch * (cfg.lr_drops + 1)) // cfg.epochs)
-    return cfg.lr * cfg.lr_decay**k
-
-
-def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding) and horizontal flip of a whole batch, no per-sample Python."""
-    b, _, h, w = x.shape
-    offs = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    if padding:
-        padded = torch.nn.functional.pad(x, (padding,) * 4)
-        rows = offs[0, :, None] + torch.arange(h, device=x.device)  # (B, H)
-        cols = offs[1, :, None] + torch.arange(w, device=x.device)  # (B, W)
-        bidx = torch.arange(b, device=x.device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
 class Trial:
@@ -229,9 +181,7 @@ class Trial:
         A seeded random subset of ``hessian_samples`` is taken when the split is larger.
         """
         cfg, data = self.cfg, self.data
-        split = cfg.hessian_split
-        if split == "auto":
-            split = "clean-train" if cfg.poison_mode == "stochastic" else "poisoned-train"
+        split = cfg.spectrum_split
         if split == "test":
             x, y = data.test_x, data.test_y
         elif split == "clean-train":
@@ -349,11 +299,70 @@ class Trial:
         if cfg.detect or cfg.detect_baselines:  # after the spectrum: reads its eigenpairs from artifacts
             from .detect import run_detection
 
-            found, artifacts = run_detection(self)
+            found, artifacts = run_detection(self.detection_context())
             out.update(found)
             self.artifacts.update(artifacts)
         self.analysis = out
         return out
+
+    def detection_context(self, access: Iterable[str] | None = None) -> DetectionContext:
+        """What detection reads of this trial, as typed values: the spectrum :meth:`keep_spectrum` kept
+        and the data of each access level in ``access`` (default: what the entries to run declare).
+
+        Clean held-out images are a seeded subset of the test split (never trained on); the training set
+        as trained (triggers applied, poisoned labels) and its poison mask are those of the last epoch.
+        With no spectrum kept the statistics are off: they have nothing to read.
+        """
+        from .detect import needed_access
+        from .detection_context import (
+            DetectionContext,
+            DetectionSettings,
+            DetectionSpectrum,
+            TrainingSet,
+            seeded,
+        )
+        from .spectra import GroupSpectra
+
+        cfg, data = self.cfg, self.data
+        settings = DetectionSettings.from_config(cfg)
+        vecs = self.artifacts.get("eigenvectors")
+        if vecs is None:
+            settings = replace(settings, detect=False)
+        levels = set(needed_access(settings) if access is None else access)
+        spectrum = heldout = training = None
+        if vecs is not None and "spectrum-samples" in levels:
+            x, y = self.hessian_data()
+            trace = (self.artifacts.get("hessian") or {}).get("trace")
+            stored = self.artifacts.get("class_spectra")  # a dict: checkpoints hold plain tensors
+            spectrum = DetectionSpectrum(
+                eigenvalues=tuple(self.artifacts["eigenvalues"]),
+                eigenvectors=vecs,
+                x=x,
+                y=y,
+                trace=float(trace) if trace is not None and math.isfinite(trace) else None,
+                classes=GroupSpectra(**stored) if stored is not None else None,
+            )
+        if "clean-samples" in levels:
+            idx = torch.randperm(len(data.test_y), generator=seeded(cfg.seed, 11))[: cfg.detect_samples]
+            idx = idx.sort().values.to(data.test_y.device)
+            heldout = (data.test_x[idx], data.test_y[idx])
+        if "training-set" in levels:
+            p = self.poisoner
+            mask = p.fixed if p.fixed is not None else self.last_mask
+            mask = mask if mask is not None else torch.zeros_like(data.train_y, dtype=torch.bool)
+            x = data.normalize(self.trigger.apply(data.train_x, mask))
+            training = TrainingSet(x, p.poisoned_labels(mask), mask)
+        return DetectionContext(
+            model=self.model,
+            settings=settings,
+            mean=data.mean,
+            std=data.std,
+            device=self.device,
+            spectrum=spectrum,
+            heldout=heldout,
+            training=training,
+            trigger_direction=self.direction,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -462,17 +471,6 @@ def run_trial(
         return _run(cfg, checkpoint, on_epoch, data, max_epochs, on_lanczos)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run with ``n`` torch CPU threads, then restore the caller's count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _run(cfg, checkpoint, on_epoch, data, max_epochs, on_lanczos) -> TrialResult:
     trial = Trial(cfg, data)
     if checkpoint is not None and Path(checkpoint).is_file():
@@ -494,12 +492,3 @@ def _run(cfg, checkpoint, on_epoch, data, max_epochs, on_lanczos) -> TrialResult
         if checkpoint is not None:
             trial.save(checkpoint)
     return trial.result()
-
-
-def write_json(result: TrialResult, path: str | os.PathLike) -> None:
-    """Write ``{"config", "metrics", "status", ...}`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_json_dict(), indent=2, default=float, allow_nan=True))
-    tmp.replace(path)

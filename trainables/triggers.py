@@ -17,7 +17,7 @@ the registry's names cost nothing to read (``sweeper --help``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .plugins import load_plugins
@@ -181,18 +181,29 @@ Trigger = PatchTrigger | WarpTrigger | BlendTrigger
 
 @dataclass(frozen=True)
 class TriggerEntry:
-    """A trigger in the registry: how a config builds it, and its default geometry."""
+    """A trigger in the registry: how a config builds it, its default geometry and its own parameters.
+
+    ``params`` declares fields the trigger reads beyond the built-in ones, each with
+    :func:`trainables.fields.field` (default, constraint, help): they become fields of every network
+    trial (``cfg.<name>``), with validation, ``sweeper trial --<name>``, ``--set`` and the records
+    derived from that one declaration, and they are part of the threat (group ``attack``).
+    """
 
     name: str
     build: Callable[[Any], Trigger]  # TrialConfig -> Trigger
     size_margin: Callable[[bool], tuple[int, int]] = lambda small: (2, 0 if small else 3)  # px; small: 8x8 images
+    params: dict[str, Any] = field(default_factory=dict)  # name -> trainables.fields.field(...)
 
 
 TRIGGERS: dict[str, TriggerEntry] = {}
 
 
 def register_trigger(entry: TriggerEntry) -> TriggerEntry:
-    """Add a trigger: config validation, its default size/margin, the CLI and every trial read this."""
+    """Add a trigger: config validation, its default size/margin, its parameters, the CLI and every trial read this."""
+    if entry.params:
+        from .fields import register_fields
+
+        register_fields(f"trigger {entry.name}", entry.params, group="attack")
     TRIGGERS[entry.name] = entry
     return entry
 

@@ -1,0 +1,101 @@
+"""The dataset registry: each dataset's image shape, classes, training size and loader.
+
+One :class:`DatasetEntry` per dataset is all that validation (``dataset`` must be a registered
+name; the trigger, window and target ranges follow its shape and classes), ``sweeper plan``'s cost
+model (its training size and pixels), the data check before Ray starts and every trial read. The
+loader owns its files' checksums (``trainables.data``'s tables for the built-in ones). This module
+imports no torch: the names are cheap to read (``sweeper --help``); a loader imports what it needs.
+
+A plugin registers its own with :func:`register_dataset`; its loader returns a
+:class:`trainables.data.ImageData` (CPU tensors in [0, 1], ``(N, C, H, W)``, int64 labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SweeperError
+from .plugins import load_plugins
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A dataset in the registry."""
+
+    name: str
+    shape: tuple[int, int, int]  # (C, H, W) of its images; H == W
+    classes: int
+    train_size: int  # training images (before any train_subset)
+    load: Callable[[Path, bool, bool], Any]  # (root folder, verify checksums, download) -> ImageData on the CPU
+    summary: str = ""  # for help: where it comes from
+
+    @property
+    def pixels(self) -> int:
+        """Values per image, C*H*W (the cost model's input size)."""
+        c, h, w = self.shape
+        return c * h * w
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(entry: DatasetEntry) -> DatasetEntry:
+    """Add a dataset: validation, the trigger/window/target ranges, ``plan``'s costs and every trial read it."""
+    c, h, w = entry.shape
+    if h != w or min(entry.shape) < 1 or entry.classes < 2 or entry.train_size < 1:
+        raise SweeperError(f"dataset {entry.name!r}: shape {entry.shape} must be (C, H, H) with 2+ classes")
+    DATASETS[entry.name] = entry
+    return entry
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    """The registered dataset ``name`` (plugins loaded first), or a one-line error naming the valid ones."""
+    load_plugins()
+    if name not in DATASETS:
+        raise SweeperError(f"dataset={name!r} is invalid: must be one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_dataset(
+    name: str, data_dir: str | Path = "~/.cache/sweeper/data", verify: bool = True, download: bool = False
+):
+    """Load a registered dataset by name onto the CPU (a :class:`trainables.data.ImageData`)."""
+    return dataset_entry(name).load(Path(data_dir).expanduser(), verify, download)
+
+
+def _digits(root: Path, verify: bool, download: bool):
+    from .data import load_digits
+
+    return load_digits()
+
+
+def _mnist(name: str):
+    def load(root: Path, verify: bool, download: bool):
+        from .data import load_mnist
+
+        return load_mnist(root, name, verify, download)
+
+    return load
+
+
+def _cifar(name: str):
+    def load(root: Path, verify: bool, download: bool):
+        from .data import load_cifar
+
+        return load_cifar(root, name, verify, download)
+
+    return load
+
+
+register_dataset(DatasetEntry("digits", (1, 8, 8), 10, 1437, _digits, "scikit-learn's 8x8 digits, embedded"))
+register_dataset(DatasetEntry("mnist", (1, 28, 28), 10, 60000, _mnist("mnist"), "IDX files in data_dir/mnist"))
+register_dataset(
+    DatasetEntry(
+        "fashion-mnist", (1, 28, 28), 10, 60000, _mnist("fashion-mnist"), "IDX files in data_dir/fashion-mnist"
+    )
+)
+register_dataset(DatasetEntry("cifar10", (3, 32, 32), 10, 50000, _cifar("cifar10"), "python pickles"))
+register_dataset(DatasetEntry("cifar100", (3, 32, 32), 100, 50000, _cifar("cifar100"), "python pickles"))
