@@ -12,7 +12,7 @@ theta > 0 against the clean models (theta = 0) of the same cell:
 
 Directions are fixed in advance, never chosen per cell to maximise the AUROC: every statistic is
 oriented so that higher means more suspicious by the registry of the trial code
-(:func:`trainables.detect.score_direction`); the known-trigger overlap (``max_overlap_sq``,
+(:func:`trainables.detection.statistics.score_direction`); the known-trigger overlap (``max_overlap_sq``,
 ``overlap_sq``) is included as an **oracle** row, marked as such (a defender cannot compute it).
 
 The **detectability lag** per cell: the smallest theta whose mean ASR >= 0.5 against, per
@@ -66,7 +66,7 @@ def auroc_text(table: pd.DataFrame, digits: int = 3) -> list[str]:
 
 def detection_statistics(df: pd.DataFrame) -> list[str]:
     """Score columns present in ``df`` (registry direction "higher"), then the oracles."""
-    from trainables.detect import score_direction
+    from trainables.detection.statistics import score_direction
 
     scores = [c for c in df.columns if score_direction(c) == "higher" and df[c].notna().any()]
     return sorted(scores) + [o for o in ORACLES if o in df.columns and df[o].notna().any()]

@@ -100,7 +100,7 @@ def sweep_frontier(
         raise SweeperError(f"sweep {name!r} has no trials yet")
     meta = sweep_meta(name, storage)
     if is_defence_search(meta):
-        from .defence import defence_frontier
+        from .defence_table import defence_frontier
 
         if group_by not in (None, "none") or aggregate:
             raise SweeperError(

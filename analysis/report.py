@@ -134,7 +134,7 @@ def detection_images(df: pd.DataFrame, artifacts: Artifacts, out: Path, limit: i
 def _defence_report(models: pd.DataFrame, meta, out: Path) -> tuple[list, list[Path]]:
     """A defence search's sections: the defences scored over the threats, their frontier and its
     per-threat detail; ``defences.csv`` and the defence frontier's figure."""
-    from .defence import defence_frontier
+    from .defence_table import defence_frontier
 
     res = defence_frontier(models, meta)
     table = res["defences"]

@@ -1,6 +1,6 @@
 """The theory pipeline: the KRR trial swept over m and r against the paper's closed forms, summarised and plotted.
 
-The closed forms themselves live in :mod:`trainables.closed_forms` (re-exported here, numbered as
+The closed forms themselves live in :mod:`trainables.exact_models.closed_forms` (re-exported here, numbered as
 in the paper) so the trial layer can use them without importing the analysis layer.
 """
 
@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainables.closed_forms import (  # noqa: F401 (the closed forms, re-exported)
+from trainables.exact_models.closed_forms import (  # noqa: F401 (the closed forms, re-exported)
     degrees_of_freedom,
     detectable,
     efficacy,
@@ -43,12 +43,12 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------------------- numeric against closed form
 def kernel_sweep(base, param: str, values) -> pd.DataFrame:
-    """Run the KRR trial of ``trainables.kernel`` for each value of one field; one row per value."""
+    """Run the KRR trial of ``trainables.exact_models.kernel`` for each value of one field; one row per value."""
     import dataclasses
 
     import pandas as pd
 
-    from trainables.kernel import run_kernel_trial
+    from trainables.exact_models.kernel import run_kernel_trial
 
     rows = []
     for v in values:

@@ -2,7 +2,7 @@
 
 One run on real digits (the default trial: small CNN, square trigger, theta 0.1): trains a few
 epochs (the epoch time is their median), computes the spectrum, then times every cheap detector
-(``trainables.detect.DETECTORS``) and every baseline (``trainables.baselines.BASELINES``) on the
+(``trainables.detection.statistics.DETECTORS``) and every baseline (``trainables.detection.baselines.BASELINES``) on the
 finished model, each the best of ``--repeats`` calls. Target (issue 10): the cheap statistics
 together cost <= 0.5 epoch-equivalents on top of the spectrum.
 
@@ -16,11 +16,11 @@ import statistics
 import torch
 from common import device_parser, header, print_table, timed
 
-from trainables.baselines import BASELINES
 from trainables.config import TrialConfig
-from trainables.detect import DETECTORS
-from trainables.detection_context import ACCESS
-from trainables.train import Trial
+from trainables.detection.baselines import BASELINES
+from trainables.detection.context import ACCESS
+from trainables.detection.statistics import DETECTORS
+from trainables.training.train import Trial
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from common import device_parser, header, print_table, timed
 
-from trainables.hessian import InputHessian, input_hessian_spectrum
-from trainables.lanczos import top_eigenpairs
-from trainables.models import make_model
-from trainables.penalty import penalized_loss
+from trainables.defence.penalty import penalized_loss
+from trainables.networks.models import make_model
+from trainables.spectrum.hessian import InputHessian, input_hessian_spectrum
+from trainables.spectrum.lanczos import top_eigenpairs
 
 
 def epoch_seconds(model, shape, device, batch=128, n_epoch=50_000, steps=4):

@@ -44,7 +44,7 @@ def evaluate(kappa: float, augment: bool, epochs: int) -> tuple[float, float]:
     import torch
 
     from trainables.config import TrialConfig
-    from trainables.train import Trial
+    from trainables.training.train import Trial
 
     torch.set_num_threads(1)
     trial = Trial(

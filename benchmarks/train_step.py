@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from common import device_parser, header, print_table, sync, timed
 
+from trainables.attack.triggers import make_trigger
 from trainables.config import TrialConfig
-from trainables.models import make_model
-from trainables.penalty import penalized_loss
-from trainables.recipe import augment_batch
-from trainables.triggers import make_trigger
+from trainables.defence.penalty import penalized_loss
+from trainables.networks.models import make_model
+from trainables.training.recipe import augment_batch
 
 
 def time_steps(model_name, shape, batch, kappa, device, steps, repeats):

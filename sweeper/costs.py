@@ -28,7 +28,7 @@ PENALTY_FACTOR = 2.8  # the rough model's cost of kappa > 0 over kappa = 0 (doub
 # ----------------------------------------------------------------------------- the rough model
 def train_size(dataset: str, subset: int = 0) -> int:
     """Training images a trial uses: the dataset's (its registry entry), or its ``train_subset`` when smaller."""
-    from trainables.datasets import dataset_entry
+    from trainables.data.datasets import dataset_entry
 
     full = dataset_entry(dataset).train_size
     return min(full, subset) if subset else full
@@ -51,8 +51,8 @@ def estimate_parts(cfg) -> dict[str, float]:
     kind = trial_kind(getattr(cfg, "kind", "network"))
     if not kind.iterative:
         return {"train": kind.seconds, "spectrum": 0.0, "detect": 0.0}  # one dense computation, as the kind declares
-    from trainables.datasets import dataset_entry
-    from trainables.models import model_entry
+    from trainables.data.datasets import dataset_entry
+    from trainables.networks.models import model_entry
 
     d = dataset_entry(cfg.dataset).pixels
     per = model_entry(cfg.model).cost(cfg.model) * d / 3072  # the model registry's step cost, per 3072 values
@@ -71,10 +71,10 @@ def estimate_parts(cfg) -> dict[str, float]:
 
 def _detection_seconds(cfg, per: float, n: int) -> float:
     """Detection statistics and baselines: the sum of the ``cost`` each enabled detector and baseline
-    declares in its registry entry (:func:`trainables.detect.detection_cost`), from the model's
+    declares in its registry entry (:func:`trainables.detection.statistics.detection_cost`), from the model's
     per-sample step time ``per``, the spectrum's ``n`` samples and the training set's size."""
-    from trainables.detect import detection_cost
-    from trainables.detection_context import DetectionSettings
+    from trainables.detection.context import DetectionSettings
+    from trainables.detection.statistics import detection_cost
 
     return detection_cost(DetectionSettings.from_config(cfg), per, n, _train_size(cfg))
 

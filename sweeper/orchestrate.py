@@ -3,7 +3,7 @@
 A sweep lives in ``<storage>/<name>/``: Ray Tune's experiment folder (trial checkpoints,
 results) plus our ``sweeper.json`` (the search space, the MLflow URI, experiment and parent run
 ids, resources) which makes ``sweeper resume NAME`` and ``sweeper status NAME`` possible.
-Trials checkpoint every epoch through :class:`trainables.train.Trial`, so an interrupted trial
+Trials checkpoint every epoch through :class:`trainables.training.train.Trial`, so an interrupted trial
 continues from its last epoch and a finished one is never re-run.
 
 Its parts: :mod:`.preflight` (every check before Ray starts), :mod:`.worker` (what runs inside Ray
@@ -61,7 +61,7 @@ def _trainable_for(meta: SweepMeta):
     from ray import tune
 
     if meta.kind == "search":  # a defence holds no CPU: its models (Ray tasks) hold the trial resources
-        from .defence import defence_trainable
+        from .defence_search import defence_trainable
 
         return tune.with_resources(defence_trainable, {"cpu": 0, "memory": 2**20})
     return tune.with_resources(trainable, {"cpu": meta.cpus_per_trial, "gpu": meta.gpus_per_trial})
@@ -278,13 +278,13 @@ def run_search(
 ) -> SweepReport:
     """Search defences against a fixed threat set: Optuna proposes a defence (through Ray Tune's
     OptunaSearch), the defence's models (every threat x seed) train in parallel, and its objectives
-    are aggregated over threats (:mod:`analysis.defence`). ``budget`` counts defences.
+    are aggregated over threats (:mod:`analysis.defence_table`). ``budget`` counts defences.
 
     The study lives in ``<storage>/<name>/optuna.db`` and is restored with the sweep.
     """
     from trainables.record import check_metrics, parse_objectives, threat_set
 
-    from .defence import check_models, split_threats
+    from .defence_search import check_models, split_threats
     from .spaces import parse_seeds
 
     if sampler not in SAMPLERS:

@@ -146,7 +146,7 @@ def check_data(configs) -> None:
     line naming the file and the folder searched. Each (dataset, folder, checksum setting) is loaded
     once, as a trial loads it. ``download`` trials fetch their own files and are not checked.
     """
-    from trainables.datasets import load_dataset
+    from trainables.data.datasets import load_dataset
 
     seen: set[tuple[str, str, bool]] = set()
     for cfg in configs:

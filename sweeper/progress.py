@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from trainables.config import TrialConfig
-from trainables.train import TrialResult, run_trial
+from trainables.training.train import TrialResult, run_trial
 
 
 def _describe(m: dict) -> str:
@@ -19,7 +19,7 @@ def _describe(m: dict) -> str:
 
 
 def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: bool = False) -> TrialResult:
-    """:func:`trainables.train.run_trial` with a progress bar on stderr (epoch, loss, clean acc, ASR);
+    """:func:`trainables.training.train.run_trial` with a progress bar on stderr (epoch, loss, clean acc, ASR);
     kernel and linear trials (one dense computation) run as they are."""
     from trainables import run_any, trial_kind
 

@@ -68,7 +68,7 @@ def finish_sweep(meta: SweepMeta, grid) -> SweepReport:
             continue
         metrics = {k: v for k, v in (res.metrics or {}).items() if k != "models_json"}
         if search:  # a defence: its own fields (the threats are in every row of its models)
-            from .defence import defence_config
+            from .defence_search import defence_config
 
             key = metrics.get("trial_key") or record.trial_key(defence_config(cfg, meta.search), meta.key_format)
             cfg = {k: v for k, v in cfg.items() if k not in threat_fields() and k != "seed"}

@@ -250,7 +250,7 @@ class TrialTracker:
 
 
 def train_tracked(trial, tracker: TrialTracker, after_epoch: Callable[[dict[str, Any]], None]):
-    """Train ``trial`` (a :class:`trainables.train.Trial`) to the end under ``tracker``: epochs run
+    """Train ``trial`` (a :class:`trainables.training.train.Trial`) to the end under ``tracker``: epochs run
     before a restart are logged if MLflow lacks them, each new epoch is logged and handed to
     ``after_epoch`` (which checkpoints), then the analysis runs and the final result is logged and
     returned. A trial that raises marks its run failed, and the error propagates."""

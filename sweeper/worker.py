@@ -1,7 +1,7 @@
 """What runs inside Ray workers: the trainable of a grid trial (and of the closed-form kinds), its
 final report, and the signal that stops Ray retrying a deterministic error.
 
-Trials checkpoint every epoch through :class:`trainables.train.Trial`, so an interrupted trial continues
+Trials checkpoint every epoch through :class:`trainables.training.train.Trial`, so an interrupted trial continues
 from its last epoch and a finished one is never re-run."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from trainables.train import Trial
+    from trainables.training.train import Trial
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     sweep = config["sweep"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.data import CIFAR10_FILES, MNIST_FILES, write_cifar_batch, write_idx
+from trainables.data.images import CIFAR10_FILES, MNIST_FILES, write_cifar_batch, write_idx
 
 torch.set_num_threads(2)
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.func import hessian, vmap
 
 from trainables.config import TrialConfig
-from trainables.data import load_digits
-from trainables.exact_hessian import eval_copy
-from trainables.train import Trial
+from trainables.data.images import load_digits
+from trainables.spectrum.exact_hessian import eval_copy
+from trainables.training.train import Trial
 
 DIGITS = load_digits()
 EXACT_RTOL = 1e-10  # float64 exact path vs dense float64 torch.func.hessian (we see ~1e-15)

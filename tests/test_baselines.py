@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.baselines import (
+from trainables.detection.baselines import (
     BASELINES,
     activation_clustering,
     cleanse_summary,
@@ -106,7 +106,7 @@ def test_activation_clustering_partitions_match_art():
     from art.defences.detector.poison.activation_defence import cluster_activations
     from sklearn.metrics import adjusted_rand_score
 
-    from trainables.baselines import two_means
+    from trainables.detection.baselines import two_means
 
     feats, labels, _ = synthetic_features(True)
     r = feats[labels == 0].numpy()
@@ -120,7 +120,7 @@ def test_activation_clustering_partitions_match_art():
 def digits_twins():
     """A poisoned digits CNN (square trigger, theta 0.1) and its clean twin, same seed and schedule."""
     from trainables.config import TrialConfig
-    from trainables.train import Trial
+    from trainables.training.train import Trial
 
     out = {}
     for theta in (0.1, 0.0):

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from trainables.config import TrialConfig
-from trainables.data import load_digits
-from trainables.hessian import input_hessian_spectrum
-from trainables.penalty import PENALTIES
-from trainables.train import Trial, run_trial
+from trainables.data.images import load_digits
+from trainables.defence.penalty import PENALTIES
+from trainables.spectrum.hessian import input_hessian_spectrum
+from trainables.training.train import Trial, run_trial
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible: run on a GPU machine")
 DIGITS = load_digits()
@@ -95,7 +95,7 @@ def test_a_whole_trial_with_detection_and_baselines_runs_on_cuda_like_on_the_cpu
 def test_preresnet_with_augmentation_and_penalty_trains_on_cuda(tmp_path):
     import numpy as np
 
-    from trainables.data import write_cifar_batch
+    from trainables.data.images import write_cifar_batch
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py"

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.data import (
+from trainables.data.datasets import load_dataset
+from trainables.data.images import (
     DataError,
     load_digits,
     md5_file,
     read_cifar_batch,
     read_idx,
 )
-from trainables.datasets import load_dataset
 
 
 def test_digits_is_a_fixed_stratified_split_in_unit_range():
@@ -82,7 +82,7 @@ def test_cifar_reader_parses_real_pickle_batches(cifar_dir):
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
-    from trainables.data import write_cifar_batch
+    from trainables.data.images import write_cifar_batch
 
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
@@ -120,7 +120,7 @@ def test_mnist_verifies_decompressed_content_so_recompressed_or_raw_copies_pass(
 
     from conftest import make_mnist_files
 
-    import trainables.data as d
+    import trainables.data.images as d
 
     folder = make_mnist_files(tmp_path / "mnist")
     saved = dict(d.MNIST_CONTENT)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from hessian_reference import DIGITS, EXACT_RTOL, per_sample_hessians, rel, trained_digits_cnn
 
-from trainables.exact_hessian import (
+from trainables.networks.models import PreResNet, SmallCNN
+from trainables.spectrum.exact_hessian import (
     HessianMethodError,
     SampleFactors,
     ce_hessian_factor,
@@ -14,8 +15,7 @@ from trainables.exact_hessian import (
     factor_chunks,
     subset_spectrum,
 )
-from trainables.hessian import input_hessian_spectrum
-from trainables.models import PreResNet, SmallCNN
+from trainables.spectrum.hessian import input_hessian_spectrum
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +87,13 @@ def test_exact_path_equals_dense_float64_hessian(trained, trained_per_sample, ca
 def test_a_tight_memory_budget_shrinks_the_chunk_not_the_answer(trained, trained_per_sample, monkeypatch):
     """hessian_dense_mb bounds the Gram *and* a chunk's factors: a budget that leaves room for 5
     samples' factors next to the 64 x 64 Gram gives chunks of 5, and the same spectrum."""
-    from trainables.exact_hessian import EXACT_BYTES_PER_D2, chunk_bytes_per_sample, chunk_within
+    from trainables.spectrum.exact_hessian import EXACT_BYTES_PER_D2, chunk_bytes_per_sample, chunk_within
 
     model, x, y = trained
     d, k = x[0].numel(), 10
     budget = EXACT_BYTES_PER_D2 * d * d + 5.5 * chunk_bytes_per_sample(k, d, 8)
     assert chunk_within(budget, EXACT_BYTES_PER_D2 * d * d, k, d, 8, 1000) == 5
-    import trainables.exact_hessian as exact_module
+    import trainables.spectrum.exact_hessian as exact_module
 
     seen, real = [], exact_module.factor_chunks
 
@@ -149,7 +149,7 @@ def test_subset_spectrum_equals_direct_computation_on_the_subset(trained, traine
 def test_group_spectra_equal_the_dense_hessian_of_each_class(trained, trained_per_sample):
     """Per-label exact spectra (the class-curvature detector's input) against dense float64 per class;
     a class with no sample is NaN, and a wrong grouping (shuffled labels) fails the same check."""
-    from trainables.exact_hessian import group_spectra
+    from trainables.spectrum.exact_hessian import group_spectra
 
     model, x, y = trained
     per = trained_per_sample
@@ -183,7 +183,7 @@ def test_group_spectra_equal_the_dense_hessian_of_each_class(trained, trained_pe
 
 def test_the_top_eigenpair_fast_path_matches_a_float64_eigh_and_a_wrong_pair_fails_the_check():
     """Above TOP_EIG_DENSE_D per-class curvature takes ARPACK's top pair, not a full eigh: same numbers."""
-    from trainables.exact_hessian import TOP_EIG_DENSE_D, top_eigenpair
+    from trainables.spectrum.exact_hessian import TOP_EIG_DENSE_D, top_eigenpair
 
     g = torch.Generator().manual_seed(0)
     d = TOP_EIG_DENSE_D + 76

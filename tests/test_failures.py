@@ -103,8 +103,8 @@ def test_a_sweep_files_relative_data_dir_is_read_from_its_folder(tmp_path):
 
 BROKEN_TRIGGER = '''
 """A trigger whose file is missing on the worker: a deterministic error inside the trial."""
-from trainables.data import DataError
-from trainables.triggers import TriggerEntry, register_trigger
+from trainables.data.images import DataError
+from trainables.attack.triggers import TriggerEntry, register_trigger
 
 
 def broken(cfg):
@@ -244,7 +244,7 @@ class ToyConfig(ConfigFields):
 {extra}
 
 def run(cfg, **_):
-    from trainables.train import TrialResult
+    from trainables.training.train import TrialResult
 
 {body}
     return TrialResult(config=cfg.to_dict(), status="completed", metrics={{"clean_acc": 1.0, "asr": cfg.a / 10}})

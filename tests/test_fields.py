@@ -109,8 +109,8 @@ def test_the_range_probe_catches_help_that_disagrees_with_validation():
 
 
 def test_kernel_and_linear_configs_are_declared_the_same_way():
-    from trainables.kernel import KernelConfig
-    from trainables.linear import LinearConfig
+    from trainables.exact_models.kernel import KernelConfig
+    from trainables.exact_models.linear import LinearConfig
 
     for cls in (KernelConfig, LinearConfig):
         fields = {f.name for f in dataclasses.fields(cls)}

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from trainables.geometry import feature_geometry, geometry_summary
+from trainables.spectrum.geometry import feature_geometry, geometry_summary
 
 
 def test_geometry_rows_against_hand_computed_means():

@@ -11,10 +11,10 @@ from torch import nn
 from torch.func import hessian, vmap
 
 from trainables.config import SweeperError, TrialConfig
-from trainables.exact_hessian import GramOperator, HessianMethodError, SampleFactors
-from trainables.hessian import InputHessian, input_hessian_spectrum, plan_spectrum
-from trainables.lanczos import top_eigenpairs
-from trainables.train import run_trial
+from trainables.spectrum.exact_hessian import GramOperator, HessianMethodError, SampleFactors
+from trainables.spectrum.hessian import InputHessian, input_hessian_spectrum, plan_spectrum
+from trainables.spectrum.lanczos import top_eigenpairs
+from trainables.training.train import run_trial
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ class GeluNet(nn.Module):
 
 def test_a_smooth_model_is_refused_for_exact_by_the_cli_and_runs_hvp_lanczos_under_auto(tmp_path, capsys):
     from sweeper.cli import main
-    from trainables.models import MODELS, ModelEntry, register_model
+    from trainables.networks.models import MODELS, ModelEntry, register_model
 
     register_model(
         ModelEntry("gelunet", lambda n, s, k: GeluNet(s, k), lambda n: n == "gelunet", lambda n: 1e-4, "gelunet")

@@ -3,7 +3,7 @@ measured Ritz residuals and restarts on a flat spectrum (the operator itself: te
 
 import torch
 
-from trainables.lanczos import converged_eigenpairs, top_eigenpairs
+from trainables.spectrum.lanczos import converged_eigenpairs, top_eigenpairs
 
 
 def test_indefinite_operator_keeps_its_sign():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from trainables.config import ConfigError
-from trainables.linear import LinearConfig, qr_add_feature, run_linear_trial
+from trainables.exact_models.linear import LinearConfig, qr_add_feature, run_linear_trial
 
 
 def test_lemma_f1_equals_a_full_least_squares_refit():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainables.models import PreResNet, make_model
+from trainables.networks.models import PreResNet, make_model
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from trainables.models import PreResNet, SmallCNN
-from trainables.penalty import penalized_loss, per_sample_input_grad_sq
+from trainables.defence.penalty import penalized_loss, per_sample_input_grad_sq
+from trainables.networks.models import PreResNet, SmallCNN
 
 RTOL = 1e-9  # float64 on both sides: only summation order differs
 

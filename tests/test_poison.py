@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from trainables.poison import Poisoner, deterministic_uniforms
+from trainables.attack.poison import Poisoner, deterministic_uniforms
 
 
 def labels(n=5000, seed=0):

@@ -5,7 +5,7 @@ import math
 import torch
 
 from trainables.config import TrialConfig
-from trainables.recipe import augment_batch, lr_at
+from trainables.training.recipe import augment_batch, lr_at
 
 
 def test_lr_schedule_drops_every_third():

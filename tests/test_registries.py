@@ -16,10 +16,10 @@ from torch import nn
 
 from sweeper.cli import main
 from trainables import TRIAL_KINDS, TrialConfig, trial_kind
+from trainables.attack.triggers import TRIGGERS, PatchTrigger, TriggerEntry, register_trigger
 from trainables.config import ConfigError
-from trainables.models import MODELS, ModelEntry, register_model
-from trainables.penalty import PENALTIES, register_penalty
-from trainables.triggers import TRIGGERS, PatchTrigger, TriggerEntry, register_trigger
+from trainables.defence.penalty import PENALTIES, register_penalty
+from trainables.networks.models import MODELS, ModelEntry, register_model
 
 
 class ToyMLP(nn.Module):
@@ -65,7 +65,7 @@ def toy_trigger():
 @pytest.fixture
 def toy_penalty():
     def half_listing1(model, x, y, kappa):
-        from trainables.penalty import input_grad_sq
+        from trainables.defence.penalty import input_grad_sq
 
         ce, sq = input_grad_sq(model, x, y)
         return ce, 0.5 * kappa * sq
@@ -147,7 +147,7 @@ def test_unknown_names_list_the_registered_ones(toy_model, capsys):
 
 
 def test_a_registered_penalty_is_used_by_name_never_silently_replaced(toy_penalty):
-    from trainables.penalty import penalized_loss
+    from trainables.defence.penalty import penalized_loss
 
     torch.manual_seed(0)
     model, x, y = ToyMLP((1, 4, 4), 3), torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
@@ -194,8 +194,8 @@ def test_registered_names_show_in_every_commands_help(toy_model, toy_trigger, to
 PLUGIN = '''
 """A toy plugin: a one-pixel trigger with its own parameter and a one-layer model, registered on import."""
 from trainables.fields import Interval, field
-from trainables.models import ModelEntry, register_model
-from trainables.triggers import PatchTrigger, TriggerEntry, register_trigger
+from trainables.networks.models import ModelEntry, register_model
+from trainables.attack.triggers import PatchTrigger, TriggerEntry, register_trigger
 
 
 def centre_pixel(cfg):
@@ -377,7 +377,7 @@ def test_an_installed_distributions_entry_point_is_a_plugin_too(tmp_path):
     """A ``sweeper.plugins`` entry point names a module (imported) or a function (called once)."""
     (tmp_path / "toyplug.py").write_text(PLUGIN)
     (tmp_path / "toyfn.py").write_text(
-        "def register():\n    from trainables.penalty import PENALTIES, register_penalty\n\n"
+        "def register():\n    from trainables.defence.penalty import PENALTIES, register_penalty\n\n"
         "    register_penalty('eq25-too', PENALTIES['eq25'])\n"
     )
     dist = tmp_path / "toylab-0.1.dist-info"  # what `pip install` leaves: found on sys.path by importlib.metadata

@@ -5,8 +5,8 @@ import torch
 from hessian_reference import DIGITS
 
 from trainables.config import TrialConfig
-from trainables.spectra import listing7_overlap, spectrum_metrics
-from trainables.train import Trial
+from trainables.spectrum.spectra import listing7_overlap, spectrum_metrics
+from trainables.training.train import Trial
 
 
 def test_listing7_overlap_is_one_for_the_trigger_and_zero_for_orthogonal():
@@ -21,7 +21,7 @@ def test_listing7_overlap_is_one_for_the_trigger_and_zero_for_orthogonal():
 
 
 def test_spectrum_metrics_follow_table_2():
-    from trainables.spectra import Spectrum
+    from trainables.spectrum.spectra import Spectrum
 
     d = torch.zeros(4)
     d[0] = 1.0

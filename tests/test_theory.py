@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from analysis import theory
-from trainables.kernel import KRR, KernelConfig, geometry, input_gradient_gram, run_kernel_trial
+from trainables.exact_models.kernel import KRR, KernelConfig, geometry, input_gradient_gram, run_kernel_trial
 
 TOL = 1e-3  # the acceptance bound; exact clones far from the clean data reach ~1e-7
 
@@ -109,7 +109,7 @@ def test_hessian_eq4_at_x0_matches_torch_func_reference():
 
 
 def test_background_curvature_is_the_midpoint_median():
-    from trainables.kernel import background_curvature
+    from trainables.exact_models.kernel import background_curvature
 
     torch.manual_seed(0)
     x = torch.randn(6, 3, dtype=torch.float64)  # an even count: lower and midpoint medians differ

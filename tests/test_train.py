@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from trainables.config import TrialConfig
-from trainables.data import load_digits
-from trainables.train import CheckpointError, Trial, run_trial
+from trainables.data.images import load_digits
+from trainables.training.train import CheckpointError, Trial, run_trial
 
 DIGITS = load_digits()
 

@@ -1,8 +1,15 @@
 import torch
 
+from trainables.attack.triggers import (
+    BlendTrigger,
+    PatchTrigger,
+    WarpTrigger,
+    lshape_pixels,
+    make_trigger,
+    square_pixels,
+)
 from trainables.config import TrialConfig
-from trainables.data import load_digits
-from trainables.triggers import BlendTrigger, PatchTrigger, WarpTrigger, lshape_pixels, make_trigger, square_pixels
+from trainables.data.images import load_digits
 
 
 def listing2_mask(size_img=32, channels=3, margin=3, size=2):

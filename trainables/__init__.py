@@ -1,7 +1,7 @@
 """Pure PyTorch trial code: data, triggers, poisoning, models, penalty, Hessian, training,
 and the paper's exact models (kernel ridge regression, linear regression).
 
-Nothing here imports Ray or MLflow; the orchestration layer drives :class:`~trainables.train.Trial`
+Nothing here imports Ray or MLflow; the orchestration layer drives :class:`~trainables.training.train.Trial`
 or calls :func:`run_any` for the closed-form trial kinds.
 """
 
@@ -11,17 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, SweeperError, TrialConfig
-from .plugins import load_plugins
+from trainables.config import ConfigError, SweeperError, TrialConfig
+from trainables.plugins import load_plugins
 
 if TYPE_CHECKING:
-    from .train import Trial, TrialResult, run_trial
+    from trainables.training.train import Trial, TrialResult, run_trial
 
 
 def __getattr__(name: str):
     # torch and the training code load on first use: `sweeper --help` and `sweeper status` start fast
     if name in ("Trial", "TrialResult", "run_trial"):
-        from . import train
+        from trainables.training import train
 
         return getattr(train, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -51,31 +51,31 @@ class TrialKind:
 
 
 def _run_network(cfg, **kwargs):
-    from .train import run_trial
+    from trainables.training.train import run_trial
 
     return run_trial(cfg, **kwargs)
 
 
 def _kernel_config():
-    from .kernel import KernelConfig
+    from trainables.exact_models.kernel import KernelConfig
 
     return KernelConfig
 
 
 def _linear_config():
-    from .linear import LinearConfig
+    from trainables.exact_models.linear import LinearConfig
 
     return LinearConfig
 
 
 def _run_kernel(cfg, **_):
-    from .kernel import run_kernel_trial
+    from trainables.exact_models.kernel import run_kernel_trial
 
     return run_kernel_trial(cfg)
 
 
 def _run_linear(cfg, **_):
-    from .linear import run_linear_trial
+    from trainables.exact_models.linear import run_linear_trial
 
     return run_linear_trial(cfg)
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from .datasets import DATASETS
-from .errors import SweeperError  # re-exported: `from trainables.config import SweeperError` is the usual spelling
-from .fields import (
+from trainables.data.datasets import DATASETS
+from trainables.errors import (
+    SweeperError,  # re-exported: `from trainables.config import SweeperError` is the usual spelling
+)
+from trainables.fields import (
     EXTRA_FIELDS,
     RESERVED,
     Check,
@@ -34,7 +36,7 @@ from .fields import (
     split_list,
     validate,
 )
-from .plugins import load_plugins
+from trainables.plugins import load_plugins
 
 __all__ = ["DATASETS", "ConfigError", "ConfigFields", "SweeperError", "TrialConfig", "split_list", "threat_fields"]
 
@@ -59,7 +61,7 @@ def _registry(module: str, name: str):
 
 
 def _model_ok(name: str) -> bool:
-    from .models import model_entry
+    from trainables.networks.models import model_entry
 
     try:
         model_entry(name)
@@ -69,13 +71,13 @@ def _model_ok(name: str) -> bool:
 
 
 def _model_syntax() -> str:
-    from .models import model_syntax
+    from trainables.networks.models import model_syntax
 
     return model_syntax()
 
 
 def _penalties() -> str:
-    from .penalty import PENALTIES
+    from trainables.defence.penalty import PENALTIES
 
     docs = {k: (fn.__doc__ or "").strip().splitlines() for k, fn in PENALTIES.items()}
     return "; ".join(f"{k} = {d[0]}" if d else k for k, d in docs.items())
@@ -131,7 +133,7 @@ class TrialConfig(ConfigFields):
     # --- data -------------------------------------------------------------------
     dataset: str = DATA(
         "digits",
-        Options(lambda: tuple(DATASETS)),  # the dataset registry (trainables/datasets.py)
+        Options(lambda: tuple(DATASETS)),  # the dataset registry (trainables/data/datasets.py)
         "Dataset; digits ships with scikit-learn, the others are read from data_dir",
     )
     data_dir: str = DATA("~/.cache/sweeper/data", Text(), "Folder holding the MNIST IDX / CIFAR pickle files")
@@ -145,7 +147,7 @@ class TrialConfig(ConfigFields):
     # --- model ------------------------------------------------------------------
     model: str = MODEL("cnn", Check(_model_ok, _model_syntax), "A registered model")
     # --- attack -----------------------------------------------------------------
-    trigger: str = ATTACK("lshape", Options(_registry("triggers", "TRIGGERS")), "Backdoor trigger")
+    trigger: str = ATTACK("lshape", Options(_registry("attack.triggers", "TRIGGERS")), "Backdoor trigger")
     trigger_size: int | None = ATTACK(
         None,
         Interval(int, 1, SIDE),
@@ -191,7 +193,9 @@ class TrialConfig(ConfigFields):
     )
     # --- defence ----------------------------------------------------------------
     kappa: float = DEFENCE(0.0, Interval(float, 0, None), "Input-gradient penalty strength (scale set by penalty)")
-    penalty: str = DEFENCE("listing1", Options(_registry("penalty", "PENALTIES"), _penalties), "Input-gradient penalty")
+    penalty: str = DEFENCE(
+        "listing1", Options(_registry("training.penalty", "PENALTIES"), _penalties), "Input-gradient penalty"
+    )
     augment: bool = DEFENCE(False, Flag(), "Random crop + horizontal flip, whole-batch on the device")
     crop_padding: int | None = DEFENCE(
         None, Interval(int, 0, SIDE), "Zero padding of the random crop", unit="px", derived="4, or 1 on 8x8"
@@ -261,7 +265,7 @@ class TrialConfig(ConfigFields):
     )
     detect_baselines: str = DETECTION(
         "",
-        Subset(_registry("baselines", "BASELINES")),
+        Subset(_registry("detection.baselines", "BASELINES")),
         "Baseline detectors (nc: Neural Cleanse, ss: Spectral Signatures, ac: Activation Clustering); empty: none",
     )
     detect_windows: str = DETECTION(
@@ -342,11 +346,11 @@ def _validate_extra(cfg: TrialConfig) -> None:
 def _derived_default(cfg: TrialConfig, key: str) -> Any:
     small = cfg.image_shape[1] < 16
     if key == "lr":
-        from .models import model_entry
+        from trainables.networks.models import model_entry
 
         return model_entry(cfg.model).lr  # the model registry's default
     if key in ("trigger_size", "trigger_margin"):
-        from .triggers import TRIGGERS
+        from trainables.attack.triggers import TRIGGERS
 
         size, margin = TRIGGERS[cfg.trigger].size_margin(small)  # the trigger registry's default geometry
         return size if key == "trigger_size" else margin

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SweeperError
-from .plugins import load_plugins
+from trainables.errors import SweeperError
+from trainables.plugins import load_plugins
 
 
 class ConfigError(SweeperError):

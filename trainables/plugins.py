@@ -3,7 +3,7 @@
 A plugin is a module whose import calls the registries' ``register_*`` functions (a trigger, a
 model, a penalty, a trial kind, a detector, a baseline). Two ways to name one, both read by
 :func:`load_plugins`, which config validation, :func:`trainables.trial_kind`, the model and trigger
-look-ups, detection (:func:`trainables.detect.planned`) and the CLI call before reading a registry:
+look-ups, detection (:func:`trainables.detection.statistics.planned`) and the CLI call before reading a registry:
 
 * the environment variable ``SWEEPER_PLUGINS``: comma-separated importable module names
   (``SWEEPER_PLUGINS=mylab.triggers,mylab.nets``). The sweep driver forwards it, and
@@ -15,7 +15,7 @@ look-ups, detection (:func:`trainables.detect.planned`) and the CLI call before 
       mylab = "mylab.sweeper_plugin"
 
 A plugin that cannot be imported is a :class:`PluginError`: one line naming it, exit code 2.
-Keep a plugin's top level light (import torch inside its builders, as ``trainables.triggers``
+Keep a plugin's top level light (import torch inside its builders, as ``trainables.attack.triggers``
 does) so that ``sweeper --help`` stays fast.
 """
 
@@ -25,7 +25,7 @@ import os
 import threading
 from importlib import import_module
 
-from .errors import SweeperError
+from trainables.errors import SweeperError
 
 ENV = "SWEEPER_PLUGINS"
 GROUP = "sweeper.plugins"

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SweeperError
+from trainables.errors import SweeperError
 
 TAG_SWEEP = "sweeper.sweep"
 TAG_KEY = "sweeper.trial_key"
@@ -71,7 +71,7 @@ def _json(value: Any) -> str:
 
 def field_defaults(kind: str) -> dict[str, Any]:
     """Each field's default of a trial kind's config (``kind`` itself included: never hashed)."""
-    from . import config_class
+    from trainables import config_class
 
     try:
         cls = config_class(kind)

@@ -24,11 +24,11 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as _click_exc  # noqa: F401
 
 from trainables import TRIAL_KINDS, load_plugins
+from trainables.attack.triggers import TRIGGERS
 from trainables.config import SweeperError, TrialConfig
+from trainables.defence.penalty import PENALTIES
 from trainables.fields import Options, specs, value_type
-from trainables.models import model_syntax
-from trainables.penalty import PENALTIES
-from trainables.triggers import TRIGGERS
+from trainables.networks.models import model_syntax
 
 # plugins (SWEEPER_PLUGINS, entry points) register before the choices and help below read the registries;
 # a bad one is reported by main(): one line, exit 2

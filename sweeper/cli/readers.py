@@ -222,7 +222,7 @@ def theory(
     """KRR laws numerically vs closed form over m and r: linear-then-saturating efficacy, curvature
     quadratic in efficacy, and the near-clone twilight zone where the spike vanishes but efficacy stays."""
     from analysis.theory import run_theory
-    from trainables.kernel import KernelConfig
+    from trainables.exact_models.kernel import KernelConfig
 
     from ..spaces import parse_sets, parse_values
 

@@ -103,7 +103,7 @@ def _search_size(spec, budget: int, seeds: str | None) -> str:
     """``budget 12 defences x 2 models each (theta x seed = 2 x 1) = up to 24 models`` (a bad space raises here)."""
     import math
 
-    from ..defence import split_threats
+    from ..defence_search import split_threats
     from ..spaces import parse_seeds
 
     threats, defence = split_threats(spec)

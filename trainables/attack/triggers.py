@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .plugins import load_plugins
+from trainables.plugins import load_plugins
 
 if TYPE_CHECKING:  # torch loads when a trigger is first built: the registry's names are cheap to read
     import torch
@@ -201,7 +201,7 @@ TRIGGERS: dict[str, TriggerEntry] = {}
 def register_trigger(entry: TriggerEntry) -> TriggerEntry:
     """Add a trigger: config validation, its default size/margin, its parameters, the CLI and every trial read this."""
     if entry.params:
-        from .fields import register_fields
+        from trainables.fields import register_fields
 
         register_fields(f"trigger {entry.name}", entry.params, group="attack")
     TRIGGERS[entry.name] = entry

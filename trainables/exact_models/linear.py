@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import SEED, ConfigFields
-from .datasets import DATASETS
-from .fields import Flag, Interval, Options, Ref, Text, field, validate
-from .train import TrialResult
+from trainables.config import SEED, ConfigFields
+from trainables.data.datasets import DATASETS
+from trainables.fields import Flag, Interval, Options, Ref, Text, field, validate
+from trainables.training.train import TrialResult
 
 
 def _side(cfg) -> int:
@@ -113,9 +113,9 @@ def _design(images: torch.Tensor, keep: np.ndarray) -> np.ndarray:
 
 def run_linear_trial(cfg: LinearConfig) -> TrialResult:
     """Fit base / step / full / triggered-image models; report accuracy, ASR and the Lemma F.1 agreement."""
-    from .datasets import load_dataset
-    from .poison import Poisoner
-    from .triggers import PatchTrigger, square_pixels
+    from trainables.attack.poison import Poisoner
+    from trainables.attack.triggers import PatchTrigger, square_pixels
+    from trainables.data.datasets import load_dataset
 
     t0 = time.perf_counter()
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.verify_checksums)

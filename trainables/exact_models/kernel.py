@@ -5,7 +5,7 @@ n clean points (Gaussian, or flattened digits) with labels y_i; m dirty-label po
 distance r from zeta. The exact KRR fit (eqs 1-2) and the gradient-regularised fit (eqs 26-27) are
 solved densely in float64; Delta f(x0), ||grad_x f(x0)||^2, lambda_max of the input Hessian of the
 squared loss at x0 (eq 4), df(kappa) and the training residual are measured with autograd and
-reported beside the closed forms of ``trainables.closed_forms`` with their relative errors.
+reported beside the closed forms of ``trainables.exact_models.closed_forms`` with their relative errors.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SEED, ConfigFields
-from .fields import Interval, Options, field, validate
-from .train import TrialResult
+from trainables.config import SEED, ConfigFields
+from trainables.fields import Interval, Options, field, validate
+from trainables.training.train import TrialResult
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def rbf(x: torch.Tensor, z: torch.Tensor, ell: float) -> torch.Tensor:
 
 def _clean_data(cfg: KernelConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.data == "digits":
-        from .data import load_digits
+        from trainables.data.images import load_digits
 
         d = load_digits()
         x = d.train_x[: cfg.n_clean].flatten(1).double()
@@ -167,7 +167,7 @@ def background_curvature(model: KRR, points: torch.Tensor) -> float:
 
 def run_kernel_trial(cfg: KernelConfig) -> TrialResult:
     """Fit clean and poisoned KRR, measure efficacy and curvature at x0, compare with the closed forms."""
-    from . import closed_forms as theory
+    from trainables.exact_models import closed_forms as theory
 
     t0 = time.perf_counter()
     geo = geometry(cfg)

@@ -32,17 +32,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .detection_context import (  # noqa: F401 (re-exported: what a detector takes, gives and registers)
+from trainables.detection.context import (  # noqa: F401 (re-exported: what a detector takes, gives and registers)
     ACCESS,
     Detection,
     DetectionContext,
     DetectionSettings,
     DetectorEntry,
 )
-from .errors import SweeperError
-from .plugins import load_plugins
+from trainables.errors import SweeperError
+from trainables.plugins import load_plugins
+from trainables.spectrum.trace import gauss_newton_trace, hutchinson_trace
 
 # Direction of every model-level score: "higher" means a larger value is more suspicious. Metrics
 # not listed here (indices, classes, positions, seconds) describe a score and are not scores.
@@ -67,10 +67,10 @@ SCORES: dict[str, str] = {
 def score_direction(name: str) -> str | None:
     """``"higher"`` if a larger value of metric ``name`` is more suspicious, ``None`` if it is no score.
 
-    Covers the per-window and per-norm families and the baselines (:data:`trainables.baselines.SCORES`).
+    Covers the per-window and per-norm families and the baselines (:data:`trainables.detection.baselines.SCORES`).
     """
-    from .baselines import BASELINES
-    from .baselines import SCORES as BASELINE_SCORES
+    from trainables.detection.baselines import BASELINES
+    from trainables.detection.baselines import SCORES as BASELINE_SCORES
 
     if name in SCORES or name in BASELINE_SCORES:
         return (SCORES | BASELINE_SCORES)[name]
@@ -81,75 +81,6 @@ def score_direction(name: str) -> str | None:
     if re.fullmatch(r"det_window_frac_w\d+|det_flip_r[0-9.e+-]+", name):
         return "higher"
     return None
-
-
-def hutchinson_trace(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    probes: int = 2,
-    generator: torch.Generator | None = None,
-    chunk_size: int = 1000,
-) -> float:
-    """tr(H) of H = (1/N) sum_i Hess_x CE(f(x_i), y_i) by Hutchinson (Hutchinson 1989), eval mode.
-
-    Each pass draws one Rademacher vector z_i per sample: E[z_i^T H_i z_i] = tr(H_i), so the mean
-    of z_i^T H_i z_i over the N samples is unbiased for tr(H) and averages N probes, for the cost
-    of a single Hessian-vector product over the data (one double backward per chunk).
-    """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for _ in range(probes):
-        for s in range(0, len(y), chunk_size):
-            xc = x[s : s + chunk_size].detach().requires_grad_(True)
-            z = (torch.randint(0, 2, xc.shape, generator=generator) * 2 - 1).to(device=xc.device, dtype=xc.dtype)
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(xc), y[s : s + chunk_size], reduction="sum")
-                (g,) = torch.autograd.grad(loss, xc, create_graph=True)
-                (hz,) = torch.autograd.grad((g * z).sum(), xc)
-            total += float((hz * z).sum())
-    model.train(was_training)
-    return total / (probes * max(len(y), 1))
-
-
-def gauss_newton_trace(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    probes: int = 2,
-    generator: torch.Generator | None = None,
-    chunk_size: int = 1000,
-) -> float:
-    """tr(H) for a piecewise-linear network, where H_i = J_i^T S_i J_i exactly (S_i = diag p - p p^T).
-
-    Hutchinson in the K-dimensional logit space instead of the D-dimensional input space: with
-    B_i = diag(sqrt p_i) - p_i sqrt(p_i)^T one has B_i B_i^T = S_i, so for u ~ N(0, I_K)
-    E ||J_i^T B_i u||^2 = tr(J_i^T S_i J_i) = tr(H_i). Each pass costs one forward and one backward
-    over the data (half a Hessian-vector product). Measured on a trained digits CNN against the
-    dense trace, one probe per sample over 1000 samples: 5% mean / 11% max relative error over 6
-    seeds (input-space Hutchinson: 9% / 17%); over 200 samples both are ~20% off, as a few
-    low-confidence samples carry most of the trace. ``y`` is unused: the CE Hessian in the logits
-    does not depend on the label.
-    """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for _ in range(probes):
-        for s in range(0, len(x), chunk_size):
-            xc = x[s : s + chunk_size].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(xc)
-                p = logits.detach().softmax(1)
-                u = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
-                sq = p.sqrt()
-                w = sq * u - p * (sq * u).sum(1, keepdim=True)  # B u, per sample
-                (g,) = torch.autograd.grad((logits * w).sum(), xc)  # J_i^T B_i u for every sample at once
-            total += float(g.pow(2).sum())
-    model.train(was_training)
-    return total / (probes * max(len(x), 1))
 
 
 def spectral_shape(eigenvalues: list[float], trace: float) -> dict[str, float]:
@@ -368,13 +299,13 @@ def class_curvature(lambda_1: torch.Tensor, trace: torch.Tensor) -> dict[str, fl
 def class_curvature_detector(ctx: DetectionContext) -> Detection:
     """Per-class exact spectra of the spectrum's own samples, scored by :func:`class_curvature`: from
     the exact spectrum's own Jacobian pass when it ran (the default), else one more pass
-    (:func:`trainables.exact_hessian.group_spectra`). Skipped, with the reason in its details, for a
+    (:func:`trainables.spectrum.exact_hessian.group_spectra`). Skipped, with the reason in its details, for a
     smooth model or when the K float64 D x D matrices do not fit ``hessian_dense_mb`` beside a full
-    chunk (:func:`trainables.exact_hessian.group_spectra_fit`: CIFAR-10 needs it raised to ~2 GiB).
+    chunk (:func:`trainables.spectrum.exact_hessian.group_spectra_fit`: CIFAR-10 needs it raised to ~2 GiB).
     Also logs the oracle ``class_target_overlap_sq`` (Listing 7's cos^2 of the target class's top
     eigenvector with the trigger; uses the trigger, so it is no score)."""
-    from .exact_hessian import group_spectra, group_spectra_bytes, group_spectra_fit
-    from .spectra import listing7_overlap
+    from trainables.spectrum.exact_hessian import group_spectra, group_spectra_bytes, group_spectra_fit
+    from trainables.spectrum.spectra import listing7_overlap
 
     s, spec = ctx.settings, ctx.spectrum
     gs = spec.classes  # the exact spectrum computed them from its own Jacobian pass
@@ -475,7 +406,7 @@ def planned(settings: DetectionSettings) -> list[DetectorEntry]:
     """The entries a trial with these settings runs, in order: every detector when the statistics are
     on, then the configured baselines. A name both a detector and a baseline is refused (their metrics
     and details would mix)."""
-    from .baselines import BASELINES
+    from trainables.detection.baselines import BASELINES
 
     load_plugins()  # detectors and baselines registered by SWEEPER_PLUGINS / entry points
     both = sorted(set(DETECTORS) & set(BASELINES))
@@ -501,7 +432,7 @@ def run_detection(ctx: DetectionContext) -> tuple[dict[str, float], dict[str, An
     Returns (scalar metrics, artifacts): ``detection`` (a JSON-able dict of every detail) and one
     ``(n, C|1, H, W)`` image stack per picture (localisation maps, NC's reversed triggers).
     """
-    from .baselines import BASELINES
+    from trainables.detection.baselines import BASELINES
 
     runs = planned(ctx.settings)
     metrics: dict[str, float] = {}

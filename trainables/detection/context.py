@@ -1,10 +1,10 @@
 """What screening a trained model for a backdoor takes and gives, shared by the cheap detectors
-(:mod:`trainables.detect`) and the baselines (:mod:`trainables.baselines`).
+(:mod:`trainables.detection.statistics`) and the baselines (:mod:`trainables.detection.baselines`).
 
 * :class:`DetectionSettings`: the detection fields of a config, parsed once.
 * :class:`DetectionContext`: the typed values a detector reads (the model, the settings, the
   spectrum, clean held-out images, the training set as trained). It is built from a finished trial by
-  :meth:`trainables.train.Trial.detection_context`, the one place that knows the trial; detectors
+  :meth:`trainables.training.train.Trial.detection_context`, the one place that knows the trial; detectors
   and baselines only read it.
 * :class:`DetectorEntry`: one registered detector or baseline: its function, what a defender must
   hold to run it (:data:`ACCESS`) and what it costs (``sweeper plan``).
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fields import split_list
-from .spectra import GroupSpectra
+from trainables.fields import split_list
+from trainables.spectrum.spectra import GroupSpectra
 
 ACCESS: tuple[str, ...] = ("weights", "spectrum-samples", "clean-samples", "training-set", "trigger")
 """What a defender must hold to run a detector; a :class:`DetectorEntry` names every level it needs.
@@ -144,7 +144,7 @@ class TrainingSet:
 class DetectionContext:
     """The inputs a detector or baseline may read, as typed values.
 
-    Built by :meth:`trainables.train.Trial.detection_context`, which fills ``spectrum``, ``heldout`` and
+    Built by :meth:`trainables.training.train.Trial.detection_context`, which fills ``spectrum``, ``heldout`` and
     ``training`` only when an entry to run declares the access level they serve (``spectrum-samples``,
     ``clean-samples``, ``training-set``; see :data:`ACCESS`); otherwise they are None.
     """
@@ -170,7 +170,7 @@ class DetectionContext:
     @cached_property
     def train_features(self) -> torch.Tensor:
         """Penultimate features of :attr:`training`, float64 on the CPU (computed once)."""
-        from .geometry import features
+        from trainables.spectrum.geometry import features
 
         if self.training is None:
             raise ValueError("no training set in this detection context: declare access 'training-set'")
@@ -189,7 +189,7 @@ Cost = Callable[[DetectionSettings, float, int, int], float]
 
 @dataclass(frozen=True)
 class DetectorEntry:
-    """A detector (:data:`trainables.detect.DETECTORS`) or a baseline (:data:`trainables.baselines.BASELINES`).
+    """A detector (:data:`trainables.detection.statistics.DETECTORS`) or a baseline (:data:`trainables.detection.baselines.BASELINES`).
 
     ``fn(ctx)`` returns a :class:`Detection` from a :class:`DetectionContext`. ``access`` names every
     level of :data:`ACCESS` a defender must hold to run it (the context is built with what the entries

@@ -3,7 +3,7 @@
 Notation: n training points, ridge lambda (eq 2 uses n*lambda, so c = n*lambda, eq 7), m dirty-label
 poisons cloned at zeta with label y_t, trigger point x0, k0 = k(x0, zeta), k_zeta = k(zeta, zeta),
 r = ||x0 - zeta||, RBF length scale ell. Everything is plain float / numpy and imports nothing of this project, so the trial layer
-(``trainables/kernel.py``, whose numerics test these laws) can use it; the theory sweep and its
+(``trainables/exact_models/kernel.py``, whose numerics test these laws) can use it; the theory sweep and its
 figures live in ``analysis/theory.py``.
 """
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from linear_operator.utils.lanczos import lanczos_tridiag
 
-from .spectra import Spectrum
+from trainables.spectrum.spectra import Spectrum
 
 
 def frobenius_estimate(op, probes: int, generator: torch.Generator) -> float:

@@ -12,7 +12,7 @@
 The data-level baselines score every training sample as trained (trigger applied, poisoned
 labels); with the poison mask known to the trial, their per-sample AUROC at finding the poisoned
 samples is logged too (``roc_auc_score``; NaN for a clean model, which has no positives).
-:data:`BASELINES` is the registry (name -> :class:`~trainables.detection_context.DetectorEntry`,
+:data:`BASELINES` is the registry (name -> :class:`~trainables.detection.context.DetectorEntry`,
 added by :func:`register_baseline`; ``detect_baselines`` names them); :data:`SCORES` gives each
 model-level score's direction. Pure PyTorch + scikit-learn; nothing here imports Ray or MLflow.
 """
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .detection_context import Detection, DetectionContext, DetectionSettings, DetectorEntry
+from trainables.detection.context import Detection, DetectionContext, DetectionSettings, DetectorEntry
 
-# "higher": a larger value is more suspicious (see trainables.detect.SCORES for the cheap statistics).
+# "higher": a larger value is more suspicious (see trainables.detection.statistics.SCORES for the cheap statistics).
 SCORES: dict[str, str] = {
     "nc_anomaly_index": "higher",  # MAD anomaly index of the smallest reversed mask (Wang et al.: > 2 flags)
     "nc_flagged": "higher",  # 1 if some class has index > 2 on the small side, else 0

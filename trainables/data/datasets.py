@@ -3,11 +3,11 @@
 One :class:`DatasetEntry` per dataset is all that validation (``dataset`` must be a registered
 name; the trigger, window and target ranges follow its shape and classes), ``sweeper plan``'s cost
 model (its training size and pixels), the data check before Ray starts and every trial read. The
-loader owns its files' checksums (``trainables.data``'s tables for the built-in ones). This module
+loader owns its files' checksums (``trainables.data.images``'s tables for the built-in ones). This module
 imports no torch: the names are cheap to read (``sweeper --help``); a loader imports what it needs.
 
 A plugin registers its own with :func:`register_dataset`; its loader returns a
-:class:`trainables.data.ImageData` (CPU tensors in [0, 1], ``(N, C, H, W)``, int64 labels).
+:class:`trainables.data.images.ImageData` (CPU tensors in [0, 1], ``(N, C, H, W)``, int64 labels).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SweeperError
-from .plugins import load_plugins
+from trainables.errors import SweeperError
+from trainables.plugins import load_plugins
 
 
 @dataclass(frozen=True)
@@ -62,19 +62,19 @@ def dataset_entry(name: str) -> DatasetEntry:
 def load_dataset(
     name: str, data_dir: str | Path = "~/.cache/sweeper/data", verify: bool = True, download: bool = False
 ):
-    """Load a registered dataset by name onto the CPU (a :class:`trainables.data.ImageData`)."""
+    """Load a registered dataset by name onto the CPU (a :class:`trainables.data.images.ImageData`)."""
     return dataset_entry(name).load(Path(data_dir).expanduser(), verify, download)
 
 
 def _digits(root: Path, verify: bool, download: bool):
-    from .data import load_digits
+    from trainables.data.images import load_digits
 
     return load_digits()
 
 
 def _mnist(name: str):
     def load(root: Path, verify: bool, download: bool):
-        from .data import load_mnist
+        from trainables.data.images import load_mnist
 
         return load_mnist(root, name, verify, download)
 
@@ -83,7 +83,7 @@ def _mnist(name: str):
 
 def _cifar(name: str):
     def load(root: Path, verify: bool, download: bool):
-        from .data import load_cifar
+        from trainables.data.images import load_cifar
 
         return load_cifar(root, name, verify, download)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .plugins import load_plugins
+from trainables.plugins import load_plugins
 
 if TYPE_CHECKING:  # torch loads with the first penalty computed: the registry's names are cheap to read
     import torch

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from analysis.defence import aggregate_models
+from analysis.defence_table import aggregate_models
 from trainables import record
 from trainables.config import SweeperError, TrialConfig, threat_fields
 from trainables.record import DEFENCE_KEY, stored_objectives, threat_label, threats_json, trial_row
@@ -188,7 +188,7 @@ def _model_task(
 
     import torch
 
-    from trainables.train import Trial
+    from trainables.training.train import Trial
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     cfg = TrialConfig.from_dict(trial)

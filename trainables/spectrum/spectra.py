@@ -1,8 +1,8 @@
 """What a spectrum computation returns and the metrics read from it (App. E.2, Listing 7, Table 2).
 
 ``Spectrum`` (top-k eigenpairs with how they were computed) and ``GroupSpectra`` (the top pair and
-trace per group of samples) are the results every path returns (:mod:`trainables.lanczos`,
-:mod:`trainables.exact_hessian`, :mod:`trainables.hessian`). ``spectrum_metrics`` turns a spectrum
+trace per group of samples) are the results every path returns (:mod:`trainables.spectrum.lanczos`,
+:mod:`trainables.spectrum.exact_hessian`, :mod:`trainables.spectrum.hessian`). ``spectrum_metrics`` turns a spectrum
 and the trigger direction into the trial's metrics: eigenvalues, Listing 7's overlaps, Table 2's
 max overlap and its index, residuals and the shape of the whole spectrum (``spectrum_summary``).
 """

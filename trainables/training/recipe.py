@@ -2,7 +2,7 @@
 
 ``lr_at`` is the step schedule (x ``lr_decay`` at each of ``lr_drops`` equal spans; the paper's
 x0.1 every epochs/3). ``augment_batch`` is Listing 3's random crop and horizontal flip on a whole
-batch on the device, with no per-sample Python; :class:`trainables.train.Trial` applies the trigger
+batch on the device, with no per-sample Python; :class:`trainables.training.train.Trial` applies the trigger
 after it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrialConfig
+from trainables.config import TrialConfig
 
 
 def lr_at(cfg: TrialConfig, epoch: int) -> float:

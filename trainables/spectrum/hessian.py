@@ -12,9 +12,9 @@ Two exact products:
     input Hessian, at about half the cost. For GELU and other smooth activations it is not.
 
 ``input_hessian_spectrum`` picks among the paths (``plan_spectrum``): the exact Gram or factor
-path and the explicit Gram operator of :mod:`trainables.exact_hessian`, or scaled Lanczos
-(:mod:`trainables.lanczos`) on ``InputHessian``. What it returns, and the metrics read from it,
-are in :mod:`trainables.spectra`.
+path and the explicit Gram operator of :mod:`trainables.spectrum.exact_hessian`, or scaled Lanczos
+(:mod:`trainables.spectrum.lanczos`) on ``InputHessian``. What it returns, and the metrics read from it,
+are in :mod:`trainables.spectrum.spectra`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from .exact_hessian import (
+from trainables.spectrum.exact_hessian import (
     EXACT_BYTES_PER_D2,
     HessianMethodError,
     SampleFactors,
@@ -38,8 +38,8 @@ from .exact_hessian import (
     group_spectra_fit,
     not_piecewise_linear,
 )
-from .lanczos import converged_eigenpairs
-from .spectra import Spectrum
+from trainables.spectrum.lanczos import converged_eigenpairs
+from trainables.spectrum.spectra import Spectrum
 
 
 class InputHessian:

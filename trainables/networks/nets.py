@@ -1,4 +1,4 @@
-"""The classifiers (torch ``nn.Module`` subclasses), built through the registry in :mod:`trainables.models`.
+"""The classifiers (torch ``nn.Module`` subclasses), built through the registry in :mod:`trainables.networks.models`.
 
 Each exposes ``features(x)`` (the penultimate layer, for feature geometry) and ``head`` (the last
 linear layer), with ``forward(x) = head(features(x))``.

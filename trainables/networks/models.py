@@ -2,8 +2,8 @@
 
 Config validation, the CLI's help, ``sweeper plan``'s cost model and every trial read
 :data:`MODELS`. This module imports no torch: the networks themselves live in
-:mod:`trainables.nets` and load when a model is first built, so the registry's names are cheap to
-read (``sweeper --help``). ``trainables.models.SmallCNN`` etc. still work.
+:mod:`trainables.networks.nets` and load when a model is first built, so the registry's names are cheap to
+read (``sweeper --help``). ``trainables.networks.models.SmallCNN`` etc. still work.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .plugins import load_plugins
+from trainables.plugins import load_plugins
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .nets import LinearModel, PreActBlock, PreResNet, SmallCNN  # noqa: F401
+    from trainables.networks.nets import LinearModel, PreActBlock, PreResNet, SmallCNN  # noqa: F401
 
 _NETS = ("LinearModel", "SmallCNN", "PreActBlock", "PreResNet")
 
 
 def __getattr__(name: str):
     if name in _NETS:  # the networks load (with torch) on first use
-        from . import nets
+        from trainables.networks import nets
 
         return getattr(nets, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -73,7 +73,7 @@ def make_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> n
 
 
 def _nets():
-    from . import nets  # torch loads here, with the first model built
+    from trainables.networks import nets  # torch loads here, with the first model built
 
     return nets
 

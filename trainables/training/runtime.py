@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from .config import SweeperError
+from trainables.config import SweeperError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,23 +19,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .config import SweeperError, TrialConfig
-from .data import ImageData
-from .datasets import load_dataset
-from .geometry import feature_geometry, features, geometry_summary
-from .hessian import InputHessian, input_hessian_spectrum, plan_spectrum
-from .models import make_model
-from .penalty import penalized_loss, per_sample_input_grad_sq
-from .poison import Poisoner
-from .recipe import augment_batch, lr_at
-from .runtime import resolve_device, torch_threads
-from .spectra import spectrum_metrics
-from .trial_result import TrialResult
-from .trial_result import write_json as write_json  # re-exported: sweeper/cli.py imports it from here
-from .triggers import make_trigger
+from trainables.attack.poison import Poisoner
+from trainables.attack.triggers import make_trigger
+from trainables.config import SweeperError, TrialConfig
+from trainables.data.datasets import load_dataset
+from trainables.data.images import ImageData
+from trainables.defence.penalty import penalized_loss, per_sample_input_grad_sq
+from trainables.networks.models import make_model
+from trainables.spectrum.geometry import feature_geometry, features, geometry_summary
+from trainables.spectrum.hessian import InputHessian, input_hessian_spectrum, plan_spectrum
+from trainables.spectrum.spectra import spectrum_metrics
+from trainables.training.recipe import augment_batch, lr_at
+from trainables.training.runtime import resolve_device, torch_threads
+from trainables.training.trial_result import TrialResult
+from trainables.training.trial_result import (
+    write_json as write_json,  # re-exported: sweeper/cli.py imports it from here
+)
 
 if TYPE_CHECKING:
-    from .detection_context import DetectionContext
+    from trainables.detection.context import DetectionContext
 
 CHECKPOINT_VERSION = 1
 
@@ -198,7 +200,7 @@ class Trial:
         return data.normalize(x), y
 
     def hessian_plan(self) -> tuple[str, str]:
-        """(path, reason) the spectrum will use (:func:`trainables.hessian.plan_spectrum`)."""
+        """(path, reason) the spectrum will use (:func:`trainables.spectrum.hessian.plan_spectrum`)."""
         cfg = self.cfg
         c, h, w = cfg.image_shape
         n = min(cfg.hessian_samples, len(self.data.train_y) if cfg.hessian_split != "test" else len(self.data.test_y))
@@ -297,7 +299,7 @@ class Trial:
             self.artifacts["geometry"] = rows
             out.update(geometry_summary(rows, cfg.target))
         if cfg.detect or cfg.detect_baselines:  # after the spectrum: reads its eigenpairs from artifacts
-            from .detect import run_detection
+            from trainables.detection.statistics import run_detection
 
             found, artifacts = run_detection(self.detection_context())
             out.update(found)
@@ -313,15 +315,15 @@ class Trial:
         as trained (triggers applied, poisoned labels) and its poison mask are those of the last epoch.
         With no spectrum kept the statistics are off: they have nothing to read.
         """
-        from .detect import needed_access
-        from .detection_context import (
+        from trainables.detection.context import (
             DetectionContext,
             DetectionSettings,
             DetectionSpectrum,
             TrainingSet,
             seeded,
         )
-        from .spectra import GroupSpectra
+        from trainables.detection.statistics import needed_access
+        from trainables.spectrum.spectra import GroupSpectra
 
         cfg, data = self.cfg, self.data
         settings = DetectionSettings.from_config(cfg)

@@ -1,5 +1,5 @@
 """Defence search: threats fixed, defences searched, objectives aggregated over threats
-(analysis/defence.py, sweeper/defence.py); end to end with real Ray, MLflow and Optuna."""
+(analysis/defence_table.py, sweeper/defence_search.py); end to end with real Ray, MLflow and Optuna."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import ray
 from conftest import driver_text
 
-from analysis.defence import aggregate_models, defence_table
+from analysis.defence_table import aggregate_models, defence_table
 from analysis.schema import client, read_meta
 from sweeper.cli import main
 from sweeper.cli.readers import frontier_cmd

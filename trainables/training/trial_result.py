@@ -1,7 +1,7 @@
 """What a finished (or stopped) trial hands back: :class:`TrialResult`, and its JSON file.
 
-Every trial kind returns one (networks from :mod:`trainables.train`, the closed-form kinds from
-:mod:`trainables.kernel` and :mod:`trainables.linear`); ``write_json`` writes its JSON-able part
+Every trial kind returns one (networks from :mod:`trainables.training.train`, the closed-form kinds from
+:mod:`trainables.exact_models.kernel` and :mod:`trainables.exact_models.linear`); ``write_json`` writes its JSON-able part
 for ``sweeper trial --json``.
 """
 

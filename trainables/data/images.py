@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SweeperError
+from trainables.errors import SweeperError
 
 
 class DataError(SweeperError):

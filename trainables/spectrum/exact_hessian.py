@@ -16,7 +16,7 @@ an SVD of A when N*K < D), or the explicit Gram operator for Lanczos, two matmul
 (``GramOperator``, the ``gram-lanczos`` path). ``SampleFactors`` keeps A, so the spectrum of any
 weighted subset of samples costs no new backward pass; ``group_spectra`` gives the exact top pair of
 each group's Hessian (e.g. per label). Also here: the memory each of these needs (the planner in
-:mod:`trainables.hessian` weighs them against the budget) and the eval-mode copy every path works on.
+:mod:`trainables.spectrum.hessian` weighs them against the budget) and the eval-mode copy every path works on.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import SweeperError
-from .lanczos import ritz_residuals
-from .spectra import GroupSpectra, Spectrum
+from trainables.errors import SweeperError
+from trainables.spectrum.lanczos import ritz_residuals
+from trainables.spectrum.spectra import GroupSpectra, Spectrum
 
 EXACT_BYTES_PER_D2 = 24  # eigh in float64 holds the Gram, the eigenvectors and about one D x D of workspace
 
@@ -293,7 +293,7 @@ def group_spectra(
     D x D Grams (:func:`group_spectra_bytes`); ``eigh`` of each gives its top eigenpair. Piecewise-
     linear models only (the J^T S J identity); the caller checks the memory against its budget.
     The exact spectrum computes the same from its own pass when asked (``groups`` of
-    :func:`trainables.hessian.input_hessian_spectrum`): this stand-alone pass serves the other paths.
+    :func:`trainables.spectrum.hessian.input_hessian_spectrum`): this stand-alone pass serves the other paths.
     """
     _require_piecewise_linear(model, "exact")
     m = eval_copy(model, dtype)

@@ -1,0 +1,1 @@
+"""The attack: backdoor triggers (a registry) and poisoning the training set."""

@@ -1,0 +1,1 @@
+"""Defences a trainer applies: the input-gradient penalty (a registry of conventions)."""

@@ -1,0 +1,1 @@
+"""The networks: the model registry and the architectures."""
