@@ -84,7 +84,20 @@ TRIAL_KINDS: dict[str, TrialKind] = {}
 
 
 def register_kind(kind: TrialKind) -> TrialKind:
-    """Add a trial kind: the CLI's --kind, sweep files, validation and the analysis read this registry."""
+    """Add a trial kind: the CLI's --kind, sweep files, validation and the analysis read this registry.
+
+    Its config class declares every field with :func:`trainables.fields.field`, including a fixed
+    ``kind`` field naming the kind (records say which kind they are). A summary column or objective
+    may not be named like a column every results row has (``status``, ``error``, ...).
+    """
+    from .record import ROW_COLUMNS
+
+    clash = sorted({*kind.columns, *(m for m, _ in kind.objectives)} & set(ROW_COLUMNS))
+    if clash:
+        raise ConfigError(
+            f"trial kind {kind.name!r}: metric name(s) {clash} are results columns of every row "
+            f"({', '.join(ROW_COLUMNS)}); name the metric otherwise"
+        )
     TRIAL_KINDS[kind.name] = kind
     return kind
 

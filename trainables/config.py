@@ -194,7 +194,7 @@ class TrialConfig(ConfigFields):
     # --- defence ----------------------------------------------------------------
     kappa: float = DEFENCE(0.0, Interval(float, 0, None), "Input-gradient penalty strength (scale set by penalty)")
     penalty: str = DEFENCE(
-        "listing1", Options(_registry("training.penalty", "PENALTIES"), _penalties), "Input-gradient penalty"
+        "listing1", Options(_registry("defence.penalty", "PENALTIES"), _penalties), "Input-gradient penalty"
     )
     augment: bool = DEFENCE(False, Flag(), "Random crop + horizontal flip, whole-batch on the device")
     crop_padding: int | None = DEFENCE(

@@ -85,11 +85,14 @@ def field_defaults(kind: str) -> dict[str, Any]:
     return out
 
 
+ROW_COLUMNS = ("sweep", "run_id", "trial_key", "trial_id", "status", "error", "kind")  # every row has these
+
+
 def metric_column(name: str, config_fields) -> str:
-    """The results column of metric ``name``: renamed when a config field has that name."""
+    """The results column of metric ``name``: renamed when a config field or a row column has that name."""
     if name in METRIC_RENAMES:
         return METRIC_RENAMES[name]
-    return f"{name}_metric" if name in config_fields else name
+    return f"{name}_metric" if name in config_fields or name in ROW_COLUMNS else name
 
 
 def trial_row(config: dict[str, Any], metrics: dict[str, Any], config_fields) -> dict[str, Any]:

@@ -41,6 +41,8 @@ _REASONS = (  # the parser's (pydantic-style) reasons, in the project's words
     (re.compile(r"Input should be a valid integer.*"), "expected a whole number"),
     (re.compile(r"Input should be a valid boolean.*"), "expected true or false"),
     (re.compile(r"Value error, '.*' is not one of (.*)\.$"), r"must be one of \1"),
+    (re.compile(r"Input should be greater than or equal to (\S+?)\.?$"), r"must be >= \1"),
+    (re.compile(r"Input should be less than or equal to (\S+?)\.?$"), r"must be <= \1"),
 )
 
 

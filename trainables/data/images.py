@@ -93,6 +93,13 @@ class ImageData:
     std: torch.Tensor  # (C,) per-channel std of the clean training images
     num_classes: int
 
+    @classmethod
+    def from_arrays(cls, name: str, train_x, train_y, test_x, test_y, num_classes: int) -> ImageData:
+        """From ``(N, C, H, W)`` images in [0, 1] and integer labels (arrays or tensors): labels checked
+        against ``num_classes``, normalization statistics from the training images. A dataset
+        plugin's loader returns this."""
+        return _bundle(name, train_x, train_y, test_x, test_y, num_classes)
+
     def to(self, device: torch.device | str) -> ImageData:
         """The same data on another device."""
         moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
