@@ -13,6 +13,34 @@ from trainables.data.images import CIFAR10_FILES, MNIST_FILES, write_cifar_batch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _registrations_end_with_the_test():
+    """Every registry (and the plugins imported in this process) as before the test: one test's toy
+    trigger, or a plugin's declared field, never leaks into the next test."""
+    import sys
+
+    from trainables import TRIAL_KINDS, plugins
+    from trainables.attack.triggers import TRIGGERS
+    from trainables.data.datasets import DATASETS
+    from trainables.defence.penalty import PENALTIES
+    from trainables.detection.baselines import BASELINES
+    from trainables.detection.statistics import DETECTORS
+    from trainables.fields import EXTRA_FIELDS
+    from trainables.networks.models import MODELS
+
+    registries = (TRIAL_KINDS, TRIGGERS, DATASETS, PENALTIES, BASELINES, DETECTORS, EXTRA_FIELDS, MODELS)
+    saved = [dict(r) for r in registries]
+    loaded, env_done, eps_done = list(plugins._loaded), plugins._env_done, plugins._entry_points_done
+    yield
+    for registry, before in zip(registries, saved, strict=True):
+        registry.clear()
+        registry.update(before)
+    for name in set(plugins._loaded) - set(loaded):  # imported again (and so registered again) when next asked
+        sys.modules.pop(name, None)
+    plugins._loaded[:] = loaded
+    plugins._env_done, plugins._entry_points_done = env_done, eps_done
+
+
 def driver_text(text: str) -> str:
     """What the driver printed, without Ray's known shutdown noise from its worker processes.
 

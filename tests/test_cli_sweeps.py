@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 import ray
 from conftest import driver_text
+from mlflow.tracking import MlflowClient
 
 from analysis.results import CONFIG_FIELDS, load_results
 from analysis.schema import read_meta
 from sweeper.cli import main
 from sweeper.cli.readers import frontier_cmd
 from sweeper.spaces import SweepSpec
+from sweeper.tracking import default_uri
 
 FAST = [
     "--epochs",
@@ -158,6 +160,16 @@ def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_
     code, _, err = cli(["report", "l", "--storage", st], capsys)
     assert code == 0, err
     assert (tmp_path / "l-report" / "asr_vs_theta.png").is_file()
+    # both kinds went through the network's path: one child run each, the kind's params, its artifacts, its
+    # numbers checked against the closed forms
+    uri = default_uri(tmp_path)
+    runs = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("l").experiment_id], "tags.`sweeper.kind` = 'trial'"
+    )
+    assert len(runs) == 3 and all(r.data.params["kind"] == "linear" for r in runs)
+    assert "weights.png" in {a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id)}
+    assert load_results("l", st)["step_rel_err"].max() < 1e-8
+    assert (load_results("k", st)["delta_f_rel_err"] < 1e-3).all()
     code, out, _ = cli(["status", "l", "--storage", st], capsys)
     assert code == 0 and "3 completed" in out
     # the rest of the matrix through the CLI: status and resume of the kernel sweep, frontier and resume

@@ -26,6 +26,9 @@ RANGE = re.compile(r"(?:in ([\[(])([^,\]]+), ([^\])]+)([\])])|(>=|>) (\S+?)\.?$)
 
 
 def _trial_help() -> dict[str, str]:
+    from sweeper.cli.trial import declare_options
+
+    declare_options()  # as main() does: the options of the fields and registries declared now
     cmd = typer.main.get_command(app).commands["trial"]
     return {p.name: " ".join((p.help or "").replace("\\[", "[").split()) for p in cmd.params}
 

@@ -273,28 +273,6 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
     assert (st["completed"], st["running"], st["pending"]) == (4, 0, 0)
 
 
-def test_linear_and_kernel_trials_sweep_through_the_same_path(tmp_path):
-    from analysis.results import load_results
-
-    report = run_sweep(
-        SweepSpec(kind="linear", axes={"theta": [0.0, 0.1]}), SweepOptions(name="lin", storage=str(tmp_path), verbose=0)
-    )
-    assert report.counts["completed"] == 2
-    uri = default_uri(tmp_path)
-    runs = child_runs(uri, "lin")
-    assert len(runs) == 2 and all(r.data.params["kind"] == "linear" for r in runs)
-    assert "weights.png" in {a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id)}
-    df = load_results("lin", tmp_path)
-    assert sorted(df["theta"]) == [0.0, 0.1] and df["step_rel_err"].max() < 1e-8
-    report = run_sweep(
-        SweepSpec(kind="kernel", axes={"m": [1, 4]}, fixed={"n_clean": 50}),
-        SweepOptions(name="krr", storage=str(tmp_path), verbose=0),
-    )
-    assert report.counts["completed"] == 2
-    df = load_results("krr", tmp_path)
-    assert sorted(df["m"]) == [1, 4] and (df["delta_f_rel_err"] < 1e-3).all()
-
-
 def test_live_progress_bar_counts_trials_and_prints_one_line_per_finished_trial(tmp_path, capsys):
     spec = SweepSpec(axes={"kappa": [0.0, 10.0]}, fixed={**FAST, "geometry": False})
     report = run_sweep(spec, SweepOptions(name="live", storage=str(tmp_path), live=True))

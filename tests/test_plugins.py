@@ -53,10 +53,10 @@ def corner(cfg):
 
 
 def mean_logit(ctx):
-    """A toy score: the largest mean logit over held-out clean images."""
+    """A toy score: the largest mean logit over its own number of held-out clean images."""
     import torch
 
-    x = ctx.normalize(ctx.heldout[0][:50].to(ctx.device))
+    x = ctx.normalize(ctx.heldout[0][: ctx.settings.params["lab_images"]].to(ctx.device))
     ctx.model.eval()
     with torch.no_grad():
         logits = ctx.model(x)
@@ -90,7 +90,12 @@ SIDE = field(2, Interval(int, 1, 4), "Corner trigger's side", unit="px")
 register_trigger(TriggerEntry("corner", corner, lambda small: (2, 0), params={"corner_side": SIDE}))
 register_detector(
     DetectorEntry(
-        "lab", mean_logit, ("weights", "clean-samples"), lambda s, per, n, size: 7.0, {"det_lab_logit": "higher"}
+        "lab",
+        mean_logit,
+        ("weights", "clean-samples"),
+        lambda s, per, n, size: 7.0,
+        {"det_lab_logit": "higher"},
+        params={"lab_images": field(50, Interval(int, 1, 90), "Held-out images the lab detector reads")},
     )
 )
 register_kind(
@@ -126,12 +131,17 @@ def lab(tmp_path):
 NET = ["--dataset", "stripes", "--trigger", "corner", "--set", "hessian_samples=100", "--set", "detect_samples=30"]
 
 
-def test_a_plugins_dataset_trigger_parameter_and_detector_go_through_trial_plan_run_and_detect(lab, tmp_path):
+def test_a_plugins_dataset_trigger_parameter_and_detector_go_through_trial_plan_run_and_detect(
+    lab, tmp_path, monkeypatch
+):
+    from analysis.results import load_results
+
     out = tmp_path / "t.json"
-    r = lab("trial", *NET, "--corner-side", "3", "--epochs", "2", "--json", str(out), "--quiet")
+    r = lab("trial", *NET, "--corner-side", "3", "--lab-images", "20", "--epochs", "2", "--json", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())
     assert rec["config"]["dataset"] == "stripes" and rec["config"]["corner_side"] == 3
+    assert rec["config"]["lab_images"] == 20  # the detector's own parameter
     assert "det_lab_logit" in rec["metrics"] and rec["metrics"]["n_poisoned"] > 0
 
     r = lab("trial", *NET, "--corner-side", "5")  # its own range, from its own declaration
@@ -146,6 +156,11 @@ def test_a_plugins_dataset_trigger_parameter_and_detector_go_through_trial_plan_
     argv = ["run", *NET, "--theta", "0,0.3", "--kappa", "0", "--epochs", "3", "--seeds", "3", "--name", "lab"]
     r = lab(*argv, "--storage", str(st), "--quiet")
     assert r.returncode == 0 and "sweep lab: 6 completed" in r.stdout, r.stdout + r.stderr
+
+    monkeypatch.syspath_prepend(str(tmp_path / "plug"))  # a reader with the plugin types its field
+    monkeypatch.setenv("SWEEPER_PLUGINS", "labplug")
+    df = load_results("lab", str(st), source="mlflow")
+    assert set(df["corner_side"]) == {2} and set(df["dataset"]) == {"stripes"} and (df["status"] == "completed").all()
 
     r = lab("detect", "lab", "--storage", str(st), "--bootstrap", "100")
     assert r.returncode == 0, r.stdout + r.stderr

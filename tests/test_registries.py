@@ -280,49 +280,6 @@ def test_a_plugin_triggers_own_parameter_is_a_field_everywhere(tmp_path):
     assert "toy_brightness" in r.stdout, r.stdout + r.stderr
 
 
-def test_a_sweep_with_a_plugin_trigger_runs_through_ray(tmp_path, monkeypatch):
-    """The driver forwards SWEEPER_PLUGINS and PYTHONPATH to the Ray workers, whose trials import the plugin;
-    a reader with the plugin loaded types its field by the declaration."""
-    from analysis.results import load_results
-
-    (tmp_path / "plug").mkdir()
-    (tmp_path / "plug" / "toyplug.py").write_text(PLUGIN)
-    st = tmp_path / "sweeps"
-    r = _cli(
-        [
-            "run",
-            "--theta",
-            "0.2",
-            "--kappa",
-            "0",
-            "--epochs",
-            "1",
-            "--set",
-            "trigger=toy",
-            "--set",
-            "toy_brightness=0.5",
-            "--set",
-            "hessian=false",
-            "--set",
-            "geometry=false",
-            "--name",
-            "toy",
-            "--storage",
-            str(st),
-            "--quiet",
-        ],
-        _plugin_env(tmp_path / "plug", "toyplug"),
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "sweep toy: 1 completed, 0 diverged, 0 failed" in r.stdout, r.stdout
-    monkeypatch.syspath_prepend(str(tmp_path / "plug"))
-    monkeypatch.setenv("SWEEPER_PLUGINS", "toyplug")
-    df = load_results("toy", str(st), source="mlflow")
-    assert list(df["trigger"]) == ["toy"] and df["n_poisoned"].iloc[0] > 0 and df["status"].iloc[0] == "completed"
-    assert list(df["toy_brightness"]) == [0.5]  # the plugin's field, typed by its declaration
-
-
 def test_start_ray_forwards_the_plugins_and_pythonpath_to_the_workers(tmp_path, monkeypatch):
     import ray
 

@@ -363,7 +363,11 @@ BASELINES: dict[str, DetectorEntry] = {}  # config validation reads its names (`
 
 def register_baseline(entry: DetectorEntry) -> DetectorEntry:
     """Add a baseline: a valid name of ``detect_baselines`` (validation, ``--help``); trials that name it
-    run it and log its metrics, and ``sweeper plan`` adds its ``cost``."""
+    run it and log its metrics, and ``sweeper plan`` adds its ``cost``; its ``params`` become fields."""
+    if entry.params:
+        from trainables.fields import register_fields
+
+        register_fields(f"baseline {entry.name}", entry.params, group="detection")
     BASELINES[entry.name] = entry
     return entry
 

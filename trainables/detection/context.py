@@ -79,6 +79,7 @@ class DetectionSettings:
     spectrum_split: str  # the spectrum's samples: clean-train, poisoned-train or test ("auto" resolved)
     spectrum_dtype: str  # float32 or float64
     dense_mb: float  # the memory budget of dense matrices (``hessian_dense_mb``), MiB
+    params: dict[str, Any] = field(default_factory=dict)  # the fields plugins declared (a detector's own)
 
     @classmethod
     def from_config(cls, cfg: Any) -> DetectionSettings:
@@ -104,6 +105,7 @@ class DetectionSettings:
             spectrum_split=split,
             spectrum_dtype=cfg.hessian_dtype,
             dense_mb=cfg.hessian_dense_mb,
+            params=dict(getattr(cfg, "extra", {})),
         )
 
 
@@ -198,6 +200,9 @@ class DetectorEntry:
     sample, ``n_spectrum_samples`` the spectrum's samples, ``train_size`` the training images.
     ``scores`` names the metrics it reports that are scores and which way is suspicious
     (``{"det_toy": "higher"}``): ``sweeper detect`` scores exactly those over a population.
+    ``params`` declares its own settings, each with :func:`trainables.fields.field`: they become fields
+    of every network trial (``sweeper trial --NAME``, ``--set``, records) and reach it as
+    ``ctx.settings.params[NAME]``.
     """
 
     name: str
@@ -205,6 +210,7 @@ class DetectorEntry:
     access: tuple[str, ...]
     cost: Cost
     scores: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.access, str) or not self.access or any(a not in ACCESS for a in self.access):

@@ -386,7 +386,11 @@ DETECTORS: dict[str, DetectorEntry] = {}
 
 def register_detector(entry: DetectorEntry) -> DetectorEntry:
     """Add a detector: every trial with ``detect`` on (and a spectrum) runs it after the built-in ones,
-    its metrics join the trial's, and ``sweeper plan`` adds its ``cost``."""
+    its metrics join the trial's, and ``sweeper plan`` adds its ``cost``; its ``params`` become fields."""
+    if entry.params:
+        from trainables.fields import register_fields
+
+        register_fields(f"detector {entry.name}", entry.params, group="detection")
     DETECTORS[entry.name] = entry
     return entry
 
