@@ -206,7 +206,7 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
     """Every check that can fail, before Ray: grid, name, storage, existing sweep, resources, MLflow."""
     check_resources(opts)
     _default_threads(spec, opts)
-    configs = spec.configs() if isinstance(spec, SweepSpec) else spec.corner_configs()
+    configs = spec.checked_configs()
     check_name(opts.name)
     storage = resolve_storage(opts.storage)
     if sweep_exists(storage, opts.name):
@@ -240,7 +240,7 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
         driver=this_driver(),
         key_format=KEY_FORMAT,
     )
-    if isinstance(spec, SweepSpec):  # every trial the sweep owes, so none is ever silently dropped
+    if spec.owes_every_trial:  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
         meta.trials = [
             {"key": record.trial_key(d, meta.key_format), "point": {a: d.get(a) for a in axes}}
@@ -253,10 +253,7 @@ def _default_threads(spec, opts: SweepOptions) -> None:
     """Trials with a ``threads`` field run with one torch thread per CPU they hold, unless the space sets it."""
     from .spaces import fields_for
 
-    if "threads" not in fields_for(getattr(spec, "kind", "network")):
-        return
-    parts = (spec.axes, spec.fixed) if isinstance(spec, SweepSpec) else (spec.continuous, spec.categorical, spec.fixed)
-    if not any("threads" in p for p in parts):
+    if "threads" in fields_for(spec.kind) and not spec.gives("threads"):
         spec.fixed["threads"] = max(1, int(opts.cpus_per_trial))
 
 
@@ -336,14 +333,7 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
         "creating the experiment",
         fatal=True,
     )
-    params = {
-        "n_trials": meta.n_trials,
-        **(
-            _flat_spec(spec)
-            if isinstance(spec, SweepSpec)
-            else {f"search.{k}": v for k, v in meta.spec["axes"].items()}
-        ),
-    }
+    params = {"n_trials": meta.n_trials, **spec.params()}
     meta.parent_run_id = tracking.retry(
         lambda: tracking.start_parent(meta.mlflow_uri, meta.experiment_id, opts.name, params),
         "creating the sweep's parent run",
@@ -402,11 +392,3 @@ def _log_to_sweep(storage: str, name: str) -> None:
     folder = local_folder(storage, name)
     if folder is not None:
         logs.write_to(folder / "sweeper.log")
-
-
-def _flat_spec(spec: SweepSpec) -> dict[str, Any]:
-    out = {f"grid.{k}": ",".join(map(str, v)) for k, v in spec.axes.items()}
-    out.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
-    if spec.seeds:
-        out["seeds"] = ",".join(map(str, spec.seeds))
-    return out

@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from trainables.config import TrialConfig
-from trainables.training.train import TrialResult, run_trial
+from trainables.training.train import run_trial
+from trainables.training.trial_result import TrialResult
 
 
 def _describe(m: dict) -> str:

@@ -59,6 +59,22 @@ class SearchSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"continuous": self.continuous, "categorical": self.categorical, "fixed": self.fixed}
 
+    # the interface a grid and a search space share (sweeper.orchestrate.prepare reads only these)
+    owes_every_trial = False  # a search owes a budget of proposals, not a list of trials
+    kind = "network"
+
+    def checked_configs(self) -> list[TrialConfig]:
+        """Every corner of the space, validated: what the search can propose is a valid trial."""
+        return self.corner_configs()
+
+    def gives(self, name: str) -> bool:
+        """Whether the space sets field ``name`` (a range, a choice or fixed)."""
+        return name in self.continuous or name in self.categorical or name in self.fixed
+
+    def params(self) -> dict[str, Any]:
+        """The searched axes as the sweep's parent-run params (``search.<field>``)."""
+        return {f"search.{k}": v for k, v in {**self.continuous, **self.categorical}.items()}
+
 
 def parse_search_axis(name: str, spec: str) -> tuple[str, Any]:
     """('continuous', (dist, lo, hi)) | ('categorical', [...]) | ('fixed', value)."""

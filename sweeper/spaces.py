@@ -262,6 +262,25 @@ class SweepSpec:
         """JSON-able form (kept in the sweep folder)."""
         return {"axes": self.axes, "fixed": self.fixed, "seeds": self.seeds, "kind": self.kind}
 
+    # the interface a grid and a search space share (sweeper.orchestrate.prepare reads only these)
+    owes_every_trial = True  # the sweep's record lists every trial it owes: none is ever silently dropped
+
+    def checked_configs(self) -> list:
+        """Every trial of the grid, validated (a bad value is one SpaceError naming its point)."""
+        return self.configs()
+
+    def gives(self, name: str) -> bool:
+        """Whether the space sets field ``name`` (as an axis or fixed)."""
+        return name in self.axes or name in self.fixed
+
+    def params(self) -> dict[str, Any]:
+        """The space as the sweep's parent-run params: ``grid.<axis>``, ``fixed.<field>``, ``seeds``."""
+        out = {f"grid.{k}": ",".join(map(str, v)) for k, v in self.axes.items()}
+        out.update({f"fixed.{k}": v for k, v in self.fixed.items()})
+        if self.seeds:
+            out["seeds"] = ",".join(map(str, self.seeds))
+        return out
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
         """Inverse of :meth:`to_dict`."""

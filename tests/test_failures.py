@@ -244,7 +244,7 @@ class ToyConfig(ConfigFields):
 {extra}
 
 def run(cfg, **_):
-    from trainables.training.train import TrialResult
+    from trainables.training.trial_result import TrialResult
 
 {body}
     return TrialResult(config=cfg.to_dict(), status="completed", metrics={{"clean_acc": 1.0, "asr": cfg.a / 10}})

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeper import tracking
 from trainables.config import SweeperError
-from trainables.training.train import TrialResult
+from trainables.training.trial_result import TrialResult
 
 
 def test_retry_recovers_from_transient_failures_and_gives_up_quietly():

@@ -55,7 +55,7 @@ def trial(
     cfg = trial_config(kind.value, config, flags, set_)
     if json_path is not None:
         _check_writable(json_path, overwrite)
-    from trainables.training.train import write_json
+    from trainables.training.trial_result import write_json
 
     from ..progress import run_with_progress
 

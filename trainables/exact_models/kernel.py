@@ -18,7 +18,7 @@ import torch
 
 from trainables.config import SEED, ConfigFields
 from trainables.fields import Interval, Options, field, validate
-from trainables.training.train import TrialResult
+from trainables.training.trial_result import TrialResult
 
 
 @dataclass(frozen=True)

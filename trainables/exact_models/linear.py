@@ -25,7 +25,7 @@ import torch
 from trainables.config import SEED, ConfigFields
 from trainables.data.datasets import DATASETS
 from trainables.fields import Flag, Interval, Options, Ref, Text, field, validate
-from trainables.training.train import TrialResult
+from trainables.training.trial_result import TrialResult
 
 
 def _side(cfg) -> int:

@@ -32,9 +32,6 @@ from trainables.spectrum.spectra import spectrum_metrics
 from trainables.training.recipe import augment_batch, lr_at
 from trainables.training.runtime import resolve_device, torch_threads
 from trainables.training.trial_result import TrialResult
-from trainables.training.trial_result import (
-    write_json as write_json,  # re-exported: sweeper/cli.py imports it from here
-)
 
 if TYPE_CHECKING:
     from trainables.detection.context import DetectionContext
