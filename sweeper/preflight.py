@@ -146,19 +146,20 @@ def check_data(configs) -> None:
     line naming the file and the folder searched. Each (dataset, folder, checksum setting) is loaded
     once, as a trial loads it. ``download`` trials fetch their own files and are not checked.
     """
-    from trainables.data.datasets import load_dataset
+    from trainables.data.datasets import dataset_params, load_dataset
 
-    seen: set[tuple[str, str, bool]] = set()
+    seen: set[tuple] = set()
     for cfg in configs:
         name, folder = getattr(cfg, "dataset", None), getattr(cfg, "data_dir", None)
         if name is None or folder is None or getattr(cfg, "download", False):
             continue
+        params = dataset_params(cfg) if hasattr(cfg, "extra") else {}  # a network trial: its dataset's fields
         key = (name, str(folder), bool(getattr(cfg, "verify_checksums", True)))
-        if key in seen:
+        if (*key, *sorted(params.items())) in seen:
             continue
-        seen.add(key)
+        seen.add((*key, *sorted(params.items())))
         try:
-            load_dataset(*key)
+            load_dataset(*key, params=params)
         except SweeperError as e:
             raise SweeperError(f"{e} [dataset {name}, data_dir {folder}]") from None
 

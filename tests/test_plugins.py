@@ -24,8 +24,8 @@ from trainables.detection.statistics import register_detector
 from trainables.fields import Interval, Options, field, validate
 
 
-def stripes(root, verify, download):
-    """3 classes of 8x8 images: horizontal, vertical or diagonal stripes under noise."""
+def stripes(root, verify, download, stripes_noise):
+    """3 classes of 8x8 images: horizontal, vertical or diagonal stripes under its own amount of noise."""
     import numpy as np
 
     from trainables.data.images import ImageData
@@ -36,7 +36,7 @@ def stripes(root, verify, download):
         y = rng.integers(0, 3, n)
         i, j = np.mgrid[0:8, 0:8]
         pats = np.stack([(i % 2 == 0), (j % 2 == 0), ((i + j) % 2 == 0)]).astype(np.float32)
-        x = 0.7 * pats[y] + 0.3 * rng.random((n, 8, 8), dtype=np.float32)
+        x = (1 - stripes_noise) * pats[y] + stripes_noise * rng.random((n, 8, 8), dtype=np.float32)
         return x[:, None], y
 
     (tx, ty), (vx, vy) = make(300), make(90)
@@ -85,7 +85,8 @@ def run_coin(cfg, **_):
     return TrialResult(cfg.to_dict(), "completed", {"heads": heads, "miss": abs(heads - cfg.bias)})
 
 
-register_dataset(DatasetEntry("stripes", (1, 8, 8), 3, 300, stripes, "synthetic stripes"))
+NOISE = field(0.3, Interval(float, 0, 1), "Stripes dataset: the noise's share of each pixel")
+register_dataset(DatasetEntry("stripes", (1, 8, 8), 3, 300, stripes, "synthetic stripes", {"stripes_noise": NOISE}))
 SIDE = field(2, Interval(int, 1, 4), "Corner trigger's side", unit="px")
 register_trigger(TriggerEntry("corner", corner, lambda small: (2, 0), params={"corner_side": SIDE}))
 register_detector(
@@ -137,9 +138,11 @@ def test_a_plugins_dataset_trigger_parameter_and_detector_go_through_trial_plan_
     from analysis.results import load_results
 
     out = tmp_path / "t.json"
-    r = lab("trial", *NET, "--corner-side", "3", "--lab-images", "20", "--epochs", "2", "--json", str(out), "--quiet")
+    argv = ["--corner-side", "3", "--lab-images", "20", "--stripes-noise", "0.4", "--epochs", "2"]
+    r = lab("trial", *NET, *argv, "--json", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())
+    assert rec["config"]["stripes_noise"] == 0.4  # the dataset's own parameter, given to its loader
     assert rec["config"]["dataset"] == "stripes" and rec["config"]["corner_side"] == 3
     assert rec["config"]["lab_images"] == 20  # the detector's own parameter
     assert "det_lab_logit" in rec["metrics"] and rec["metrics"]["n_poisoned"] > 0

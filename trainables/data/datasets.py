@@ -13,7 +13,7 @@ A plugin registers its own with :func:`register_dataset`; its loader returns a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ class DatasetEntry:
     shape: tuple[int, int, int]  # (C, H, W) of its images; H == W
     classes: int
     train_size: int  # training images (before any train_subset)
-    load: Callable[[Path, bool, bool], Any]  # (root folder, verify checksums, download) -> ImageData on the CPU
+    load: Callable[..., Any]  # (root folder, verify checksums, download, **params) -> ImageData on the CPU
     summary: str = ""  # for help: where it comes from
+    params: dict[str, Any] = field(default_factory=dict)  # its own fields, each fields.field(...); load gets them
 
     @property
     def pixels(self) -> int:
@@ -47,6 +48,10 @@ def register_dataset(entry: DatasetEntry) -> DatasetEntry:
     c, h, w = entry.shape
     if h != w or min(entry.shape) < 1 or entry.classes < 2 or entry.train_size < 1:
         raise SweeperError(f"dataset {entry.name!r}: shape {entry.shape} must be (C, H, H) with 2+ classes")
+    if entry.params:  # they become fields of the network trial, passed to its loader
+        from trainables.fields import register_fields
+
+        register_fields(f"dataset {entry.name}", entry.params, group="data")
     DATASETS[entry.name] = entry
     return entry
 
@@ -60,10 +65,20 @@ def dataset_entry(name: str) -> DatasetEntry:
 
 
 def load_dataset(
-    name: str, data_dir: str | Path = "~/.cache/sweeper/data", verify: bool = True, download: bool = False
+    name: str,
+    data_dir: str | Path = "~/.cache/sweeper/data",
+    verify: bool = True,
+    download: bool = False,
+    params: dict[str, Any] | None = None,
 ):
-    """Load a registered dataset by name onto the CPU (a :class:`trainables.data.images.ImageData`)."""
-    return dataset_entry(name).load(Path(data_dir).expanduser(), verify, download)
+    """Load a registered dataset by name onto the CPU (a :class:`trainables.data.images.ImageData`);
+    ``params`` are its own declared fields' values."""
+    return dataset_entry(name).load(Path(data_dir).expanduser(), verify, download, **(params or {}))
+
+
+def dataset_params(cfg: Any) -> dict[str, Any]:
+    """The values of the fields ``cfg``'s dataset declared (empty for the built-in ones)."""
+    return {name: getattr(cfg, name) for name in dataset_entry(cfg.dataset).params}
 
 
 def _digits(root: Path, verify: bool, download: bool):

@@ -22,7 +22,7 @@ import torch
 from trainables.attack.poison import Poisoner
 from trainables.attack.triggers import make_trigger
 from trainables.config import SweeperError, TrialConfig
-from trainables.data.datasets import load_dataset
+from trainables.data.datasets import dataset_params, load_dataset
 from trainables.data.images import ImageData
 from trainables.defence.penalty import penalized_loss, per_sample_input_grad_sq
 from trainables.networks.models import make_model
@@ -53,7 +53,7 @@ class Trial:
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
         if data is None:
-            data = load_dataset(cfg.dataset, cfg.data_dir, cfg.verify_checksums, cfg.download)
+            data = load_dataset(cfg.dataset, cfg.data_dir, cfg.verify_checksums, cfg.download, dataset_params(cfg))
             data = data.train_subset(cfg.train_subset)  # the same subset for every seed: one population
         self.data = data.to(self.device)
         self.trigger = make_trigger(cfg)
