@@ -137,7 +137,7 @@ def test_neural_cleanse_recovers_the_planted_patch_and_spares_the_clean_twin(dig
     summaries = {}
     for theta, (trial, m) in digits_twins.items():
         assert m["clean_acc"] > 0.9
-        ctx = trial.detection_context(access=("clean-samples",))  # detection is off in these configs
+        ctx = trial.detection_context(access=("clean-data",))  # detection is off in these configs
         raw, _ = ctx.heldout
         res = neural_cleanse(
             trial.model, raw, ctx.normalize, 10, steps=200, batch_size=16, generator=torch.Generator().manual_seed(0)

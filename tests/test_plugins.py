@@ -93,7 +93,7 @@ register_detector(
     DetectorEntry(
         "lab",
         mean_logit,
-        ("weights", "clean-samples"),
+        ("data-free", "clean-data"),
         lambda s, per, n, size: 7.0,
         {"det_lab_logit": "higher"},
         params={"lab_images": field(50, Interval(int, 1, 90), "Held-out images the lab detector reads")},

@@ -287,23 +287,23 @@ def test_entries_declare_what_a_defender_holds_and_the_context_holds_only_that()
     from trainables.training.train import Trial
 
     assert {n: e.access for n, e in (DETECTORS | BASELINES).items()} == {
-        "spectral": ("weights", "spectrum-samples"),
-        "localisation": ("weights", "spectrum-samples"),
-        "flip": ("weights", "spectrum-samples", "clean-samples"),
-        "class": ("weights", "spectrum-samples", "clean-samples"),
-        "nc": ("weights", "clean-samples"),
-        "ss": ("weights", "training-set"),
-        "ac": ("weights", "training-set"),
+        "spectral": ("data-free", "spectrum-samples"),
+        "localisation": ("data-free", "spectrum-samples"),
+        "flip": ("data-free", "spectrum-samples", "clean-data"),
+        "class": ("data-free", "spectrum-samples", "clean-data"),
+        "nc": ("data-free", "clean-data"),
+        "ss": ("data-free", "training-set"),
+        "ac": ("data-free", "training-set"),
     }
-    assert "trigger" in ACCESS  # declared for oracle detectors; no shipped score needs it
+    assert "oracle" in ACCESS  # declared for detectors that know the trigger; no shipped score needs it
     flip = DETECTORS["flip"].access
     deterministic = DetectionSettings.from_config(TrialConfig(poison_mode="deterministic"))
-    assert resolve_access(flip, deterministic) == ("weights", "training-set", "clean-samples")
+    assert resolve_access(flip, deterministic) == ("data-free", "training-set", "clean-data")
     stochastic = DetectionSettings.from_config(TrialConfig(poison_mode="stochastic"))
-    assert resolve_access(flip, stochastic) == ("weights", "clean-samples")
+    assert resolve_access(flip, stochastic) == ("data-free", "clean-data")
     assert stochastic.norms == (0.5,) and stochastic.windows == (2, 3, 4) and stochastic.baselines == ()
-    for bad in (("weights", "gpu"), "weights", ()):
-        with pytest.raises(ValueError, match="access must be a tuple of weights"):
+    for bad in (("data-free", "gpu"), "data-free", ()):
+        with pytest.raises(ValueError, match="access must be a tuple of data-free"):
             DetectorEntry("bad", lambda ctx: None, bad, lambda s, per, n, size: 0.0)
     # Neural Cleanse alone, no spectrum: clean held-out images only (an untrained trial will do)
     ctx = Trial(TrialConfig(hessian=False, detect_baselines="nc", detect_samples=30)).detection_context()
@@ -334,7 +334,7 @@ def test_a_detector_registered_outside_the_package_runs_in_a_trial_and_in_plans_
 
     cfg = TrialConfig(epochs=1, hessian_samples=100, hessian_top_k=2, detect_samples=40, geometry=False)
     before = estimate_parts(cfg)["detect"]
-    register_detector(DetectorEntry("toy", held_out_accuracy, ("weights", "spectrum-samples", "clean-samples"), cost))
+    register_detector(DetectorEntry("toy", held_out_accuracy, ("data-free", "spectrum-samples", "clean-data"), cost))
     try:
         after = estimate_parts(cfg)["detect"]
         res = run_trial(cfg)
@@ -347,3 +347,18 @@ def test_a_detector_registered_outside_the_package_runs_in_a_trial_and_in_plans_
     assert "det_flip_max" in m  # the built-in detectors still ran
     assert res.to_json_dict()["detection"]["details"]["toy"] == {"n": 40}
     assert list(DETECTORS) == ["spectral", "localisation", "flip", "class"]
+
+
+def test_a_detectors_level_follows_the_data_its_spectrum_averaged():
+    """A statistic read off a clean-data spectrum is reported at clean-data; off the poisoned training
+    set as trained (auto under deterministic poisoning), at training-set (issue 22's first split)."""
+    from trainables.detection.baselines import BASELINES
+    from trainables.detection.context import DetectionSettings, access_level
+
+    spectral = DETECTORS["spectral"].access
+    clean = DetectionSettings.from_config(TrialConfig(hessian_split="test"))
+    trained = DetectionSettings.from_config(TrialConfig(poison_mode="deterministic"))
+    assert access_level(spectral, clean) == "clean-data"
+    assert access_level(spectral, trained) == "training-set"
+    assert access_level(BASELINES["nc"].access, trained) == "clean-data"
+    assert access_level(BASELINES["ac"].access, clean) == "training-set"

@@ -374,6 +374,6 @@ def register_baseline(entry: DetectorEntry) -> DetectorEntry:
 
 # NC reverses triggers on clean held-out images; SS and AC cluster the training set as trained
 # (the poison mask only scores them, as per-sample AUROC)
-register_baseline(DetectorEntry("nc", nc_baseline, ("weights", "clean-samples"), _nc_cost))
-register_baseline(DetectorEntry("ss", ss_baseline, ("weights", "training-set"), _features_cost))
-register_baseline(DetectorEntry("ac", ac_baseline, ("weights", "training-set"), _features_cost))
+register_baseline(DetectorEntry("nc", nc_baseline, ("data-free", "clean-data"), _nc_cost))
+register_baseline(DetectorEntry("ss", ss_baseline, ("data-free", "training-set"), _features_cost))
+register_baseline(DetectorEntry("ac", ac_baseline, ("data-free", "training-set"), _features_cost))

@@ -24,21 +24,25 @@ from torch import nn
 from trainables.fields import split_list
 from trainables.spectrum.spectra import GroupSpectra
 
-ACCESS: tuple[str, ...] = ("weights", "spectrum-samples", "clean-samples", "training-set", "trigger")
+ACCESS: tuple[str, ...] = ("data-free", "spectrum-samples", "clean-data", "training-set", "oracle")
 """What a defender must hold to run a detector; a :class:`DetectorEntry` names every level it needs.
 
-* ``weights``: the trained model, white-box (forward and backward passes, penultimate features).
+* ``data-free``: the trained model only, white-box (forward and backward passes, penultimate features).
 * ``spectrum-samples``: the labelled samples the input-Hessian spectrum averaged over; whatever reads
   the spectrum (eigenpairs, trace, per-class spectra) needs them. Which data that is depends on the
   config (``hessian_split``): clean training images (``clean-train``, and ``auto`` under stochastic
   poisoning), the training set as trained (``poisoned-train``, and ``auto`` under deterministic
   poisoning) or clean test images (``test``); :func:`resolve_access` says which of the two levels
   below it is for a given config.
-* ``clean-samples``: clean labelled images (no trigger); the context's are a seeded subset of the test
+* ``clean-data``: a few clean labelled images (no trigger); the context's are a seeded subset of the test
   split, never trained on.
 * ``training-set``: the training set as trained on, triggered samples and their labels included,
   without knowing which samples are poisoned.
-* ``trigger``: the attack's trigger (an oracle: no defender holds it; for evaluation-only detectors).
+* ``oracle``: the attack's trigger (no defender holds it; for evaluation-only detectors).
+
+A detector's *level* is the highest of what it needs (:data:`LEVELS`, :func:`access_level`): the level
+its numbers are reported at and compared within (the field's protocol: NC and MM-BD are ``clean-data``
+or ``data-free``, Spectral Signatures and Activation Clustering ``training-set``).
 
 Evaluation-only metrics (per-sample AUROC against the poison mask, a class eigenvector's overlap with
 the trigger) read the attack's ground truth, which every context carries
@@ -109,10 +113,18 @@ class DetectionSettings:
         )
 
 
+LEVELS: tuple[str, ...] = ("data-free", "clean-data", "training-set", "oracle")  # from least to most held
+
+
+def access_level(access: Iterable[str], settings: DetectionSettings) -> str:
+    """The level a detector needing ``access`` is reported at under ``settings``: the most it holds."""
+    return max(resolve_access(access, settings), key=LEVELS.index)
+
+
 def resolve_access(access: Iterable[str], settings: DetectionSettings) -> tuple[str, ...]:
     """``access`` with ``spectrum-samples`` replaced by the level its data is under ``settings``:
-    ``training-set`` for the poisoned training set as trained, ``clean-samples`` otherwise."""
-    held = "training-set" if settings.spectrum_split == "poisoned-train" else "clean-samples"
+    ``training-set`` for the poisoned training set as trained, ``clean-data`` otherwise."""
+    held = "training-set" if settings.spectrum_split == "poisoned-train" else "clean-data"
     return tuple(dict.fromkeys(held if a == "spectrum-samples" else a for a in access))
 
 
@@ -148,7 +160,7 @@ class DetectionContext:
 
     Built by :meth:`trainables.training.train.Trial.detection_context`, which fills ``spectrum``, ``heldout`` and
     ``training`` only when an entry to run declares the access level they serve (``spectrum-samples``,
-    ``clean-samples``, ``training-set``; see :data:`ACCESS`); otherwise they are None.
+    ``clean-data``, ``training-set``; see :data:`ACCESS`); otherwise they are None.
     """
 
     model: nn.Module

@@ -396,13 +396,13 @@ def register_detector(entry: DetectorEntry) -> DetectorEntry:
 
 
 # every statistic reads the spectrum (so its samples); flips push clean held-out images
-register_detector(DetectorEntry("spectral", spectral_detector, ("weights", "spectrum-samples"), _spectral_cost))
+register_detector(DetectorEntry("spectral", spectral_detector, ("data-free", "spectrum-samples"), _spectral_cost))
 register_detector(
-    DetectorEntry("localisation", localisation_detector, ("weights", "spectrum-samples"), _localisation_cost)
+    DetectorEntry("localisation", localisation_detector, ("data-free", "spectrum-samples"), _localisation_cost)
 )
-register_detector(DetectorEntry("flip", flip_detector, ("weights", "spectrum-samples", "clean-samples"), _flip_cost))
+register_detector(DetectorEntry("flip", flip_detector, ("data-free", "spectrum-samples", "clean-data"), _flip_cost))
 register_detector(
-    DetectorEntry("class", class_curvature_detector, ("weights", "spectrum-samples", "clean-samples"), _class_cost)
+    DetectorEntry("class", class_curvature_detector, ("data-free", "spectrum-samples", "clean-data"), _class_cost)
 )
 
 

@@ -341,7 +341,7 @@ class Trial:
                 trace=float(trace) if trace is not None and math.isfinite(trace) else None,
                 classes=GroupSpectra(**stored) if stored is not None else None,
             )
-        if "clean-samples" in levels:
+        if "clean-data" in levels:
             idx = torch.randperm(len(data.test_y), generator=seeded(cfg.seed, 11))[: cfg.detect_samples]
             idx = idx.sort().values.to(data.test_y.device)
             heldout = (data.test_x[idx], data.test_y[idx])
