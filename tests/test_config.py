@@ -124,3 +124,9 @@ def test_detection_lists_are_canonical_strings():
     assert TrialConfig.from_dict(cfg.to_dict()) == cfg
     assert TrialConfig().detect and TrialConfig().detect_baselines == ""
     assert TrialConfig(dataset="cifar10", detect_windows="32").detect_windows == "32"
+
+
+def test_a_config_stays_hashable_with_its_plugin_fields_mapping():
+    """Frozen configs were hashable before plugins could declare fields; the mapping does not change that."""
+    assert hash(TrialConfig(theta=0.2)) == hash(TrialConfig(theta=0.2))
+    assert len({TrialConfig(), TrialConfig(), TrialConfig(kappa=1.0)}) == 2

@@ -292,7 +292,9 @@ class TrialConfig(ConfigFields):
         32, Interval(int, 1, 100_000), "Clean held-out images per class per Neural Cleanse step"
     )
     # fields declared by plugins' registrations (fields.EXTRA_FIELDS): name -> value, flat in to_dict
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = dataclasses.field(
+        default_factory=dict, repr=False, hash=False
+    )  # a dict: hashed by the rest
 
     def __post_init__(self) -> None:
         load_plugins()  # registrations from SWEEPER_PLUGINS and entry points, before the registries are read
