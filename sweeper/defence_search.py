@@ -39,8 +39,9 @@ def split_threats(spec: SearchSpec) -> tuple[dict[str, list[Any]], SearchSpec]:
     A threat field given as a range is refused with the reason; so is a searched seed (``--seeds N``
     averages seeds instead).
     """
+    attack = set(threat_fields())  # read the declarations once, not per field
     for name, (dist, lo, hi) in spec.continuous.items():
-        if name in threat_fields():
+        if name in attack:
             rng = f"{'log:' if dist == 'log' else ''}{lo:g}:{hi:g}"
             raise SpaceError(
                 f"--{name.replace('_', '-')}={rng} is a range, but {name} is part of the threat and must "
@@ -48,10 +49,10 @@ def split_threats(spec: SearchSpec) -> tuple[dict[str, list[Any]], SearchSpec]:
             )
     if "seed" in spec.continuous or "seed" in spec.categorical:
         raise SpaceError("seed cannot be searched: use --seeds N to evaluate every defence on N seeds (averaged)")
-    threats = {k: v for k, v in spec.categorical.items() if k in threat_fields()}
+    threats = {k: v for k, v in spec.categorical.items() if k in attack}
     defence = SearchSpec(
         continuous=dict(spec.continuous),
-        categorical={k: v for k, v in spec.categorical.items() if k not in threat_fields()},
+        categorical={k: v for k, v in spec.categorical.items() if k not in attack},
         fixed=dict(spec.fixed),
     )
     return threats, defence
@@ -70,8 +71,9 @@ def check_models(defence: SearchSpec, threats: list[dict[str, Any]], seeds: list
 
 def defence_config(base: dict[str, Any], search: dict[str, Any]) -> dict[str, Any]:
     """What identifies a defence: every non-threat field, the threat set and the seeds."""
-    d = {k: v for k, v in base.items() if k not in threat_fields() and k != "seed"}
-    fixed = {k: base[k] for k in threat_fields() if k in base}  # the threat's fixed values, then its lists
+    attack = threat_fields()
+    d = {k: v for k, v in base.items() if k not in attack and k != "seed"}
+    fixed = {k: base[k] for k in attack if k in base}  # the threat's fixed values, then its lists
     d["threats"] = threats_json([{**fixed, **t} for t in search["threats"]])
     d["seeds"] = ",".join(map(str, search["seeds"]))
     return d

@@ -60,6 +60,7 @@ def finish_sweep(meta: SweepMeta, grid) -> SweepReport:
     from trainables.config import threat_fields
 
     search = meta.kind == "search"
+    attack = set(threat_fields())  # the declarations read once, not per trial and field
     stored = _mlflow_states(meta, "defence" if search else "trial")
     rows = []
     for res in grid:
@@ -71,7 +72,7 @@ def finish_sweep(meta: SweepMeta, grid) -> SweepReport:
             from .defence_search import defence_config
 
             key = metrics.get("trial_key") or record.trial_key(defence_config(cfg, meta.search), meta.key_format)
-            cfg = {k: v for k, v in cfg.items() if k not in threat_fields() and k != "seed"}
+            cfg = {k: v for k, v in cfg.items() if k not in attack and k != "seed"}
         else:
             key = metrics.get("trial_key") or record.trial_key(_full_config(cfg), meta.key_format)
         run = stored.get(key)

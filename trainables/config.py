@@ -113,10 +113,6 @@ class ConfigFields:
             kw["extra"] = {k: v for k, v in d.items() if k in extras}
         return cls(**kw)
 
-    def replace(self, **changes: Any):
-        """A copy with ``changes`` (declared fields and plugin fields alike), validated again."""
-        return type(self).from_dict({**self.to_dict(), **changes})
-
     def __getattr__(self, name: str) -> Any:  # only reached for names that are not dataclass fields
         extra = self.__dict__.get("extra")
         if extra is not None and name in extra:

@@ -78,6 +78,13 @@ class Interval:
         show = lambda b: None if b is None else b.text if isinstance(b, Ref) else _num(b)  # noqa: E731
         return self._text(show(self.lo), show(self.hi))
 
+    def evaluated(self, cfg: Any) -> str:
+        """The range for ``cfg``, numbers in place of references, which follow by name: ``in [0, 6]
+        (image side - trigger_size)``."""
+        refs = [b.text for b in (self.lo, self.hi) if isinstance(b, Ref)]
+        text = self._text(*(None if b is None else _num(b) for b in self.bounds(cfg)))
+        return text + (f" ({', '.join(refs)})" if refs else "")
+
     def bounds(self, cfg: Any) -> tuple[float | None, float | None]:
         """The numeric bounds for ``cfg``."""
         ev = lambda b: b.of(cfg) if isinstance(b, Ref) else b  # noqa: E731
@@ -93,13 +100,7 @@ class Interval:
         lo, hi = self.bounds(cfg)
         lo_in, hi_in = self.closed in ("both", "left"), self.closed in ("both", "right")
         if (lo is not None and (v < lo if lo_in else v <= lo)) or (hi is not None and (v > hi if hi_in else v >= hi)):
-            refs = [b.text for b in (self.lo, self.hi) if isinstance(b, Ref)]
-            fail(
-                name,
-                v,
-                f"must be {self._text(*(None if b is None else _num(b) for b in (lo, hi)))}"
-                + (f" ({', '.join(refs)})" if refs else ""),
-            )
+            fail(name, v, f"must be {self.evaluated(cfg)}")
         return self.kind(v)
 
 
@@ -183,10 +184,7 @@ class NumberList:
 
     def _each(self, cfg: Any) -> str:
         noun = "an integer" if self.item.kind is int else "a finite number"
-        lo, hi = self.item.bounds(cfg)
-        refs = [b.text for b in (self.item.lo, self.item.hi) if isinstance(b, Ref)]
-        rng = self.item._text(*(None if b is None else _num(b) for b in (lo, hi)))
-        return f"each item must be {noun} {rng}" + (f" ({', '.join(refs)})" if refs else "")
+        return f"each item must be {noun} {self.item.evaluated(cfg)}"
 
     def check(self, name: str, v: Any, cfg: Any) -> Any:
         text = _as_text(v)

@@ -7,7 +7,6 @@ before any training starts; :func:`main` is the only place that catches.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 
@@ -65,9 +64,10 @@ def _set_hint(e, argv: list[str]) -> str:
     if not isinstance(e, _click_exc.NoSuchOption) or not opt or not opt.startswith("--"):
         return ""
     from trainables import TRIAL_KINDS
+    from trainables.fields import specs
 
     field = opt[2:].split("=", 1)[0].replace("-", "_")
-    if not any(field in {f.name for f in dataclasses.fields(k.config())} for k in TRIAL_KINDS.values()):
+    if not any(field in specs(k.config()) for k in TRIAL_KINDS.values()):
         return ""
     value = next((argv[i + 1] for i, t in enumerate(argv[:-1]) if t == opt), None)
     value = opt.split("=", 1)[1] if "=" in opt else value

@@ -26,7 +26,6 @@ except ImportError:  # pragma: no cover - older typer on real click
 from trainables import TRIAL_KINDS, load_plugins
 from trainables.attack.triggers import TRIGGERS
 from trainables.config import SweeperError, TrialConfig
-from trainables.defence.penalty import PENALTIES
 from trainables.fields import Options, specs, value_type
 from trainables.networks.models import model_syntax
 
@@ -77,11 +76,6 @@ def _kinds_help() -> str:
 
 def _triggers_help() -> str:
     return _esc(", ".join(TRIGGERS))
-
-
-def _penalties_help() -> str:
-    docs = {k: (fn.__doc__ or "").strip().splitlines() for k, fn in PENALTIES.items()}
-    return _esc("; ".join(f"{k} = {d[0]}" if d else k for k, d in docs.items()))
 
 
 KindOpt = Annotated[Kind, _live(lambda: f"Trial kind: {_kinds_help()}.")]
@@ -174,7 +168,9 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
-        help="Any other trial field, FIELD=VALUE(S); repeatable. a,b is an axis (--set lr=0.01,0.1), except for a list field (detect_baselines, detect_windows, detect_norms), where a,b is one list and | separates an axis over lists: --set 'detect_baselines=nc,ss|ac' is 2 trials.",
+        help="Any other trial field, FIELD=VALUE(S); repeatable. a,b is an axis (--set lr=0.01,0.1), except for a "
+        f"list field ({', '.join(n for n, d in specs(TrialConfig, extras=False).items() if d.is_list)}), where a,b is "
+        "one list and | separates an axis over lists: --set 'detect_baselines=nc,ss|ac' is 2 trials.",
         show_default=False,
     ),
 ]
