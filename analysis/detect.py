@@ -15,6 +15,12 @@ oriented so that higher means more suspicious by the registry of the trial code
 (:func:`trainables.detection.statistics.score_direction`); the known-trigger overlap (``max_overlap_sq``,
 ``overlap_sq``) is included as an **oracle** row, marked as such (a defender cannot compute it).
 
+Every row carries its **access level** (``access``: data-free, clean-data, training-set or oracle), what a
+defender must hold to compute the statistic, from the registry entry that declares it
+(:func:`trainables.detection.statistics.statistic_access`); a statistic read off the input-Hessian
+spectrum takes the level of the spectrum's data (``hessian_split``; ``auto`` is the poisoned training set
+as trained under deterministic poisoning). Statistics are compared only within a level.
+
 The **detectability lag** per cell: the smallest theta whose mean ASR >= 0.5 against, per
 statistic, the smallest theta whose AUROC's lower bound >= 0.9.
 """
@@ -28,17 +34,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from trainables.config import SweeperError
+from trainables.config import SweeperError, spectrum_split
+from trainables.detection.context import LEVELS
+from trainables.detection.statistics import ORACLES as STATISTIC_ORACLES
 
 from .results import CONFIG_FIELDS, completed
 
-ORACLES = ("max_overlap_sq", "overlap_sq")  # need the trigger: upper references, not detectors
+ORACLES = tuple(STATISTIC_ORACLES)  # need the trigger: upper references, not detectors
 NOT_DEFENCE = {"theta", "seed", "data_dir", "download", "verify_checksums", "device", "threads", "kind"}
 
 
 TABLE_COLUMNS = (
     "theta",
     "statistic",
+    "access",
     "oracle",
     "n_poisoned",
     "n_clean",
@@ -68,7 +77,9 @@ def detection_statistics(df: pd.DataFrame) -> list[str]:
     """Score columns present in ``df`` (registry direction "higher"), then the oracles."""
     from trainables.detection.statistics import score_direction
 
-    scores = [c for c in df.columns if score_direction(c) == "higher" and df[c].notna().any()]
+    scores = [
+        c for c in df.columns if c not in ORACLES and score_direction(c) == "higher" and df[c].notna().any()
+    ]
     return sorted(scores) + [o for o in ORACLES if o in df.columns and df[o].notna().any()]
 
 
@@ -156,10 +167,31 @@ def check_statistics(ok: pd.DataFrame, statistics: Sequence[str] | None) -> list
     return stats
 
 
+def cell_split(cell: pd.DataFrame) -> str:
+    """The data a cell's spectra averaged (``hessian_split`` resolved; the defaults where a record lacks them)."""
+    first = cell.iloc[0]
+    hs = first.get("hessian_split", "auto")
+    pm = first.get("poison_mode", "deterministic")
+    return spectrum_split(hs if isinstance(hs, str) else "auto", pm if isinstance(pm, str) else "deterministic")
+
+
+def statistic_level(statistic: str, split: str) -> str:
+    """The access level of ``statistic`` in a cell whose spectrum averaged ``split``; a column no registry
+    entry declares (asked for by ``--statistics``) is ``unknown``."""
+    from trainables.detection.statistics import statistic_access
+
+    return statistic_access(statistic, split) or "unknown"
+
+
+def level_order(level: str) -> int:
+    """Sort key of an access level: least held first, unknown last."""
+    return LEVELS.index(level) if level in LEVELS else len(LEVELS)
+
+
 def detection_table(
     df: pd.DataFrame, statistics: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """One row per (cell, theta > 0, statistic): n_poisoned, n_clean, auroc, auroc_lo, auroc_hi,
+    """One row per (cell, theta > 0, statistic): access, n_poisoned, n_clean, auroc, auroc_lo, auroc_hi,
     tpr_at_5fpr, oracle, and the cell's mean ASR and clean accuracy at that theta."""
     check_population(df)
     ok = completed(df)
@@ -172,6 +204,7 @@ def detection_table(
         clean = cell[cell["theta"] == 0]
         if clean.empty:
             continue
+        split = cell_split(cell)
         for theta, pois in cell[cell["theta"] > 0].groupby("theta", sort=True):
             for s in stats:
                 auc, lo, hi = auroc_with_ci(pois[s].to_numpy(), clean[s].to_numpy(), n_boot, seed)
@@ -180,6 +213,7 @@ def detection_table(
                         **dict(zip(cells, key, strict=True)),
                         "theta": theta,
                         "statistic": s,
+                        "access": statistic_level(s, split),
                         "oracle": s in ORACLES,
                         "n_poisoned": int(pois[s].notna().sum()),
                         "n_clean": int(clean[s].notna().sum()),
@@ -229,6 +263,7 @@ def detectability_lag(table: pd.DataFrame, asr_level: float = 0.5, auroc_floor: 
         rows.append(
             {
                 **dict(zip(cells + ["statistic"], key, strict=True)),
+                "access": g["access"].iloc[0] if "access" in g else "unknown",
                 "oracle": bool(g["oracle"].iloc[0]),
                 "theta_asr": t_asr,
                 "theta_detect": t_det,
@@ -253,6 +288,33 @@ def roc_points(
         return np.array([0.0, 1.0]), np.array([0.0, 1.0])
     f, t, _ = roc_curve(np.r_[np.ones(len(p)), np.zeros(len(c))], np.r_[p, c])
     return f, t
+
+
+LEVEL_TEXT = {
+    "data-free": "the weights only",
+    "clean-data": "the weights and a few clean held-out images",
+    "training-set": "the training set as trained, poisons included (unlabelled as such)",
+    "oracle": "the trigger: upper references, no detector",
+    "unknown": "no registry entry declares these columns",
+}
+
+
+def level_tables(table: pd.DataFrame) -> list[str]:
+    """The printed tables of a :func:`detection_table`, one per access level (least held first), rows
+    ranked by AUROC within each (cell, theta)."""
+    cells = cell_fields(table)
+    shown = table.assign(**{"AUROC [95% CI]": auroc_text(table, 3)})
+    cols = cells + ["theta", "statistic", "n_poisoned", "n_clean", "AUROC [95% CI]", "tpr_at_5fpr", "asr"]
+    out = []
+    for level in sorted(shown["access"].unique(), key=level_order):
+        part = shown[shown["access"] == level].sort_values(
+            cells + ["theta", "auroc"], ascending=[True] * (len(cells) + 1) + [False], na_position="last"
+        )
+        out += [
+            f"\n[{level}] {LEVEL_TEXT.get(level, '')}:",
+            part[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+        ]
+    return out
 
 
 def detect_sweep(
@@ -286,23 +348,16 @@ def detect_sweep(
         )
     table = detection_table(df, stats, n_boot)
     lag = detectability_lag(table)
-    cells = cell_fields(table)
-    shown = table.assign(
-        **{
-            "AUROC [95% CI]": auroc_text(table, 3),
-            "statistic": [
-                s + (" (oracle)" if o else "") for s, o in zip(table["statistic"], table["oracle"], strict=True)
-            ],
-        }
-    )
-    cols = cells + ["theta", "statistic", "n_poisoned", "n_clean", "AUROC [95% CI]", "tpr_at_5fpr", "asr"]
     text = [
         f"detection over {n} completed models of {name} (AUROC of poisoned vs clean models, "
-        f"{n_boot} bootstrap resamples; directions fixed by the trial code's registry):",
-        shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+        f"{n_boot} bootstrap resamples; directions fixed by the trial code's registry), one table per "
+        "access level (what a defender holds); statistics are ranked by AUROC within a level only:",
+        *level_tables(table),
         "\ndetectability lag (theta_asr: smallest theta with mean ASR >= 0.5; theta_detect: smallest theta "
         "whose AUROC lower bound >= 0.9):",
-        lag.to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+        lag.sort_values("access", key=lambda c: c.map(level_order), kind="stable").to_string(
+            index=False, float_format=lambda v: f"{v:.3g}"
+        ),
     ]
     data = data_level_auroc(df)
     if not data.empty:

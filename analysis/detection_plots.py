@@ -27,9 +27,11 @@ FAMILIES = (
     ("det_window_", "localisation"),
     ("det_flip_", "flip concentration"),
     ("det_class_", "per-class curvature"),
-    ("nc_", "baselines (NC, SS, AC)"),
-    ("ss_", "baselines (NC, SS, AC)"),
-    ("ac_", "baselines (NC, SS, AC)"),
+    ("det_grad_", "clean-data gradient alignment"),
+    ("nc_", "baselines"),
+    ("ss_", "baselines"),
+    ("ac_", "baselines"),
+    ("mmbd_", "baselines"),
 )
 ORACLE_FAMILY = "oracle (needs the trigger)"
 # distinct colour and marker pairs; grey and black are kept for the oracles
@@ -72,7 +74,17 @@ def detection_panels(
     oracles = stats.loc[stats["oracle"].astype(bool), "statistic"].tolist()
     rest = stats[~stats["oracle"].astype(bool)]
     if panel_by is not None and panel_by in rest.columns:
-        groups = [(str(k), list(g["statistic"])) for k, g in rest.groupby(panel_by, sort=True)]
+        # a panel per (group, family), groups in the column's order (access levels: least held first)
+        keyed: dict[tuple[str, str], list[str]] = {}
+        for s, g in zip(rest["statistic"], rest[panel_by], strict=True):
+            keyed.setdefault((str(g), statistic_family(s)), []).append(s)
+        order = list(dict.fromkeys(f for _, f in FAMILIES)) + ["other"]
+        groups = [
+            (f"{g}: {fam}", members)
+            for (g, fam), members in sorted(
+                keyed.items(), key=lambda kv: (_panel_rank(kv[0][0]), order.index(kv[0][1]))
+            )
+        ]
     else:
         fams: dict[str, list[str]] = {}
         for s in rest["statistic"]:
@@ -87,6 +99,13 @@ def detection_panels(
             for i, part in enumerate(parts)
         ]
     return panels or [(ORACLE_FAMILY, oracles)]
+
+
+def _panel_rank(group: str) -> tuple[int, str]:
+    """Access levels in their order (least held first), other groups after, alphabetically."""
+    from trainables.detection.context import LEVELS
+
+    return (LEVELS.index(group), "") if group in LEVELS else (len(LEVELS), group)
 
 
 def _group_of(stats: pd.DataFrame, statistic: str, panel_by: str | None) -> str:
@@ -107,7 +126,10 @@ def best_per_family(table: pd.DataFrame, panel_by: str | None = None) -> list[st
     for s in sorted(stats.index, key=lambda s: (-score[s], s)):
         best.setdefault(_group_of(stats, s, panel_by), s)
     order = list(dict.fromkeys(f for _, f in FAMILIES)) + ["other"]
-    return [best[g] for g in sorted(best, key=lambda g: (g == ORACLE_FAMILY, order.index(g) if g in order else 99, g))]
+    return [
+        best[g]
+        for g in sorted(best, key=lambda g: (g == ORACLE_FAMILY, order.index(g) if g in order else 99, _panel_rank(g)))
+    ]
 
 
 def _cell_title(cell: dict[str, Any]) -> str:

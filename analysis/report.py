@@ -63,7 +63,8 @@ def _detection(df: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     try:
         return detection_table(df), (
             "AUROC of telling poisoned from clean models per θ, 95% bootstrap interval "
-            "over models, TPR at 5% FPR; oracle rows need the trigger"
+            "over models, TPR at 5% FPR; access: what a defender holds to compute the statistic "
+            "(compare statistics within a level only); oracle rows need the trigger"
         )
     except SweeperError as e:
         return None, f"not scored: {e}"
@@ -273,7 +274,7 @@ def _compose(
     say(f"report: detection over {len(ok)} completed models…")
     detection, detect_note = _detection(df)
     if detection is not None:
-        figures += detection_plots.plot_detection(detection, df, out)
+        figures += detection_plots.plot_detection(detection, df, out, panel_by="access")  # levels kept apart
     say("report: localisation maps and reversed triggers…")
     images = detection_plots.plot_localisation(df, arts.eigenvectors, out)
     images += detection_images(df, arts, out)

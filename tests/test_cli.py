@@ -268,7 +268,7 @@ def test_trial_with_every_baseline_end_to_end(tmp_path, capsys):
     ):
         assert key in m, key
     assert d["config"]["detect_baselines"] == "nc,ss,ac"
-    assert set(d["detection"]["details"]) == {"spectral", "localisation", "flip", "class", "nc", "ss", "ac"}
+    assert set(d["detection"]["details"]) == {"spectral", "localisation", "flip", "class", "gradient", "nc", "ss", "ac"}
     assert "det_flip_max=" in stdout and "nc_anomaly_index=" in stdout
     # the files a tracked trial logs: detection.json and the PNGs
     res = run_trial(TrialConfig(**d["config"]))

@@ -107,6 +107,8 @@ def test_sweeper_detect_on_a_real_seeded_sweep(tmp_path, capsys):
         "hessian_samples=50",
         "--set",
         "geometry=false",
+        "--set",
+        "hessian_split=auto,test",  # the same models' spectra on the training set as trained and on clean data
         "--name",
         "pop",
         "--storage",
@@ -118,11 +120,19 @@ def test_sweeper_detect_on_a_real_seeded_sweep(tmp_path, capsys):
     csv = tmp_path / "det.csv"
     assert main(["detect", "pop", "--storage", st, "--bootstrap", "200", "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
-    assert "det_flip_max" in out and "max_overlap_sq (oracle)" in out and "detectability lag" in out
+    assert "det_flip_max" in out and "detectability lag" in out
+    assert out.index("[clean-data]") < out.index("[training-set]") < out.index("[oracle]") < out.index("max_overlap_sq")
     table = pd.read_csv(csv)
     assert (table["n_poisoned"] == 2).all() and (table["n_clean"] == 2).all() and table["auroc"].between(0, 1).all()
+    # issue 22: a statistic takes the level of its spectrum's data; the oracle stays oracle
+    level = table.set_index(["hessian_split", "statistic"])["access"]
+    assert level[("test", "det_class_flip_max")] == "clean-data" and level[("test", "det_lambda_ratio")] == "clean-data"
+    assert level[("auto", "det_class_flip_max")] == "training-set" and level[("auto", "det_ipr_1")] == "training-set"
+    assert level[("auto", "max_overlap_sq")] == "oracle" and level[("test", "max_overlap_sq")] == "oracle"
+    assert set(table["access"]) == {"clean-data", "training-set", "oracle"}
     assert main(["report", "pop", "--storage", st]) == 0
-    assert (tmp_path / "pop-report" / "detection.png").is_file()
+    figures = sorted(p.name for p in (tmp_path / "pop-report").glob("detection_*.png"))
+    assert len(figures) == 4 and all("hessian_split" in f for f in figures), figures  # overview + all, per split
     assert "Detection over model populations" in (tmp_path / "pop-report" / "summary.md").read_text()
 
 

@@ -8,7 +8,6 @@ import torch
 from trainables.config import TrialConfig
 from trainables.detection.statistics import (
     DETECTORS,
-    SCORES,
     flip_concentration,
     inverse_participation_ratio,
     localisation,
@@ -162,8 +161,11 @@ def test_score_directions_cover_the_families():
     assert score_direction("det_flip_random_r0.5") is None
     assert score_direction("nc_anomaly_index") == "higher"
     assert score_direction("det_flip_class") is None and score_direction("det_flip_class_r0.5") is None
-    assert set(SCORES.values()) == {"higher"}
-    assert list(DETECTORS) == ["spectral", "localisation", "flip", "class"]
+    from trainables.detection.baselines import BASELINES
+
+    assert {d for e in (*DETECTORS.values(), *BASELINES.values()) for d in e.scores.values()} == {"higher"}
+    assert score_direction("max_overlap_sq") == "higher"  # the oracle references are scored too
+    assert list(DETECTORS) == ["spectral", "localisation", "flip", "class", "gradient"]
 
 
 def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
@@ -291,9 +293,11 @@ def test_entries_declare_what_a_defender_holds_and_the_context_holds_only_that()
         "localisation": ("data-free", "spectrum-samples"),
         "flip": ("data-free", "spectrum-samples", "clean-data"),
         "class": ("data-free", "spectrum-samples", "clean-data"),
+        "gradient": ("data-free", "clean-data"),
         "nc": ("data-free", "clean-data"),
         "ss": ("data-free", "training-set"),
         "ac": ("data-free", "training-set"),
+        "mmbd": ("data-free",),
     }
     assert "oracle" in ACCESS  # declared for detectors that know the trigger; no shipped score needs it
     flip = DETECTORS["flip"].access
@@ -346,7 +350,7 @@ def test_a_detector_registered_outside_the_package_runs_in_a_trial_and_in_plans_
     assert 0 <= m["toy_heldout_acc"] <= 1 and m["toy_k"] == 2 and m["det_toy_seconds"] >= 0
     assert "det_flip_max" in m  # the built-in detectors still ran
     assert res.to_json_dict()["detection"]["details"]["toy"] == {"n": 40}
-    assert list(DETECTORS) == ["spectral", "localisation", "flip", "class"]
+    assert list(DETECTORS) == ["spectral", "localisation", "flip", "class", "gradient"]
 
 
 def test_a_detectors_level_follows_the_data_its_spectrum_averaged():
@@ -362,3 +366,29 @@ def test_a_detectors_level_follows_the_data_its_spectrum_averaged():
     assert access_level(spectral, trained) == "training-set"
     assert access_level(BASELINES["nc"].access, trained) == "clean-data"
     assert access_level(BASELINES["ac"].access, clean) == "training-set"
+
+
+def test_gradient_alignment_matches_the_linear_closed_form_and_names_a_planted_direction():
+    """For a linear model the way to class c is g_i = W^T (e_c - softmax(W x_i + b)): the alignments
+    equal that closed form's (float64, 1e-10), and a class given one strong input direction aligns most."""
+    from trainables.detection.statistics import gradient_alignment
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(10, 64, generator=g, dtype=torch.float64) * 0.3)
+        model[1].weight[3, 60:] += 4.0  # class 3: one direction (the 4 bottom-right pixels) sends anything to it
+    x = torch.randn(200, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (200,), generator=g)
+    align, dirs = gradient_alignment(model, x, y, 10)
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    p = torch.softmax(x.flatten(1) @ w.T + b, 1)
+    pred = p.argmax(1)
+    for c in range(10):
+        sel = (y != c) & (pred != c)
+        grads = (torch.nn.functional.one_hot(torch.full((int(sel.sum()),), c), 10).double() - p[sel]) @ w
+        mean = (grads / grads.norm(dim=1, keepdim=True)).mean(0)
+        assert float(align[c]) == pytest.approx(float(mean.norm()), abs=1e-10)
+        assert torch.allclose(dirs[c].flatten(), mean / mean.norm(), atol=1e-10)
+    # every class aligns on a linear model (its ways differ from w_c by a softmax mix); the planted one most
+    assert int(align.argmax()) == 3 and float(align[3]) > float(align[torch.arange(10) != 3].max()) + 0.1

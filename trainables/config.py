@@ -262,7 +262,8 @@ class TrialConfig(ConfigFields):
     detect_baselines: str = DETECTION(
         "",
         Subset(_registry("detection.baselines", "BASELINES")),
-        "Baseline detectors (nc: Neural Cleanse, ss: Spectral Signatures, ac: Activation Clustering); empty: none",
+        "Baseline detectors run after training (nc: Neural Cleanse, ss: Spectral Signatures, ac: Activation "
+        "Clustering, mmbd: MM-BD; plugins may add more); empty: none",
     )
     detect_windows: str = DETECTION(
         "2,3,4", NumberList(Interval(int, 1, SIDE)), "Side lengths of the w x w localisation windows", unit="px"
@@ -307,14 +308,20 @@ class TrialConfig(ConfigFields):
     def spectrum_split(self) -> str:
         """The data the spectrum averages: ``hessian_split`` with auto resolved (clean-train under stochastic
         poisoning; under deterministic, the poisoned training set as trained on: training-set access)."""
-        if self.hessian_split != "auto":
-            return self.hessian_split
-        return "clean-train" if self.poison_mode == "stochastic" else "poisoned-train"
+        return spectrum_split(self.hessian_split, self.poison_mode)
 
     @property
     def num_classes(self) -> int:
         """Number of classes of the dataset."""
         return DATASETS[self.dataset].classes
+
+
+def spectrum_split(hessian_split: str, poison_mode: str) -> str:
+    """The rule of :attr:`TrialConfig.spectrum_split`, for a record's fields too: ``auto`` is clean-train
+    under stochastic poisoning, the poisoned training set as trained under deterministic."""
+    if hessian_split != "auto":
+        return hessian_split
+    return "clean-train" if poison_mode == "stochastic" else "poisoned-train"
 
 
 RESERVED.update(f.name for f in dataclasses.fields(TrialConfig))  # a plugin field may not take one of these

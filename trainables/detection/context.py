@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -116,15 +117,18 @@ class DetectionSettings:
 LEVELS: tuple[str, ...] = ("data-free", "clean-data", "training-set", "oracle")  # from least to most held
 
 
-def access_level(access: Iterable[str], settings: DetectionSettings) -> str:
-    """The level a detector needing ``access`` is reported at under ``settings``: the most it holds."""
-    return max(resolve_access(access, settings), key=LEVELS.index)
+def access_level(access: Iterable[str], split: DetectionSettings | str) -> str:
+    """The level a detector needing ``access`` is reported at when the spectrum averaged ``split``
+    (a resolved ``hessian_split``, or the settings that carry it): the most it holds."""
+    return max(resolve_access(access, split), key=LEVELS.index)
 
 
-def resolve_access(access: Iterable[str], settings: DetectionSettings) -> tuple[str, ...]:
-    """``access`` with ``spectrum-samples`` replaced by the level its data is under ``settings``:
-    ``training-set`` for the poisoned training set as trained, ``clean-data`` otherwise."""
-    held = "training-set" if settings.spectrum_split == "poisoned-train" else "clean-data"
+def resolve_access(access: Iterable[str], split: DetectionSettings | str) -> tuple[str, ...]:
+    """``access`` with ``spectrum-samples`` replaced by the level of the spectrum's data ``split`` (a
+    resolved ``hessian_split``, or the settings that carry it): ``training-set`` for the poisoned training
+    set as trained, ``clean-data`` otherwise."""
+    split = getattr(split, "spectrum_split", split)
+    held = "training-set" if split == "poisoned-train" else "clean-data"
     return tuple(dict.fromkeys(held if a == "spectrum-samples" else a for a in access))
 
 
@@ -211,7 +215,9 @@ class DetectorEntry:
     CPU seconds for ``sweeper plan``: ``per_sample_seconds`` is the model's forward-backward time of one
     sample, ``n_spectrum_samples`` the spectrum's samples, ``train_size`` the training images.
     ``scores`` names the metrics it reports that are scores and which way is suspicious
-    (``{"det_toy": "higher"}``): ``sweeper detect`` scores exactly those over a population.
+    (``{"det_toy": "higher"}``; a key is a regular expression a metric's whole name must match, so a family
+    such as ``det_window_frac_w\\d+`` is one key): ``sweeper detect`` scores exactly those over a
+    population, each at this entry's access level (:func:`access_level`).
     ``params`` declares its own settings, each with :func:`trainables.fields.field`: they become fields
     of every network trial (``sweeper trial --NAME``, ``--set``, records) and reach it as
     ``ctx.settings.params[NAME]``.
@@ -223,6 +229,10 @@ class DetectorEntry:
     cost: Cost
     scores: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+
+    def scores_metric(self, name: str) -> bool:
+        """Whether metric ``name`` is one of this entry's scores."""
+        return any(re.fullmatch(pattern, name) for pattern in self.scores)
 
     def __post_init__(self) -> None:
         if isinstance(self.access, str) or not self.access or any(a not in ACCESS for a in self.access):

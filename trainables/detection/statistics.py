@@ -15,7 +15,8 @@ model, clean held-out images and the spectrum the trial already computed (``eige
   images; the largest fraction of the non-c images that move into one class c names a candidate
   target. The same is measured for as many random directions, as a control.
 
-Every scalar goes into the trial's final metrics; :data:`SCORES` says which way is suspicious.
+Every scalar goes into the trial's final metrics; each entry's ``scores`` say which are scores and which
+way is suspicious (:func:`score_direction`), and its ``access`` at which level they are reported.
 :data:`DETECTORS` is the registry (:func:`register_detector` adds a :class:`DetectorEntry`: its
 function of a :class:`DetectionContext`, the access it needs, its cost); :func:`run_detection` runs
 it (and the baselines the config asks for) on a context. Pure PyTorch: nothing here imports Ray or MLflow.
@@ -39,48 +40,51 @@ from trainables.detection.context import (  # noqa: F401 (re-exported: what a de
     DetectionContext,
     DetectionSettings,
     DetectorEntry,
+    access_level,
 )
 from trainables.errors import SweeperError
 from trainables.plugins import load_plugins
 from trainables.spectrum.trace import gauss_newton_trace, hutchinson_trace
 
-# Direction of every model-level score: "higher" means a larger value is more suspicious. Metrics
-# not listed here (indices, classes, positions, seconds) describe a score and are not scores.
-SCORES: dict[str, str] = {
-    "det_lambda_ratio": "higher",  # lambda_1 / |lambda_2|: a single dominant spike
-    "det_lambda_trace_ratio": "higher",  # lambda_1 / tr(H): the share of curvature in one direction
-    "det_ipr_1": "higher",  # IPR of v_1's pixel energy: localised top eigenvector
-    "det_ipr_max": "higher",  # the largest IPR among the top-k eigenvectors
-    # det_window_frac_w{w}: the largest w x w window energy fraction among the top-k, "higher"
-    "det_flip_max": "higher",  # flip concentration of the best eigenvector (max over j, sign, norm)
-    "det_flip_excess": "higher",  # det_flip_max minus the same maximum over random directions
-    # det_flip_r{r}: flip concentration at relative norm r, max over j and sign, "higher"
-    # (det_flip_class_r{r}, its class, is a descriptor)
-    "det_class_lambda_anomaly": "higher",  # MAD anomaly index of the largest per-class log lambda_1(H_c)
-    "det_class_lambda_ratio": "higher",  # max_c lambda_1(H_c) / median_c lambda_1(H_c)
-    "det_class_share_max": "higher",  # max_c lambda_1(H_c) / tr(H_c): one class's curvature in one direction
-    "det_class_flip_max": "higher",  # flip concentration of the classes' top eigenvectors (max over c, sign, norm)
-    "det_class_flip_excess": "higher",  # det_class_flip_max minus the same over as many random directions
+ORACLES: dict[str, str] = {
+    "max_overlap_sq": "higher",  # the top-k eigenvectors' largest cos^2 with the trigger (Listing 7)
+    "overlap_sq": "higher",  # v_1's cos^2 with the trigger
 }
+"""Metrics that read the attack's trigger: scored over populations as upper references at the ``oracle``
+level, never as detectors (a defender cannot compute them)."""
+
+
+def score_entry(name: str) -> DetectorEntry | None:
+    """The registered detector or baseline whose ``scores`` declare metric ``name``, else None."""
+    from trainables.detection.baselines import BASELINES
+
+    load_plugins()  # a plugin's detector declares its own scores
+    return next((e for e in (*DETECTORS.values(), *BASELINES.values()) if e.scores_metric(name)), None)
 
 
 def score_direction(name: str) -> str | None:
     """``"higher"`` if a larger value of metric ``name`` is more suspicious, ``None`` if it is no score.
 
-    Covers the per-window and per-norm families and the baselines (:data:`trainables.detection.baselines.SCORES`).
+    Read from the entry that declares it (:attr:`DetectorEntry.scores`, patterns for the per-window and
+    per-norm families) or :data:`ORACLES`; indices, classes, positions and seconds are no scores.
     """
-    from trainables.detection.baselines import BASELINES
-    from trainables.detection.baselines import SCORES as BASELINE_SCORES
+    if name in ORACLES:
+        return ORACLES[name]
+    entry = score_entry(name)
+    if entry is None:
+        return None
+    return next(d for pattern, d in entry.scores.items() if re.fullmatch(pattern, name))
 
-    if name in SCORES or name in BASELINE_SCORES:
-        return (SCORES | BASELINE_SCORES)[name]
-    load_plugins()  # a registered entry's own scores (a plugin's detector)
-    for entry in (*DETECTORS.values(), *BASELINES.values()):
-        if name in entry.scores:
-            return entry.scores[name]
-    if re.fullmatch(r"det_window_frac_w\d+|det_flip_r[0-9.e+-]+", name):
-        return "higher"
-    return None
+
+def statistic_access(name: str, spectrum_split: str) -> str | None:
+    """The access level (:data:`trainables.detection.context.LEVELS`) at which metric ``name`` of a trial
+    whose spectrum averaged ``spectrum_split`` is reported: ``oracle`` for :data:`ORACLES`, else the level
+    of the entry declaring it (a spectrum's statistic takes the level of the spectrum's data); None for
+    no score."""
+    if name in ORACLES:
+        return "oracle"
+    entry = score_entry(name)
+    return None if entry is None else access_level(entry.access, spectrum_split)
 
 
 def spectral_shape(eigenvalues: list[float], trace: float) -> dict[str, float]:
@@ -356,6 +360,79 @@ def class_curvature_detector(ctx: DetectionContext) -> Detection:
     return Detection(metrics=m, details=details)
 
 
+# ----------------------------------------------------------------------------- clean-data gradient alignment
+def gradient_alignment(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per candidate target c, how one direction pushes clean images of other classes toward c.
+
+    For the clean images whose label and prediction both differ from c, g_i = -grad_x CE(f(x_i), c) (the
+    steepest way to make x_i look like class c), normalized per image; the class's *alignment* is the
+    norm of their mean, in [0, 1] (1: every image's way to c is the same direction; about 1/sqrt(n) for
+    unrelated ones), and its direction is that mean normalized. A backdoor is one input direction that
+    sends every image to its target, so the target's alignment should stand out. First order, not
+    curvature: on piecewise-linear nets the input Hessian of CE is J^T (diag p - p p^T) J whatever the
+    label, so a per-class Hessian "under the hypothesis label = c" is the same matrix for every c and
+    carries no hypothesis (docs/results.md). Returns (K,) float64 alignments (NaN for a class with no
+    eligible image) and (K, C, H, W) unit directions.
+    """
+    model.eval()
+    k = num_classes
+    with torch.no_grad():
+        pred = torch.cat([model(x[s : s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)])
+    align = torch.full((k,), math.nan, dtype=torch.float64)
+    dirs = torch.zeros(k, *x.shape[1:], dtype=torch.float64)
+    for c in range(k):
+        sel = (y != c) & (pred != c)
+        if not bool(sel.any()):
+            continue
+        xs = x[sel]
+        total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
+        for s in range(0, len(xs), batch_size):
+            xb = xs[s : s + batch_size].detach().requires_grad_(True)
+            target = torch.full((len(xb),), c, device=x.device)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(xb), target, reduction="sum"), [xb])
+            g = -g.flatten(1).double()  # per-image gradients: the images are independent in the sum
+            total += (g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)).sum(0).view(x.shape[1:])
+        mean = total / len(xs)
+        align[c] = float(mean.norm())
+        dirs[c] = (mean / mean.norm().clamp_min(1e-300)).cpu()
+    return align, dirs
+
+
+def gradient_detector(ctx: DetectionContext) -> Detection:
+    """Clean-data statistics from :func:`gradient_alignment` on the clean held-out images: the largest
+    alignment, its MAD anomaly on log scale (high side, like the per-class curvature), and the flip
+    concentration of the classes' directions against as many random ones (the candidate triggers)."""
+    s = ctx.settings
+    raw, y = ctx.heldout
+    align, dirs = gradient_alignment(ctx.model, ctx.normalize(raw), y, s.num_classes, s.batch_size)
+    ok = torch.isfinite(align) & (align > 0)
+    m: dict[str, float] = {}
+    if int(ok.sum()) >= 3:
+        idx = torch.nonzero(ok).flatten()
+        logs = align[ok].log()
+        med = logs.quantile(0.5)
+        mad = 1.4826 * (logs - med).abs().quantile(0.5)
+        m.update(
+            {
+                "det_grad_align_max": float(align[ok].max()),
+                "det_grad_align_anomaly": float((logs.max() - med) / mad.clamp_min(1e-12)),
+                "det_grad_align_class": int(idx[align[ok].argmax()]),
+            }
+        )
+        table, control, _ = flips_with_control(ctx, dirs[ok].float(), 37)
+        best = int(table.concentration.argmax())
+        m.update(
+            {
+                "det_grad_flip_max": float(table.concentration[best]),
+                "det_grad_flip_class": int(table.target[best]),
+                "det_grad_flip_excess": float(table.concentration[best] - control.concentration.max()),
+            }
+        )
+    return Detection(metrics=m, details={"alignment": align.tolist()})
+
+
 # ----------------------------------------------------------------------------- costs (sweeper plan)
 # Each in CPU seconds from the model's per-sample step time ``per`` (``sweeper.costs``'s rough model).
 def _spectral_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
@@ -380,6 +457,12 @@ def _class_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> fl
     return s.samples * len(s.norms) * s.num_classes * 4 * per
 
 
+def _gradient_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
+    """A backward pass of each held-out image toward each other class, then each class's direction and a
+    random one flipped, both signs."""
+    return s.samples * s.num_classes * per * 2 + s.samples * len(s.norms) * s.num_classes * 4 * per
+
+
 # ----------------------------------------------------------------------------- registry
 DETECTORS: dict[str, DetectorEntry] = {}
 
@@ -396,13 +479,74 @@ def register_detector(entry: DetectorEntry) -> DetectorEntry:
 
 
 # every statistic reads the spectrum (so its samples); flips push clean held-out images
-register_detector(DetectorEntry("spectral", spectral_detector, ("data-free", "spectrum-samples"), _spectral_cost))
+SPECTRUM_ACCESS = ("data-free", "spectrum-samples")
 register_detector(
-    DetectorEntry("localisation", localisation_detector, ("data-free", "spectrum-samples"), _localisation_cost)
+    DetectorEntry(
+        "spectral",
+        spectral_detector,
+        SPECTRUM_ACCESS,
+        _spectral_cost,
+        scores={
+            "det_lambda_ratio": "higher",  # lambda_1 / |lambda_2|: a single dominant spike
+            "det_lambda_trace_ratio": "higher",  # lambda_1 / tr(H): the share of curvature in one direction
+        },
+    )
 )
-register_detector(DetectorEntry("flip", flip_detector, ("data-free", "spectrum-samples", "clean-data"), _flip_cost))
 register_detector(
-    DetectorEntry("class", class_curvature_detector, ("data-free", "spectrum-samples", "clean-data"), _class_cost)
+    DetectorEntry(
+        "localisation",
+        localisation_detector,
+        SPECTRUM_ACCESS,
+        _localisation_cost,
+        scores={
+            "det_ipr_1": "higher",  # IPR of v_1's pixel energy: localised top eigenvector
+            "det_ipr_max": "higher",  # the largest IPR among the top-k eigenvectors
+            r"det_window_frac_w\d+": "higher",  # the largest w x w window energy fraction among the top-k
+        },
+    )
+)
+register_detector(
+    DetectorEntry(
+        "flip",
+        flip_detector,
+        (*SPECTRUM_ACCESS, "clean-data"),
+        _flip_cost,
+        scores={
+            "det_flip_max": "higher",  # flip concentration of the best eigenvector (max over j, sign, norm)
+            "det_flip_excess": "higher",  # det_flip_max minus the same maximum over random directions
+            r"det_flip_r[0-9.e+-]+": "higher",  # at one relative norm (det_flip_class_r{r}, its class, is none)
+        },
+    )
+)
+register_detector(
+    DetectorEntry(
+        "class",
+        class_curvature_detector,
+        (*SPECTRUM_ACCESS, "clean-data"),
+        _class_cost,
+        scores={
+            "det_class_lambda_anomaly": "higher",  # MAD anomaly index of the largest per-class log lambda_1(H_c)
+            "det_class_lambda_ratio": "higher",  # max_c lambda_1(H_c) / median_c lambda_1(H_c)
+            "det_class_share_max": "higher",  # max_c lambda_1(H_c) / tr(H_c): one class's curvature in one direction
+            "det_class_flip_max": "higher",  # flip concentration of the classes' top eigenvectors
+            "det_class_flip_excess": "higher",  # det_class_flip_max minus the same over random directions
+        },
+    )
+)
+# needs no spectrum: the model and the clean held-out images (issue 22's clean-data statistic)
+register_detector(
+    DetectorEntry(
+        "gradient",
+        gradient_detector,
+        ("data-free", "clean-data"),
+        _gradient_cost,
+        scores={
+            "det_grad_align_max": "higher",  # the largest alignment of the ways to one class
+            "det_grad_align_anomaly": "higher",  # its MAD anomaly index on log scale (high side)
+            "det_grad_flip_max": "higher",  # flip concentration of the classes' directions (max over c, sign, norm)
+            "det_grad_flip_excess": "higher",  # minus the same over as many random directions
+        },
+    )
 )
 
 
