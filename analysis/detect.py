@@ -77,9 +77,7 @@ def detection_statistics(df: pd.DataFrame) -> list[str]:
     """Score columns present in ``df`` (registry direction "higher"), then the oracles."""
     from trainables.detection.statistics import score_direction
 
-    scores = [
-        c for c in df.columns if c not in ORACLES and score_direction(c) == "higher" and df[c].notna().any()
-    ]
+    scores = [c for c in df.columns if c not in ORACLES and score_direction(c) == "higher" and df[c].notna().any()]
     return sorted(scores) + [o for o in ORACLES if o in df.columns and df[o].notna().any()]
 
 

@@ -214,9 +214,7 @@ def test_mmbd_runs_in_a_trial_from_the_model_alone():
     from trainables.config import TrialConfig
     from trainables.training.train import Trial, run_trial
 
-    cfg = TrialConfig.from_dict(
-        {"epochs": 1, "hessian": False, "detect_baselines": "mmbd", "mmbd_steps": 5, "mmbd_starts": 2}
-    )
+    cfg = TrialConfig(epochs=1, hessian=False, detect_baselines="mmbd", mmbd_steps=5, mmbd_starts=2)
     ctx = Trial(cfg).detection_context()
     assert ctx.heldout is None and ctx.training is None and ctx.spectrum is None
     m = run_trial(cfg).metrics

@@ -288,6 +288,8 @@ class TrialConfig(ConfigFields):
     nc_batch_size: int = DETECTION(
         32, Interval(int, 1, 100_000), "Clean held-out images per class per Neural Cleanse step"
     )
+    mmbd_steps: int = DETECTION(300, Interval(int, 1, 100_000), "MM-BD: gradient-ascent steps per class")
+    mmbd_starts: int = DETECTION(8, Interval(int, 1, 10_000), "MM-BD: random starting images per class")
     # fields declared by plugins' registrations (fields.EXTRA_FIELDS): name -> value, flat in to_dict
     extra: dict[str, Any] = dataclasses.field(
         default_factory=dict, repr=False, hash=False

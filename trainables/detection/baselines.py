@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.detection.context import Detection, DetectionContext, DetectionSettings, DetectorEntry
-from trainables.fields import Interval, field
 
 
 def _auroc(scores: np.ndarray, mask: np.ndarray) -> float:
@@ -424,8 +423,8 @@ def mmbd_baseline(ctx: DetectionContext) -> Detection:
         ctx.normalize,
         s.num_classes,
         s.image_shape,
-        s.params["mmbd_starts"],
-        s.params["mmbd_steps"],
+        s.mmbd_starts,
+        s.mmbd_steps,
         generator=ctx.generator(31),
         device=ctx.device,
     )
@@ -445,7 +444,7 @@ def _nc_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float
 
 def _mmbd_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
     """Gradient ascent of every class's starts together: a forward-backward pass each, per step."""
-    return s.params["mmbd_steps"] * s.num_classes * s.params["mmbd_starts"] * per * 2
+    return s.mmbd_steps * s.num_classes * s.mmbd_starts * per * 2
 
 
 def _features_cost(s: DetectionSettings, per: float, n: int, train_size: int) -> float:
@@ -500,7 +499,7 @@ register_baseline(
         scores={"ac_silhouette_max": "higher"},  # max over classes of the 2-means silhouette (Chen et al.)
     )
 )
-# MM-BD needs the model only: its steps and starts are its own fields (``--mmbd-steps``, records)
+# MM-BD needs the model only
 register_baseline(
     DetectorEntry(
         "mmbd",
@@ -510,10 +509,6 @@ register_baseline(
         scores={
             "mmbd_score": "higher",  # -log10 of the largest max-margin's p-value under the Gamma null
             "mmbd_flagged": "higher",  # 1 if that p-value < 0.05, else 0
-        },
-        params={
-            "mmbd_steps": field(300, Interval(int, 1, 100_000), "MM-BD: gradient-ascent steps per class"),
-            "mmbd_starts": field(8, Interval(int, 1, 10_000), "MM-BD: random starting images per class"),
         },
     )
 )

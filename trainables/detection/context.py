@@ -74,6 +74,8 @@ class DetectionSettings:
     probes: int  # trace-estimate passes
     nc_steps: int
     nc_batch_size: int
+    mmbd_steps: int
+    mmbd_starts: int
     top_k: int  # eigenpairs of the spectrum
     num_classes: int
     image_shape: tuple[int, int, int]
@@ -100,6 +102,8 @@ class DetectionSettings:
             probes=cfg.detect_probes,
             nc_steps=cfg.nc_steps,
             nc_batch_size=cfg.nc_batch_size,
+            mmbd_steps=cfg.mmbd_steps,
+            mmbd_starts=cfg.mmbd_starts,
             top_k=cfg.hessian_top_k,
             num_classes=cfg.num_classes,
             image_shape=tuple(cfg.image_shape),
