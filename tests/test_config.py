@@ -69,6 +69,11 @@ BAD = [
     ("detect_trace_samples", 0, "[1, 10000000]"),
     ("nc_steps", 0, "[1, 100000]"),
     ("nc_batch_size", 0, "[1, 100000]"),
+    ("mmbd_steps", 0, "[1, 100000]"),
+    ("mmbd_starts", 0, "[1, 10000]"),
+    ("target_mode", "one-to-one", "all-to-one, all-to-all"),
+    ("sig_delta", 0.0, "(0, 1]"),
+    ("sig_frequency", 5, "[1, 4] (image side / 2)"),
 ]
 
 

@@ -19,7 +19,13 @@ from trainables.config import ConfigError, TrialConfig
 from trainables.fields import Interval, field, specs, validate
 
 # the dependent bounds as the help names them, on the default config (digits: 8x8, 10 classes)
-REFS = {"image side": 8, "classes - 1": 9, "image side - trigger_size": 6, "hessian_iterations": 20}
+REFS = {
+    "image side": 8,
+    "classes - 1": 9,
+    "image side - trigger_size": 6,
+    "hessian_iterations": 20,
+    "image side / 2": 4,
+}
 # fields other fields are bounded by: probed with those at their loosest (their help names this field)
 COMPANIONS = {"hessian_iterations": {"hessian_top_k": 1, "hessian_max_iterations": 100_000}}
 RANGE = re.compile(r"(?:in ([\[(])([^,\]]+), ([^\])]+)([\])])|(>=|>) (\S+?)\.?$)")
@@ -93,7 +99,7 @@ def test_trial_help_lists_every_field_with_the_range_validation_enforces():
             with pytest.raises(ConfigError):
                 TrialConfig(**{name: "no-such-choice"})
     assert not wrong, wrong
-    assert probed == 37  # every numeric field of the network trial (and list of numbers)
+    assert probed == 41  # every numeric field of the network trial (and list of numbers)
 
 
 def test_the_range_probe_catches_help_that_disagrees_with_validation():

@@ -51,3 +51,34 @@ def test_theta_zero_poisons_nothing():
     y = labels(100)
     for mode in ("deterministic", "stochastic"):
         assert int(Poisoner(y, 0.0, 0, mode, 0).mask_for_epoch().sum()) == 0
+
+
+def test_all_to_all_poisons_every_class_and_labels_y_plus_one_mod_k():
+    """Issue 22: under all-to-all every sample is eligible, a poisoned one of class y is labelled (y+1) mod K,
+    and the ASR counts every test image, wanted at (y+1) mod K."""
+    y = labels()
+    p = Poisoner(y, 0.2, 0, "deterministic", seed=1, num_classes=10, target_mode="all-to-all")
+    m = p.mask_for_epoch()
+    lab = p.poisoned_labels(m)
+    assert torch.equal(lab[m], (y[m] + 1) % 10) and torch.equal(lab[~m], y[~m])
+    assert bool((m & (y == 0)).any())  # the "target" class is poisoned too: there is none
+    assert bool((lab[m] == 0).any() and (y[m] == 9).any())  # 9 wraps to 0
+    assert p.attack_set(y).all() and torch.equal(p.attack_labels(y), (y + 1) % 10)
+    one = Poisoner(y, 0.2, 0, "deterministic", seed=1)
+    assert torch.equal(one.attack_set(y), y != 0) and (one.attack_labels(y) == 0).all()
+
+
+def test_clean_label_poisons_only_the_target_class_and_keeps_labels():
+    """SIG's poisoning: theta of the target class's samples carry the trigger; no label changes."""
+    y = labels()
+    p = Poisoner(y, 0.5, 3, "deterministic", seed=0, num_classes=10, clean_label=True)
+    m = p.mask_for_epoch()
+    assert bool(m.any()) and (y[m] == 3).all()
+    frac = int(m.sum()) / int((y == 3).sum())
+    assert abs(frac - 0.5) < 0.06
+    assert torch.equal(p.poisoned_labels(m), y)
+    assert torch.equal(p.attack_set(y), y != 3) and (p.attack_labels(y) == 3).all()  # test: other classes -> 3
+    import pytest
+
+    with pytest.raises(ValueError, match="clean-label attack is all-to-one"):
+        Poisoner(y, 0.5, 3, "deterministic", 0, 10, "all-to-all", clean_label=True)

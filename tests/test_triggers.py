@@ -116,3 +116,23 @@ def test_blend_is_seeded_masked_and_vanishes_with_alpha():
     tiny = BlendTrigger.make(8, 8, 3, 1e-6, seed=0)
     assert float((tiny.apply(x) - x).abs().max()) < 3e-6  # the near-clone end of the walk (float32 rounding)
     assert float((BlendTrigger.make(8, 8, 3, 1.0, seed=0).apply(x) - a.pattern).abs().max()) < 1e-6
+
+
+def test_sig_adds_a_horizontal_sinusoid_clipped_and_masked():
+    """SIG (Barni et al. 2019): x + delta sin(2 pi f j / W) at column j, every row and channel, clipped."""
+    import math
+
+    from trainables.attack.triggers import TRIGGERS, SignalTrigger
+    from trainables.config import TrialConfig
+
+    t = SignalTrigger.make(32, 0.1, 6)
+    x = torch.full((2, 3, 32, 32), 0.5)
+    out = t.apply(x)
+    want = 0.5 + 0.1 * torch.sin(2 * math.pi * 6 * torch.arange(32, dtype=torch.float64) / 32)
+    assert torch.allclose(out[0, 1, 7].double(), want, atol=1e-6) and torch.equal(out[:, :, 0], out[:, :, 31])
+    assert t.apply(torch.ones(1, 1, 32, 32)).max() == 1.0 and t.apply(torch.zeros(1, 1, 32, 32)).min() == 0.0
+    masked = t.apply(x, torch.tensor([False, True]))
+    assert torch.equal(masked[0], x[0]) and torch.equal(masked[1], out[1])
+    assert TRIGGERS["sig"].clean_label and not TRIGGERS["square"].clean_label
+    assert TrialConfig(trigger="sig").sig_frequency == 2  # 6 periods alias on 8 columns
+    assert TrialConfig(trigger="sig", dataset="digits", sig_frequency=4).sig_frequency == 4

@@ -176,16 +176,36 @@ class TrialConfig(ConfigFields):
         "Blend trigger strength alpha: (1-alpha)*x + alpha*pattern; toward 0 is the near-clone regime",
     )
     blend_seed: int = ATTACK(0, SEED, "Seed of the blend trigger's uniform random pattern")
+    sig_delta: float = ATTACK(
+        0.1,
+        Interval(float, 0, 1, closed="right"),
+        "SIG trigger amplitude Delta: x + Delta*sin(2 pi f j / W) along each row, clipped to [0, 1]",
+    )
+    sig_frequency: int | None = ATTACK(
+        None,
+        Interval(int, 1, Ref("image side / 2", lambda c: c.image_shape[2] // 2)),
+        "SIG trigger's periods across the image width (Barni et al.: 6)",
+        derived="6, or 2 on 8x8",
+    )
     poison_mode: str = ATTACK(
         "deterministic",
         Options(("deterministic", "stochastic")),
         "deterministic: fixed per index (Listing 3); stochastic: redrawn every epoch (Listing 4)",
     )
     theta: float = ATTACK(
-        0.1, Interval(float, 0, 1, closed="left"), "Poison fraction of the non-target training samples"
+        0.1,
+        Interval(float, 0, 1, closed="left"),
+        "Poison fraction of the eligible training samples: the non-target ones (all of them under all-to-all; "
+        "the target class's under a clean-label trigger such as sig)",
     )
     target: int = ATTACK(
         0, Interval(int, 0, Ref("classes - 1", lambda c: c.num_classes - 1)), "Target class of the backdoor"
+    )
+    target_mode: str = ATTACK(
+        "all-to-one",
+        Options(("all-to-one", "all-to-all")),
+        "all-to-one: triggered images are labelled target; all-to-all: a triggered image of class y is "
+        "labelled (y+1) mod K, and ASR counts test images of every class sent to (y+1) mod K",
     )
     # --- defence ----------------------------------------------------------------
     kappa: float = DEFENCE(0.0, Interval(float, 0, None), "Input-gradient penalty strength (scale set by penalty)")
@@ -299,6 +319,7 @@ class TrialConfig(ConfigFields):
         load_plugins()  # registrations from SWEEPER_PLUGINS and entry points, before the registries are read
         validate(self, _derived_default)
         _validate_extra(self)
+        _validate_attack(self)
 
     # ------------------------------------------------------------------------------
     @property
@@ -337,6 +358,15 @@ def threat_fields() -> tuple[str, ...]:
     return tuple(name for name, d in specs(TrialConfig).items() if d.spec.group == "attack")
 
 
+def _validate_attack(cfg: TrialConfig) -> None:
+    """A clean-label trigger poisons target-class images without relabelling: it has no all-to-all form."""
+    from trainables.attack.triggers import TRIGGERS
+
+    entry = TRIGGERS.get(cfg.trigger)
+    if cfg.target_mode == "all-to-all" and entry is not None and entry.clean_label:
+        fail("target_mode", cfg.target_mode, f"must be all-to-one with the clean-label trigger {cfg.trigger}")
+
+
 def _validate_extra(cfg: TrialConfig) -> None:
     extra = cfg.extra
     if not isinstance(extra, dict):
@@ -361,6 +391,8 @@ def _derived_default(cfg: TrialConfig, key: str) -> Any:
 
         size, margin = TRIGGERS[cfg.trigger].size_margin(small)  # the trigger registry's default geometry
         return size if key == "trigger_size" else margin
+    if key == "sig_frequency":  # 6 periods alias on 8 columns (above Nyquist): 2 there
+        return 2 if small else 6
     if key == "batch_size":  # the paper's 128; digits' 1437 images take 32 for enough steps per epoch
         return 32 if cfg.dataset == "digits" else 128
     if key == "crop_padding":

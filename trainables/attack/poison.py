@@ -1,7 +1,13 @@
 """Which training samples carry the trigger, as a boolean mask over the training set.
 
-Only samples whose label differs from the target can be poisoned, and a poisoned sample
-takes the target label (dirty-label backdoor). Two modes, after the paper's threat models:
+Which samples can be poisoned, and the label a poisoned one takes, depend on the attack:
+
+* **all-to-one** (the paper's, the default): samples whose label differs from the target; a poisoned
+  sample takes the target label (dirty-label).
+* **all-to-all** (``target_mode``): every sample; a poisoned sample of class y is labelled (y + 1) mod K.
+* **clean-label** (a trigger declared so, e.g. SIG): the target class's own samples, labels unchanged.
+
+theta is the fraction of the eligible samples poisoned. Two modes, after the paper's threat models:
 
 * ``deterministic`` (Listing 3): sample *i* is poisoned iff ``u_i < theta`` where ``u_i`` is a
   per-index uniform draw that depends only on (seed, i). Listing 3 seeds one RandomState per
@@ -25,12 +31,32 @@ def deterministic_uniforms(n: int, seed: int) -> np.ndarray:
 class Poisoner:
     """Produces the per-epoch poison mask and the labels trained on."""
 
-    def __init__(self, labels: torch.Tensor, theta: float, target: int, mode: str, seed: int):
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        theta: float,
+        target: int,
+        mode: str,
+        seed: int,
+        num_classes: int | None = None,
+        target_mode: str = "all-to-one",
+        clean_label: bool = False,
+    ):
         self.labels = labels
         self.theta = theta
         self.target = target
         self.mode = mode
-        self.eligible = labels != target
+        self.target_mode = target_mode
+        self.clean_label = clean_label
+        self.num_classes = num_classes if num_classes is not None else int(labels.max()) + 1
+        if clean_label and target_mode != "all-to-one":
+            raise ValueError("a clean-label attack is all-to-one: it poisons the target class's own samples")
+        if clean_label:
+            self.eligible = labels == target
+        elif target_mode == "all-to-all":
+            self.eligible = torch.ones_like(labels, dtype=torch.bool)
+        else:
+            self.eligible = labels != target
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)  # stochastic redraws
         if mode == "deterministic":
             u = torch.from_numpy(deterministic_uniforms(len(labels), seed)).to(labels.device)
@@ -46,8 +72,23 @@ class Poisoner:
         return (u < self.theta) & self.eligible
 
     def poisoned_labels(self, mask: torch.Tensor) -> torch.Tensor:
-        """Labels as trained on: the target where poisoned, the true label elsewhere."""
-        return torch.where(mask, torch.full_like(self.labels, self.target), self.labels)
+        """Labels as trained on: where poisoned, the target (all-to-one), (y + 1) mod K (all-to-all) or the
+        true label (clean-label); the true label elsewhere."""
+        return torch.where(mask, self.attack_labels(self.labels), self.labels)
+
+    def attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The label the attacker wants for a triggered image of each true label: the target, or (y + 1) mod K
+        under all-to-all (also what the ASR counts)."""
+        if self.target_mode == "all-to-all":
+            return (labels + 1) % self.num_classes
+        return torch.full_like(labels, self.target)
+
+    def attack_set(self, labels: torch.Tensor) -> torch.Tensor:
+        """Which test images the ASR counts: those of other classes than the target (all-to-one, clean-label
+        too), every one under all-to-all (each has a wrong label to be sent to)."""
+        if self.target_mode == "all-to-all":
+            return torch.ones_like(labels, dtype=torch.bool)
+        return labels != self.target
 
     def state_dict(self) -> dict:
         """RNG state for checkpointing."""

@@ -176,7 +176,47 @@ class BlendTrigger:
         return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
 
 
-Trigger = PatchTrigger | WarpTrigger | BlendTrigger
+@dataclass
+class SignalTrigger:
+    """SIG (Barni, Kallas and Tondi, ICIP 2019): a horizontal sinusoid added to the whole image,
+    ``x + delta * sin(2 pi f j / W)`` at column j of every row and channel, clipped to [0, 1].
+
+    A clean-label attack (:attr:`TriggerEntry.clean_label`): only target-class training images carry the
+    signal and their labels stay; at test time images of other classes get it. The same ``delta`` is used
+    for training and test (the paper may raise it at test time; we do not).
+    """
+
+    signal: torch.Tensor  # (W,) delta * sin(2 pi f j / W)
+
+    @classmethod
+    def make(cls, w: int, delta: float, frequency: int) -> SignalTrigger:
+        """The signal of an image ``w`` columns wide."""
+        import math
+
+        import torch
+
+        j = torch.arange(w, dtype=torch.float64)
+        return cls(signal=(delta * torch.sin(2 * math.pi * frequency * j / w)).to(torch.float32))
+
+    def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy of ``x`` with the signal added and clipped; only rows where ``mask`` is true when given."""
+        import torch
+
+        out = (x + self.signal.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
+        if mask is None:
+            return out
+        return torch.where(mask.view(-1, 1, 1, 1), out, x)
+
+    def direction(self, data) -> torch.Tensor:
+        """Normalized mean of ``normalize(sig(x)) - normalize(x)`` over the first 512 training images."""
+        import torch
+
+        x = data.train_x[:512]
+        delta = data.normalize(self.apply(x)) - data.normalize(x)
+        return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
+
+
+Trigger = PatchTrigger | WarpTrigger | BlendTrigger | SignalTrigger
 
 
 @dataclass(frozen=True)
@@ -186,13 +226,17 @@ class TriggerEntry:
     ``params`` declares fields the trigger reads beyond the built-in ones, each with
     :func:`trainables.fields.field` (default, constraint, help): they become fields of every network
     trial (``cfg.<name>``), with validation, ``sweeper trial --<name>``, ``--set`` and the records
-    derived from that one declaration, and they are part of the threat (group ``attack``).
+    derived from that one declaration, and they are part of the threat (group ``attack``). ``clean_label``
+    says which training images carry it (:class:`trainables.attack.poison.Poisoner`).
     """
 
     name: str
     build: Callable[[Any], Trigger]  # TrialConfig -> Trigger
     size_margin: Callable[[bool], tuple[int, int]] = lambda small: (2, 0 if small else 3)  # px; small: 8x8 images
     params: dict[str, Any] = field(default_factory=dict)  # name -> trainables.fields.field(...)
+    # clean-label: poison target-class training images and keep their labels (theta is then the fraction of the
+    # target class that carries the trigger); else dirty-label: other classes' images relabelled
+    clean_label: bool = False
 
 
 TRIGGERS: dict[str, TriggerEntry] = {}
@@ -248,5 +292,12 @@ register_trigger(
         lambda cfg: BlendTrigger.make(
             cfg.image_shape[1], cfg.image_shape[2], cfg.image_shape[0], cfg.blend_alpha, cfg.blend_seed
         ),
+    )
+)
+register_trigger(
+    TriggerEntry(
+        "sig",
+        lambda cfg: SignalTrigger.make(cfg.image_shape[2], cfg.sig_delta, cfg.sig_frequency),
+        clean_label=True,  # Barni et al.: target-class images only, labels unchanged
     )
 )

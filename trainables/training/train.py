@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from trainables.attack.poison import Poisoner
-from trainables.attack.triggers import make_trigger
+from trainables.attack.triggers import TRIGGERS, make_trigger
 from trainables.config import SweeperError, TrialConfig
 from trainables.data.datasets import dataset_params, load_dataset
 from trainables.data.images import ImageData
@@ -58,7 +58,16 @@ class Trial:
         self.data = data.to(self.device)
         self.trigger = make_trigger(cfg)
         self.direction = self.trigger.direction(self.data)  # (C, H, W) unit, zero-mean
-        self.poisoner = Poisoner(self.data.train_y, cfg.theta, cfg.target, cfg.poison_mode, cfg.seed)
+        self.poisoner = Poisoner(
+            self.data.train_y,
+            cfg.theta,
+            cfg.target,
+            cfg.poison_mode,
+            cfg.seed,
+            cfg.num_classes,
+            cfg.target_mode,
+            TRIGGERS[cfg.trigger].clean_label,
+        )
         self.model = make_model(cfg.model, cfg.image_shape, cfg.num_classes).to(self.device)
         if cfg.hessian:  # a method this model or budget cannot run is refused before training, not after
             self.hessian_plan()
@@ -75,8 +84,11 @@ class Trial:
         self.artifacts: dict[str, Any] = {}  # eigenvectors, eigenvalues, geometry rows
         self.hessian_info: dict[str, Any] = {}  # the spectrum path used last and why
         self.class_spectra: dict[str, Any] | None = None  # per-class spectra from the last exact spectrum (detection)
-        nontarget = self.data.test_y != cfg.target  # ASR never counts target-class images
-        self.asr_x = self.data.normalize(self.trigger.apply(self.data.test_x[nontarget]))
+        # ASR: the triggered test images the attack wants elsewhere (never the target's own: all-to-one), sent
+        # where it wants them (the target; (y + 1) mod K under all-to-all)
+        counted = self.poisoner.attack_set(self.data.test_y)
+        self.asr_x = self.data.normalize(self.trigger.apply(self.data.test_x[counted]))
+        self.asr_y = self.poisoner.attack_labels(self.data.test_y[counted])
         self.test_x = self.data.normalize(self.data.test_x)
 
     @property
@@ -151,7 +163,7 @@ class Trial:
 
     def evaluate(self, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
         """clean_acc, asr, train_acc (on the poisoned training set as trained) and the input-Fisher trace."""
-        cfg, data = self.cfg, self.data
+        data = self.data
         self.model.eval()
         if mask is None:
             mask = (
@@ -161,12 +173,11 @@ class Trial:
             )
             labels = self.poisoner.poisoned_labels(mask)
         train_x = data.normalize(self.trigger.apply(data.train_x, mask))
-        target = torch.full((len(self.asr_x),), cfg.target, device=self.device)
         n_f = min(1000, len(data.test_y))
         fisher = per_sample_input_grad_sq(self.model, self.test_x[:n_f], data.test_y[:n_f]).mean()
         return {
             "clean_acc": self._accuracy(self.test_x, data.test_y),
-            "asr": self._accuracy(self.asr_x, target),
+            "asr": self._accuracy(self.asr_x, self.asr_y),
             "train_acc": self._accuracy(train_x, labels),
             "fisher_trace": float(fisher),
         }
