@@ -233,14 +233,15 @@ def detection_table(
 
 def data_level_auroc(df: pd.DataFrame) -> pd.DataFrame:
     """The data-level baselines' per-sample AUROC of finding the poisoned training samples, over
-    the poisoned models of each theta: mean, std and count of the per-model values (``ss_auroc``,
-    ``ac_auroc``...)."""
+    the poisoned models of each cell of defence settings and theta: mean, std and count of the per-model
+    values (``ss_auroc``, ``ac_auroc``...; training-set access)."""
     ok = completed(df)
     cols = [c for c in ok.columns if c.endswith("_auroc") and ok[c].notna().any()]
     if not cols or "theta" not in ok.columns:
         return pd.DataFrame()
     pois = ok[ok["theta"] > 0]
-    out = pois.groupby("theta")[cols].agg(["mean", "std", "count"])
+    keys = defence_fields(ok) + ["theta"]  # per cell of defence settings, as the model-level table
+    out = pois.groupby(keys, dropna=False)[cols].agg(["mean", "std", "count"])
     out.columns = [f"{c}_{s}" for c, s in out.columns]
     return out.reset_index()
 
@@ -360,8 +361,8 @@ def detect_sweep(
     data = data_level_auroc(df)
     if not data.empty:
         text += [
-            "\ndata-level baselines, per-sample AUROC of finding the poisoned training samples "
-            "(mean, std, count over the poisoned models):",
+            "\n[training-set] data-level baselines, per-sample AUROC of finding the poisoned training samples "
+            "(mean, std, count over the poisoned models of each cell):",
             data.to_string(index=False, float_format=lambda v: f"{v:.3g}"),
         ]
     return {

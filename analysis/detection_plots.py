@@ -266,7 +266,8 @@ def plot_detection(
         stats = g.drop_duplicates("statistic").set_index("statistic")
         labels = {s: s if bool(stats.at[s, "oracle"]) else f"{s} [{_group_of(stats, s, panel_by)}]" for s in best}
         _detection_axes(axes[1], axes[2], g, df, best, cell, thetas, labels)
-        axes[1].set_title("best statistic per family (by mean AUROC over θ, picked after the fact)", fontsize=9)
+        group = "access level" if panel_by == "access" else (panel_by or "family")
+        axes[1].set_title(f"best statistic per {group} (by mean AUROC over θ, picked after the fact)", fontsize=9)
         fig.suptitle(head + (f"\n{n_text}" if n_text else ""), fontsize=10)
         paths += save_figure(fig, out, f"detection{'_' + tag if tag else ''}")
         # every statistic, a row per family

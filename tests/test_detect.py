@@ -141,3 +141,16 @@ def test_sweeper_detect_without_seeds_or_clean_models_exits_2_with_what_to_add(g
     assert main(["detect", "grid", "--storage", str(storage)]) == 2
     err = capsys.readouterr().err
     assert "add seeds" in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_level_auroc_is_averaged_per_cell_of_defence_settings():
+    """The baselines' per-sample AUROC is a mean over the poisoned models of one cell and theta: kappa 0
+    and 400 are not pooled (they were once)."""
+    from analysis.detect import data_level_auroc
+
+    df = _population(seeds=4)
+    df["ss_auroc"] = np.where(df["theta"] > 0, np.where(df["kappa"] == 0, 0.6, 0.9), np.nan)
+    out = data_level_auroc(df).set_index(["kappa", "theta"])
+    assert out.loc[(0.0, 0.05), "ss_auroc_mean"] == pytest.approx(0.6)
+    assert out.loc[(400.0, 0.1), "ss_auroc_mean"] == pytest.approx(0.9)
+    assert (out["ss_auroc_count"] == 4).all() and len(out) == 4
