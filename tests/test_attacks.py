@@ -43,6 +43,22 @@ def test_all_to_all_asr_is_the_share_of_triggered_test_images_sent_to_the_next_c
     assert t.evaluate()["asr"] == pytest.approx(float((pred == (y + 1) % 10).double().mean()))
     with pytest.raises(ConfigError, match="target_mode='all-to-all' is invalid: must be all-to-one with the clean"):
         TrialConfig(trigger="sig", target_mode="all-to-all")
+    with pytest.raises(ConfigError, match="cover_fraction=0.1 is invalid: must be 0 with the clean-label trigger sig"):
+        TrialConfig(trigger="sig", cover_fraction=0.1)
+
+
+def test_the_adaptive_attacks_training_set_holds_triggered_images_in_every_class():
+    """Cover samples: in the training set as trained (what detection's training-set access sees) the trigger
+    is on images of other classes with their own labels; the poison mask stays the relabelled ones."""
+    t = Trial(TrialConfig(theta=0.1, cover_fraction=0.2, epochs=1))
+    t.train_epoch()
+    ctx = t.detection_context(["training-set"])
+    x, y, poison = ctx.training.x, ctx.training.y, ctx.training.poison
+    clean = t.data.normalize(t.data.train_x)
+    carried = (x != clean).flatten(1).any(1)
+    cover = carried & ~poison
+    assert bool(cover.any()) and torch.equal(y[cover], t.data.train_y[cover]) and (y[poison] == 0).all()
+    assert len(set(y[cover].tolist())) == 9  # every class but the target
 
 
 @pytest.mark.parametrize(

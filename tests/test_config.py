@@ -72,6 +72,7 @@ BAD = [
     ("mmbd_steps", 0, "[1, 100000]"),
     ("mmbd_starts", 0, "[1, 10000]"),
     ("target_mode", "one-to-one", "all-to-one, all-to-all"),
+    ("cover_fraction", 1.0, "[0, 1)"),
     ("sig_delta", 0.0, "(0, 1]"),
     ("sig_frequency", 5, "[1, 4] (image side / 2)"),
 ]

@@ -82,3 +82,23 @@ def test_clean_label_poisons_only_the_target_class_and_keeps_labels():
 
     with pytest.raises(ValueError, match="clean-label attack is all-to-one"):
         Poisoner(y, 0.5, 3, "deterministic", 0, 10, "all-to-all", clean_label=True)
+
+
+def test_cover_samples_carry_the_trigger_with_their_own_label():
+    """The adaptive attack: about ``cover`` of the eligible non-poisoned samples carry the trigger, keep
+    their labels, and are the same samples whatever the poison mask of the epoch (per index)."""
+    y = labels()
+    p = Poisoner(y, 0.1, 0, "deterministic", seed=2, num_classes=10, cover=0.2)
+    m = p.mask_for_epoch()
+    carry = p.carriers(m)
+    cover = carry & ~m
+    assert bool((carry & m).eq(m).all())  # every poisoned sample carries it
+    assert not bool((cover & (y == 0)).any())  # cover samples are eligible (non-target) ones
+    frac = int(cover.sum()) / int((p.eligible & ~m).sum())
+    assert abs(frac - 0.2) < 0.03
+    assert torch.equal(p.poisoned_labels(m)[cover], y[cover])  # labels kept
+    s = Poisoner(y, 0.1, 0, "stochastic", seed=2, num_classes=10, cover=0.2)
+    a, b = s.mask_for_epoch(), s.mask_for_epoch()
+    fixed = s.carriers(torch.zeros_like(a))
+    assert torch.equal(s.carriers(a) & ~a, fixed & ~a) and torch.equal(s.carriers(b) & ~b, fixed & ~b)
+    assert torch.equal(Poisoner(y, 0.1, 0, "deterministic", seed=2).carriers(m), m)  # no cover: the poisons only

@@ -201,6 +201,12 @@ class TrialConfig(ConfigFields):
     target: int = ATTACK(
         0, Interval(int, 0, Ref("classes - 1", lambda c: c.num_classes - 1)), "Target class of the backdoor"
     )
+    cover_fraction: float = ATTACK(
+        0.0,
+        Interval(float, 0, 1, closed="left"),
+        "Adaptive attack: this fraction of the eligible samples not poisoned also carry the trigger with their "
+        "true label (cover samples), so the trigger is no longer specific to the target class",
+    )
     target_mode: str = ATTACK(
         "all-to-one",
         Options(("all-to-one", "all-to-all")),
@@ -359,12 +365,15 @@ def threat_fields() -> tuple[str, ...]:
 
 
 def _validate_attack(cfg: TrialConfig) -> None:
-    """A clean-label trigger poisons target-class images without relabelling: it has no all-to-all form."""
+    """A clean-label trigger poisons target-class images without relabelling: it has no all-to-all form and
+    no cover samples."""
     from trainables.attack.triggers import TRIGGERS
 
     entry = TRIGGERS.get(cfg.trigger)
     if cfg.target_mode == "all-to-all" and entry is not None and entry.clean_label:
         fail("target_mode", cfg.target_mode, f"must be all-to-one with the clean-label trigger {cfg.trigger}")
+    if cfg.cover_fraction > 0 and entry is not None and entry.clean_label:
+        fail("cover_fraction", cfg.cover_fraction, f"must be 0 with the clean-label trigger {cfg.trigger}")
 
 
 def _validate_extra(cfg: TrialConfig) -> None:

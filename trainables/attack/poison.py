@@ -7,7 +7,13 @@ Which samples can be poisoned, and the label a poisoned one takes, depend on the
 * **all-to-all** (``target_mode``): every sample; a poisoned sample of class y is labelled (y + 1) mod K.
 * **clean-label** (a trigger declared so, e.g. SIG): the target class's own samples, labels unchanged.
 
-theta is the fraction of the eligible samples poisoned. Two modes, after the paper's threat models:
+theta is the fraction of the eligible samples poisoned. The **adaptive** attack of this project
+(``cover``, after the cover samples of Qi et al., ICLR 2023) also puts the trigger on a fraction of the
+eligible samples that are *not* poisoned, keeping their true labels: in the training set as trained the
+trigger then occurs in every class, not only in the target's, which is what the per-class curvature
+detector and the clustering baselines read. Cover samples are drawn per index like deterministic
+poisoning (a separate stream keyed by the seed), so they are a function of the poison mask in both modes.
+Two modes, after the paper's threat models:
 
 * ``deterministic`` (Listing 3): sample *i* is poisoned iff ``u_i < theta`` where ``u_i`` is a
   per-index uniform draw that depends only on (seed, i). Listing 3 seeds one RandomState per
@@ -41,6 +47,7 @@ class Poisoner:
         num_classes: int | None = None,
         target_mode: str = "all-to-one",
         clean_label: bool = False,
+        cover: float = 0.0,
     ):
         self.labels = labels
         self.theta = theta
@@ -51,6 +58,9 @@ class Poisoner:
         self.num_classes = num_classes if num_classes is not None else int(labels.max()) + 1
         if clean_label and target_mode != "all-to-one":
             raise ValueError("a clean-label attack is all-to-one: it poisons the target class's own samples")
+        if clean_label and cover > 0:
+            raise ValueError("a clean-label attack has no cover samples: its poisons already keep their labels")
+        self.cover = cover
         if clean_label:
             self.eligible = labels == target
         elif target_mode == "all-to-all":
@@ -58,6 +68,9 @@ class Poisoner:
         else:
             self.eligible = labels != target
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)  # stochastic redraws
+        self.cover_u = (
+            torch.from_numpy(deterministic_uniforms(len(labels), seed + 7_919)).to(labels.device) if cover > 0 else None
+        )
         if mode == "deterministic":
             u = torch.from_numpy(deterministic_uniforms(len(labels), seed)).to(labels.device)
             self.fixed = (u < theta) & self.eligible
@@ -70,6 +83,14 @@ class Poisoner:
             return self.fixed
         u = torch.rand(len(self.labels), generator=self.generator).to(self.labels.device)
         return (u < self.theta) & self.eligible
+
+    def carriers(self, mask: torch.Tensor) -> torch.Tensor:
+        """The (N,) bool mask of training samples that carry the trigger in an epoch whose poison mask is
+        ``mask``: the poisoned ones and, under the adaptive attack, the cover samples (eligible, not
+        poisoned, ``cover`` of them; labels kept)."""
+        if self.cover_u is None:
+            return mask
+        return mask | ((self.cover_u < self.cover) & self.eligible & ~mask)
 
     def poisoned_labels(self, mask: torch.Tensor) -> torch.Tensor:
         """Labels as trained on: where poisoned, the target (all-to-one), (y + 1) mod K (all-to-all) or the

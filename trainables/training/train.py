@@ -67,6 +67,7 @@ class Trial:
             cfg.num_classes,
             cfg.target_mode,
             TRIGGERS[cfg.trigger].clean_label,
+            cfg.cover_fraction,
         )
         self.model = make_model(cfg.model, cfg.image_shape, cfg.num_classes).to(self.device)
         if cfg.hessian:  # a method this model or budget cannot run is refused before training, not after
@@ -107,6 +108,7 @@ class Trial:
         mask = self.poisoner.mask_for_epoch()
         self.last_mask = mask
         labels = self.poisoner.poisoned_labels(mask)
+        carry = self.poisoner.carriers(mask)  # the poisoned samples, and the adaptive attack's cover samples
         perm = torch.randperm(len(labels), generator=self.generator).to(self.device)
         self.model.train()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # sample-weighted ce, penalty
@@ -116,7 +118,7 @@ class Trial:
             x = data.train_x[idx]
             if cfg.augment:
                 x = augment_batch(x, cfg.crop_padding, self.generator)
-            x = data.normalize(self.trigger.apply(x, mask[idx]))  # trigger after augmentation (Listing 3)
+            x = data.normalize(self.trigger.apply(x, carry[idx]))  # trigger after augmentation (Listing 3)
             y = labels[idx]
             objective, ce, penalty = penalized_loss(self.model, x, y, cfg.kappa, cfg.penalty)
             if not torch.isfinite(objective):
@@ -172,7 +174,7 @@ class Trial:
                 else torch.zeros_like(data.train_y, dtype=torch.bool)
             )
             labels = self.poisoner.poisoned_labels(mask)
-        train_x = data.normalize(self.trigger.apply(data.train_x, mask))
+        train_x = data.normalize(self.trigger.apply(data.train_x, self.poisoner.carriers(mask)))
         n_f = min(1000, len(data.test_y))
         fisher = per_sample_input_grad_sq(self.model, self.test_x[:n_f], data.test_y[:n_f]).mean()
         return {
@@ -200,7 +202,7 @@ class Trial:
             mask = self.poisoner.fixed if self.poisoner.fixed is not None else self.last_mask
             if mask is None:
                 mask = torch.zeros_like(data.train_y, dtype=torch.bool)
-            x, y = self.trigger.apply(data.train_x, mask), self.poisoner.poisoned_labels(mask)
+            x, y = self.trigger.apply(data.train_x, self.poisoner.carriers(mask)), self.poisoner.poisoned_labels(mask)
         if len(y) > cfg.hessian_samples:
             g = torch.Generator().manual_seed(cfg.seed + 7)
             idx = torch.randperm(len(y), generator=g)[: cfg.hessian_samples].sort().values.to(y.device)
@@ -360,8 +362,8 @@ class Trial:
             p = self.poisoner
             mask = p.fixed if p.fixed is not None else self.last_mask
             mask = mask if mask is not None else torch.zeros_like(data.train_y, dtype=torch.bool)
-            x = data.normalize(self.trigger.apply(data.train_x, mask))
-            training = TrainingSet(x, p.poisoned_labels(mask), mask)
+            x = data.normalize(self.trigger.apply(data.train_x, p.carriers(mask)))
+            training = TrainingSet(x, p.poisoned_labels(mask), mask)  # cover samples are not relabelled: not poison
         return DetectionContext(
             model=self.model,
             settings=settings,
