@@ -102,3 +102,5 @@ def test_cover_samples_carry_the_trigger_with_their_own_label():
     fixed = s.carriers(torch.zeros_like(a))
     assert torch.equal(s.carriers(a) & ~a, fixed & ~a) and torch.equal(s.carriers(b) & ~b, fixed & ~b)
     assert torch.equal(Poisoner(y, 0.1, 0, "deterministic", seed=2).carriers(m), m)  # no cover: the poisons only
+    none = Poisoner(y, 0.0, 0, "deterministic", seed=2, num_classes=10, cover=0.2)
+    assert not bool(none.carriers(none.mask_for_epoch()).any())  # theta 0: no attack, no cover: a clean model

@@ -205,7 +205,7 @@ class TrialConfig(ConfigFields):
         0.0,
         Interval(float, 0, 1, closed="left"),
         "Adaptive attack: this fraction of the eligible samples not poisoned also carry the trigger with their "
-        "true label (cover samples), so the trigger is no longer specific to the target class",
+        "true label (cover samples), so the trigger is no longer specific to the target class; none at theta 0",
     )
     target_mode: str = ATTACK(
         "all-to-one",

@@ -12,7 +12,7 @@ theta is the fraction of the eligible samples poisoned. The **adaptive** attack 
 eligible samples that are *not* poisoned, keeping their true labels: in the training set as trained the
 trigger then occurs in every class, not only in the target's, which is what the per-class curvature
 detector and the clustering baselines read. Cover samples are drawn per index like deterministic
-poisoning (a separate stream keyed by the seed), so they are a function of the poison mask in both modes.
+poisoning (a separate stream keyed by the seed), so they are a function of the poison mask in both modes; at theta 0 there are none (no attack, a clean model).
 Two modes, after the paper's threat models:
 
 * ``deterministic`` (Listing 3): sample *i* is poisoned iff ``u_i < theta`` where ``u_i`` is a
@@ -68,8 +68,11 @@ class Poisoner:
         else:
             self.eligible = labels != target
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)  # stochastic redraws
+        # cover samples are part of an attack: at theta 0 there is none, and the model is a clean one
         self.cover_u = (
-            torch.from_numpy(deterministic_uniforms(len(labels), seed + 7_919)).to(labels.device) if cover > 0 else None
+            torch.from_numpy(deterministic_uniforms(len(labels), seed + 7_919)).to(labels.device)
+            if cover > 0 and theta > 0
+            else None
         )
         if mode == "deterministic":
             u = torch.from_numpy(deterministic_uniforms(len(labels), seed)).to(labels.device)
