@@ -55,6 +55,23 @@ def unit_direction(v: torch.Tensor) -> torch.Tensor:
     return v / (v.norm() + 1e-8)
 
 
+def mean_shift_direction(apply: Callable[[torch.Tensor], torch.Tensor], data) -> torch.Tensor:
+    """A diffuse trigger's direction: the normalized mean of ``normalize(apply(x)) - normalize(x)`` over the
+    first 512 training images (zero-mean, unit-norm, on the CPU)."""
+    import torch
+
+    x = data.train_x[:512]
+    delta = data.normalize(apply(x)) - data.normalize(x)
+    return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
+
+
+def masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``out`` on the rows where ``mask`` is true, ``x`` elsewhere; ``out`` itself when there is no mask."""
+    import torch
+
+    return out if mask is None else torch.where(mask.view(-1, 1, 1, 1), out, x)
+
+
 @dataclass
 class PatchTrigger:
     """Moves the trigger pixels to 1.0 in every channel (Listings 2-3), by ``amplitude`` in (0, 1].
@@ -130,11 +147,7 @@ class WarpTrigger:
 
     def direction(self, data) -> torch.Tensor:
         """Normalized mean of ``normalize(warp(x)) - normalize(x)`` over the first 512 training images."""
-        import torch
-
-        x = data.train_x[:512]
-        delta = data.normalize(self.apply(x)) - data.normalize(x)
-        return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
+        return mean_shift_direction(self.apply, data)
 
 
 @dataclass
@@ -159,21 +172,13 @@ class BlendTrigger:
 
     def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Blended copy of ``x``; only rows where ``mask`` is true when a mask is given."""
-        import torch
 
         p = self.pattern.to(device=x.device, dtype=x.dtype)[None]
-        out = x * (1.0 - self.alpha) + p * self.alpha
-        if mask is None:
-            return out
-        return torch.where(mask.view(-1, 1, 1, 1), out, x)
+        return masked(x * (1.0 - self.alpha) + p * self.alpha, x, mask)
 
     def direction(self, data) -> torch.Tensor:
         """Normalized mean of ``normalize(blend(x)) - normalize(x)`` over the first 512 training images."""
-        import torch
-
-        x = data.train_x[:512]
-        delta = data.normalize(self.apply(x)) - data.normalize(x)
-        return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
+        return mean_shift_direction(self.apply, data)
 
 
 @dataclass
@@ -200,20 +205,11 @@ class SignalTrigger:
 
     def apply(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Copy of ``x`` with the signal added and clipped; only rows where ``mask`` is true when given."""
-        import torch
-
-        out = (x + self.signal.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
-        if mask is None:
-            return out
-        return torch.where(mask.view(-1, 1, 1, 1), out, x)
+        return masked((x + self.signal.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0), x, mask)
 
     def direction(self, data) -> torch.Tensor:
         """Normalized mean of ``normalize(sig(x)) - normalize(x)`` over the first 512 training images."""
-        import torch
-
-        x = data.train_x[:512]
-        delta = data.normalize(self.apply(x)) - data.normalize(x)
-        return unit_direction(delta.mean(dim=0).to(torch.float32).cpu())
+        return mean_shift_direction(self.apply, data)
 
 
 Trigger = PatchTrigger | WarpTrigger | BlendTrigger | SignalTrigger
