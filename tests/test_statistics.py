@@ -226,6 +226,7 @@ def test_trial_logs_detection_metrics_json_and_survives_a_checkpoint(tmp_path):
         "localisation",
         "flip",
         "class",
+        "gradient",
         "ss",
         "ac",
     }
