@@ -92,6 +92,19 @@ def defence_fields(df: pd.DataFrame) -> list[str]:
     ]
 
 
+def _ranked(poisoned: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two groups' scores without NaN, as their ranks in the pooled scores (ties share a rank): the
+    AUROC and the ROC curve depend on the order only, and ranks keep an infinite score (a p-value that
+    underflowed) in order where scikit-learn refuses it."""
+    from scipy.stats import rankdata
+
+    p = np.asarray(poisoned, dtype=float)
+    c = np.asarray(clean, dtype=float)
+    p, c = p[~np.isnan(p)], c[~np.isnan(c)]
+    ranks = rankdata(np.r_[p, c]) if len(p) + len(c) else np.empty(0)
+    return ranks[: len(p)], ranks[len(p) :]
+
+
 def auroc_with_ci(
     poisoned: np.ndarray, clean: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
@@ -99,9 +112,7 @@ def auroc_with_ci(
     interval over models. NaN scores are dropped; NaN when either group is empty."""
     from sklearn.metrics import roc_auc_score
 
-    p = np.asarray(poisoned, dtype=float)
-    c = np.asarray(clean, dtype=float)
-    p, c = p[~np.isnan(p)], c[~np.isnan(c)]
+    p, c = _ranked(poisoned, clean)
     if len(p) == 0 or len(c) == 0:
         return math.nan, math.nan, math.nan
     y = np.r_[np.ones(len(p)), np.zeros(len(c))]
@@ -128,9 +139,7 @@ def tpr_at_fpr(poisoned: np.ndarray, clean: np.ndarray, fpr: float = 0.05) -> fl
     """The largest true-positive rate whose false-positive rate is at most ``fpr``."""
     from sklearn.metrics import roc_curve
 
-    p = np.asarray(poisoned, dtype=float)
-    c = np.asarray(clean, dtype=float)
-    p, c = p[~np.isnan(p)], c[~np.isnan(c)]
+    p, c = _ranked(poisoned, clean)
     if len(p) == 0 or len(c) == 0:
         return math.nan
     f, t, _ = roc_curve(np.r_[np.ones(len(p)), np.zeros(len(c))], np.r_[p, c])

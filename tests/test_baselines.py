@@ -220,3 +220,18 @@ def test_mmbd_runs_in_a_trial_from_the_model_alone():
     m = run_trial(cfg).metrics
     assert {"mmbd_score", "mmbd_pvalue", "mmbd_flagged", "mmbd_class", "mmbd_margin_max", "mmbd_seconds"} <= set(m)
     assert 0 <= m["mmbd_pvalue"] <= 1 and m["mmbd_margin_max"] >= m["mmbd_margin_median"]
+
+
+def test_mmbd_score_stays_finite_far_in_the_tail_and_detect_ranks_infinities():
+    """A planted margin thousands of nulls away underflows scipy's Gamma tail: the score uses the tail's
+    leading term instead of becoming infinite, and the population scoring ranks even an infinite score."""
+    import math
+
+    from analysis.detect import auroc_with_ci, tpr_at_fpr
+    from trainables.detection.baselines import margin_anomaly
+
+    m = margin_anomaly(torch.tensor([1.0, 1.1, 1.2, 1.05, 1.15, 0.95, 1.0, 1.1, 1.2, 1000.0]))
+    assert m["mmbd_flagged"] == 1 and m["mmbd_class"] == 9 and math.isfinite(m["mmbd_score"]) and m["mmbd_score"] > 300
+    auc, lo, hi = auroc_with_ci(np.array([np.inf, 3.0, 2.0]), np.array([1.0, 0.5, np.nan]), n_boot=200)
+    assert (auc, lo, hi) == (1.0, 1.0, 1.0)
+    assert tpr_at_fpr(np.array([np.inf, 3.0]), np.array([1.0, 4.0])) == 0.5

@@ -74,7 +74,7 @@ BAD = [
     ("target_mode", "one-to-one", "all-to-one, all-to-all"),
     ("cover_fraction", 1.0, "[0, 1)"),
     ("sig_delta", 0.0, "(0, 1]"),
-    ("sig_frequency", 5, "[1, 4] (image side / 2)"),
+    ("sig_frequency", 4, "[1, 3] (image side / 2 - 1)"),  # W/2 periods vanish at every pixel
 ]
 
 
@@ -136,3 +136,33 @@ def test_a_config_stays_hashable_with_its_plugin_fields_mapping():
     """Frozen configs were hashable before plugins could declare fields; the mapping does not change that."""
     assert hash(TrialConfig(theta=0.2)) == hash(TrialConfig(theta=0.2))
     assert len({TrialConfig(), TrialConfig(), TrialConfig(kappa=1.0)}) == 2
+
+
+def test_the_keys_of_existing_trials_do_not_move_when_fields_are_added():
+    """Pinned trial keys (format 2) of configs that predate the attack and MM-BD fields: a new field, or a
+    derived default that applies to other configs only (sig_frequency), must leave them as they were, or a
+    resumed sweep re-runs every trial. (A field with a derived default was once hashed for every trial.)"""
+    from trainables.record import trial_key
+
+    assert trial_key(TrialConfig(theta=0.1).to_dict()) == "f6952b1d2680bec2"
+    assert TrialConfig().sig_frequency is None and TrialConfig(trigger="sig").sig_frequency == 2
+    assert trial_key(TrialConfig(theta=0.1, trigger="sig").to_dict()) != "f6952b1d2680bec2"
+
+
+def test_a_checkpoint_written_before_a_field_existed_resumes_and_another_config_is_refused():
+    """A checkpoint's config without a field added since ran with that field's default; a differing field
+    is named in the refusal."""
+    from trainables.training.train import CheckpointError, Trial
+
+    cfg = TrialConfig(epochs=2, hessian=False, geometry=False)
+    t = Trial(cfg)
+    t.train_epoch()
+    state = t.state_dict()
+    for new in ("target_mode", "cover_fraction", "sig_delta", "sig_frequency", "mmbd_steps", "mmbd_starts"):
+        state["config"].pop(new)
+    again = Trial(cfg)
+    again.load_state_dict(state)
+    assert again.epoch == 1
+    state["config"]["theta"] = 0.3
+    with pytest.raises(CheckpointError, match=r"fields differ: \['theta'\]"):
+        Trial(cfg).load_state_dict(state)

@@ -24,7 +24,7 @@ REFS = {
     "classes - 1": 9,
     "image side - trigger_size": 6,
     "hessian_iterations": 20,
-    "image side / 2": 4,
+    "image side / 2 - 1": 3,
 }
 # fields other fields are bounded by: probed with those at their loosest (their help names this field)
 COMPANIONS = {"hessian_iterations": {"hessian_top_k": 1, "hessian_max_iterations": 100_000}}

@@ -310,6 +310,8 @@ def test_entries_declare_what_a_defender_holds_and_the_context_holds_only_that()
     for bad in (("data-free", "gpu"), "data-free", ()):
         with pytest.raises(ValueError, match="access must be a tuple of data-free"):
             DetectorEntry("bad", lambda ctx: None, bad, lambda s, per, n, size: 0.0)
+    with pytest.raises(ValueError, match=r"score 'det_\(' is no regular expression"):
+        DetectorEntry("bad", lambda ctx: None, ("data-free",), lambda s, per, n, size: 0.0, scores={"det_(": "higher"})
     # Neural Cleanse alone, no spectrum: clean held-out images only (an untrained trial will do)
     ctx = Trial(TrialConfig(hessian=False, detect_baselines="nc", detect_samples=30)).detection_context()
     assert ctx.spectrum is None and ctx.training is None and not ctx.settings.detect

@@ -135,4 +135,4 @@ def test_sig_adds_a_horizontal_sinusoid_clipped_and_masked():
     assert torch.equal(masked[0], x[0]) and torch.equal(masked[1], out[1])
     assert TRIGGERS["sig"].clean_label and not TRIGGERS["square"].clean_label
     assert TrialConfig(trigger="sig").sig_frequency == 2  # 6 periods alias on 8 columns
-    assert TrialConfig(trigger="sig", dataset="digits", sig_frequency=4).sig_frequency == 4
+    assert TrialConfig(trigger="sig", dataset="digits", sig_frequency=3).sig_frequency == 3

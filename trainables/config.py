@@ -183,9 +183,10 @@ class TrialConfig(ConfigFields):
     )
     sig_frequency: int | None = ATTACK(
         None,
-        Interval(int, 1, Ref("image side / 2", lambda c: c.image_shape[2] // 2)),
-        "SIG trigger's periods across the image width (Barni et al.: 6)",
-        derived="6, or 2 on 8x8",
+        Interval(int, 1, Ref("image side / 2 - 1", lambda c: c.image_shape[2] // 2 - 1)),
+        "SIG trigger's periods across the image width (Barni et al.: 6); below half the width, where the "
+        "sinusoid vanishes at every pixel",
+        derived="6, or 2 on 8x8, for the sig trigger; unset for the others",
     )
     poison_mode: str = ATTACK(
         "deterministic",
@@ -401,7 +402,8 @@ def _derived_default(cfg: TrialConfig, key: str) -> Any:
         size, margin = TRIGGERS[cfg.trigger].size_margin(small)  # the trigger registry's default geometry
         return size if key == "trigger_size" else margin
     if key == "sig_frequency":  # 6 periods alias on 8 columns (above Nyquist): 2 there
-        return 2 if small else 6
+        # only the sig trigger reads it: unset for the others, so their trial keys stay as they were
+        return (2 if small else 6) if cfg.trigger == "sig" else None
     if key == "batch_size":  # the paper's 128; digits' 1437 images take 32 for enough steps per epoch
         return 32 if cfg.dataset == "digits" else 128
     if key == "crop_padding":

@@ -324,8 +324,9 @@ def value_type(spec: Spec) -> type:
 def validate(cfg: Any, derive: Callable[[Any, str], Any] | None = None) -> None:
     """Check every declared field of ``cfg`` in declaration order, storing the canonical value.
 
-    A field whose value is None and whose spec is ``derived`` gets ``derive(cfg, name)`` first; the
-    declaration order is the dependency order (dataset before the fields bounded by its image side).
+    A field whose value is None and whose spec is ``derived`` gets ``derive(cfg, name)`` first (None: the
+    field does not apply to this config and stays unset); the declaration order is the dependency order
+    (dataset before the fields bounded by its image side).
     """
     for f in dataclasses.fields(cfg):
         spec = f.metadata.get("spec")
@@ -334,4 +335,6 @@ def validate(cfg: Any, derive: Callable[[Any, str], Any] | None = None) -> None:
         v = getattr(cfg, f.name)
         if v is None and spec.derived:
             v = derive(cfg, f.name)
+            if v is None:  # derived from nothing here: the field does not apply to this config (stays unset)
+                continue
         object.__setattr__(cfg, f.name, spec.check.check(f.name, v, cfg))

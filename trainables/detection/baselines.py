@@ -407,12 +407,15 @@ def margin_anomaly(margins: torch.Tensor, alpha: float = 0.05) -> dict[str, floa
         warnings.simplefilter("ignore")  # a few points: scipy's optimizer may warn and still converge
         shape, loc, scale = stats.gamma.fit(null)
     log_sf = float(stats.gamma.logsf(r[cls], shape, loc=loc, scale=scale))
+    if not math.isfinite(log_sf):  # far out in the tail scipy underflows: the tail's leading term instead
+        z = (r[cls] - loc) / scale  # sf ~ z^(a-1) e^(-z) / Gamma(a) as z -> infinity
+        log_sf = (shape - 1) * math.log(z) - z - math.lgamma(shape)
     k = len(r)
     sf = math.exp(log_sf)
     # 1 - (1 - sf)^K, without cancellation; below 1e-12 it is K * sf to 12 digits
     log_p = math.log(-math.expm1(k * math.log1p(-sf))) if sf > 1e-12 else math.log(k) + log_sf
     p = math.exp(log_p)
-    return {**out, "mmbd_pvalue": p, "mmbd_score": -log_p / math.log(10), "mmbd_flagged": int(p < alpha)}
+    return {**out, "mmbd_pvalue": p, "mmbd_score": float(-log_p / math.log(10)), "mmbd_flagged": int(p < alpha)}
 
 
 def mmbd_baseline(ctx: DetectionContext) -> Detection:

@@ -79,7 +79,8 @@ class DetectionSettings:
     top_k: int  # eigenpairs of the spectrum
     num_classes: int
     image_shape: tuple[int, int, int]
-    target: int  # the attack's target class: evaluation only (AUROC within it, the oracle overlap)
+    target: int | None  # the attack's target class, None under all-to-all: evaluation only (AUROC within it,
+    # the oracle overlap)
     seed: int
     batch_size: int  # evaluation batch size
     model: str  # the model's name, for messages
@@ -107,7 +108,7 @@ class DetectionSettings:
             top_k=cfg.hessian_top_k,
             num_classes=cfg.num_classes,
             image_shape=tuple(cfg.image_shape),
-            target=cfg.target,
+            target=cfg.target if cfg.target_mode == "all-to-one" else None,  # all-to-all has no target
             seed=cfg.seed,
             batch_size=cfg.eval_batch_size,
             model=cfg.model,
@@ -239,6 +240,11 @@ class DetectorEntry:
         return any(re.fullmatch(pattern, name) for pattern in self.scores)
 
     def __post_init__(self) -> None:
+        for pattern in self.scores:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"detector {self.name!r}: score {pattern!r} is no regular expression ({e})") from e
         if isinstance(self.access, str) or not self.access or any(a not in ACCESS for a in self.access):
             raise ValueError(
                 f"detector {self.name!r}: access must be a tuple of {', '.join(ACCESS)}; got {self.access!r}"

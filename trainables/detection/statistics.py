@@ -338,7 +338,7 @@ def class_curvature_detector(ctx: DetectionContext) -> Detection:
             )
         gs = group_spectra(ctx.model, x, y, s.num_classes, dtype, chunk)
     m = class_curvature(gs.lambda_1, gs.trace)
-    if int(gs.count[s.target]) > 0 and ctx.trigger_direction is not None:
+    if s.target is not None and int(gs.count[s.target]) > 0 and ctx.trigger_direction is not None:
         m["class_target_overlap_sq"] = listing7_overlap(gs.vectors[s.target], ctx.trigger_direction) ** 2
     details = {"lambda_1": gs.lambda_1.tolist(), "trace": gs.trace.tolist(), "count": gs.count.tolist()}
     # each class's top eigenvector as a candidate trigger: pushed along it, do held-out images of other
@@ -533,7 +533,8 @@ register_detector(
         },
     )
 )
-# needs no spectrum: the model and the clean held-out images (issue 22's clean-data statistic)
+# reads no spectrum, only the model and the clean held-out images (issue 22's clean-data statistic); it runs
+# with the other statistics, so with --detect (which needs --hessian)
 register_detector(
     DetectorEntry(
         "gradient",

@@ -7,6 +7,7 @@ report and checkpoint between epochs; :func:`run_trial` is the plain loop over i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -25,6 +26,7 @@ from trainables.config import SweeperError, TrialConfig
 from trainables.data.datasets import dataset_params, load_dataset
 from trainables.data.images import ImageData
 from trainables.defence.penalty import penalized_loss, per_sample_input_grad_sq
+from trainables.fields import EXTRA_FIELDS
 from trainables.networks.models import make_model
 from trainables.spectrum.geometry import feature_geometry, features, geometry_summary
 from trainables.spectrum.hessian import InputHessian, input_hessian_spectrum, plan_spectrum
@@ -302,7 +304,7 @@ class Trial:
             metrics, vecs, overlaps = self.spectrum(on_iteration, classes=cfg.detect)
             out.update(metrics)
             self.keep_spectrum(metrics, vecs, overlaps)
-        if cfg.geometry:
+        if cfg.geometry and cfg.target_mode == "all-to-one":  # its table is relative to one target class
             clean = features(self.model, self.test_x, cfg.eval_batch_size)
             trig = features(self.model, data.normalize(self.trigger.apply(data.test_x)), cfg.eval_batch_size)
             rows = feature_geometry(clean, trig, data.test_y, cfg.target, cfg.num_classes)
@@ -406,8 +408,13 @@ class Trial:
         """Restore a :meth:`state_dict`; refuses one written for another config."""
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
-        if state["config"] != self.cfg.to_dict():
-            diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k))
+        now = self.cfg.to_dict()
+        # a checkpoint written before a field existed ran with that field's default: compare it as such
+        defaults = {f.name: f.default for f in dataclasses.fields(TrialConfig) if f.default is not dataclasses.MISSING}
+        defaults.update({name: e.default for name, e in EXTRA_FIELDS.items()})
+        saved = {**{k: defaults[k] for k in now if k in defaults and k not in state["config"]}, **state["config"]}
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise CheckpointError(f"checkpoint was written for another config (fields differ: {diff})")
         self.epoch = state["epoch"]
         self.status = state["status"]
