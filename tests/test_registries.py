@@ -177,14 +177,14 @@ def _help(argv, capsys, monkeypatch) -> str:
 
 def test_registered_names_show_in_every_commands_help(toy_model, toy_trigger, toy_penalty, capsys, monkeypatch):
     text = _help(["trial"], capsys, monkeypatch)
-    assert "Backdoor trigger; one of lshape, square, warp, blend, dot." in text, text
+    assert "Backdoor trigger; one of lshape, square, warp, blend, sig, dot." in text, text
     assert "A registered model; cnn, linear, preresnet<depth = 6n+2 >= 8> (e.g. preresnet20) or toymlp." in text, text
     assert "eq25 = kappa/2*mean_i||grad_x l_i||^2 (eq. 25); half." in text, (
         text
     )  # a penalty without a docstring: its name
     for command in ("run", "plan", "search"):
         text = _help([command], capsys, monkeypatch)
-        assert "Triggers: lshape, square, warp, blend, dot." in text, (command, text)
+        assert "Triggers: lshape, square, warp, blend, sig, dot." in text, (command, text)
         assert "or toymlp." in text, (command, text)
     TRIGGERS.pop("dot")
     assert "dot" not in _help(["run"], capsys, monkeypatch)  # read at each call, not once at import
@@ -253,7 +253,7 @@ def test_a_plugin_named_in_the_environment_registers_for_the_console_script(tmp_
     assert r.returncode == 0, r.stderr
     assert "2 trials" in r.stdout and "trigger=toy" in r.stdout, r.stdout
     r = _cli(["run", "--help"], env)
-    assert "Triggers: lshape, square, warp, blend, toy." in r.stdout and "or toynet." in r.stdout, r.stdout
+    assert "Triggers: lshape, square, warp, blend, sig, toy." in r.stdout and "or toynet." in r.stdout, r.stdout
     r = _cli(["plan", "--set", "trigger=toy"], {**os.environ, "SWEEPER_PLUGINS": ""})  # no plugin: no toy
     assert r.returncode == 2 and "trigger='toy' is invalid: must be one of lshape, square, warp, blend" in r.stderr
 
