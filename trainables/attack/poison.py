@@ -12,8 +12,8 @@ theta is the fraction of the eligible samples poisoned. The **adaptive** attack 
 eligible samples that are *not* poisoned, keeping their true labels: in the training set as trained the
 trigger then occurs in every class, not only in the target's, which is what the per-class curvature
 detector and the clustering baselines read. Cover samples are drawn per index like deterministic
-poisoning (a separate stream keyed by the seed), so they are a function of the poison mask in both modes; at theta 0 there are none (no attack, a clean model).
-Two modes, after the paper's threat models:
+poisoning (a separate stream keyed by the seed), so they are a function of the poison mask in both
+modes; at theta 0 there are none (no attack, a clean model). Two modes, after the paper's threat models:
 
 * ``deterministic`` (Listing 3): sample *i* is poisoned iff ``u_i < theta`` where ``u_i`` is a
   per-index uniform draw that depends only on (seed, i). Listing 3 seeds one RandomState per

@@ -201,15 +201,21 @@ class Trial:
         elif split == "clean-train":
             x, y = data.train_x, data.train_y
         else:
-            mask = self.poisoner.fixed if self.poisoner.fixed is not None else self.last_mask
-            if mask is None:
-                mask = torch.zeros_like(data.train_y, dtype=torch.bool)
-            x, y = self.trigger.apply(data.train_x, self.poisoner.carriers(mask)), self.poisoner.poisoned_labels(mask)
+            x, y, _ = self.trained_set()
         if len(y) > cfg.hessian_samples:
             g = torch.Generator().manual_seed(cfg.seed + 7)
             idx = torch.randperm(len(y), generator=g)[: cfg.hessian_samples].sort().values.to(y.device)
             x, y = x[idx], y[idx]
         return data.normalize(x), y
+
+    def trained_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training set as (last) trained on: raw images with the trigger on the poisoned and cover
+        samples, the labels trained on, and the poison mask (the relabelled samples; none before training)."""
+        data, p = self.data, self.poisoner
+        mask = p.fixed if p.fixed is not None else self.last_mask
+        if mask is None:
+            mask = torch.zeros_like(data.train_y, dtype=torch.bool)
+        return self.trigger.apply(data.train_x, p.carriers(mask)), p.poisoned_labels(mask), mask
 
     def hessian_plan(self) -> tuple[str, str]:
         """(path, reason) the spectrum will use (:func:`trainables.spectrum.hessian.plan_spectrum`)."""
@@ -361,11 +367,8 @@ class Trial:
             idx = idx.sort().values.to(data.test_y.device)
             heldout = (data.test_x[idx], data.test_y[idx])
         if "training-set" in levels:
-            p = self.poisoner
-            mask = p.fixed if p.fixed is not None else self.last_mask
-            mask = mask if mask is not None else torch.zeros_like(data.train_y, dtype=torch.bool)
-            x = data.normalize(self.trigger.apply(data.train_x, p.carriers(mask)))
-            training = TrainingSet(x, p.poisoned_labels(mask), mask)  # cover samples are not relabelled: not poison
+            x, y, mask = self.trained_set()
+            training = TrainingSet(data.normalize(x), y, mask)  # cover samples are not relabelled: not poison
         return DetectionContext(
             model=self.model,
             settings=settings,
