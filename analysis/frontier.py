@@ -69,7 +69,8 @@ def varying_fields(df: pd.DataFrame, meta=None) -> list[str]:
 
     axes = list((meta.spec if meta else {}).get("axes", {}))
     others = [c for c in CONFIG_FIELDS if c in df.columns and c not in axes and df[c].nunique(dropna=True) > 1]
-    return [c for c in axes if c in df.columns] + others
+    family = ["defence_family"] if "defence_family" in df.columns and df["defence_family"].nunique() > 1 else []
+    return family + [c for c in axes if c in df.columns] + others
 
 
 def sweep_frontier(

@@ -121,9 +121,10 @@ def frontier(
 
 def _config_columns(df: pd.DataFrame, keep: Sequence[str] = ()) -> list[str]:
     """The columns that name a configuration: every hashable config field but the seed, plus ``keep``."""
-    from .results import CONFIG_FIELDS
+    from .results import CONFIG_FIELDS, DERIVED_CONFIG
 
-    cols = [c for c in df.columns if c in CONFIG_FIELDS and c != "seed" and df[c].map(_hashable).all()]
+    named = set(CONFIG_FIELDS) | set(DERIVED_CONFIG)
+    cols = [c for c in df.columns if c in named and c != "seed" and df[c].map(_hashable).all()]
     return list(dict.fromkeys(cols + [c for c in keep if c in df.columns and c != "seed"]))
 
 

@@ -217,6 +217,8 @@ def short_label(field: str, value: Any) -> str:
         return "aug" if value else "no-aug"
     if field == "epochs" and _num(value):
         return f"{int(value)} ep"
+    if field == "defence_family":
+        return str(value)
     name = GREEK.get(field, field)
     return f"{name}={value:g}" if _num(value) else f"{name}={value}"
 
@@ -251,7 +253,7 @@ def label_fields(df: pd.DataFrame, exclude: Sequence[str]) -> list[str]:
     """The config fields that tell the trials of ``df`` apart (a label needs nothing else), seed and ``exclude`` aside."""
     from .results import CONFIG_FIELDS
 
-    preferred = ["kappa", "augment", "epochs"]
+    preferred = ["defence_family", "kappa", "augment", "epochs"]
     fields = [c for c in preferred + [c for c in CONFIG_FIELDS if c not in preferred] if c in df.columns]
     varying = [c for c in fields if c not in exclude and c != "seed" and df[c].astype(str).nunique() > 1]
     return varying or [c for c in ("kappa",) if c in df.columns and c not in exclude]

@@ -193,10 +193,32 @@ def _read_results(tdir: Path) -> list[dict[str, Any]]:
     return out
 
 
+DERIVED_CONFIG = ("defence_family",)  # columns computed from config fields: they name configurations too
+
+
+def defence_family(filter_name: Any, kappa: Any, augment: Any) -> str:
+    """A trial's defence family, as frontiers label it: ``filter ss``, ``penalty``, ``augment``, joined by
+    `` + `` (``filter curvature + penalty``), or ``none``."""
+    parts = []
+    if isinstance(filter_name, str) and filter_name not in ("", "none"):
+        parts.append(f"filter {filter_name}")
+    if isinstance(kappa, int | float) and not pd.isna(kappa) and kappa > 0:
+        parts.append("penalty")
+    if augment is True or str(augment).lower() == "true":
+        parts.append("augment")
+    return " + ".join(parts) or "none"
+
+
 def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     df["kind"] = df["kind"].fillna("network") if "kind" in df.columns else "network"
+    if "defence_filter" in df.columns and df["defence_filter"].fillna("none").ne("none").any():
+        # a sweep over filtering defences: each point says its family (filter, penalty, both)
+        df["defence_family"] = [
+            defence_family(f, k, a)
+            for f, k, a in zip(df["defence_filter"], df.get("kappa", 0.0), df.get("augment", False), strict=True)
+        ]
     first = [c for c in ("sweep", "status", "theta", "kappa", "augment", "epochs", "seed") if c in df.columns]
     return df[first + [c for c in df.columns if c not in first]].reset_index(drop=True)
 

@@ -56,7 +56,8 @@ def estimate_parts(cfg) -> dict[str, float]:
 
     d = dataset_entry(cfg.dataset).pixels
     per = model_entry(cfg.model).cost(cfg.model) * d / 3072  # the model registry's step cost, per 3072 values
-    train = cfg.epochs * _train_size(cfg) * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
+    epochs = getattr(cfg, "total_epochs", cfg.epochs)  # a filtering defence trains twice
+    train = epochs * _train_size(cfg) * per * (2.8 if cfg.kappa > 0 else 1.0) * 1.2
     n = min(cfg.hessian_samples, _train_size(cfg))
     if not cfg.hessian:
         spectrum = 0.0
@@ -96,6 +97,8 @@ class Measured:
             epochs, kappa = int(params["epochs"]), float(params["kappa"])
         except (KeyError, ValueError):
             return
+        if params.get("defence_filter", "none") != "none":  # trained twice: train_seconds holds both stages
+            epochs *= 2
         self.n_trials += 1
         if metrics.get("train_seconds", 0) > 0 and epochs > 0 and train_size > 0:
             self.train[(model, ds, kappa > 0)].append(metrics["train_seconds"] / (epochs * train_size))
@@ -176,7 +179,7 @@ def estimate(cfg, measured: Measured) -> tuple[float, str]:
     same, other = measured.train.get((*key, cfg.kappa > 0)), measured.train.get((*key, not cfg.kappa > 0))
     if same or other:
         per = _median(same) if same else _median(other) * (PENALTY_FACTOR if cfg.kappa > 0 else 1 / PENALTY_FACTOR)
-        parts["train"] = per * cfg.epochs * size
+        parts["train"] = per * getattr(cfg, "total_epochs", cfg.epochs) * size
         sources.append(f"train {len(same or other)}")
     spec = measured.spectrum.get((*key, cfg.hessian_method))
     if cfg.hessian and spec:

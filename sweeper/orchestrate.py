@@ -125,8 +125,12 @@ def start_ray(address: str | None) -> None:
         include_dashboard=False, configure_logging=False, log_to_driver=logs.verbose(), runtime_env=runtime_env
     )
     try:
-        if address in (None, "local"):
-            ray.init(**kwargs)
+        if address is None and os.environ.get("RAY_ADDRESS"):
+            ray.init(**kwargs)  # joins RAY_ADDRESS, as Ray documents
+        elif address in (None, "local"):
+            # a new local instance, always: a bare ray.init() joins whatever /tmp/ray/ray_current_cluster
+            # names, and a stale file (a head killed without `ray stop`) left it waiting on a dead GCS for minutes
+            ray.init(address="local", **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -32,7 +32,7 @@ def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: b
     if not console.is_terminal:  # logs and CI: a plain line per epoch, one per 5 Lanczos steps
 
         def log(m: dict) -> None:
-            print(f"epoch {m['epoch']}/{cfg.epochs} {_describe(m)}", file=sys.stderr, flush=True)
+            print(f"epoch {m['epoch']}/{cfg.total_epochs} {_describe(m)}", file=sys.stderr, flush=True)
 
         def log_lanczos(i: int) -> None:  # i counts steps over every round (20 + 40 + 80 + 160 at most)
             if i == 1 or i % 5 == 0 or i == cfg.hessian_iterations:
@@ -53,7 +53,7 @@ def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: b
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("epochs", total=cfg.epochs, info="")
+        task = progress.add_task("epochs", total=cfg.total_epochs, info="")
         lanczos = progress.add_task("Lanczos", total=cfg.hessian_iterations, info="input Hessian", visible=False)
 
         def on_epoch(m: dict) -> None:

@@ -474,3 +474,60 @@ def test_every_way_of_giving_seeds_makes_one_seed_column(seeds, sets, file_seeds
     rows = [{**c.to_dict(), "status": "completed", "clean_acc": 0.9, "asr": 0.1} for c in configs]
     text = sweep_summary(rows, axes + ["seed"])  # the caller's list may repeat seed: still one column
     assert text.splitlines()[0].split().count("seed") <= 1
+
+
+def test_a_sweep_over_defence_families_draws_one_frontier_labelled_by_family(tmp_path, capsys):
+    """defence_filter x kappa in one grid: the frontier names each point's family, cost is a third objective."""
+    st = str(tmp_path)
+    argv = ["run", "--theta", "0.1", "--kappa", "0,100", "--set", "defence_filter=none,ss", *FAST]
+    code, out, err = cli([*argv, "--set", "hessian=false", "--name", "fam", "--storage", st, "--quiet"], capsys)
+    assert code == 0, err
+    assert "4 completed" in out
+    df = load_results("fam", st, source="mlflow")
+    assert sorted(df["defence_family"]) == ["filter ss", "filter ss + penalty", "none", "penalty"]
+    filtered = df[df["defence_filter"] == "ss"]
+    assert filtered["pre_filter_asr"].notna().all() and filtered["filter_removed"].gt(0).all()
+    assert df[df["defence_filter"] == "none"]["filter_removed"].isna().all()  # trained once, as always
+    code, out, err = cli(
+        ["frontier", "fam", "--storage", st, "--objectives", "clean_acc:max,asr:min,train_seconds:min"], capsys
+    )
+    assert code == 0, err
+    assert "(clean_acc max, asr min, train_seconds min)" in out and "defence_family" in out.splitlines()[1]
+    code, out, err = cli(["report", "fam", "--storage", st], capsys)
+    assert code == 0, err
+    assert "defence_family" in pd.read_csv(tmp_path / "fam-report" / "results.csv").columns
+
+
+def test_a_stale_ray_cluster_file_does_not_hold_a_local_sweep(tmp_path, capsys):
+    """A head killed without `ray stop` leaves /tmp/ray/ray_current_cluster behind; a bare ray.init() joins the
+    address it names and waits minutes on a dead GCS. A local sweep starts its own instance instead."""
+    from pathlib import Path
+
+    f = Path("/tmp/ray/ray_current_cluster")  # where ray.init() looks for a running head
+    old = f.read_text() if f.exists() else None
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text("192.0.2.1:6379")  # TEST-NET-1: nothing answers there
+    try:
+        t0 = time.monotonic()
+        argv = [
+            "run",
+            "--theta",
+            "0.1",
+            "--kappa",
+            "0",
+            *FAST,
+            "--set",
+            "hessian=false",
+            "--name",
+            "st",
+            "--storage",
+            str(tmp_path),
+        ]
+        code, out, err = cli([*argv, "--quiet"], capsys)
+        assert code == 0 and "1 completed" in out, err
+        assert time.monotonic() - t0 < 120
+    finally:
+        if old is None:
+            f.unlink(missing_ok=True)
+        else:
+            f.write_text(old)

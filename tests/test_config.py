@@ -73,6 +73,9 @@ BAD = [
     ("mmbd_starts", 0, "[1, 10000]"),
     ("target_mode", "one-to-one", "all-to-one, all-to-all"),
     ("cover_fraction", 1.0, "[0, 1)"),
+    ("defence_filter", "pca", "one of none, curvature, ss, ac"),
+    ("filter_fraction", 0.0, "(0, 0.5]"),
+    ("filter_scope", "target", "one of class, pooled"),
     ("sig_delta", 0.0, "(0, 1]"),
     ("sig_frequency", 4, "[1, 3] (image side / 2 - 1)"),  # W/2 periods vanish at every pixel
 ]

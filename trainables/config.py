@@ -76,6 +76,18 @@ def _model_syntax() -> str:
     return model_syntax()
 
 
+def _filters() -> list[str]:
+    from trainables.defence.filtering import filter_names
+
+    return filter_names()
+
+
+def _filter_help() -> str:
+    from trainables.defence.filtering import filter_help
+
+    return filter_help()
+
+
 def _penalties() -> str:
     from trainables.defence.penalty import PENALTIES
 
@@ -223,6 +235,24 @@ class TrialConfig(ConfigFields):
     crop_padding: int | None = DEFENCE(
         None, Interval(int, 0, SIDE), "Zero padding of the random crop", unit="px", derived="4, or 1 on 8x8"
     )
+    defence_filter: str = DEFENCE(
+        "none",
+        Options(_filters, _filter_help),
+        "Filter and retrain: after training, score every training sample, remove the most suspicious "
+        "(filter_fraction, filter_scope) and train again from scratch with the same seed, kappa and augmentation "
+        "(the defender holds the training set)",
+    )
+    filter_fraction: float = DEFENCE(
+        0.1,
+        Interval(float, 0, 0.5, closed="right"),
+        "Share of the training set a filter removes (ignored without a defence_filter)",
+    )
+    filter_scope: str = DEFENCE(
+        "class",
+        Options(("class", "pooled")),
+        "Where a filter removes from: class = the highest-scoring samples of the class it suspects (all-to-one "
+        "poisons share one label); pooled = the highest scores of the whole training set",
+    )
     # --- optimisation -----------------------------------------------------------
     epochs: int = OPTIM(15, Interval(int, 1, 100_000), "Passes over the training set")
     lr: float | None = OPTIM(
@@ -341,6 +371,11 @@ class TrialConfig(ConfigFields):
         return spectrum_split(self.hessian_split, self.poison_mode)
 
     @property
+    def total_epochs(self) -> int:
+        """Epochs the trial trains in all: ``epochs``, twice under a filtering defence (train, then retrain)."""
+        return self.epochs * (1 if self.defence_filter == "none" else 2)
+
+    @property
     def num_classes(self) -> int:
         """Number of classes of the dataset."""
         return DATASETS[self.dataset].classes
@@ -375,6 +410,13 @@ def _validate_attack(cfg: TrialConfig) -> None:
         fail("target_mode", cfg.target_mode, f"must be all-to-one with the clean-label trigger {cfg.trigger}")
     if cfg.cover_fraction > 0 and entry is not None and entry.clean_label:
         fail("cover_fraction", cfg.cover_fraction, f"must be 0 with the clean-label trigger {cfg.trigger}")
+    if cfg.defence_filter != "none" and cfg.poison_mode != "deterministic":  # nothing fixed to find and remove
+        fail(
+            "defence_filter",
+            cfg.defence_filter,
+            "must be none under stochastic poisoning (the poisons are redrawn "
+            "every epoch); valid with poison_mode=deterministic",
+        )
 
 
 def _validate_extra(cfg: TrialConfig) -> None:

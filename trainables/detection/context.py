@@ -160,7 +160,8 @@ class TrainingSet:
 
     x: torch.Tensor  # (N, C, H, W) normalized, the trigger applied where poisoned
     y: torch.Tensor  # (N,) labels as trained (the target where poisoned)
-    poison: torch.Tensor  # (N,) bool, the poisoned samples: evaluation only (per-sample AUROC), never a score
+    poison: torch.Tensor | None  # (N,) bool, the poisoned samples: evaluation only (per-sample AUROC), never a
+    # score; None where it is hidden (a filtering defence's scorers)
 
 
 @dataclass(frozen=True)

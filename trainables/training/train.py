@@ -25,6 +25,7 @@ from trainables.attack.triggers import TRIGGERS, make_trigger
 from trainables.config import SweeperError, TrialConfig
 from trainables.data.datasets import dataset_params, load_dataset
 from trainables.data.images import ImageData
+from trainables.defence.filtering import FILTERS, removal_quality, select_removed
 from trainables.defence.penalty import penalized_loss, per_sample_input_grad_sq
 from trainables.fields import EXTRA_FIELDS
 from trainables.networks.models import make_model
@@ -74,11 +75,18 @@ class Trial:
         self.model = make_model(cfg.model, cfg.image_shape, cfg.num_classes).to(self.device)
         if cfg.hessian:  # a method this model or budget cannot run is refused before training, not after
             self.hessian_plan()
+        if cfg.defence_filter != "none":
+            self._check_filter()
+            # the retrain starts from these same weights (from scratch, the same seed): kept, not re-drawn
+            self.initial_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
-        self.epoch = 0  # epochs completed
+        self.epoch = 0  # epochs completed, both stages of a filtering defence counted (steps never repeat)
+        self.stage_start = 0  # the epoch the current training began at: cfg.epochs once retraining
+        self.keep: torch.Tensor | None = None  # training samples kept by a filtering defence (None: all)
+        self.filter_report: dict[str, float] = {}  # pre_filter_* and filter_* metrics, once filtered
         self.history: list[dict[str, float]] = []
         self.status = "running"
         self.diverged_epoch: int | None = None
@@ -99,19 +107,54 @@ class Trial:
         """True once all epochs ran or training diverged."""
         return self.status != "running"
 
+    @property
+    def retraining(self) -> bool:
+        """True in a filtering defence's second stage (the retrain on the kept samples)."""
+        return self.keep is not None
+
+    def _check_filter(self) -> None:
+        """Refuse, before training, a filter this model or memory budget cannot run."""
+        cfg = self.cfg
+        entry = FILTERS[cfg.defence_filter]
+        if entry.piecewise_linear and not getattr(self.model, "piecewise_linear", False):
+            raise SweeperError(
+                f"defence_filter={cfg.defence_filter!r} is invalid for model {cfg.model!r}: its scores need a "
+                "piecewise-linear net (input Hessian J^T S J); valid for it: none, "
+                + ", ".join(n for n, e in FILTERS.items() if not e.piecewise_linear)
+            )
+        if cfg.defence_filter == "curvature":
+            from trainables.spectrum.exact_hessian import group_spectra_bytes, group_spectra_fit
+
+            c, h, w = cfg.image_shape
+            itemsize = 8 if cfg.hessian_dtype == "float64" else 4
+            chunk = min(cfg.eval_batch_size, len(self.data.train_y))
+            if not group_spectra_fit(
+                cfg.hessian_dense_mb * 2**20, cfg.num_classes, cfg.num_classes, c * h * w, itemsize, chunk
+            ):
+                need = group_spectra_bytes(cfg.num_classes, c * h * w) / 2**20
+                raise SweeperError(
+                    f"hessian_dense_mb={cfg.hessian_dense_mb} is too small for defence_filter=curvature: "
+                    f"{cfg.num_classes} class matrices of D={c * h * w} take {need:.0f} MiB beside a chunk of "
+                    f"{chunk} samples; raise hessian_dense_mb"
+                )
+
     # ------------------------------------------------------------------ training
     def train_epoch(self) -> dict[str, float]:
         """One pass over the (re-)poisoned training set; returns the epoch's metrics."""
         cfg, data = self.cfg, self.data
         t0 = time.perf_counter()
-        lr = lr_at(cfg, self.epoch)
+        lr = lr_at(cfg, self.epoch - self.stage_start)  # the schedule restarts with the retrain
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         mask = self.poisoner.mask_for_epoch()
         self.last_mask = mask
         labels = self.poisoner.poisoned_labels(mask)
         carry = self.poisoner.carriers(mask)  # the poisoned samples, and the adaptive attack's cover samples
-        perm = torch.randperm(len(labels), generator=self.generator).to(self.device)
+        if self.keep is None:
+            perm = torch.randperm(len(labels), generator=self.generator).to(self.device)
+        else:  # the retrain: the kept samples only
+            kept = torch.nonzero(self.keep).flatten()
+            perm = kept[torch.randperm(len(kept), generator=self.generator).to(self.device)]
         self.model.train()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # sample-weighted ce, penalty
         seen = 0
@@ -138,14 +181,18 @@ class Trial:
             "lr": lr,
             "train_loss": float(sums[0]) / n,
             "penalty": float(sums[1]) / n,
-            "n_poisoned": int(mask.sum()),
+            "n_poisoned": int(mask.sum()) if self.keep is None else int((mask & self.keep).sum()),
         }
+        if cfg.defence_filter != "none":
+            metrics["stage"] = 2 if self.retraining else 1
         if self.status == "diverged":
             metrics.update(train_loss=math.nan, penalty=math.nan)
         else:
             metrics.update(self.evaluate(mask, labels))
-            if self.epoch >= cfg.epochs:
+            if self.epoch >= cfg.total_epochs:
                 self.status = "completed"
+            elif self.epoch == cfg.epochs and not self.retraining:  # a filtering defence: score, remove, retrain
+                metrics.update(self.filter_and_restart(metrics))
             elif cfg.hessian and cfg.spectrum_every and self.epoch % cfg.spectrum_every == 0:
                 spec, _, _ = self.spectrum()  # onset of visibility during training
                 metrics.update(
@@ -177,6 +224,8 @@ class Trial:
             )
             labels = self.poisoner.poisoned_labels(mask)
         train_x = data.normalize(self.trigger.apply(data.train_x, self.poisoner.carriers(mask)))
+        if self.keep is not None:  # the samples trained on
+            train_x, labels = train_x[self.keep], labels[self.keep]
         n_f = min(1000, len(data.test_y))
         fisher = per_sample_input_grad_sq(self.model, self.test_x[:n_f], data.test_y[:n_f]).mean()
         return {
@@ -185,6 +234,57 @@ class Trial:
             "train_acc": self._accuracy(train_x, labels),
             "fisher_trace": float(fisher),
         }
+
+    # ------------------------------------------------------------------ filter and retrain
+    def filter_and_restart(self, trained: dict[str, float]) -> dict[str, float]:
+        """The filtering defence's turn, after the first training: score every training sample with
+        ``defence_filter`` (which never sees the poison mask), remove them per ``filter_fraction`` and
+        ``filter_scope``, score the removal against the mask, and restart from the initial weights and
+        the seed's shuffling on the kept samples. Returns the ``pre_filter_*`` and ``filter_*`` metrics
+        (also kept for the result); the time it took is part of this epoch's seconds."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        x, y, poison = self.trained_set()
+        found = FILTERS[cfg.defence_filter].fn(self.filter_context())
+        removed = select_removed(found.scores, y, found.suspect, cfg.filter_fraction, cfg.filter_scope)
+        report = {
+            "pre_filter_clean_acc": trained["clean_acc"],
+            "pre_filter_asr": trained["asr"],
+            "pre_filter_train_acc": trained["train_acc"],
+            **removal_quality(removed, poison, found.scores),
+            "filter_class": -1 if found.suspect is None else found.suspect,
+        }
+        self.artifacts["filter"] = {
+            "removed": torch.nonzero(removed).flatten().tolist(),
+            "suspect": found.suspect,
+            "details": found.details,
+        }
+        self.keep = ~removed.to(self.device)
+        self.stage_start = self.epoch
+        torch.manual_seed(cfg.seed)
+        self.model.load_state_dict(self.initial_model)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        report["filter_seconds"] = time.perf_counter() - t0
+        self.filter_report = report
+        return report
+
+    def filter_context(self) -> DetectionContext:
+        """What a filter reads: the model and the training set as trained, without its poison mask (a
+        defender does not know it), and the detection settings; no held-out data, no spectrum."""
+        from trainables.detection.context import DetectionContext, DetectionSettings, TrainingSet
+
+        x, y, _ = self.trained_set()
+        return DetectionContext(
+            model=self.model,
+            settings=DetectionSettings.from_config(self.cfg),
+            mean=self.data.mean,
+            std=self.data.std,
+            device=self.device,
+            training=TrainingSet(self.data.normalize(x), y, None),
+        )
 
     # ------------------------------------------------------------------ input-space analysis
     def hessian_data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,12 +310,16 @@ class Trial:
 
     def trained_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training set as (last) trained on: raw images with the trigger on the poisoned and cover
-        samples, the labels trained on, and the poison mask (the relabelled samples; none before training)."""
+        samples, the labels trained on, and the poison mask (the relabelled samples; none before training).
+        After a filtering defence, the kept samples only."""
         data, p = self.data, self.poisoner
         mask = p.fixed if p.fixed is not None else self.last_mask
         if mask is None:
             mask = torch.zeros_like(data.train_y, dtype=torch.bool)
-        return self.trigger.apply(data.train_x, p.carriers(mask)), p.poisoned_labels(mask), mask
+        x, y = self.trigger.apply(data.train_x, p.carriers(mask)), p.poisoned_labels(mask)
+        if self.keep is not None:  # after a filtering defence: what the retrain trained on
+            return x[self.keep], y[self.keep], mask[self.keep]
+        return x, y, mask
 
     def hessian_plan(self) -> tuple[str, str]:
         """(path, reason) the spectrum will use (:func:`trainables.spectrum.hessian.plan_spectrum`)."""
@@ -400,6 +504,9 @@ class Trial:
             "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python_rng": random.getstate(),
             "last_mask": self.last_mask,
+            "stage_start": self.stage_start,
+            "keep": self.keep,
+            "filter_report": self.filter_report,
             "analysis": self.analysis,
             "artifacts": self.artifacts,
         }
@@ -432,6 +539,10 @@ class Trial:
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         random.setstate(_as_tuple(state["python_rng"]))
         self.last_mask = state["last_mask"]
+        # written before filtering defences existed: one training, all samples
+        self.stage_start = int(state.get("stage_start", 0))
+        self.keep = state.get("keep")
+        self.filter_report = dict(state.get("filter_report") or {})
         self.analysis = dict(state["analysis"])
         self.artifacts = dict(state["artifacts"])
         if "cuda_rng" in state and self.device.type == "cuda":
@@ -458,7 +569,8 @@ class Trial:
         """Final metrics (the last epoch's) with history and status."""
         final = dict(self.history[-1]) if self.history else {}
         final.pop("epoch_seconds", None)
-        final["train_seconds"] = sum(h.get("epoch_seconds", 0.0) for h in self.history)
+        final["train_seconds"] = sum(h.get("epoch_seconds", 0.0) for h in self.history)  # both stages, filter too
+        final.update(self.filter_report)
         final.update(self.analysis)
         return TrialResult(
             config=self.cfg.to_dict(),
