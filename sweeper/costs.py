@@ -97,8 +97,9 @@ class Measured:
             epochs, kappa = int(params["epochs"]), float(params["kappa"])
         except (KeyError, ValueError):
             return
-        if params.get("defence_filter", "none") != "none":  # trained twice: train_seconds holds both stages
-            epochs *= 2
+        from trainables.config import total_epochs
+
+        epochs = total_epochs(epochs, params.get("defence_filter", "none"))  # train_seconds holds both stages
         self.n_trials += 1
         if metrics.get("train_seconds", 0) > 0 and epochs > 0 and train_size > 0:
             self.train[(model, ds, kappa > 0)].append(metrics["train_seconds"] / (epochs * train_size))

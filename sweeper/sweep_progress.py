@@ -27,8 +27,13 @@ def progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
         return text or str((trial.last_result or {}).get("trial_key") or trial.trial_id)
 
     def epoch_line(trial, result) -> str:
+        from trainables.config import total_epochs
+
+        cfg = trial.config["trial"]
+        total = total_epochs(cfg["epochs"], cfg.get("defence_filter", "none")) if "epochs" in cfg else None
+        stage = " (retrain)" if result.get("stage") == 2 else ""
         return (
-            f"{label(trial)} epoch {result.get('epoch')}/{trial.config['trial'].get('epochs')} "
+            f"{label(trial)} epoch {result.get('epoch')}/{total}{stage} "
             f"loss={result.get('train_loss', float('nan')):.3f} clean={result.get('clean_acc', float('nan')):.3f} "
             f"asr={result.get('asr', float('nan')):.3f}"
         )

@@ -373,12 +373,18 @@ class TrialConfig(ConfigFields):
     @property
     def total_epochs(self) -> int:
         """Epochs the trial trains in all: ``epochs``, twice under a filtering defence (train, then retrain)."""
-        return self.epochs * (1 if self.defence_filter == "none" else 2)
+        return total_epochs(self.epochs, self.defence_filter)
 
     @property
     def num_classes(self) -> int:
         """Number of classes of the dataset."""
         return DATASETS[self.dataset].classes
+
+
+def total_epochs(epochs: int, defence_filter: str = "none") -> int:
+    """The rule of :attr:`TrialConfig.total_epochs`, for a record's fields too: a filtering defence trains
+    ``epochs``, filters, and retrains ``epochs`` more."""
+    return int(epochs) * (1 if defence_filter == "none" else 2)
 
 
 def spectrum_split(hessian_split: str, poison_mode: str) -> str:
