@@ -1,4 +1,4 @@
-"""Filter-and-retrain defences (trainables/defence/filtering.py): the per-sample curvature share against a
+"""Filter-and-retrain defences (trainables/detection/filtering.py): the per-sample curvature share against a
 float64 reference, which samples a filter removes, how a removal is scored against the true mask, and the
 two-stage trial (hidden mask, theta 0, a kill during the retrain, ``none`` unchanged)."""
 
@@ -13,7 +13,7 @@ import torch
 
 from trainables.config import TrialConfig
 from trainables.data.images import load_digits
-from trainables.defence.filtering import (
+from trainables.detection.filtering import (
     FILTERS,
     FilterEntry,
     FilterScores,

@@ -77,15 +77,15 @@ def _model_syntax() -> str:
 
 
 def _filters() -> list[str]:
-    from trainables.defence.filtering import filter_names
+    from importlib import import_module  # by name: the registry sits above the config (detection)
 
-    return filter_names()
+    return import_module("trainables.detection.filtering").filter_names()
 
 
 def _filter_help() -> str:
-    from trainables.defence.filtering import filter_help
+    from importlib import import_module
 
-    return filter_help()
+    return import_module("trainables.detection.filtering").filter_help()
 
 
 def _penalties() -> str:

@@ -1,1 +1,2 @@
-"""Detection: trigger-agnostic statistics and the field's baselines, registries over a typed context."""
+"""Detection: trigger-agnostic statistics, the field's baselines and the per-sample scores of filtering
+defences, registries over a typed context."""

@@ -25,8 +25,8 @@ from trainables.attack.triggers import TRIGGERS, make_trigger
 from trainables.config import SweeperError, TrialConfig
 from trainables.data.datasets import dataset_params, load_dataset
 from trainables.data.images import ImageData
-from trainables.defence.filtering import FILTERS, removal_quality, select_removed
 from trainables.defence.penalty import penalized_loss, per_sample_input_grad_sq
+from trainables.detection.filtering import FILTERS, removal_quality, select_removed
 from trainables.fields import EXTRA_FIELDS
 from trainables.networks.models import make_model
 from trainables.spectrum.geometry import feature_geometry, features, geometry_summary
