@@ -250,8 +250,8 @@ class TrialConfig(ConfigFields):
     filter_scope: str = DEFENCE(
         "class",
         Options(("class", "pooled")),
-        "Where a filter removes from: class = the highest-scoring samples of the class it suspects (all-to-one "
-        "poisons share one label); pooled = the highest scores of the whole training set",
+        "Where a filter removes from: class = the highest-scoring samples of the class it suspects, at most half "
+        "of it (all-to-one poisons share one label); pooled = the highest scores of the whole training set",
     )
     # --- optimisation -----------------------------------------------------------
     epochs: int = OPTIM(15, Interval(int, 1, 100_000), "Passes over the training set")

@@ -16,10 +16,12 @@ the registry of per-sample scorers (``defence_filter`` names one; ``none`` train
   (Chen et al. 2018); the suspect class has the largest silhouette.
 
 Which samples go (:func:`select_removed`, ``filter_scope``): ``class`` (default) removes
-``round(filter_fraction * N)`` of the highest-scoring samples of the suspect class, at most all of it
-(under all-to-one every poisoned sample is labelled the target: a scorer that names the target and ranks
-its poisons first finds them all once ``filter_fraction >= theta``); ``pooled`` removes that many from
-the whole training set by score (all-to-all attacks spread the poisons over every class).
+``round(filter_fraction * N)`` of the highest-scoring samples of the suspect class, at most half of it
+(under all-to-one every poisoned sample is labelled the target, and they are fewer than its clean samples
+while theta (K - 1) < 1: a scorer that names the target and ranks its poisons first finds them all once
+``filter_fraction >= theta``; the cap bounds what a wrong suspect costs, half a class rather than all of
+it); ``pooled`` removes that many from the whole training set by score (all-to-all attacks spread the
+poisons over every class).
 
 Scorers read a :class:`~trainables.detection.context.DetectionContext` whose training set carries no
 poison mask: they cannot see which samples are poisoned. The trial scores what they removed against the
@@ -184,7 +186,7 @@ def select_removed(
     scores: torch.Tensor, labels: torch.Tensor, suspect: int | None, fraction: float, scope: str
 ) -> torch.Tensor:
     """The samples to remove, (N,) bool: ``round(fraction * N)`` of the highest scores, from the suspect
-    class only (``class`` scope; at most the whole class) or from all samples (``pooled``, or no suspect).
+    class only (``class`` scope; at most half of its samples) or from all samples (``pooled``, or no suspect).
     Ties go to the lower index (a stable order), so the same scores always remove the same samples."""
     import torch
 
@@ -193,6 +195,7 @@ def select_removed(
     pool = torch.arange(n)
     if scope == "class" and suspect is not None:
         pool = torch.nonzero(labels.cpu() == suspect).flatten()
+        k = min(k, len(pool) // 2)
     order = torch.sort(-scores[pool].double(), stable=True).indices
     removed = torch.zeros(n, dtype=torch.bool)
     removed[pool[order[: min(k, len(pool))]]] = True
