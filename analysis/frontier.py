@@ -160,7 +160,10 @@ def sweep_frontier(
             f"--group-by: column(s) {bad} not in the results; available: none, {', '.join(sorted(df.columns))}"
         )
     varying = varying_fields(df, sweep_meta(name, storage))
+    from .families import family_table
+
     return {
+        "families": family_table(df) if "defence_family" in df.columns else None,
         "frontier": seed_frontier(ok, objs, groups or None, aggregate),
         "objectives": objs,
         "groups": groups,

@@ -493,6 +493,7 @@ def test_a_sweep_over_defence_families_draws_one_frontier_labelled_by_family(tmp
     )
     assert code == 0, err
     assert "(clean_acc max, asr min, train_seconds min)" in out and "defence_family" in out.splitlines()[1]
+    assert "each defence family's best" in out and "filter ss + penalty" in out.split("each defence family")[1]
     code, out, err = cli(["report", "fam", "--storage", st], capsys)
     assert code == 0, err
     assert "defence_family" in pd.read_csv(tmp_path / "fam-report" / "results.csv").columns

@@ -97,6 +97,16 @@ def frontier_cmd(
     if defence and not res["detail"].empty:
         typer.echo("\nper threat (mean over seeds) of the frontier's defences:")
         typer.echo(res["detail"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    families = res.get("families")
+    if families is not None and not families.empty:
+        from analysis.families import MAX_DROP
+
+        typer.echo(
+            f"\neach defence family's best (seed means; the lowest ASR within {MAX_DROP:g} of the undefended "
+            "clean accuracy, else the lowest ASR):"
+        )
+        cols = [c for c in families.columns if c not in ("pre_filter_clean_acc", "pre_filter_asr")]
+        typer.echo(families[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     skipped = res["unfinished"]
     if not skipped.empty:
         typer.echo(
