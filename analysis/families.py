@@ -37,7 +37,7 @@ def family_table(
     ok = completed(df)
     if ok.empty or "defence_family" not in ok.columns:
         return pd.DataFrame()
-    cells = [c for c in threats if c in ok.columns and ok[c].nunique(dropna=False) > 1]
+    cells = [c for c in threats if c in ok.columns]
     config = [c for c in ("defence_family", "defence_filter", "kappa", "augment", "filter_fraction") if c in ok]
     metrics = [m for m in METRICS if m in ok.columns]
     keys = cells + config

@@ -322,6 +322,10 @@ def write_artifacts(result, folder: Path) -> list[Path]:
         p.write_text(json.dumps(art["detection"], indent=2, default=float))
         files.append(p)
     files += _detection_images(art.get("detection_images", {}), art.get("detection", {}), folder)
+    if "filter" in art:  # a filtering defence: the removed training indices, the suspect class, the scorer's details
+        p = folder / "filter.json"
+        p.write_text(json.dumps(art["filter"], default=float))
+        files.append(p)
     if result.history:
         p = folder / "history.json"
         p.write_text(json.dumps(result.history, default=float))

@@ -488,6 +488,11 @@ def test_a_sweep_over_defence_families_draws_one_frontier_labelled_by_family(tmp
     filtered = df[df["defence_filter"] == "ss"]
     assert filtered["pre_filter_asr"].notna().all() and filtered["filter_removed"].gt(0).all()
     assert df[df["defence_filter"] == "none"]["filter_removed"].isna().all()  # trained once, as always
+    meta = read_meta(st, "fam")
+    run = filtered["run_id"].iloc[0]
+    path = MlflowClient(meta.mlflow_uri).download_artifacts(run, "filter.json", str(tmp_path))
+    removed = json.loads(open(path).read())["removed"]
+    assert len(removed) == filtered["filter_removed"].iloc[0]  # which samples went, kept with the run
     code, out, err = cli(
         ["frontier", "fam", "--storage", st, "--objectives", "clean_acc:max,asr:min,train_seconds:min"], capsys
     )
