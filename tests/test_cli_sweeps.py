@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -491,7 +492,7 @@ def test_a_sweep_over_defence_families_draws_one_frontier_labelled_by_family(tmp
     meta = read_meta(st, "fam")
     run = filtered["run_id"].iloc[0]
     path = MlflowClient(meta.mlflow_uri).download_artifacts(run, "filter.json", str(tmp_path))
-    removed = json.loads(open(path).read())["removed"]
+    removed = json.loads(Path(path).read_text())["removed"]
     assert len(removed) == filtered["filter_removed"].iloc[0]  # which samples went, kept with the run
     code, out, err = cli(
         ["frontier", "fam", "--storage", st, "--objectives", "clean_acc:max,asr:min,train_seconds:min"], capsys
@@ -507,8 +508,6 @@ def test_a_sweep_over_defence_families_draws_one_frontier_labelled_by_family(tmp
 def test_a_stale_ray_cluster_file_does_not_hold_a_local_sweep(tmp_path, capsys):
     """A head killed without `ray stop` leaves /tmp/ray/ray_current_cluster behind; a bare ray.init() joins the
     address it names and waits minutes on a dead GCS. A local sweep starts its own instance instead."""
-    from pathlib import Path
-
     f = Path("/tmp/ray/ray_current_cluster")  # where ray.init() looks for a running head
     old = f.read_text() if f.exists() else None
     f.parent.mkdir(parents=True, exist_ok=True)
