@@ -248,3 +248,14 @@ def test_cli_trial_reports_the_filter_and_a_kill_in_the_retrain_resumes_it(tmp_p
     for key in ACCEPTANCE:
         assert key in got["metrics"], key
     assert got["metrics"]["clean_acc"] == want["metrics"]["clean_acc"]
+
+
+def test_curvature_filter_that_does_not_fit_the_memory_budget_is_refused_before_training(mnist_dir, capsys):
+    from sweeper.cli import main
+
+    capsys.readouterr()
+    args = ["trial", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--no-verify-checksums", "--epochs", "1"]
+    assert main([*args, "--set", "defence_filter=curvature", "--set", "hessian_dense_mb=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch" not in err[0], err
+    assert "hessian_dense_mb=16 is too small for defence_filter=curvature" in err[0] and "raise" in err[0]

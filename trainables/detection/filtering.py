@@ -64,6 +64,7 @@ class FilterEntry:
     fn: Callable[[DetectionContext], FilterScores]
     access: str = "training-set"
     piecewise_linear: bool = False  # needs the J^T S J identity (refused before training on a smooth model)
+    check: Callable[[Any, int], str | None] | None = None  # (config, training-set size) -> why it cannot run
 
     @property
     def doc(self) -> str:
@@ -103,6 +104,22 @@ def _curvature(ctx: DetectionContext) -> FilterScores:
         scores,
         suspect,
         {"lambda_1": gs.lambda_1.tolist(), "flip_max": float(table.concentration[best])},
+    )
+
+
+def _curvature_check(cfg: Any, train_size: int) -> str | None:
+    """The class matrices must fit ``hessian_dense_mb`` beside a chunk, as the ``class`` detector's do."""
+    from trainables.spectrum.exact_hessian import group_spectra_bytes, group_spectra_fit
+
+    d = math.prod(cfg.image_shape)
+    itemsize = 8 if cfg.hessian_dtype == "float64" else 4
+    chunk = min(cfg.eval_batch_size, train_size)
+    if group_spectra_fit(cfg.hessian_dense_mb * 2**20, cfg.num_classes, cfg.num_classes, d, itemsize, chunk):
+        return None
+    need = group_spectra_bytes(cfg.num_classes, d) / 2**20
+    return (
+        f"hessian_dense_mb={cfg.hessian_dense_mb} is too small for defence_filter=curvature: {cfg.num_classes} "
+        f"class matrices of D={d} take {need:.0f} MiB beside a chunk of {chunk} samples; raise hessian_dense_mb"
     )
 
 
@@ -177,7 +194,7 @@ def filter_help() -> str:
     return "; ".join(["none = train once", *(f"{e.name} = {e.doc}" for e in FILTERS.values())])
 
 
-register_filter(FilterEntry("curvature", _curvature, piecewise_linear=True))
+register_filter(FilterEntry("curvature", _curvature, piecewise_linear=True, check=_curvature_check))
 register_filter(FilterEntry("ss", _ss))
 register_filter(FilterEntry("ac", _ac))
 

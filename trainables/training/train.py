@@ -122,21 +122,9 @@ class Trial:
                 "piecewise-linear net (input Hessian J^T S J); valid for it: none, "
                 + ", ".join(n for n, e in FILTERS.items() if not e.piecewise_linear)
             )
-        if cfg.defence_filter == "curvature":
-            from trainables.spectrum.exact_hessian import group_spectra_bytes, group_spectra_fit
-
-            c, h, w = cfg.image_shape
-            itemsize = 8 if cfg.hessian_dtype == "float64" else 4
-            chunk = min(cfg.eval_batch_size, len(self.data.train_y))
-            if not group_spectra_fit(
-                cfg.hessian_dense_mb * 2**20, cfg.num_classes, cfg.num_classes, c * h * w, itemsize, chunk
-            ):
-                need = group_spectra_bytes(cfg.num_classes, c * h * w) / 2**20
-                raise SweeperError(
-                    f"hessian_dense_mb={cfg.hessian_dense_mb} is too small for defence_filter=curvature: "
-                    f"{cfg.num_classes} class matrices of D={c * h * w} take {need:.0f} MiB beside a chunk of "
-                    f"{chunk} samples; raise hessian_dense_mb"
-                )
+        why = entry.check(cfg, len(self.data.train_y)) if entry.check is not None else None
+        if why:
+            raise SweeperError(why)
 
     # ------------------------------------------------------------------ training
     def train_epoch(self) -> dict[str, float]:
