@@ -217,7 +217,12 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
         # a sweep over filtering defences: each point says its family (filter, penalty, both)
         df["defence_family"] = [
             defence_family(f, k, a)
-            for f, k, a in zip(df["defence_filter"], df.get("kappa", 0.0), df.get("augment", False), strict=True)
+            for f, k, a in zip(
+                df["defence_filter"],
+                df.get("kappa", pd.Series(0.0, index=df.index)),
+                df.get("augment", pd.Series(False, index=df.index)),
+                strict=True,
+            )
         ]
     first = [c for c in ("sweep", "status", "theta", "kappa", "augment", "epochs", "seed") if c in df.columns]
     return df[first + [c for c in df.columns if c not in first]].reset_index(drop=True)

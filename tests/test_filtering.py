@@ -207,7 +207,7 @@ def test_the_retrain_trains_on_the_kept_samples_from_the_initial_weights():
         t = Trial(cfg, DIGITS)
         t.keep = torch.ones(len(DIGITS.train_y), dtype=torch.bool)
         t.keep[removed] = False
-        t.stage_start = t.epoch = 2
+        t.epoch = 2  # the retrain's first epoch (a kept set makes it the retrain)
         assert t.train_epoch()["train_loss"] == res.history[2]["train_loss"]
 
 

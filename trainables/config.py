@@ -249,7 +249,7 @@ class TrialConfig(ConfigFields):
     )
     filter_scope: str = DEFENCE(
         "class",
-        Options(("class", "pooled")),
+        Options(_registry("detection.filtering", "SCOPES")),
         "Where a filter removes from: class = the highest-scoring samples of the class it suspects, at most half "
         "of it (all-to-one poisons share one label); pooled = the highest scores of the whole training set",
     )

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from trainables.detection.context import DetectionContext
 
-SCOPES: tuple[str, ...] = ("class", "pooled")  # which samples a filter may remove (filter_scope)
+SCOPES: tuple[str, ...] = ("class", "pooled")  # filter_scope's values (the config reads them here)
 
 
 @dataclass

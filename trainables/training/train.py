@@ -84,7 +84,6 @@ class Trial:
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
         self.epoch = 0  # epochs completed, both stages of a filtering defence counted (steps never repeat)
-        self.stage_start = 0  # the epoch the current training began at: cfg.epochs once retraining
         self.keep: torch.Tensor | None = None  # training samples kept by a filtering defence (None: all)
         self.filter_report: dict[str, float] = {}  # pre_filter_* and filter_* metrics, once filtered
         self.history: list[dict[str, float]] = []
@@ -131,7 +130,7 @@ class Trial:
         """One pass over the (re-)poisoned training set; returns the epoch's metrics."""
         cfg, data = self.cfg, self.data
         t0 = time.perf_counter()
-        lr = lr_at(cfg, self.epoch - self.stage_start)  # the schedule restarts with the retrain
+        lr = lr_at(cfg, self.epoch - (cfg.epochs if self.retraining else 0))  # the schedule restarts with the retrain
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         mask = self.poisoner.mask_for_epoch()
@@ -233,7 +232,7 @@ class Trial:
         cfg = self.cfg
         t0 = time.perf_counter()
         x, y, poison = self.trained_set()
-        found = FILTERS[cfg.defence_filter].fn(self.filter_context())
+        found = FILTERS[cfg.defence_filter].fn(self.filter_context(x, y))
         removed = select_removed(found.scores, y, found.suspect, cfg.filter_fraction, cfg.filter_scope)
         report = {
             "pre_filter_clean_acc": trained["clean_acc"],
@@ -248,7 +247,6 @@ class Trial:
             "details": found.details,
         }
         self.keep = ~removed.to(self.device)
-        self.stage_start = self.epoch
         torch.manual_seed(cfg.seed)
         self.model.load_state_dict(self.initial_model)
         self.optimizer = torch.optim.SGD(
@@ -259,12 +257,12 @@ class Trial:
         self.filter_report = report
         return report
 
-    def filter_context(self) -> DetectionContext:
-        """What a filter reads: the model and the training set as trained, without its poison mask (a
-        defender does not know it), and the detection settings; no held-out data, no spectrum."""
+    def filter_context(self, x: torch.Tensor, y: torch.Tensor) -> DetectionContext:
+        """What a filter reads: the model and the training set as trained (raw images ``x`` and labels ``y``
+        of :meth:`trained_set`), without its poison mask (a defender does not know it), and the detection
+        settings; no held-out data, no spectrum."""
         from trainables.detection.context import DetectionContext, DetectionSettings, TrainingSet
 
-        x, y, _ = self.trained_set()
         return DetectionContext(
             model=self.model,
             settings=DetectionSettings.from_config(self.cfg),
@@ -492,7 +490,6 @@ class Trial:
             "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python_rng": random.getstate(),
             "last_mask": self.last_mask,
-            "stage_start": self.stage_start,
             "keep": self.keep,
             "filter_report": self.filter_report,
             "analysis": self.analysis,
@@ -528,7 +525,6 @@ class Trial:
         random.setstate(_as_tuple(state["python_rng"]))
         self.last_mask = state["last_mask"]
         # written before filtering defences existed: one training, all samples
-        self.stage_start = int(state.get("stage_start", 0))
         self.keep = state.get("keep")
         self.filter_report = dict(state.get("filter_report") or {})
         self.analysis = dict(state["analysis"])
