@@ -5,10 +5,13 @@ A detection statistic is judged over many models, as in the Trojan Detection Cha
 trigger... every config field that varies except theta and the seed), the poisoned models at one
 theta > 0 against the clean models (theta = 0) of the same cell:
 
-* **AUROC** (scikit-learn's ``roc_auc_score``) with a **bootstrap 95% interval** over models
-  (resampled with replacement within the poisoned and the clean group, seeded, percentile interval);
-* **TPR at 5% FPR** (the largest true-positive rate of ``roc_curve`` whose false-positive rate is
+* **AUROC** (the Mann-Whitney statistic, scikit-learn's ``roc_auc_score``) with a **bootstrap 95%
+  interval** over models (resampled with replacement within the poisoned and the clean group, seeded,
+  percentile interval);
+* **TPR at 5% FPR** (the largest true-positive rate of the full ROC curve whose false-positive rate is
   at most 0.05).
+
+Both are rank arithmetic on arrays (:mod:`analysis.roc`, checked against scikit-learn to 1e-12).
 
 Directions are fixed in advance, never chosen per cell to maximise the AUROC: every statistic is
 oriented so that higher means more suspicious by the registry of the trial code
@@ -39,6 +42,7 @@ from trainables.detection.context import LEVELS
 from trainables.detection.statistics import ORACLES as STATISTIC_ORACLES
 
 from .results import CONFIG_FIELDS, completed
+from .roc import auroc_with_ci, roc_curve, tpr_at_fpr
 
 ORACLES = tuple(STATISTIC_ORACLES)  # need the trigger: upper references, not detectors
 NOT_DEFENCE = {"theta", "seed", "data_dir", "download", "verify_checksums", "device", "threads", "kind"}
@@ -90,60 +94,6 @@ def defence_fields(df: pd.DataFrame) -> list[str]:
         and c not in NOT_DEFENCE
         and df[c].map(lambda v: v if isinstance(v, int | float | str | bool) else str(v)).nunique(dropna=False) > 1
     ]
-
-
-def _ranked(poisoned: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The two groups' scores without NaN, as their ranks in the pooled scores (ties share a rank): the
-    AUROC and the ROC curve depend on the order only, and ranks keep an infinite score (a p-value that
-    underflowed) in order where scikit-learn refuses it."""
-    from scipy.stats import rankdata
-
-    p = np.asarray(poisoned, dtype=float)
-    c = np.asarray(clean, dtype=float)
-    p, c = p[~np.isnan(p)], c[~np.isnan(c)]
-    ranks = rankdata(np.r_[p, c]) if len(p) + len(c) else np.empty(0)
-    return ranks[: len(p)], ranks[len(p) :]
-
-
-def auroc_with_ci(
-    poisoned: np.ndarray, clean: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """AUROC of telling ``poisoned`` scores from ``clean`` ones, with a stratified bootstrap percentile
-    interval over models. NaN scores are dropped; NaN when either group is empty."""
-    from sklearn.metrics import roc_auc_score
-
-    p, c = _ranked(poisoned, clean)
-    if len(p) == 0 or len(c) == 0:
-        return math.nan, math.nan, math.nan
-    y = np.r_[np.ones(len(p)), np.zeros(len(c))]
-    auc = float(roc_auc_score(y, np.r_[p, c]))
-    rng = np.random.default_rng(seed)
-    # A resample's AUROC is the Mann-Whitney statistic (ties count half, as roc_auc_score's trapezoids do):
-    # the mean over its (poisoned, clean) pairs of the pair's win. From how often each model was drawn, that
-    # is one product with the pairwise win matrix per resample instead of one roc_auc_score call (~3 ms) each.
-    win = (p[:, None] > c[None, :]) + 0.5 * (p[:, None] == c[None, :])
-    boots = np.empty(n_boot)
-    step = max(1, 1_000_000 // max(len(p), len(c)))  # resamples per block: memory stays bounded
-    for start in range(0, n_boot, step):
-        m = min(step, n_boot - start)
-        n_p, n_c = np.empty((m, len(p))), np.empty((m, len(c)))
-        for b in range(m):  # resample models within each group (both stay present), in the seeded order
-            n_p[b] = np.bincount(rng.integers(0, len(p), len(p)), minlength=len(p))
-            n_c[b] = np.bincount(rng.integers(0, len(c), len(c)), minlength=len(c))
-        boots[start : start + m] = ((n_p @ win) * n_c).sum(axis=1) / (len(p) * len(c))
-    lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return auc, float(lo), float(hi)
-
-
-def tpr_at_fpr(poisoned: np.ndarray, clean: np.ndarray, fpr: float = 0.05) -> float:
-    """The largest true-positive rate whose false-positive rate is at most ``fpr``."""
-    from sklearn.metrics import roc_curve
-
-    p, c = _ranked(poisoned, clean)
-    if len(p) == 0 or len(c) == 0:
-        return math.nan
-    f, t, _ = roc_curve(np.r_[np.ones(len(p)), np.zeros(len(c))], np.r_[p, c])
-    return float(t[f <= fpr + 1e-12].max())
 
 
 def check_population(df: pd.DataFrame) -> None:
@@ -285,8 +235,6 @@ def roc_points(
     df: pd.DataFrame, statistic: str, theta: float, cell: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) of one statistic at one theta against the clean models of the same cell."""
-    from sklearn.metrics import roc_curve
-
     ok = completed(df)
     for k, v in (cell or {}).items():
         ok = ok[ok[k] == v]
@@ -294,8 +242,7 @@ def roc_points(
     c = ok.loc[ok["theta"] == 0, statistic].dropna().to_numpy()
     if len(p) == 0 or len(c) == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 1.0])
-    f, t, _ = roc_curve(np.r_[np.ones(len(p)), np.zeros(len(c))], np.r_[p, c])
-    return f, t
+    return roc_curve(p, c)
 
 
 LEVEL_TEXT = {

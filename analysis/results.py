@@ -84,21 +84,11 @@ def sweep_meta(name: str, storage: str | Path = "./sweeps") -> schema.SweepMeta 
     return schema.read_meta(storage, name)
 
 
-def _experiment_runs(uri: str, name: str) -> tuple[list, list]:
-    """(trial runs, sweep parent runs) of experiment ``name``."""
-    c = schema.client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is None:
-        raise SweeperError(f"no MLflow experiment {name!r} at {uri}")
-    runs, token = [], None
-    while True:
-        page = c.search_runs([exp.experiment_id], max_results=5000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    trials = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "trial"]
-    parents = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"]
+def _experiment_runs(uri: str, name: str) -> tuple[list[schema.RunRecord], list[schema.RunRecord]]:
+    """(trial runs, sweep parent runs) of experiment ``name``: one read of the store (:func:`schema.experiment_runs`)."""
+    runs = schema.experiment_runs(uri, name)
+    trials = [r for r in runs if r.tags.get(schema.TAG_KIND) == "trial"]
+    parents = [r for r in runs if r.tags.get(schema.TAG_KIND) == "sweep"]
     return trials, parents
 
 
@@ -107,10 +97,10 @@ def results_from_mlflow(name: str, uri: str) -> pd.DataFrame:
     trials, _ = _experiment_runs(uri, name)
     rows, fields = [], config_fields()
     for r in trials:
-        tags = r.data.tags
+        tags = r.tags
         row = {
             "sweep": name,
-            "run_id": r.info.run_id,
+            "run_id": r.run_id,
             "trial_key": tags.get(schema.TAG_KEY),
             "trial_id": tags.get(schema.TAG_TRIAL_ID),
             "status": tags.get(schema.TAG_STATUS, "running"),
@@ -118,8 +108,8 @@ def results_from_mlflow(name: str, uri: str) -> pd.DataFrame:
         }
         if schema.TAG_DEFENCE in tags:  # a model of a defence search
             row["defence_key"] = tags[schema.TAG_DEFENCE]
-        config = {k: _typed(k, v) for k, v in r.data.params.items()}
-        row.update(schema.trial_row(config, r.data.metrics, fields))
+        config = {k: _typed(k, v) for k, v in r.params.items()}
+        row.update(schema.trial_row(config, r.metrics, fields))
         rows.append(row)
     return _tidy(pd.DataFrame(rows))
 
@@ -372,12 +362,12 @@ def load_history(
         trials, _ = _experiment_runs(uri, name)
         for r in trials:
             for m in metrics:
-                for point in c.get_metric_history(r.info.run_id, m):
+                for point in c.get_metric_history(r.run_id, m):
                     rows.append(
                         {
                             "sweep": name,
-                            "run_id": r.info.run_id,
-                            "trial_key": r.data.tags.get(schema.TAG_KEY),
+                            "run_id": r.run_id,
+                            "trial_key": r.tags.get(schema.TAG_KEY),
                             "epoch": point.step,
                             "metric": m,
                             "value": point.value,
@@ -413,4 +403,4 @@ def load_history(
 def parent_run_id(name: str, uri: str) -> str | None:
     """The sweep's parent MLflow run."""
     _, parents = _experiment_runs(uri, name)
-    return parents[0].info.run_id if parents else None
+    return parents[0].run_id if parents else None

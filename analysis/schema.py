@@ -17,6 +17,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 from trainables.config import SweeperError
 from trainables.record import (  # noqa: F401 - the record format, re-exported: readers name it schema.TAG_KEY, ...
@@ -140,6 +141,93 @@ def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[st
         except (sqlite3.Error, ValueError):
             pass
     return trial_statuses_mlflow(uri, experiment_id, kind)
+
+
+class RunRecord(NamedTuple):
+    """One MLflow run as the analysis reads it: its id, tags, params (strings) and latest metrics."""
+
+    run_id: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
+    """Every active run of experiment ``experiment`` in the embedded SQLite store ``uri`` (tags, params and
+    latest metrics), read-only in one query, in the order MLflow's ``search_runs`` gives (start time
+    descending, then run id). None when the store cannot be read this way (not SQLite, an unexpected
+    schema, a locked file): callers then go through MLflow's client, which a test compares with this.
+
+    Why: MLflow's client builds an ORM object per metric and param (0.8 s for 100 runs of 160 values,
+    seconds at 1,000), and importing it takes another second; the table arithmetic after it takes
+    milliseconds. The SQL follows MLflow's own reader: a NaN metric is stored as 0 with ``is_nan``.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    import sqlite3
+
+    path = uri[len("sqlite:///") :]
+    if not Path(path).is_file():
+        return None
+    runs = (
+        "SELECT run_uuid, start_time FROM runs WHERE lifecycle_stage = 'active' AND experiment_id = "
+        "(SELECT experiment_id FROM experiments WHERE name = ?)"
+    )
+    sql = (
+        f"WITH r AS ({runs}) "
+        "SELECT r.run_uuid, r.start_time, 0, t.key, t.value, 0 FROM r JOIN tags t ON t.run_uuid = r.run_uuid "
+        "UNION ALL SELECT r.run_uuid, r.start_time, 1, p.key, p.value, 0 FROM r JOIN params p "
+        "ON p.run_uuid = r.run_uuid "
+        "UNION ALL SELECT r.run_uuid, r.start_time, 2, m.key, m.value, m.is_nan FROM r JOIN latest_metrics m "
+        "ON m.run_uuid = r.run_uuid"
+    )
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = con.execute(sql, (experiment,)).fetchall()
+            if not rows:  # no run, or no such experiment: the client says which, in its words
+                return None
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    out: dict[str, RunRecord] = {}
+    start: dict[str, int] = {}
+    for run_id, started, what, key, value, is_nan in rows:
+        rec = out.get(run_id)
+        if rec is None:
+            rec = out[run_id] = RunRecord(run_id, {}, {}, {})
+            start[run_id] = started if started is not None else -1
+        if what == 0:
+            rec.tags[key] = value
+        elif what == 1:
+            rec.params[key] = value
+        else:
+            rec.metrics[key] = float("nan") if is_nan else float(value)
+    return sorted(out.values(), key=lambda r: (-start[r.run_id], r.run_id))
+
+
+def mlflow_runs(uri: str, experiment: str) -> list[RunRecord]:
+    """:func:`sqlite_runs` through MLflow's client (any store); an unknown experiment is an error."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SweeperError(f"no MLflow experiment {experiment!r} at {uri}")
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp.experiment_id], max_results=5000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [RunRecord(r.info.run_id, dict(r.data.tags), dict(r.data.params), dict(r.data.metrics)) for r in runs]
+
+
+def experiment_runs(uri: str, experiment: str) -> list[RunRecord]:
+    """Every active run of an experiment: from the SQLite file directly when the store is the embedded
+    one, else through MLflow's client."""
+    fast = sqlite_runs(uri, experiment)
+    return fast if fast is not None else mlflow_runs(uri, experiment)
 
 
 def trial_statuses_mlflow(uri: str, experiment_id: str, kind: str = "trial") -> dict[str, str]:

@@ -352,28 +352,15 @@ def _detection_images(images: dict, detection: dict, folder: Path) -> list[Path]
 
 
 def eigenvector_image(vectors, eigenvalues, overlaps, path: Path, titles: list[str] | None = None) -> Path:
-    """A row of (C, H, W) vectors as images (channel-mean for colour), like the paper's Figs 8 and 12."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A row of (C, H, W) vectors as images (channel-mean for colour), like the paper's Figs 8 and 12:
+    titled by ``titles``, else by eigenvalue (and the overlap with the trigger). Drawn with Pillow
+    (:mod:`sweeper.tile_images`): no matplotlib in the trial's process."""
+    from .tile_images import tiles_png
 
     k = vectors.shape[0]
-    fig, axes = plt.subplots(1, k, figsize=(2.0 * k, 2.3), squeeze=False)
-    for j in range(k):
-        img = vectors[j].float()
-        img = img.mean(0) if img.shape[0] > 1 else img[0]
-        lim = float(img.abs().max()) or 1.0
-        ax = axes[0, j]
-        ax.imshow(img.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if titles:
-            ax.set_title(titles[j], fontsize=8)
-        elif eigenvalues is not None:
-            ov = f"\ncos²={overlaps[j] ** 2:.2f}" if overlaps is not None else ""
-            ax.set_title(f"v{j + 1}  λ={eigenvalues[j]:.3g}{ov}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    if titles is None and eigenvalues is not None:
+        titles = [
+            f"v{j + 1}  λ={eigenvalues[j]:.3g}" + (f"\ncos²={overlaps[j] ** 2:.2f}" if overlaps is not None else "")
+            for j in range(k)
+        ]
+    return tiles_png(vectors, titles or [], path)

@@ -25,6 +25,24 @@ def test_digits_is_a_fixed_stratified_split_in_unit_range():
     assert counts.min() >= 35 and counts.max() <= 37  # stratified
 
 
+def test_digits_cache_holds_scikit_learns_split_and_a_broken_one_is_rebuilt(tmp_path, monkeypatch):
+    """Trials read digits from a cache (no scikit-learn import in each trial's process): the same tensors
+    as scikit-learn's split; a cache cut short is rebuilt, an unwritable one skipped."""
+    from trainables.data import images
+
+    monkeypatch.setattr(images, "DIGITS_CACHE", tmp_path / "cache")
+    first = load_digits()  # scikit-learn's split, then written
+    (cache,) = (tmp_path / "cache").glob("digits-*.npz")
+    again = load_digits()  # from the cache
+    for k in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
+        assert torch.equal(getattr(first, k), getattr(again, k)), k
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short by a kill
+    assert torch.equal(load_digits().train_x, first.train_x)
+    assert cache.stat().st_size > 1000  # rebuilt
+    monkeypatch.setattr(images, "DIGITS_CACHE", Path("/proc/no-such-cache"))
+    assert torch.equal(load_digits().test_y, first.test_y)
+
+
 def test_mnist_reader_parses_real_idx_files(mnist_dir):
     data = load_dataset("mnist", mnist_dir, verify=False)
     assert data.train_x.shape == (200, 1, 28, 28) and data.test_x.shape == (60, 1, 28, 28)

@@ -21,6 +21,32 @@ def test_mlflow_and_ray_folder_give_the_same_rows(grid_sweep):
     assert (a["run_id"] == b["run_id"]).all() and a["trial_key"].is_unique
 
 
+def test_the_direct_sqlite_read_equals_mlflows_client(grid_sweep, tmp_path):
+    """The embedded store is read in one SQL query; MLflow's client must give the same runs, in the same
+    order, with the same tags, params and latest metrics (NaN included)."""
+    import math
+    import sqlite3
+
+    from analysis import schema
+
+    storage, _ = grid_sweep
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    fast, slow = schema.sqlite_runs(uri, "grid"), schema.mlflow_runs(uri, "grid")
+    assert fast is not None and len(fast) == len(slow) == 7  # 6 trials and the sweep's parent run
+    assert [r.run_id for r in fast] == [r.run_id for r in slow]
+    for a, b in zip(fast, slow, strict=True):
+        assert a.tags == b.tags and a.params == b.params and a.metrics.keys() == b.metrics.keys()
+        for k, v in a.metrics.items():
+            assert v == b.metrics[k] or (math.isnan(v) and math.isnan(b.metrics[k])), k
+    assert any(math.isnan(v) for r in fast for v in r.metrics.values())  # the diverged trials' NaN came through
+    # what it cannot read, it leaves to MLflow's client: another store, no such experiment, a foreign file
+    assert schema.sqlite_runs("http://127.0.0.1:1", "grid") is None
+    assert schema.sqlite_runs(uri, "nosuch") is None
+    foreign = tmp_path / "foreign.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE t (x)").connection.commit()
+    assert schema.sqlite_runs(f"sqlite:///{foreign}", "grid") is None
+
+
 def test_ray_folder_is_used_when_mlflow_is_gone(grid_sweep, tmp_path):
     storage, _ = grid_sweep
     copy = tmp_path / "copy"

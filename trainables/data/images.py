@@ -306,15 +306,59 @@ def _bundle(name: str, train_x, train_y, test_x, test_y, num_classes: int) -> Im
     return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes)
 
 
+DIGITS_CACHE = Path("~/.cache/sweeper")  # digits-<scikit-learn version>.npz: the split, as arrays
+
+
 def load_digits() -> ImageData:
-    """scikit-learn's 8x8 handwritten digits with a fixed stratified 80/20 split."""
+    """scikit-learn's 8x8 handwritten digits with a fixed stratified 80/20 split.
+
+    The split arrays are kept in ``~/.cache/sweeper/digits-<scikit-learn version>.npz`` after the first
+    load: importing scikit-learn takes about a second, and every trial of a sweep runs in a fresh
+    process. The cache is keyed by scikit-learn's version (its split decides the numbers) and rebuilt
+    when unreadable; a cache that cannot be written is skipped.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        cache = DIGITS_CACHE.expanduser() / f"digits-{version('scikit-learn')}.npz"
+    except PackageNotFoundError:
+        cache = None
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                return _bundle("digits", z["train_x"], z["train_y"], z["test_x"], z["test_y"], 10)
+        except Exception:  # cut short (a BadZipFile), foreign or unreadable: rebuilt below
+            pass
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
     d = sk_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]  # pixel values are 0..16
     tr, te = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0, stratify=d.target)
-    return _bundle("digits", x[tr], d.target[tr], x[te], d.target[te], 10)
+    arrays = {"train_x": x[tr], "train_y": d.target[tr], "test_x": x[te], "test_y": d.target[te]}
+    if cache is not None:
+        _write_cache(cache, arrays)
+    return _bundle("digits", arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"], 10)
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` into ``path`` atomically (concurrent trials may write it at once); errors are ignored."""
+    import contextlib
+    import os
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    except OSError:  # no cache folder here: the next load computes the split again
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _mnist_folder(root: Path, name: str) -> Path:
