@@ -358,21 +358,16 @@ def load_history(
     rows = []
     if source != "ray" and uri is not None:
         schema.check_uri(uri)  # seconds, not MLflow's minutes of retries against a dead server
-        c = schema.client(uri)
         trials, _ = _experiment_runs(uri, name)
-        for r in trials:
-            for m in metrics:
-                for point in c.get_metric_history(r.run_id, m):
-                    rows.append(
-                        {
-                            "sweep": name,
-                            "run_id": r.run_id,
-                            "trial_key": r.tags.get(schema.TAG_KEY),
-                            "epoch": point.step,
-                            "metric": m,
-                            "value": point.value,
-                        }
-                    )
+        keys = {r.run_id: r.tags.get(schema.TAG_KEY) for r in trials}
+        points = schema.sqlite_histories(uri, list(keys), tuple(metrics))  # one query on the embedded store
+        if points is None:  # any other store: one call per run and metric
+            c = schema.client(uri)
+            points = [(r, m, p.step, p.value) for r in keys for m in metrics for p in c.get_metric_history(r, m)]
+        rows = [
+            {"sweep": name, "run_id": r, "trial_key": keys[r], "epoch": step, "metric": m, "value": value}
+            for r, m, step, value in points
+        ]
     else:
         folder = schema.local_folder(storage, name)
         for tdir in sorted(p for p in folder.iterdir() if p.is_dir()):

@@ -207,6 +207,33 @@ def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
     return sorted(out.values(), key=lambda r: (-start[r.run_id], r.run_id))
 
 
+def sqlite_histories(uri: str, run_ids: list[str], metrics: tuple[str, ...]) -> list[tuple] | None:
+    """Every logged point of ``metrics`` of the runs ``run_ids`` in the embedded SQLite store, in one query:
+    (run id, metric, step, value) ordered as MLflow's ``get_metric_history`` gives them (step, timestamp,
+    value); None when the store cannot be read this way (callers then ask MLflow's client per run)."""
+    if not uri.startswith("sqlite:///") or not run_ids or not metrics:
+        return None if not uri.startswith("sqlite:///") else []
+    import sqlite3
+
+    path = uri[len("sqlite:///") :]
+    if not Path(path).is_file():
+        return None
+    runs, keys = ",".join("?" * len(run_ids)), ",".join("?" * len(metrics))
+    sql = (
+        f"SELECT run_uuid, key, step, value, is_nan FROM metrics WHERE run_uuid IN ({runs}) AND key IN ({keys}) "
+        "ORDER BY run_uuid, key, step, timestamp, value"
+    )
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = con.execute(sql, (*run_ids, *metrics)).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return [(r, k, int(step), float("nan") if is_nan else float(v)) for r, k, step, v, is_nan in rows]
+
+
 def mlflow_runs(uri: str, experiment: str) -> list[RunRecord]:
     """:func:`sqlite_runs` through MLflow's client (any store); an unknown experiment is an error."""
     c = client(uri)

@@ -115,7 +115,7 @@ def start_ray(address: str | None) -> None:
         env_vars["PYTHONPATH"] = os.pathsep.join(
             os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p
         )
-    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.worker.setup_worker"}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.worker.quiet_worker_exit"}
     from . import logs
 
     logs.route()  # Ray's import gave its logger a stderr handler: its records go to the sweep's log instead

@@ -202,23 +202,6 @@ def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
     return final_report(tracker.final_metrics, tracker.final_status, tracker)
 
 
-def setup_worker() -> None:
-    """Ray's ``worker_process_setup_hook``: :func:`quiet_worker_exit`, then the imports every trial needs.
-
-    Ray starts worker processes ahead of the trials (and Tune reuses their actors), so importing MLflow's
-    client and the training code here, about 4 s on a laptop core, happens once per process while the
-    driver is still setting the sweep up, instead of inside the first trial of each process. A failing
-    import is left for the trial to meet, with its own message.
-    """
-    quiet_worker_exit()
-    import contextlib
-    import importlib
-
-    for module in ("mlflow.tracking", "sweeper.tracking", "trainables.training.train", "ray.tune"):
-        with contextlib.suppress(Exception):  # the trial imports it again and reports what failed
-            importlib.import_module(module)
-
-
 def quiet_worker_exit() -> None:
     """Ray worker set-up: drop the "Exception ignored in ... SystemExit" that a worker prints when
     Ray's SIGTERM handler fires inside a garbage-collection callback at shutdown (it raises

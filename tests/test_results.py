@@ -62,6 +62,18 @@ def test_histories_and_several_sweeps(grid_sweep):
     assert set(h.columns) == {"sweep", "run_id", "trial_key", "epoch", "metric", "value"}
     assert set(h[h.metric == "clean_acc"]["epoch"]) == {1}
     assert not h.duplicated(["run_id", "epoch", "metric"]).any()
+    # the one-query read of the embedded store gives MLflow's client's points, per run and metric
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+
+    def nan_safe(points):  # NaN (a diverged epoch) never equals itself: compared as text
+        return sorted((r, m, int(e), "nan" if v != v else v) for r, m, e, v in points)
+
+    client_points = nan_safe(
+        (r, m, p.step, p.value) for r in set(h["run_id"]) for m in set(h["metric"]) for p in c.get_metric_history(r, m)
+    )
+    assert nan_safe(h[["run_id", "metric", "epoch", "value"]].itertuples(index=False, name=None)) == client_points
     hr = load_history("grid", storage, source="ray")
     assert set(hr[hr.metric == "clean_acc"]["trial_key"]) == set(h[h.metric == "clean_acc"]["trial_key"])
     both = concat_results([load_results("grid", storage), load_results("grid", storage, source="ray")])
