@@ -360,14 +360,17 @@ def load_history(
         schema.check_uri(uri)  # seconds, not MLflow's minutes of retries against a dead server
         trials, _ = _experiment_runs(uri, name)
         keys = {r.run_id: r.tags.get(schema.TAG_KEY) for r in trials}
-        points = schema.sqlite_histories(uri, list(keys), tuple(metrics))  # one query on the embedded store
+        points = schema.sqlite_histories(uri, name, tuple(metrics))  # one query on the embedded store
         if points is None:  # any other store: one call per run and metric
             c = schema.client(uri)
             points = [(r, m, p.step, p.value) for r in keys for m in metrics for p in c.get_metric_history(r, m)]
         rows = [
             {"sweep": name, "run_id": r, "trial_key": keys[r], "epoch": step, "metric": m, "value": value}
             for r, m, step, value in points
+            if r in keys  # trial runs only (the sweep's parent run logs metrics too)
         ]
+        # one order whichever way the points were read: run, metric, epoch
+        rows.sort(key=lambda row: (row["run_id"], row["metric"], row["epoch"]))
     else:
         folder = schema.local_folder(storage, name)
         for tdir in sorted(p for p in folder.iterdir() if p.is_dir()):

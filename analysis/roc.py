@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-MAX_BLOCK = 2_000_000  # entries of a resample block's count matrices: memory stays bounded at any population
+MAX_BLOCK = 2_000_000  # resamples × models per block of the product: its intermediate stays ~16 MB
 
 
 def finite_pair(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +85,7 @@ def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float = 0.05) -> float:
     return float(t[f <= fpr + 1e-12].max())
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)  # a sweep's cells share a few population sizes
 def bootstrap_counts(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """How often each model is drawn in each of ``n_boot`` resamples: (n_boot × n_pos, n_boot × n_neg),
     from the index arrays drawn in the module's fixed order. Read-only (shared through the cache)."""

@@ -113,6 +113,13 @@ def _check_credentials(uri: str, timeout: float) -> None:
         return
 
 
+def _read_only(path: str):
+    """A read-only connection to the SQLite file ``path`` (a URI, so any character in the path is quoted)."""
+    import sqlite3
+
+    return sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
+
+
 def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[str, str]:
     """trial key -> status tag of an experiment's trial runs (what ``sweeper status`` counts).
 
@@ -125,7 +132,7 @@ def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[st
 
         path = uri[len("sqlite:///") :]
         try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            con = _read_only(path)
             try:
                 rows = con.execute(
                     "SELECT k.value, s.value FROM runs r "
@@ -152,6 +159,13 @@ class RunRecord(NamedTuple):
     metrics: dict[str, float]
 
 
+# The experiment's id by name, only when exactly one experiment has that name (a store whose schema keeps
+# workspaces may hold one per workspace: MLflow's client then decides which): two parameters, the name twice.
+EXPERIMENT = (
+    "SELECT experiment_id FROM experiments WHERE name = ? AND (SELECT COUNT(*) FROM experiments WHERE name = ?) = 1"
+)
+
+
 def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
     """Every active run of experiment ``experiment`` in the embedded SQLite store ``uri`` (tags, params and
     latest metrics), read-only in one query, in the order MLflow's ``search_runs`` gives (start time
@@ -169,10 +183,7 @@ def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
     path = uri[len("sqlite:///") :]
     if not Path(path).is_file():
         return None
-    runs = (
-        "SELECT run_uuid, start_time FROM runs WHERE lifecycle_stage = 'active' AND experiment_id = "
-        "(SELECT experiment_id FROM experiments WHERE name = ?)"
-    )
+    runs = f"SELECT run_uuid, start_time FROM runs WHERE lifecycle_stage = 'active' AND experiment_id = ({EXPERIMENT})"
     sql = (
         f"WITH r AS ({runs}) "
         "SELECT r.run_uuid, r.start_time, 0, t.key, t.value, 0 FROM r JOIN tags t ON t.run_uuid = r.run_uuid "
@@ -182,9 +193,9 @@ def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
         "ON m.run_uuid = r.run_uuid"
     )
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        con = _read_only(path)
         try:
-            rows = con.execute(sql, (experiment,)).fetchall()
+            rows = con.execute(sql, (experiment, experiment)).fetchall()
             if not rows:  # no run, or no such experiment: the client says which, in its words
                 return None
         finally:
@@ -207,26 +218,28 @@ def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
     return sorted(out.values(), key=lambda r: (-start[r.run_id], r.run_id))
 
 
-def sqlite_histories(uri: str, run_ids: list[str], metrics: tuple[str, ...]) -> list[tuple] | None:
-    """Every logged point of ``metrics`` of the runs ``run_ids`` in the embedded SQLite store, in one query:
-    (run id, metric, step, value) ordered as MLflow's ``get_metric_history`` gives them (step, timestamp,
-    value); None when the store cannot be read this way (callers then ask MLflow's client per run)."""
-    if not uri.startswith("sqlite:///") or not run_ids or not metrics:
-        return None if not uri.startswith("sqlite:///") else []
+def sqlite_histories(uri: str, experiment: str, metrics: tuple[str, ...]) -> list[tuple] | None:
+    """Every logged point of ``metrics`` of the active runs of ``experiment`` in the embedded SQLite store, in
+    one query: (run id, metric, step, value); None when the store cannot be read this way (callers then ask
+    MLflow's client per run). Callers order the points themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
     import sqlite3
 
     path = uri[len("sqlite:///") :]
     if not Path(path).is_file():
         return None
-    runs, keys = ",".join("?" * len(run_ids)), ",".join("?" * len(metrics))
+    if not metrics:
+        return []
+    keys = ",".join("?" * len(metrics))
     sql = (
-        f"SELECT run_uuid, key, step, value, is_nan FROM metrics WHERE run_uuid IN ({runs}) AND key IN ({keys}) "
-        "ORDER BY run_uuid, key, step, timestamp, value"
+        "SELECT m.run_uuid, m.key, m.step, m.value, m.is_nan FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
+        f"WHERE r.lifecycle_stage = 'active' AND r.experiment_id = ({EXPERIMENT}) AND m.key IN ({keys})"
     )
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        con = _read_only(path)
         try:
-            rows = con.execute(sql, (*run_ids, *metrics)).fetchall()
+            rows = con.execute(sql, (experiment, experiment, *metrics)).fetchall()
         finally:
             con.close()
     except sqlite3.Error:

@@ -39,13 +39,20 @@ TILE = 112  # pixels of a tile's longer side
 PAD = 8
 
 
+NOT_FINITE = np.array([0.5, 0.5, 0.5])  # a NaN or infinite pixel: grey, outside the map
+
+
 def colours(values: np.ndarray, limit: float) -> np.ndarray:
-    """``values`` mapped through RdBu_r on [-limit, limit] (clipped): RGB in [0, 1], shape (..., 3)."""
-    t = np.clip((np.asarray(values, dtype=np.float64) / (limit or 1.0) + 1.0) / 2.0, 0.0, 1.0)
+    """``values`` mapped through RdBu_r on [-limit, limit] (clipped): RGB in [0, 1], shape (..., 3); a
+    non-finite value is grey, and a limit that is zero or not finite is taken as 1."""
+    v = np.asarray(values, dtype=np.float64)
+    limit = limit if np.isfinite(limit) and limit > 0 else 1.0
+    finite = np.isfinite(v)
+    t = np.clip((np.where(finite, v, 0.0) / limit + 1.0) / 2.0, 0.0, 1.0)
     x = t * (len(RDBU_R) - 1)
     lo = np.minimum(np.floor(x).astype(int), len(RDBU_R) - 2)
     frac = (x - lo)[..., None]
-    return RDBU_R[lo] * (1 - frac) + RDBU_R[lo + 1] * frac
+    return np.where(finite[..., None], RDBU_R[lo] * (1 - frac) + RDBU_R[lo + 1] * frac, NOT_FINITE)
 
 
 def _font():
@@ -84,7 +91,8 @@ def tiles_png(vectors, titles: Sequence[str], path: Path) -> Path:
     draw = ImageDraw.Draw(canvas)
     for j in range(k):
         img = arr[j].mean(0) if arr.shape[1] > 1 else arr[j, 0]
-        rgb = (colours(img, float(np.abs(img).max())) * 255 + 0.5).astype(np.uint8)
+        finite = np.abs(img[np.isfinite(img)])
+        rgb = (colours(img, float(finite.max()) if finite.size else 1.0) * 255 + 0.5).astype(np.uint8)
         tile = Image.fromarray(rgb, "RGB").resize((w * scale, h * scale), Image.NEAREST)
         x0 = PAD + j * (w * scale + PAD)
         canvas.paste(tile, (x0, head + PAD))

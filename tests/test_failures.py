@@ -186,7 +186,9 @@ def test_check_cluster_resources_names_what_the_nodes_have():
     from sweeper.preflight import check_cluster_resources
     from trainables.config import SweeperError
 
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    # a new local instance: a bare ray.init() would join whatever /tmp/ray/ray_current_cluster names (another
+    # test's cluster, or the dead address the stale-file test plants while it runs)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False)
     try:
         check_cluster_resources(1, 0)  # fits
         with pytest.raises(SweeperError, match=r"asks for 4 CPU .* 1 CPU, 0 GPU"):

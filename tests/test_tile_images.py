@@ -35,6 +35,19 @@ def test_a_row_of_tiles_is_a_png_with_a_tile_per_vector(tmp_path):
     assert tiles_png(torch.randn(2, 3, 5, 7), [], tmp_path / "c.png").is_file()  # colour, no titles
 
 
+def test_nan_and_infinite_pixels_are_grey_and_the_rest_keeps_its_scale(tmp_path):
+    from PIL import Image
+
+    v = torch.zeros(1, 1, 4, 4)
+    v[0, 0, 0, 0], v[0, 0, 0, 1], v[0, 0, 0, 2], v[0, 0, 0, 3] = float("nan"), float("inf"), 2.0, -1.0
+    img = np.asarray(Image.open(tiles_png(v, ["a NaN"], tmp_path / "n.png")).convert("RGB"))
+    head = img.shape[0] - 4 * 28 - 16
+    row = [img[head + 8 + 5, 8 + 28 * j + 5] for j in range(4)]
+    assert (row[0] == 128).all() and (row[1] == 128).all()  # grey, not a crash
+    assert row[2][0] == 103 and row[3][2] > 150  # 2.0 is the finite maximum: darkest red; -1.0 half-way blue
+    assert (tiles_png(torch.full((1, 1, 3, 3), float("nan")), [], tmp_path / "all.png")).is_file()
+
+
 def test_trial_artifacts_draw_no_matplotlib(tmp_path):
     import subprocess
     import sys

@@ -306,21 +306,22 @@ def _bundle(name: str, train_x, train_y, test_x, test_y, num_classes: int) -> Im
     return ImageData(name, train_x, train_y, test_x, test_y, mean, std, num_classes)
 
 
-DIGITS_CACHE = Path("~/.cache/sweeper")  # digits-<scikit-learn version>.npz: the split, as arrays
+DIGITS_CACHE = Path("~/.cache/sweeper")  # digits-v1-<scikit-learn version>.npz: the split, as arrays
+DIGITS_FORMAT = 1  # raise when the split or the scaling below changes: old caches are then never read
 
 
 def load_digits() -> ImageData:
     """scikit-learn's 8x8 handwritten digits with a fixed stratified 80/20 split.
 
-    The split arrays are kept in ``~/.cache/sweeper/digits-<scikit-learn version>.npz`` after the first
+    The split arrays are kept in ``~/.cache/sweeper/digits-v1-<scikit-learn version>.npz`` after the first
     load: importing scikit-learn takes about a second, and every trial of a sweep runs in a fresh
-    process. The cache is keyed by scikit-learn's version (its split decides the numbers) and rebuilt
+    process. The cache is keyed by its format and scikit-learn's version (its split decides the numbers) and rebuilt
     when unreadable; a cache that cannot be written is skipped.
     """
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        cache = DIGITS_CACHE.expanduser() / f"digits-{version('scikit-learn')}.npz"
+        cache = DIGITS_CACHE.expanduser() / f"digits-v{DIGITS_FORMAT}-{version('scikit-learn')}.npz"
     except PackageNotFoundError:
         cache = None
     if cache is not None and cache.is_file():
