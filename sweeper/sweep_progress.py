@@ -3,6 +3,7 @@ per finished trial otherwise (:func:`progress_callback`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -43,7 +44,13 @@ def progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
         head = f"{label(trial)} {r.get('status', '?')}: clean={r.get('clean_acc', float('nan')):.3f} asr={r.get('asr', float('nan')):.3f}"
         if "models_done" in r:  # a defence: its objectives aggregated over the threats
             return f"{head} over {r.get('n_models', '?')} models"
-        return f"{head} max_overlap_sq={r.get('max_overlap_sq', float('nan')):.3f}"
+        extra = []  # what the trial measured: a spectrum's overlap, a filter's removal (a NaN says nothing)
+        if isinstance(r.get("max_overlap_sq"), int | float) and math.isfinite(r["max_overlap_sq"]):
+            extra.append(f"max_overlap_sq={r['max_overlap_sq']:.3f}")
+        if isinstance(r.get("filter_removed"), int | float) and math.isfinite(r["filter_removed"]):
+            precision = r.get("filter_precision", float("nan"))
+            extra.append(f"removed={int(r['filter_removed'])} precision={precision:.2f}")
+        return " ".join([head, *extra])
 
     def error_line(trial) -> str:  # a deterministic error reported its message; any other is in Ray's folder
         msg = (trial.last_result or {}).get("error")
