@@ -14,10 +14,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from .pareto import DEFAULT_OBJECTIVES, has_seed_replicates, seed_frontier  # noqa: E402
 from .plots import label_fields, point_label, save_figure, short_label, title_label  # noqa: E402
 from .results import completed  # noqa: E402
+
+FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def family_markers(families) -> dict[str, str]:
+    """A marker per defence family (``analysis.results.defence_family``), ``none`` first (a circle), then in
+    name order; more families than markers reuse them."""
+    ordered = sorted({str(f) for f in families}, key=lambda f: (f != "none", f))
+    return {f: FAMILY_MARKERS[i % len(FAMILY_MARKERS)] for i, f in enumerate(ordered)}
 
 
 def merge_coincident(
@@ -96,6 +106,8 @@ def plot_frontier(
     seeds = f" ({int(ok['seed'].nunique())} seeds each)" if aggregated and "seed" in ok.columns else ""
     ax.scatter(ok[y], ok[x], color="0.82", s=16, zorder=1, label="every trial" + (" and seed" if seeds else ""))
     groups = front.groupby(group_by, sort=True) if group_by else [((), front)]
+    # a sweep over defence families: each frontier point's marker says its family (the colour, its group)
+    markers = family_markers(front["defence_family"].dropna()) if "defence_family" in front.columns else {}
     points = []
     for key, g in groups:
         g = g.sort_values(y)
@@ -104,8 +116,28 @@ def plot_frontier(
         xerr = g[f"{y}_std"].fillna(0) if f"{y}_std" in g.columns else None
         yerr = g[f"{x}_std"].fillna(0) if f"{x}_std" in g.columns else None
         bars = ax.errorbar(
-            g[y], g[x], xerr=xerr, yerr=yerr, marker="o", ms=5, capsize=2, lw=1.4, zorder=2, label=legend
+            g[y],
+            g[x],
+            xerr=xerr,
+            yerr=yerr,
+            marker="none" if markers else "o",
+            ms=5,
+            capsize=2,
+            lw=1.4,
+            zorder=2,
+            label=legend,
         )
+        for family, part in g.groupby("defence_family", sort=True) if markers else []:
+            ax.scatter(
+                part[y],
+                part[x],
+                marker=markers[str(family)],
+                s=42,
+                color=bars.lines[0].get_color(),
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=3,
+            )
         tag = ", ".join(short_label(c, v) for c, v in zip(group_by, key, strict=True))
         points += [(r[y], r[x], point_label(r, fields), tag, bars.lines[0].get_color()) for _, r in g.iterrows()]
     ax.set_xlabel(f"{y} ({'higher' if dict(objectives)[y] == 'max' else 'lower'} is better)")
@@ -116,7 +148,11 @@ def plot_frontier(
         else ("one point per seed" if "seed" in ok.columns and ok["seed"].nunique() > 1 else "")
     )
     ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [  # the families' markers, in black: the colours belong to the groups
+        Line2D([], [], ls="none", marker=m, color="0.25", mec="black", label=f"family: {f}") for f, m in markers.items()
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.margins(0.08)  # room for the labels of points on the edges
     if points:  # a label shared by points of several groups at one spot names them: "κ=0 (θ=0.05, θ=0.1)"
         xs, ys, labels, tags, colors = zip(*points, strict=True)

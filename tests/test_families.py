@@ -42,3 +42,14 @@ def test_the_family_names_join_filter_penalty_and_augmentation():
     assert defence_family("none", 0.0, False) == "none"
     assert defence_family("curvature", 400.0, True) == "filter curvature + penalty + augment"
     assert defence_family(float("nan"), 10, "False") == "penalty"
+
+
+def test_frontier_points_take_a_marker_per_family(tmp_path):
+    from analysis.frontier_plot import FAMILY_MARKERS, family_markers, plot_frontier
+
+    markers = family_markers(["penalty", "none", "filter ss", "filter curvature + penalty"])
+    assert markers["none"] == "o" and len(set(markers.values())) == 4  # none first, every family its own
+    assert set(family_markers([f"f{i}" for i in range(12)]).values()) == set(FAMILY_MARKERS)  # reused past ten
+    paths = plot_frontier(_rows(), tmp_path, group_by=("theta",))
+    assert {p.suffix for p in paths} == {".png", ".svg"} and all(p.stat().st_size > 0 for p in paths)
+    assert "family: filter ss" in (tmp_path / "frontier.svg").read_text()  # the legend names the families
