@@ -73,7 +73,7 @@ BAD = [
     ("mmbd_starts", 0, "[1, 10000]"),
     ("target_mode", "one-to-one", "all-to-one, all-to-all"),
     ("cover_fraction", 1.0, "[0, 1)"),
-    ("defence_filter", "pca", "one of none, curvature, ss, ac"),
+    ("defence_filter", "pca", "one of none, curvature, curvature-focus, ss, ac"),
     ("filter_fraction", 0.0, "(0, 0.5]"),
     ("filter_scope", "target", "one of class, pooled"),
     ("sig_delta", 0.0, "(0, 1]"),

@@ -20,6 +20,7 @@ from trainables.detection.filtering import (
     class_direction_shares,
     register_filter,
     removal_quality,
+    sample_curvatures,
     select_removed,
 )
 from trainables.fields import ConfigError
@@ -81,6 +82,31 @@ def test_curvature_share_comparison_fails_on_the_wrong_vectors():
     assert not torch.allclose(wrong, ref, rtol=1e-10, atol=1e-14)
 
 
+def _jacobian_curvatures(model, x):
+    """The float64 reference of tr(A_i^T A_i): sum_a p_a |J_a|^2 - |sum_a p_a J_a|^2 from the full Jacobian."""
+    m = eval_copy(model, torch.float64)
+    jac = torch.func.vmap(torch.func.jacrev(lambda z: m(z[None])[0]))(x).flatten(2)  # (N, K, D)
+    p = m(x).softmax(1)
+    return (p * jac.pow(2).sum(2)).sum(1) - (p[:, :, None] * jac).sum(1).pow(2).sum(1)
+
+
+def test_sample_curvatures_match_the_jacobian_in_float64_and_the_focus_is_a_fraction():
+    model, x, y = _net_and_data()
+    total = sample_curvatures(model, x, torch.float64, batch_size=7)
+    ref = _jacobian_curvatures(model, x)
+    assert torch.allclose(total, ref, rtol=1e-10, atol=1e-14)  # tolerance 1e-10, float64
+    # the comparison can fail: the probabilities of the next sample give another curvature
+    m = eval_copy(model, torch.float64)
+    jac = torch.func.vmap(torch.func.jacrev(lambda z: m(z[None])[0]))(x).flatten(2)
+    p = m(x).softmax(1).roll(1, dims=0)
+    wrong = (p * jac.pow(2).sum(2)).sum(1) - (p[:, :, None] * jac).sum(1).pow(2).sum(1)
+    assert not torch.allclose(total, wrong, rtol=1e-10, atol=1e-14)
+    # a direction's share of a sample's curvature never exceeds the whole: ||A_i v||^2 <= tr(A_i^T A_i), |v| = 1
+    gs = group_spectra(model, x, y, 10, torch.float64, 16)
+    share = class_direction_shares(model, x, y, gs.vectors, torch.float64)
+    assert bool((share <= total * (1 + 1e-12)).all())
+
+
 # ----------------------------------------------------------------------------- which samples go
 def test_class_scope_removes_the_top_of_the_suspect_class_capped_at_half_of_it():
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
@@ -112,7 +138,9 @@ def test_removal_is_scored_against_the_true_mask():
 
 # ----------------------------------------------------------------------------- the config
 def test_filter_fields_are_validated_with_the_valid_values():
-    with pytest.raises(ConfigError, match=r"defence_filter='pca' is invalid: must be one of none, curvature, ss, ac"):
+    with pytest.raises(
+        ConfigError, match=r"defence_filter=.pca. is invalid: must be one of none, curvature, curvature-focus, ss, ac"
+    ):
         TrialConfig(defence_filter="pca")
     with pytest.raises(ConfigError, match=r"filter_fraction=0.6 is invalid: must be in \(0, 0.5\]"):
         TrialConfig(filter_fraction=0.6)
@@ -211,7 +239,7 @@ def test_the_retrain_trains_on_the_kept_samples_from_the_initial_weights():
         assert t.train_epoch()["train_loss"] == res.history[2]["train_loss"]
 
 
-@pytest.mark.parametrize("name", ["curvature", "ss", "ac"])
+@pytest.mark.parametrize("name", ["curvature", "curvature-focus", "ss", "ac"])
 def test_acceptance_fields_for_each_filter(name, tmp_path):
     res = run_trial(small(defence_filter=name, epochs=1, hessian=True), data=DIGITS)
     assert all(k in res.metrics for k in ACCEPTANCE), sorted(res.metrics)
