@@ -7,7 +7,8 @@ the registry of per-sample scorers (``defence_filter`` names one; ``none`` train
 * ``curvature`` (ours): per class c the exact top eigenpair (lambda_c, v_c) of the class's input Hessian
   H_c = mean_{i in c} A_i^T A_i (A_i = L_i J_i, the piecewise-linear identity); sample i's score is its
   share of its class's top curvature, ||A_i v_{y_i}||^2 / lambda_{y_i} (the class mean of the scores is 1
-  exactly, so classes pool). The suspect class is the one whose eigenvector, added to the defender's own
+  exactly, so the scores of different classes share a scale; pooled over classes it still fails, measured in
+  docs/results.md). The suspect class is the one whose eigenvector, added to the defender's own
   images, sends most of them into one class (the flip test of the ``class`` detector, on a seeded subset
   of the training set instead of held-out images: no clean data beyond the training set is used).
 * ``curvature-focus`` (ours): the same eigenpairs and suspect; sample i's score is the fraction of its *own*
