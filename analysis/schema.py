@@ -16,8 +16,9 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from trainables.config import SweeperError
 from trainables.record import (  # noqa: F401 - the record format, re-exported: readers name it schema.TAG_KEY, ...
@@ -113,11 +114,30 @@ def _check_credentials(uri: str, timeout: float) -> None:
         return
 
 
-def _read_only(path: str):
-    """A read-only connection to the SQLite file ``path`` (a URI, so any character in the path is quoted)."""
+T = TypeVar("T")
+
+
+def read_sqlite(uri: str, read: Callable[[Any], T], timeout: float = 10) -> T | None:
+    """``read(connection)`` on a read-only connection to the embedded SQLite store ``uri``, or None when the
+    store cannot be read that way: not ``sqlite:///``, no such file, or any SQLite error (another MLflow
+    schema, a locked file). Every direct reader of the store goes through here; callers fall back to MLflow's
+    client (or, for ``plan``, to the rough model). The file is opened by URI, so any character in the path
+    is quoted."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
     import sqlite3
 
-    return sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
+    path = Path(uri[len("sqlite:///") :])
+    if not path.is_file():
+        return None
+    try:
+        con = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, timeout=timeout)
+        try:
+            return read(con)
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
 
 
 def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[str, str]:
@@ -127,27 +147,24 @@ def trial_statuses(uri: str, experiment_id: str, kind: str = "trial") -> dict[st
     MLflow and opening its store takes seconds. Any other store, or any surprise in the SQLite file,
     goes through MLflow's client (tests compare the two).
     """
-    if uri.startswith("sqlite:///"):
-        import sqlite3
-
-        path = uri[len("sqlite:///") :]
-        try:
-            con = _read_only(path)
-            try:
-                rows = con.execute(
-                    "SELECT k.value, s.value FROM runs r "
-                    "JOIN tags kind ON kind.run_uuid = r.run_uuid AND kind.key = ? AND kind.value = ? "
-                    "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? "
-                    "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? "
-                    "WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'",
-                    (TAG_KIND, kind, TAG_KEY, TAG_STATUS, int(experiment_id)),
-                ).fetchall()
-            finally:
-                con.close()
-            return {key: status or "running" for key, status in rows}
-        except (sqlite3.Error, ValueError):
-            pass
-    return trial_statuses_mlflow(uri, experiment_id, kind)
+    try:
+        exp = int(experiment_id)
+    except ValueError:
+        return trial_statuses_mlflow(uri, experiment_id, kind)
+    rows = read_sqlite(
+        uri,
+        lambda con: con.execute(
+            "SELECT k.value, s.value FROM runs r "
+            "JOIN tags kind ON kind.run_uuid = r.run_uuid AND kind.key = ? AND kind.value = ? "
+            "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? "
+            "LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? "
+            "WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'",
+            (TAG_KIND, kind, TAG_KEY, TAG_STATUS, exp),
+        ).fetchall(),
+    )
+    if rows is None:
+        return trial_statuses_mlflow(uri, experiment_id, kind)
+    return {key: status or "running" for key, status in rows}
 
 
 class RunRecord(NamedTuple):
@@ -176,13 +193,6 @@ def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
     seconds at 1,000), and importing it takes another second; the table arithmetic after it takes
     milliseconds. The SQL follows MLflow's own reader: a NaN metric is stored as 0 with ``is_nan``.
     """
-    if not uri.startswith("sqlite:///"):
-        return None
-    import sqlite3
-
-    path = uri[len("sqlite:///") :]
-    if not Path(path).is_file():
-        return None
     runs = f"SELECT run_uuid, start_time FROM runs WHERE lifecycle_stage = 'active' AND experiment_id = ({EXPERIMENT})"
     sql = (
         f"WITH r AS ({runs}) "
@@ -192,15 +202,8 @@ def sqlite_runs(uri: str, experiment: str) -> list[RunRecord] | None:
         "UNION ALL SELECT r.run_uuid, r.start_time, 2, m.key, m.value, m.is_nan FROM r JOIN latest_metrics m "
         "ON m.run_uuid = r.run_uuid"
     )
-    try:
-        con = _read_only(path)
-        try:
-            rows = con.execute(sql, (experiment, experiment)).fetchall()
-            if not rows:  # no run, or no such experiment: the client says which, in its words
-                return None
-        finally:
-            con.close()
-    except sqlite3.Error:
+    rows = read_sqlite(uri, lambda con: con.execute(sql, (experiment, experiment)).fetchall())
+    if not rows:  # not readable here; or no run, or no such experiment: the client says which, in its words
         return None
     out: dict[str, RunRecord] = {}
     start: dict[str, int] = {}
@@ -222,27 +225,13 @@ def sqlite_histories(uri: str, experiment: str, metrics: tuple[str, ...]) -> lis
     """Every logged point of ``metrics`` of the active runs of ``experiment`` in the embedded SQLite store, in
     one query: (run id, metric, step, value); None when the store cannot be read this way (callers then ask
     MLflow's client per run). Callers order the points themselves."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    import sqlite3
-
-    path = uri[len("sqlite:///") :]
-    if not Path(path).is_file():
-        return None
-    if not metrics:
-        return []
-    keys = ",".join("?" * len(metrics))
+    keys = ",".join("?" * len(metrics))  # no metrics: SQLite's empty IN () matches nothing
     sql = (
         "SELECT m.run_uuid, m.key, m.step, m.value, m.is_nan FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
         f"WHERE r.lifecycle_stage = 'active' AND r.experiment_id = ({EXPERIMENT}) AND m.key IN ({keys})"
     )
-    try:
-        con = _read_only(path)
-        try:
-            rows = con.execute(sql, (experiment, experiment, *metrics)).fetchall()
-        finally:
-            con.close()
-    except sqlite3.Error:
+    rows = read_sqlite(uri, lambda con: con.execute(sql, (experiment, experiment, *metrics)).fetchall())
+    if rows is None:
         return None
     return [(r, k, int(step), float("nan") if is_nan else float(v)) for r, k, step, v, is_nan in rows]
 

@@ -116,42 +116,36 @@ def measured_costs(uri: str | None) -> Measured:
     The embedded SQLite store is read directly, read-only (milliseconds; MLflow's client takes seconds
     to import); any other store is not read by ``plan``, which must not wait on a server.
     """
-    out = Measured()
-    if not uri or not uri.startswith("sqlite:///"):
-        return out
-    path = Path(uri[len("sqlite:///") :])
-    if not path.is_file():
-        return out
-    import sqlite3
-
+    from analysis.schema import read_sqlite
     from trainables.record import TAG_KIND, TAG_STATUS
 
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            runs = [
-                r[0]
-                for r in con.execute(
-                    "SELECT r.run_uuid FROM runs r "
-                    "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? AND k.value = 'trial' "
-                    "JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? AND s.value = 'completed' "
-                    "WHERE r.lifecycle_stage = 'active'",
-                    (TAG_KIND, TAG_STATUS),
-                )
-            ]
-            params: dict[str, dict[str, str]] = defaultdict(dict)
-            metrics: dict[str, dict[str, float]] = defaultdict(dict)
-            for run, key, value in con.execute("SELECT run_uuid, key, value FROM params"):
-                params[run][key] = value
-            for run, key, value in con.execute(
-                "SELECT run_uuid, key, value FROM latest_metrics WHERE key IN "
-                "('train_seconds', 'hessian_seconds', 'hessian_samples', 'det_seconds')"
-            ):
-                metrics[run][key] = value
-        finally:
-            con.close()
-    except sqlite3.Error:  # a store of another MLflow version, or busy: the rough model it is
+    def read(con):
+        runs = [
+            r[0]
+            for r in con.execute(
+                "SELECT r.run_uuid FROM runs r "
+                "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = ? AND k.value = 'trial' "
+                "JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ? AND s.value = 'completed' "
+                "WHERE r.lifecycle_stage = 'active'",
+                (TAG_KIND, TAG_STATUS),
+            )
+        ]
+        params: dict[str, dict[str, str]] = defaultdict(dict)
+        metrics: dict[str, dict[str, float]] = defaultdict(dict)
+        for run, key, value in con.execute("SELECT run_uuid, key, value FROM params"):
+            params[run][key] = value
+        for run, key, value in con.execute(
+            "SELECT run_uuid, key, value FROM latest_metrics WHERE key IN "
+            "('train_seconds', 'hessian_seconds', 'hessian_samples', 'det_seconds')"
+        ):
+            metrics[run][key] = value
+        return runs, params, metrics
+
+    out = Measured()
+    found = read_sqlite(uri, read, timeout=5)
+    if found is None:  # not the embedded store, no file yet, or another MLflow version: the rough model it is
         return out
+    runs, params, metrics = found
     for run in runs:
         p = params.get(run, {})
         if not {"model", "dataset", "epochs"} <= set(p):  # the measured medians are per (model, dataset) epoch

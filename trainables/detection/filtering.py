@@ -143,8 +143,9 @@ def _curvature_check(cfg: Any, train_size: int) -> str | None:
         return None
     need = group_spectra_bytes(cfg.num_classes, d) / 2**20
     return (
-        f"hessian_dense_mb={cfg.hessian_dense_mb} is too small for defence_filter=curvature: {cfg.num_classes} "
-        f"class matrices of D={d} take {need:.0f} MiB beside a chunk of {chunk} samples; raise hessian_dense_mb"
+        f"hessian_dense_mb={cfg.hessian_dense_mb} is too small for defence_filter={cfg.defence_filter}: "
+        f"{cfg.num_classes} class matrices of D={d} take {need:.0f} MiB beside a chunk of {chunk} samples; "
+        "raise hessian_dense_mb"
     )
 
 
