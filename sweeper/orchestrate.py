@@ -23,7 +23,7 @@ from trainables import record
 from trainables.config import SweeperError, TrialConfig
 from trainables.record import KEY_FORMAT, META, SweepMeta
 
-from . import tracking
+from . import slurm, tracking
 from .cluster import check_shared_storage
 from .preflight import (
     check_address,
@@ -213,7 +213,9 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
     configs = spec.checked_configs()
     check_name(opts.name)
     storage = resolve_storage(opts.storage)
-    if sweep_exists(storage, opts.name):
+    in_job = slurm.starting_in_job(storage, opts.name)  # the sweep's SLURM job, in the folder made for it
+    if sweep_exists(storage, opts.name) and not in_job:
+        slurm.check_unstarted(storage, opts.name)  # submitted to SLURM, never started: say how to submit again
         raise SweeperError(
             f"sweep {opts.name!r} already exists in {storage}; continue it with "
             f"`sweeper resume {opts.name}` or choose another --name (nothing was changed)"
@@ -243,6 +245,7 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
         git_commit=tracking.git_commit(),
         driver=this_driver(),
         key_format=KEY_FORMAT,
+        slurm_job=os.environ.get("SLURM_JOB_ID") if in_job else None,
     )
     if spec.owes_every_trial:  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
@@ -283,6 +286,21 @@ def run_search(
 
     The study lives in ``<storage>/<name>/optuna.db`` and is restored with the sweep.
     """
+    configs, meta, defence = prepare_search(spec, opts, budget, sampler, seed, seeds, objectives, aggregate)
+    return _launch(meta, configs, defence, opts, defence.tune_space())
+
+
+def prepare_search(
+    spec,
+    opts: SweepOptions,
+    budget: int,
+    sampler: str = "gp",
+    seed: int = 0,
+    seeds: str | None = None,
+    objectives: str | None = None,
+    aggregate: str | None = None,
+):
+    """Every check :func:`run_search` makes before Ray: (configs, meta, the defence's space)."""
     from trainables.record import check_metrics, parse_objectives, threat_set
 
     from .defence_search import check_models, split_threats
@@ -322,7 +340,7 @@ def run_search(
         "objectives": [o.text() for o in objs],
         "threat_fields": sorted(threats),
     }
-    return _launch(meta, configs, defence, opts, defence.tune_space())
+    return configs, meta, defence
 
 
 def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepReport:
@@ -361,15 +379,14 @@ def resume_sweep(
     their last epoch checkpoint, errored ones restart (``restart``), resume (``resume``) or stay (``skip``)."""
     from ray import tune
 
-    if errored not in ("restart", "resume", "skip"):
-        raise SweeperError(f"--errored {errored!r} is invalid: must be restart, resume or skip")
-    check_name(name)
+    meta = check_resumable(name, storage, errored)
     storage = resolve_storage(storage)
-    meta = read_meta(storage, name)
-    if meta is None:
-        raise SweeperError(f"no sweep {name!r} in {storage} (no {META}); start one with `sweeper run --name {name}`")
     path = sweep_path(storage, name)
-    tracking.check_uri(meta.mlflow_uri)
+    if address is None and meta.slurm_job and not os.environ.get("SLURM_JOB_ID"):
+        raise SweeperError(
+            f"sweep {name!r} ran in SLURM job {meta.slurm_job}, whose Ray is gone: resume it with "
+            f"`sweeper resume {name} --storage {storage} --slurm`, or on this machine with --address local"
+        )
     address = address if address is not None else meta.address
     check_address(address)
     meta.driver = this_driver()
@@ -385,6 +402,28 @@ def resume_sweep(
     finally:
         stop_progress()
     return finish_sweep(meta, grid)
+
+
+def check_resumable(name: str, storage: str, errored: str = "restart") -> SweepMeta:
+    """Every check ``resume`` makes before Ray: the name, the sweep's ``sweeper.json``, its store, and no
+    SLURM job of the sweep still pending or running (but the one calling this)."""
+    if errored not in ("restart", "resume", "skip"):
+        raise SweeperError(f"--errored {errored!r} is invalid: must be restart, resume or skip")
+    check_name(name)
+    storage = resolve_storage(storage)
+    meta = read_meta(storage, name)
+    if meta is None:
+        if not is_uri(storage):
+            slurm.check_unstarted(storage, name)
+        raise SweeperError(f"no sweep {name!r} in {storage} (no {META}); start one with `sweeper run --name {name}`")
+    tracking.check_uri(meta.mlflow_uri)
+    if not is_uri(storage):
+        active = slurm.active_job(Path(storage) / name)
+        if active is not None and active[0] != os.environ.get("SLURM_JOB_ID"):
+            raise SweeperError(
+                f"sweep {name!r} is in SLURM job {active[0]} ({active[1]}): wait for it to end, or `scancel {active[0]}`"
+            )
+    return meta
 
 
 def _log_to_sweep(storage: str, name: str) -> None:

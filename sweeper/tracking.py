@@ -28,6 +28,7 @@ from trainables.record import (
     TAG_ERROR,
     TAG_KEY,
     TAG_KIND,
+    TAG_NODE,
     TAG_PARENT_RUN,
     TAG_STATUS,
     TAG_SWEEP,
@@ -60,6 +61,14 @@ def run_label(trial: dict[str, Any], axes: list[str]) -> str | None:
     """``theta=0.05 kappa=400 seed=0``: a trial's varying axes, its MLflow run name."""
     parts = [f"{a}={trial[a]:g}" if isinstance(trial.get(a), float) else f"{a}={trial.get(a)}" for a in axes]
     return " ".join(parts) or None
+
+
+def _ray_node() -> str:
+    """The id of the Ray node this process runs on ('' outside Ray)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # not imported: not in Ray (and no import's cost)
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 4, delay: float = 0.5, fatal: bool = False) -> T | None:
@@ -176,6 +185,7 @@ class TrialTracker:
             hist = self.client.get_metric_history(self.run_id, "train_loss")
             self.logged_step = max((m.step for m in hist), default=0)
             self.client.set_tag(self.run_id, TAG_TRIAL_ID, self.trial_id)
+            self.client.set_tag(self.run_id, TAG_NODE, _ray_node())
             return
         name = self.label or f"{self.sweep}-{self.key[:8]}"
         run = self.client.create_run(
@@ -189,6 +199,7 @@ class TrialTracker:
                 TAG_STATUS: "running",
                 TAG_KIND: self.kind,
                 TAG_COMMIT: git_commit(),
+                TAG_NODE: _ray_node(),
                 **self.tags,
             },
         )

@@ -36,6 +36,7 @@ TAG_DEFENCE = "sweeper.defence_key"  # on a defence search's model runs: the def
 TAG_COMMIT = "sweeper.git_commit"
 TAG_ERROR = "sweeper.error"
 TAG_DIVERGED_EPOCH = "sweeper.diverged_epoch"
+TAG_NODE = "sweeper.ray_node"  # the Ray node (its id) that last ran the trial: on a cluster, where it ran
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: nests a trial run under the sweep's parent run
 FINAL_STATUSES = ("completed", "diverged")
 META = "sweeper.json"
@@ -133,6 +134,7 @@ class SweepMeta:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     key_format: int = 1  # trial keys' format (trial_key); sweeps written before it have none: 1
+    slurm_job: str | None = None  # the SLURM job that started it (sweeper run --slurm), else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -209,6 +209,52 @@ MaxFailuresOpt = Annotated[
     int, typer.Option(help="Retries of a trial that raised (>= 0); it resumes from its checkpoint.")
 ]
 QuietOpt = Annotated[bool, typer.Option(help="No per-epoch progress lines.")]
+_SLURM = "SLURM"  # the help panel of the options below (sweeper.slurm.SlurmOptions holds their values)
+SlurmOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Submit the sweep as a SLURM job (sbatch) and return: Ray on the job's nodes, requeued before its "
+        "time limit; the script is <storage>/<name>/slurm/job.sbatch.",
+        rich_help_panel=_SLURM,
+    ),
+]
+NodesOpt = Annotated[int, typer.Option(help="Nodes of the SLURM job (>= 1).", rich_help_panel=_SLURM)]
+TimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The job's time limit (sbatch --time: MINUTES, HH:MM:SS, DAYS-HH:MM) \\[default: the partition's].",
+        show_default=False,
+        rich_help_panel=_SLURM,
+    ),
+]
+PartitionOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="SLURM partition \\[default: the cluster's default].", show_default=False, rich_help_panel=_SLURM
+    ),
+]
+GpusPerNodeOpt = Annotated[
+    int | None, typer.Option(help="GPUs per node of the job.", show_default=False, rich_help_panel=_SLURM)
+]
+CpusPerNodeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="CPUs per node of the job \\[default: whole nodes, --exclusive].",
+        show_default=False,
+        rich_help_panel=_SLURM,
+    ),
+]
+SbatchArgOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--sbatch-arg",
+        help="One more sbatch option, written into the job script verbatim (--sbatch-arg=--qos=long); repeatable.",
+        show_default=False,
+        rich_help_panel=_SLURM,
+    ),
+]
+SLURM_FLAGS = ("slurm", "nodes", "time", "partition", "gpus_per_node", "cpus_per_node", "sbatch_arg")
+
 VerboseOpt = Annotated[
     bool,
     typer.Option(

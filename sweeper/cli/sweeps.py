@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from .options import (
     GRID_FLAGS,
+    SLURM_FLAGS,
     AddressOpt,
     AugmentAxis,
     CpusOpt,
+    CpusPerNodeOpt,
     DatasetAxis,
     EpochsAxis,
     GpusOpt,
+    GpusPerNodeOpt,
     Interrupted,
     KappaAxis,
     MaxConcurrentOpt,
@@ -22,15 +26,21 @@ from .options import (
     MlflowOpt,
     ModelAxis,
     NameOpt,
+    NodesOpt,
+    PartitionOpt,
     PoisonModeAxis,
     QuietOpt,
+    SbatchArgOpt,
     SeedsOpt,
     SetOpt,
+    SlurmOpt,
     StorageOpt,
+    SweeperError,
     SweepFailed,
     SweepFileOpt,
     SweepKindOpt,
     ThetaAxis,
+    TimeOpt,
     TriggerAxis,
     VerboseOpt,
     app,
@@ -61,16 +71,25 @@ def run(
     max_failures: MaxFailuresOpt = 2,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    slurm: SlurmOpt = False,
+    nodes: NodesOpt = 1,
+    time: TimeOpt = None,
+    partition: PartitionOpt = None,
+    gpus_per_node: GpusPerNodeOpt = None,
+    cpus_per_node: CpusPerNodeOpt = None,
+    sbatch_arg: SbatchArgOpt = None,
 ) -> dict[str, Any]:
     """Run a grid sweep on Ray Tune, tracked in MLflow; prints the trials and the frontier.
 
     With no flags: theta in {0.05, 0.1} x kappa in {0, 200, 400, 800} on digits, 15 epochs.
     """
+    params = dict(locals())  # what a SLURM job calls this function with
     from .. import logs
-    from ..orchestrate import SweepOptions, run_sweep
+    from ..orchestrate import SweepOptions, prepare, run_sweep
     from ..spaces import build_spec
 
     logs.capture(verbose)
+    job = _slurm_options(params)
     flags = {k: v for k, v in locals().items() if k in GRID_FLAGS}
     spec, file_name = build_spec(sweep_file, flags, seeds, set_, kind.value if kind else None)  # file < flags < --set
     from trainables import trial_kind
@@ -87,12 +106,59 @@ def run(
         max_failures=max_failures,
         verbose=0 if quiet else 1,
     )
+    if job is not None:
+        return _submit(
+            run, "run", params, opts, job, lambda: prepare(spec, opts), f"sweep {opts.name}: {spec.describe()}"
+        )
     if not quiet:  # the size before Ray starts (a surprise axis shows now, not hours later); never `sweep NAME:`,
         # the final summary's line that scripts parse
         typer.echo(f"launching sweep {opts.name}: {spec.describe()} on {_where(address)}")
     report = run_sweep(spec, opts)
     _report(report)
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
+
+
+def _slurm_options(params: dict[str, Any]):
+    """The command's SLURM flags (None without --slurm); --address and --slurm exclude each other."""
+    from ..slurm import slurm_options
+
+    job = slurm_options(
+        params["slurm"],
+        params["nodes"],
+        params["time"],
+        params["partition"],
+        params["gpus_per_node"],
+        params["cpus_per_node"],
+        params["sbatch_arg"],
+    )
+    if job is not None and params.get("address") is not None:
+        raise SweeperError(f"--address {params['address']} and --slurm exclude each other: the job starts its own Ray")
+    return job
+
+
+def _submit(fn, command: str, params: dict[str, Any], opts, job, validate, what: str) -> dict[str, Any]:
+    """``--slurm``: every check the command makes without it, then the job is written and submitted."""
+    from ..preflight import resolve_storage
+    from ..slurm import check_sbatch, cli_params, submit
+
+    job.check()
+    check_sbatch()
+    validate()  # the sweep's own checks: nothing is submitted for a sweep that would fail them
+    job.check(opts.cpus_per_trial, opts.gpus_per_trial)
+    storage = resolve_storage(opts.storage)
+    args = cli_params(fn, {**params, "storage": storage}, drop=(*SLURM_FLAGS, "address"))
+    sub = submit(command, args, opts.name, storage, job)
+    typer.echo(f"submitted SLURM job {sub.job_id}: {what} on {job.nodes} node{'s' if job.nodes > 1 else ''}")
+    typer.echo(f"job script: {sub.script}\njob log: {sub.log}")
+    typer.echo(f"follow it: sweeper status {opts.name} --storage {storage}")
+    uri = opts.mlflow_uri or ""
+    if job.nodes > 1 and (not uri or uri.startswith("sqlite:")):
+        typer.echo(
+            "note: trials on every node write to the embedded SQLite store on --storage; on a network filesystem "
+            "(NFS) SQLite's locks are unreliable: pass --mlflow-uri http://HOST:5000 (a tracking server; README, "
+            "'On a SLURM cluster')"
+        )
+    return {"job_id": sub.job_id, "script": str(sub.script), "log": str(sub.log)}
 
 
 def _where(address: str | None) -> str:
@@ -231,15 +297,24 @@ def search(
     max_failures: MaxFailuresOpt = 2,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    slurm: SlurmOpt = False,
+    nodes: NodesOpt = 1,
+    time: TimeOpt = None,
+    partition: PartitionOpt = None,
+    gpus_per_node: GpusPerNodeOpt = None,
+    cpus_per_node: CpusPerNodeOpt = None,
+    sbatch_arg: SbatchArgOpt = None,
 ) -> dict[str, Any]:
     """Search the defender's choices (kappa, augmentation, epochs, --set lr=...) against a fixed threat
     set (--theta, --trigger, --poison-mode as values or lists): each defence is trained against every
     threat, scored by mean clean accuracy and worst-case ASR, and the frontier is drawn over defences."""
+    params = dict(locals())  # what a SLURM job calls this function with
     from .. import logs
-    from ..orchestrate import SweepOptions, run_search
+    from ..orchestrate import SweepOptions, prepare_search, run_search
     from ..search_space import build_search_spec
 
     logs.capture(verbose)
+    job = _slurm_options(params)
     flags = {
         "theta": theta,
         "kappa": kappa,
@@ -262,11 +337,7 @@ def search(
         max_failures=max_failures,
         verbose=0 if quiet else 1,
     )
-    if not quiet:
-        typer.echo(f"launching search {name}: {_search_size(spec, budget, seeds)} on {_where(address)}")
-    report = run_search(
-        spec,
-        opts,
+    how = dict(
         budget=budget,
         sampler=sampler.value,
         seed=seed,
@@ -274,6 +345,19 @@ def search(
         objectives=objectives,
         aggregate=aggregate.value if aggregate else None,
     )
+    if job is not None:
+        return _submit(
+            search,
+            "search",
+            params,
+            opts,
+            job,
+            lambda: prepare_search(spec, opts, **how),
+            f"search {name}: {_search_size(spec, budget, seeds)}",
+        )
+    if not quiet:
+        typer.echo(f"launching search {name}: {_search_size(spec, budget, seeds)} on {_where(address)}")
+    report = run_search(spec, opts, **how)
     _report(report)
     return {"counts": report.counts, "rows": report.rows, "path": report.path}
 
@@ -344,13 +428,42 @@ def resume(
     ] = "resume",
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
+    slurm: SlurmOpt = False,
+    nodes: NodesOpt = 1,
+    time: TimeOpt = None,
+    partition: PartitionOpt = None,
+    gpus_per_node: GpusPerNodeOpt = None,
+    cpus_per_node: CpusPerNodeOpt = None,
+    sbatch_arg: SbatchArgOpt = None,
 ) -> dict[str, Any]:
     """Continue an interrupted sweep: nothing finished is re-run, unfinished trials continue from their last epoch."""
+    params = dict(locals())  # what a SLURM job calls this function with
     from .. import logs
-    from ..orchestrate import resume_sweep
+    from ..orchestrate import check_resumable, resume_sweep
 
     logs.capture(verbose)
+    job = _slurm_options(params)
+    if job is not None:
+        from ..orchestrate import SweepOptions
+        from ..preflight import check_name, resolve_storage
+        from ..slurm import unstarted_job
 
+        check_name(name)
+        opts = SweepOptions(name=name, storage=storage)
+        first = unstarted_job(resolve_storage(storage), name)
+        if first is not None:  # its first job ended before the sweep started: submit that command again
+            opts.cpus_per_trial = first["params"].get("cpus_per_trial") or 1.0
+            opts.gpus_per_trial = first["params"].get("gpus_per_trial")
+            opts.mlflow_uri = first["params"].get("mlflow_uri")
+            fn = {"run": run, "search": search}[first["command"]]
+            return _submit(fn, first["command"], first["params"], opts, job, lambda: None, f"sweep {name}")
+
+        def validate():
+            meta = check_resumable(name, storage, errored)
+            opts.cpus_per_trial, opts.gpus_per_trial = meta.cpus_per_trial, meta.gpus_per_trial
+            opts.mlflow_uri = meta.mlflow_uri
+
+        return _submit(resume, "resume", params, opts, job, validate, f"resume of sweep {name}")
     report = resume_sweep(name, storage, errored=errored, address=address)
     _report(report)
     return {"counts": report.counts, "rows": report.rows}
@@ -362,13 +475,49 @@ def status(
     storage: StorageOpt = "./sweeps",
 ) -> dict[str, Any]:
     """Trials completed / diverged / failed / running / interrupted / pending of a sweep."""
+    from ..preflight import check_name, resolve_storage
+    from ..slurm import status_line
     from ..states import sweep_status
 
-    st = sweep_status(name, storage)
+    check_name(name)
+    job = status_line(Path(resolve_storage(storage)) / name)  # a sweep submitted with --slurm: its job's state
+    try:
+        st = sweep_status(name, storage)
+    except SweeperError:
+        if job is None:
+            raise
+        typer.echo(f"sweep {name}: not started yet; {job}")  # the job has not run yet (or failed before the sweep)
+        return {"name": name, "slurm": job}
     typer.echo(
         f"sweep {st['name']} ({st['path']}): "
         + ", ".join(
             f"{st[k]} {k}" for k in ("completed", "diverged", "failed", "running", "interrupted", "pending", "total")
         )
     )
-    return st
+    if job is not None:
+        typer.echo(job)
+    return {**st, "slurm": job}
+
+
+@app.command("slurm-job", hidden=True)
+def slurm_job(
+    name: Annotated[str, typer.Argument(help="Sweep name (a folder under --storage).")],
+    storage: StorageOpt = "./sweeps",
+) -> None:
+    """Inside a sweep's SLURM job (its job.sbatch runs this): Ray on the job's nodes, then the submitted
+    command, or resume once the sweep has started; a requeue when SLURM warns of the job's end."""
+    from .. import logs
+    from ..orchestrate import start_ray
+    from ..slurm import restore_params, run_job
+
+    logs.capture(False)
+
+    def command(info: dict[str, Any], address: str, started: bool) -> None:
+        if started or info["command"] == "resume":  # a requeued job, or `sweeper resume --slurm`
+            errored = info["params"].get("errored", "resume") if info["command"] == "resume" else "resume"
+            resume(name=name, storage=storage, errored=errored, address=address)
+            return
+        fn = {"run": run, "search": search}[info["command"]]
+        fn(**restore_params(fn, info["params"]), address=address)
+
+    run_job(name, storage, command, join=start_ray)

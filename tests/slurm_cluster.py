@@ -1,0 +1,163 @@
+"""A real SLURM on 127.0.0.1 for the tests: munged, slurmctld and two slurmd (nodes n1, n2), each a
+plain background process from a private configuration, stopped by its PID.
+
+No systemd and no cgroups (``proctrack/linuxproc``, ``task/none``), no accounting. Both nodes are this
+host, at different ports, with 2 CPUs each. Debian's ``slurmctld``, ``slurmd``, ``slurm-client`` and
+``munge`` packages provide the binaries (``.ci/run`` installs them when it runs as root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
+
+
+def missing() -> str | None:
+    """Why this machine cannot run the test SLURM (None: it can)."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return "the test SLURM runs slurmd, which needs root"
+    absent = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    if absent:
+        return f"SLURM or munge is not installed ({', '.join(absent)} missing; apt-get install slurmctld slurmd slurm-client munge)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+class SlurmCluster:
+    """Start with :meth:`start`, stop with :meth:`stop`; :attr:`env` is what a SLURM command needs."""
+
+    def __init__(self, root: Path, nodes: int = 2, cpus: int = 2):
+        self.root, self.nodes, self.cpus = Path(root), nodes, cpus
+        self.conf = self.root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.pid_files: list[Path] = []
+
+    def _config(self) -> str:
+        r = self.root
+        names = [f"n{i + 1}" for i in range(self.nodes)]
+        lines = [
+            "ClusterName=sweepertest",
+            "SlurmctldHost=localhost(127.0.0.1)",
+            f"SlurmctldPort={_free_port()}",
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={r}/munge/sock",
+            "CredType=cred/munge",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool-%n",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log",
+            f"SlurmdLogFile={r}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2",
+            "JobRequeue=1",
+            "MinJobAge=3600",
+            "KillWait=10",
+            *(f"NodeName={n} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} State=UNKNOWN" for n in names),
+            f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def start(self, timeout: float = 30.0) -> SlurmCluster:
+        r = self.root
+        (r / "munge").mkdir(parents=True, mode=0o700)
+        (r / "state").mkdir()
+        key = r / "munge" / "munge.key"
+        subprocess.run([_exe("mungekey"), "-c", "-k", str(key)], check=True, capture_output=True)
+        key.chmod(0o400)
+        m = r / "munge"
+        subprocess.run(
+            [
+                _exe("munged"),
+                "--force",
+                f"--key-file={key}",
+                f"--socket={m / 'sock'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--log-file={m / 'munged.log'}",
+                f"--seed-file={m / 'seed'}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.pid_files.append(m / "munged.pid")
+        self.conf.write_text(self._config())
+        subprocess.run([_exe("slurmctld"), "-i"], check=True, env=self.env, capture_output=True)
+        self.pid_files.append(r / "slurmctld.pid")
+        for i in range(self.nodes):
+            subprocess.run([_exe("slurmd"), "-N", f"n{i + 1}"], check=True, env=self.env, capture_output=True)
+            self.pid_files.append(r / f"slurmd-n{i + 1}.pid")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # every node idle: jobs can start
+            out = subprocess.run(
+                ["sinfo", "-h", "-o", "%T %D"], env=self.env, capture_output=True, text=True, timeout=10
+            ).stdout.split()
+            if out[:1] == ["idle"] and out[1:2] == [str(self.nodes)]:
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the test SLURM's nodes did not come up within {timeout:.0f} s (logs in {r})")
+
+    def stop(self) -> None:
+        """Stop every daemon by its PID (slurmd first, munged last)."""
+        for pid_file in reversed(self.pid_files):
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                os.kill(pid, signal.SIGTERM)
+            except (OSError, ValueError, IndexError):
+                continue
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+    def run(self, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+        """A SLURM command against this cluster."""
+        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def wait(self, job_id: str, states: tuple[str, ...], timeout: float) -> dict[str, str]:
+        """Wait (bounded) until the job is in one of ``states``; its fields then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.get("JobState") in states:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is {job.get('JobState')}, not {states}, after {timeout:.0f} s")
+            time.sleep(0.5)
