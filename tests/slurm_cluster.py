@@ -43,7 +43,11 @@ class SlurmCluster:
     """Start with :meth:`start`, stop with :meth:`stop`; :attr:`env` is what a SLURM command needs."""
 
     def __init__(self, root: Path, nodes: int = 2, cpus: int = 2):
+        import random
+
         self.root, self.nodes, self.cpus = Path(root), nodes, cpus
+        # job ids of their own: the jobs' Ray folders (/tmp/sweeper-<id>-<node>) are this cluster's to remove
+        self.first_job = random.randrange(100_000, 4_000_000, 1000)
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.pid_files: list[Path] = []
@@ -77,6 +81,7 @@ class SlurmCluster:
             "SchedulerType=sched/backfill",
             "SchedulerParameters=sched_interval=2",
             "JobRequeue=1",
+            f"FirstJobId={self.first_job}",
             "MinJobAge=3600",
             "KillWait=10",
             *(f"NodeName={n} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} State=UNKNOWN" for n in names),
@@ -125,7 +130,20 @@ class SlurmCluster:
         raise RuntimeError(f"the test SLURM's nodes did not come up within {timeout:.0f} s (logs in {r})")
 
     def stop(self) -> None:
-        """Stop every daemon by its PID (slurmd first, munged last)."""
+        """Cancel every job still queued or running (a failed test's), wait (bounded) until none is left,
+        remove the jobs' Ray folders, then stop every daemon by its PID (slurmd first, munged last)."""
+        if self.pid_files:
+            try:
+                self.run("scancel", "--full", f"--user={os.getuid()}", timeout=10)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and self.run("squeue", "-h", timeout=10).stdout.strip():
+                    time.sleep(0.5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass  # slurmctld is gone: nothing left to cancel through it
+        for folder in Path("/tmp").glob("sweeper-*-*"):
+            job = folder.name.split("-")[1]
+            if job.isdigit() and self.first_job <= int(job) < self.first_job + 1000:
+                shutil.rmtree(folder, ignore_errors=True)
         for pid_file in reversed(self.pid_files):
             try:
                 pid = int(pid_file.read_text().split()[0])
