@@ -201,7 +201,12 @@ def _tuner(
         )
         param_space = {"trial": search_space, "sweep": _sweep_settings(meta)}
     else:
-        tune_config = tune.TuneConfig(max_concurrent_trials=meta.max_concurrent, num_samples=1, **names)
+        from .stopping import EpochBoundaryStop
+
+        # FIFO; on SLURM's warning (stopping.request) it pauses each trial at its next epoch's checkpoint
+        tune_config = tune.TuneConfig(
+            max_concurrent_trials=meta.max_concurrent, num_samples=1, scheduler=EpochBoundaryStop(), **names
+        )
         param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": _sweep_settings(meta)}
     return tune.Tuner(_trainable_for(meta), param_space=param_space, tune_config=tune_config, run_config=run_config)
 

@@ -53,6 +53,7 @@ WARNING_SECONDS = 300  # SIGUSR2 this long before the time limit (SLURM delivers
 COMMAND_TIMEOUT = 20.0  # a SLURM command (sbatch, scontrol) that has not answered by then: slurmctld is unreachable
 HEAD_WAIT = 90.0  # the Ray head's port must answer within this
 NODES_WAIT = 120.0  # every node of the job must have joined Ray within this
+STOP_GRACE = WARNING_SECONDS - 120  # on the warning, trials get this long to end their epoch; then Ctrl-C's stop
 STOP_WAIT = 30.0  # a Ray node's srun gets this long to stop its processes before it is killed
 PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 50, 800  # job ports: 20000 + (job id mod 800) x 50, 50 per job
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD")
@@ -541,8 +542,8 @@ class _Signals:
     preemption) both stop the sweep as Ctrl-C does: Tune stops the trials, each keeping its last
     epoch's checkpoint. Only the warning asks for a requeue."""
 
-    def __init__(self, job_id: str):
-        self.job_id = job_id
+    def __init__(self, job_id: str, grid: bool):
+        self.job_id, self.grid = job_id, grid
         self.received: int | None = None
         self._old: dict[int, Any] = {}
 
@@ -560,6 +561,16 @@ class _Signals:
         if self.received is not None:
             return
         self.received = signum
+        if signum == signal.SIGUSR2 and self.grid:  # minutes ahead: each trial pauses at its next epoch's end
+            print(
+                f"sweeper: SLURM sent SIGUSR2 to job {self.job_id}: pausing each trial at the end of its epoch "
+                f"(at most {STOP_GRACE:.0f} s), then requeueing the job",
+                flush=True,
+            )
+            from . import stopping
+
+            stopping.request(STOP_GRACE)
+            return
         then = (
             "then requeueing the job" if signum == signal.SIGUSR2 else "not requeueing (SIGTERM: scancel or preemption)"
         )
@@ -601,7 +612,11 @@ def run_job(
     )
     _write_job(folder, info)
     nodes = RayNodes(job_id, hosts, cpus, gpus, folder / SLURM_DIR)
-    with _Signals(job_id) as signals:
+    from analysis.schema import read_meta
+
+    meta = read_meta(storage, name)
+    grid = (meta.kind if meta is not None else info["command"]) != "search"  # a search's defences are not epochs
+    with _Signals(job_id, grid) as signals:
         finished = False
         try:
             nodes.start(join)
