@@ -156,6 +156,9 @@ def job_script(name: str, storage: str, opts: SlurmOptions, workdir: str, python
         f"#SBATCH --signal=B:USR2@{WARNING_SECONDS}",  # to this script's process (python, by exec): stop, requeue
         *(f"#SBATCH {a}" for a in opts.sbatch_args),
         "",
+        # what the trials import, for a by-hand `sbatch` from another shell (sbatch passes the submitting
+        # shell's environment on; tracking credentials come from there and are never written here)
+        *(f"export {k}={q(os.environ[k])}" for k in ("PYTHONPATH", "SWEEPER_PLUGINS") if os.environ.get(k)),
         f"export {SWEEP_ENV}={q(str(folder))}",
         f"exec {q(python)} -m sweeper.cli slurm-job {q(name)} --storage {q(str(storage))}",
         "",
@@ -226,10 +229,12 @@ def submit(
     made = not folder.exists()
     slurm_dir = folder / SLURM_DIR
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    info = read_job(folder) or {"jobs": [], "starts": []}
+    before = read_job(folder)
+    info = json.loads(json.dumps(before)) if before else {"jobs": [], "starts": []}
     script = slurm_dir / JOB_SCRIPT
-    if script.exists() and info["jobs"]:  # nothing written is lost: the last job's script keeps its id
-        script.replace(slurm_dir / f"job-{info['jobs'][-1]['id']}.sbatch")
+    kept = slurm_dir / f"job-{info['jobs'][-1]['id']}.sbatch" if info["jobs"] else None
+    if script.exists() and kept is not None:  # nothing written is lost: the last job's script keeps its id
+        script.replace(kept)
     script.write_text(text)
     info.update(command=command, params=params, workdir=workdir, python=sys.executable, slurm=asdict(opts))
     _write_job(folder, info)
@@ -237,6 +242,10 @@ def submit(
     if out.returncode != 0:
         if made:
             shutil.rmtree(folder, ignore_errors=True)
+        elif before is not None:  # a resubmission that failed: the folder as it was
+            if kept is not None and kept.exists():
+                kept.replace(script)
+            _write_job(folder, before)
         raise SweeperError(f"--slurm: sbatch failed: {_slurm_error(out)}")
     job_id = out.stdout.strip().split(";")[0]
     info["jobs"].append({"id": job_id, "command": command, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -249,7 +258,10 @@ def read_job(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / SLURM_DIR / JOB_JSON
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SweeperError(f"{path} is unreadable ({e}): sweeper writes it; restore it or remove the folder") from None
 
 
 def _write_job(folder: Path, info: dict[str, Any]) -> None:

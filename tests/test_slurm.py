@@ -38,7 +38,9 @@ def run(argv, capsys):
 # --- without SLURM ----------------------------------------------------------------------------------
 
 
-def test_job_script_is_valid_bash_with_every_option(tmp_path):
+def test_job_script_is_valid_bash_with_every_option(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEPER_PLUGINS", "my_plugin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
     opts = SlurmOptions(
         nodes=3, time="1-02:00:00", partition="gpu", gpus_per_node=2, sbatch_args=["--qos=long", "--mail-type=END"]
     )
@@ -61,6 +63,7 @@ def test_job_script_is_valid_bash_with_every_option(tmp_path):
     ):
         assert any(ln.endswith(want) for ln in sbatch), want
     assert f"exec {sys.executable} -m sweeper.cli slurm-job s --storage '{tmp_path / 'my sweeps'}'" in text
+    assert "export SWEEPER_PLUGINS=my_plugin" in text and "secret" not in text  # imports yes, credentials never
     assert "--cpus-per-task=4" in job_script("s", str(tmp_path), SlurmOptions(cpus_per_node=4), str(tmp_path))
 
 
@@ -317,3 +320,12 @@ def test_a_held_job_shows_in_status_and_a_cancelled_one_can_be_submitted_again(s
     assert info["command"] == "run" and [j["id"] for j in info["jobs"]] == [job, again]
     assert (storage / "h" / "slurm" / f"job-{job}.sbatch").exists(), "the first script is kept"
     assert slurm.run("scancel", again).returncode == 0
+
+
+def test_a_damaged_job_json_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "s" / "slurm"
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text("{not json")
+    code, _, err = run(["status", "s", "--storage", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{folder / 'job.json'} is unreadable" in err
