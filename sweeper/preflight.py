@@ -32,7 +32,10 @@ def resolve_storage(storage: str) -> str:
             raise SweeperError(
                 f"--storage {storage!r} is invalid: expected a path or a file://, s3://, gs://, hdfs:// or abfs:// URI"
             )
-        return storage.rstrip("/")
+        storage = storage.rstrip("/")
+        if not storage.startswith("file://"):
+            check_object_store(storage)
+        return storage
     path = Path(storage).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise SweeperError(f"--storage {storage} is a file, expected a folder")
@@ -43,6 +46,18 @@ def resolve_storage(storage: str) -> str:
     if not os.access(path, os.W_OK):
         raise SweeperError(f"--storage {storage} is not writable")
     return str(path)
+
+
+def check_object_store(storage: str) -> None:
+    """An object-store ``--storage`` must answer (pyarrow's first request) before anything relies on it."""
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        fs.get_file_info(root)
+    except (OSError, ValueError, ImportError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SweeperError(f"--storage {storage}: cannot reach it ({reason})") from None
 
 
 def check_address(address: str | None, timeout: float = 3.0) -> None:

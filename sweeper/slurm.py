@@ -58,7 +58,9 @@ STOP_WAIT = 30.0  # a Ray node's srun gets this long to stop its processes befor
 PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 50, 800  # job ports: 20000 + (job id mod 800) x 50, 50 per job
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD")
 SWEEP_ENV = "SWEEPER_SLURM_SWEEP"  # set by the job script: the sweep folder its job may start in
-_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")  # sbatch's --time forms
+_TIME = re.compile(  # sbatch's --time forms
+    r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|INFINITE)$", re.IGNORECASE
+)
 
 
 @dataclass
@@ -78,7 +80,8 @@ class SlurmOptions:
             raise SweeperError(f"--nodes={self.nodes} is invalid: must be >= 1")
         if self.time is not None and not _TIME.match(self.time):
             raise SweeperError(
-                f"--time={self.time!r} is invalid: use MINUTES, MM:SS, HH:MM:SS, DAYS-HH, DAYS-HH:MM or DAYS-HH:MM:SS"
+                f"--time={self.time!r} is invalid: use MINUTES, MM:SS, HH:MM:SS, DAYS-HH, DAYS-HH:MM, DAYS-HH:MM:SS "
+                "or UNLIMITED"
             )
         if self.partition is not None and not re.fullmatch(r"[A-Za-z0-9._,-]+", self.partition):
             raise SweeperError(f"--partition={self.partition!r} is invalid: expected a SLURM partition name")

@@ -44,6 +44,14 @@ def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     assert "epoch 1/" not in err  # nothing trained
 
 
+def test_an_object_store_that_does_not_answer_is_one_line(tmp_path, capsys):
+    # no such host (".invalid" never resolves): pyarrow's OSError is a bad --storage, not a traceback
+    uri = "s3://sweeper-test.invalid/sweeps"
+    code, _, err = run(["run", "--storage", uri, "--mlflow-uri", f"sqlite:///{tmp_path}/m.db", "--quiet"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--storage {uri}: cannot reach it (" in err
+
+
 def test_unavailable_cuda_is_a_bad_input(capsys):
     import torch
 

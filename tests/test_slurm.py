@@ -108,12 +108,15 @@ def test_cli_params_round_trip_restores_enums_and_paths():
         (["run", "--slurm", "--gpus-per-trial", "1"], "needs GPUs in the job: add --gpus-per-node"),
         (["run", "--slurm", "--sbatch-arg", "qos=long"], "--sbatch-arg='qos=long' is invalid"),
         (["search", "--slurm", "--partition", "a b"], "--partition='a b' is invalid"),
+        (["search", "--slurm", "--objectives", "nope:max"], "nope"),
+        (["run", "--slurm", "--storage", "s3://bucket/sweeps"], "--slurm needs a folder every node mounts"),
         (["resume", "nope", "--slurm"], "no sweep 'nope'"),
     ],
 )
 def test_bad_slurm_input_is_one_line_exit_2_and_writes_nothing(argv, needle, tmp_path, capsys):
     storage = tmp_path / "sweeps"
-    code, _, err = run([*argv, "--storage", str(storage), *(["--name", "s"] if argv[0] == "run" else [])], capsys)
+    where = [] if "--storage" in argv else ["--storage", str(storage)]
+    code, _, err = run([*argv, *where, *(["--name", "s"] if argv[0] == "run" else [])], capsys)
     if "no sweep" in needle and "sbatch is not on PATH" in err:
         pytest.skip("sbatch is not installed: --slurm stops at that check, before the sweep's")
     assert code == 2, err

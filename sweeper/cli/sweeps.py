@@ -138,10 +138,17 @@ def _slurm_options(params: dict[str, Any]):
 
 def _submit(fn, command: str, params: dict[str, Any], opts, job, validate, what: str) -> dict[str, Any]:
     """``--slurm``: every check the command makes without it, then the job is written and submitted."""
+    from analysis.schema import is_uri
+
     from ..preflight import resolve_storage
     from ..slurm import check_sbatch, cli_params, submit
 
     job.check()
+    if is_uri(opts.storage):  # the job's script, its log and Ray's token live in the sweep folder
+        raise SweeperError(
+            f"--storage {opts.storage}: --slurm needs a folder every node mounts (the job's script and logs "
+            "live in it), not a URI"
+        )
     check_sbatch()
     validate()  # the sweep's own checks: nothing is submitted for a sweep that would fail them
     job.check(opts.cpus_per_trial, opts.gpus_per_trial)
