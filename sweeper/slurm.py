@@ -315,7 +315,23 @@ def status_line(folder: Path) -> str | None:
     )
     extra = f" (restarts {st['restarts']})" if st.get("restarts", "0") != "0" else ""
     nodes = f" on {st['nodes']}" if st.get("nodes") and st["nodes"] != "(null)" else ""
-    return f"SLURM job {job_id}: {state}{extra}{nodes}; log {Path(folder) / SLURM_DIR / f'job-{job_id}.log'}"
+    log = Path(folder) / SLURM_DIR / f"job-{job_id}.log"
+    line = f"SLURM job {job_id}: {state}{extra}{nodes}; log {log}"
+    if st["state"] == "RUNNING":  # where the sweep is now: the job's latest progress line
+        last = _last_progress(log)
+        line += f"\n  latest: {last}" if last else ""
+    return line
+
+
+def _last_progress(log: Path, tail: int = 65536) -> str | None:
+    """The last progress line (``[3/8 done] ...``) in the end of a job's log."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((ln.strip() for ln in reversed(lines) if re.match(r"\s*\[\d+/\d+ done\]", ln)), None)
 
 
 def starting_in_job(storage: str, name: str) -> bool:

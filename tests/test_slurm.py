@@ -274,6 +274,8 @@ def test_a_job_warned_of_its_end_requeues_and_resumes_without_rerunning(slurm, t
         time.sleep(0.5)
     code, _, err = run(["resume", "rq", "--storage", str(storage), "--slurm"], capsys)
     assert code == 2 and f"is in SLURM job {job} (RUNNING)" in err, err
+    code, out, _ = run(["status", "rq", "--storage", str(storage)], capsys)
+    assert f"SLURM job {job}: RUNNING on n[1-2]" in out and re.search(r"latest: \[\d/2 done\] kappa=", out), out
 
     # what SLURM sends WARNING_SECONDS before the time limit (--signal=B:USR2@300), sent now
     assert slurm.run("scancel", "--signal=USR2", "--batch", job).returncode == 0
