@@ -45,6 +45,14 @@ def default_uri(storage: Path) -> str:
     return f"sqlite:///{Path(storage).absolute() / 'mlflow.db'}"
 
 
+def create_store(uri: str) -> None:
+    """Create the embedded SQLite store's tables now, in one process: jobs that start at the same moment on
+    a new file otherwise race in MLflow's migrations (seen with two SLURM jobs: "table
+    _alembic_tmp_latest_metrics already exists"). Other stores are left alone."""
+    if uri.startswith("sqlite:///"):
+        retry(lambda: client(uri).search_experiments(max_results=1), "creating the MLflow store", fatal=True)
+
+
 @functools.cache
 def git_commit() -> str:
     """The project's git commit, or 'unknown' outside a checkout."""

@@ -60,7 +60,8 @@ class SlurmCluster:
             "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
             "AuthType=auth/munge",
-            f"AuthInfo=socket={r}/munge/sock",
+            # cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+            f"AuthInfo=socket={r}/munge/sock,cred_expire=10",
             "CredType=cred/munge",
             "SlurmUser=root",
             "SlurmdUser=root",

@@ -283,8 +283,8 @@ def test_a_job_warned_of_its_end_requeues_and_resumes_without_rerunning(slurm, t
     assert pending["Restarts"] == "1"
     before = log.read_text()
     assert "SLURM sent SIGUSR2" in before and f"requeued job {job}" in before
-    # SLURM delays a requeued job by about 2 minutes; release it now as an operator would
-    assert slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    # SLURM starts a requeued job again once the old job's credential has expired (cred_expire: 10 s here,
+    # 120 s by default); releasing it sooner (scontrol update StartTime=now) fails it: "Job credential revoked"
     done = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
     text = log.read_text()
     assert done["JobState"] == "COMPLETED", text

@@ -153,6 +153,9 @@ def _submit(fn, command: str, params: dict[str, Any], opts, job, validate, what:
     validate()  # the sweep's own checks: nothing is submitted for a sweep that would fail them
     job.check(opts.cpus_per_trial, opts.gpus_per_trial)
     storage = resolve_storage(opts.storage)
+    from .. import tracking
+
+    tracking.create_store(opts.mlflow_uri or tracking.default_uri(Path(storage)))  # before jobs race to make it
     args = cli_params(fn, {**params, "storage": storage}, drop=(*SLURM_FLAGS, "address"))
     sub = submit(command, args, opts.name, storage, job)
     typer.echo(f"submitted SLURM job {sub.job_id}: {what} on {job.nodes} node{'s' if job.nodes > 1 else ''}")
