@@ -86,38 +86,45 @@ def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
     return out
 
 
+# the Ray start_ray started in this process: (its GCS address, (target, worker env, log_to_driver)); a Ray at
+# another GCS address is the caller's own
+_started: tuple | None = None
+
+
 def start_ray(address: str | None) -> None:
-    """Join ``address`` or start a local Ray; trials keep the driver's working directory."""
+    """Join ``address`` or start a local Ray; trials keep the driver's working directory.
+
+    Called again in one process (sweeps from Python, one after another) it keeps the Ray it started when
+    that Ray was started for the same address, worker environment and log routing (a Ray start costs
+    seconds), and starts a new one otherwise; a Ray the caller initialised is used as it is.
+    """
+    global _started
     import ray
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints nothing: our own progress lines report
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from . import logs
+
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        target = "RAY_ADDRESS=" + os.environ["RAY_ADDRESS"]
+    else:
+        target = address or "local"
+    env_vars = _worker_env()
+    wanted = (target, tuple(sorted(env_vars.items())), logs.verbose())
     if ray.is_initialized():
-        return
+        gcs = ray.get_runtime_context().gcs_address
+        if _started is None or _started[0] != gcs or _started[1] == wanted:  # the caller's own, or ours alike
+            return
+        ray.shutdown()  # ours, for another address or worker environment: its workers would not match
+    _started = None
     if address not in (None, "local") and ray_auth_token() is not None and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"  # send the token a Ray >= 2.59 head demands
         from ray._raylet import Config
 
         Config.initialize("")  # Ray read its config when imported: make it see token mode
-    env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
-    for name in (
-        "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD",
-        "MLFLOW_TRACKING_TOKEN",
-        "SWEEPER_PLUGINS",
-        "PYTHONPATH",
-    ):
-        if os.environ.get(name):  # trials on other nodes log with the driver's tracking credentials and
-            env_vars[name] = os.environ[name]  # import its plugins (trainables.plugins) from the same path
-    if "PYTHONPATH" in env_vars:  # workers start elsewhere: relative entries would point nowhere
-        env_vars["PYTHONPATH"] = os.pathsep.join(
-            os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p
-        )
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "sweeper.worker.quiet_worker_exit"}
-    from . import logs
-
     logs.route()  # Ray's import gave its logger a stderr handler: its records go to the sweep's log instead
     # workers' output (their tracebacks too) stays in Ray's session logs unless --verbose: a failed trial's
     # own message is in the summary
@@ -135,6 +142,26 @@ def start_ray(address: str | None) -> None:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SweeperError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
+    _started = (ray.get_runtime_context().gcs_address, wanted)
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment every trial worker gets from the driver."""
+    env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    for name in (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "SWEEPER_PLUGINS",
+        "PYTHONPATH",
+    ):
+        if os.environ.get(name):  # trials on other nodes log with the driver's tracking credentials and
+            env_vars[name] = os.environ[name]  # import its plugins (trainables.plugins) from the same path
+    if "PYTHONPATH" in env_vars:  # workers start elsewhere: relative entries would point nowhere
+        env_vars["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) for p in env_vars["PYTHONPATH"].split(os.pathsep) if p
+        )
+    return env_vars
 
 
 def default_defences(meta: SweepMeta) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -39,6 +40,44 @@ def _registrations_end_with_the_test():
         sys.modules.pop(name, None)
     plugins._loaded[:] = loaded
     plugins._env_done, plugins._entry_points_done = env_done, eps_done
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "call" and outcome.get_result().failed:
+        item.ray_suspect = True  # its Ray may hold stuck trials: not kept for the next test
+
+
+@pytest.fixture(autouse=True)
+def _ray_between_tests(request):
+    """The local Ray that sweeper started is kept for the next test in this process (a Ray start costs about
+    3 CPU-seconds; ``start_ray`` reuses it only when started for the same address and worker environment).
+    Shut down after a failed test, when a trial still holds a CPU, and when the test's Ray is not that one
+    (a cluster it joined, its own ``ray.init``)."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from sweeper import orchestrate
+
+    started = orchestrate._started
+    ours = started is not None and started[0] == ray.get_runtime_context().gcs_address and started[1][0] == "local"
+    idle = ours and ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")
+    if not idle or getattr(request.node, "ray_suspect", False):
+        ray.shutdown()
+
+
+@pytest.fixture
+def no_ray():
+    """No Ray in this process when the test starts (it checks that a command started none, or starts its own)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def driver_text(text: str) -> str:
@@ -100,17 +139,27 @@ FAST = {"epochs": 1, "hessian_samples": 100, "hessian_iterations": 6, "hessian_t
 def grid_sweep(tmp_path_factory):
     """A real 2 x 3 sweep on local Ray + embedded MLflow, shared by the sweep and analysis tests.
 
-    kappa = 1e8 diverges on purpose, so reports must list it.
+    kappa = 1e8 diverges on purpose, so reports must list it. Built once per test run: the first test process
+    to need it builds it under a lock, the others (pytest-xdist) wait and read the same folder and report.
     """
-    import ray
+    import fcntl
+    import pickle
 
     from sweeper.orchestrate import SweepOptions, run_sweep
     from sweeper.spaces import SweepSpec
 
-    storage = tmp_path_factory.mktemp("sweeps")
-    spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 50.0, 1e8]}, fixed=FAST)
-    report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
-    ray.shutdown()
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:  # the run's own folder, above each worker's
+        root = root.parent
+    storage, saved = root / "grid-sweep", root / "grid-sweep.pickle"
+    with open(root / "grid-sweep.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if saved.exists():
+            return storage, pickle.loads(saved.read_bytes())
+        storage.mkdir(exist_ok=True)
+        spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 50.0, 1e8]}, fixed=FAST)
+        report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
+        saved.write_bytes(pickle.dumps(report))
     return storage, report
 
 

@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from sweeper.cli import main
 from trainables.config import ConfigError, TrialConfig
 from trainables.training.train import Trial
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_ray():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def test_sig_trains_on_altered_target_images_with_their_labels_and_counts_asr_on_the_others():

@@ -38,13 +38,6 @@ FAST = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_ray():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def cli(argv, capsys):
     capsys.readouterr()  # what earlier calls printed is not this command's output
     code = main(argv)

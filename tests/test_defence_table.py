@@ -24,13 +24,6 @@ from trainables.config import SweeperError
 from trainables.record import Objective, parse_objectives
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_ray():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def _models(rows):
     return pd.DataFrame(rows, columns=["theta", "trigger", "seed", "clean_acc", "asr", "status"])
 
@@ -108,7 +101,7 @@ def test_a_defence_is_scored_only_once_every_owed_model_has_finished():
         (["--kappa", "log:1000:10"], "LO < HI"),
     ],
 )
-def test_a_bad_threat_or_objective_exits_2_before_anything_starts(argv, needle, tmp_path, capsys):
+def test_a_bad_threat_or_objective_exits_2_before_anything_starts(argv, needle, tmp_path, capsys, no_ray):
     code = main(["search", *argv, "--storage", str(tmp_path / "s"), "--name", "bad"])
     err = capsys.readouterr().err
     assert code == 2, err

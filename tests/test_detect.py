@@ -7,19 +7,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 from sklearn.metrics import roc_auc_score
 
 from analysis.detect import auroc_with_ci, detectability_lag, detection_table, tpr_at_fpr
 from sweeper.cli import main
 from trainables.config import SweeperError
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_ray():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def test_auroc_matches_a_hand_count_and_scikit_learn():

@@ -180,7 +180,7 @@ def test_a_resource_no_node_has_stops_in_seconds(tmp_path):
     assert_quiet(out)
 
 
-def test_check_cluster_resources_names_what_the_nodes_have():
+def test_check_cluster_resources_names_what_the_nodes_have(no_ray):
     import ray
 
     from sweeper.preflight import check_cluster_resources

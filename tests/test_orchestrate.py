@@ -24,13 +24,6 @@ from sweeper.tracking import default_uri
 from trainables.record import TAG_KEY, TAG_KIND
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_ray():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def child_runs(uri: str, experiment: str):
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name(experiment)
@@ -84,7 +77,7 @@ def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
     assert (st["completed"], st["diverged"], st["pending"], st["total"]) == (4, 2, 0, 6)
 
 
-def test_existing_sweep_is_never_overwritten(grid_sweep, capsys):
+def test_existing_sweep_is_never_overwritten(grid_sweep, no_ray, capsys):
     storage, _ = grid_sweep
     meta = (storage / "grid" / "sweeper.json").read_text()
     code = main(["run", "--storage", str(storage), "--name", "grid", "--epochs", "1"])
@@ -111,7 +104,7 @@ def test_existing_sweep_is_never_overwritten(grid_sweep, capsys):
         (["status", "nosuchsweep"], "no sweep 'nosuchsweep'"),
     ],
 )
-def test_bad_sweep_input_exits_2_before_ray_starts(argv, needle, tmp_path, capsys):
+def test_bad_sweep_input_exits_2_before_ray_starts(argv, needle, tmp_path, capsys, no_ray):
     code = main(argv + ["--storage", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -120,14 +113,14 @@ def test_bad_sweep_input_exits_2_before_ray_starts(argv, needle, tmp_path, capsy
     assert not any((tmp_path / "s").glob("*/sweeper.json"))
 
 
-def test_plan_prints_grid_and_cost(capsys):
+def test_plan_prints_grid_and_cost(capsys, no_ray):
     code = main(["plan", "--theta", "0:0.02:0.01", "--kappa", "log:1e2:1e4:3", "--augment", "both", "--seeds", "2"])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("36 trials") and "cost on CPU" in out and "rough model" in out
     assert not ray.is_initialized()
 
 
-def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
+def test_two_node_cluster_places_trials_on_both_nodes(tmp_path, no_ray):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

@@ -292,9 +292,23 @@ def test_start_ray_forwards_the_plugins_and_pythonpath_to_the_workers(tmp_path, 
     start_ray(None)
     try:
         env = ray.get_runtime_context().runtime_env["env_vars"]  # what nodes other than the driver's get
+        first = ray.get_runtime_context().gcs_address
+        start_ray(None)  # the next sweep in this process: the same Ray, its workers already right
+        assert ray.get_runtime_context().gcs_address == first
+        monkeypatch.setenv("SWEEPER_PLUGINS", "toyplug,other")
+        start_ray(None)  # workers that must import another plugin: a new Ray with the new environment
+        assert ray.get_runtime_context().gcs_address != first
+        assert ray.get_runtime_context().runtime_env["env_vars"]["SWEEPER_PLUGINS"] == "toyplug,other"
     finally:
         ray.shutdown()
     assert env["SWEEPER_PLUGINS"] == "toyplug" and env["PYTHONPATH"] == str(tmp_path)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False)  # the caller's own
+    try:
+        own = ray.get_runtime_context().gcs_address
+        start_ray(None)
+        assert ray.get_runtime_context().gcs_address == own  # used as it is, never shut down for it
+    finally:
+        ray.shutdown()
 
 
 def test_a_missing_or_failing_plugin_is_one_line_exit_2(tmp_path):
