@@ -151,15 +151,17 @@ def grid_sweep(tmp_path_factory):
     root = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:  # the run's own folder, above each worker's
         root = root.parent
-    storage, saved = root / "grid-sweep", root / "grid-sweep.pickle"
+    saved = root / "grid-sweep.pickle"
     with open(root / "grid-sweep.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
         if saved.exists():
-            return storage, pickle.loads(saved.read_bytes())
-        storage.mkdir(exist_ok=True)
+            return pickle.loads(saved.read_bytes())
+        # a folder of the builder's own: a process that builds after another's build failed starts afresh
+        storage = root / f"grid-sweep-{os.getpid()}"
+        storage.mkdir()
         spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 50.0, 1e8]}, fixed=FAST)
         report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
-        saved.write_bytes(pickle.dumps(report))
+        saved.write_bytes(pickle.dumps((storage, report)))
     return storage, report
 
 
