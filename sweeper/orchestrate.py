@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from analysis.schema import is_uri, read_meta, sweep_exists, write_meta
 from trainables import record
@@ -86,9 +86,25 @@ def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
     return out
 
 
-# the Ray start_ray started in this process: (its GCS address, (target, worker env, log_to_driver)); a Ray at
-# another GCS address is the caller's own
-_started: tuple | None = None
+class RayStart(NamedTuple):
+    """What :func:`start_ray` started a Ray for: the next sweep in the process reuses it when all three match."""
+
+    target: str  # "local", the address joined, or "RAY_ADDRESS=..." (joined through the environment)
+    worker_env: tuple[tuple[str, str], ...]
+    log_to_driver: bool
+
+
+_started: tuple[str, RayStart] | None = None  # (its GCS address, what for): a Ray at another address is the caller's
+
+
+def ray_started_here() -> RayStart | None:
+    """What the running Ray was started for, when :func:`start_ray` started it; None when Ray is not running or
+    is the caller's own."""
+    import ray
+
+    if _started is None or not ray.is_initialized() or ray.get_runtime_context().gcs_address != _started[0]:
+        return None
+    return _started[1]
 
 
 def start_ray(address: str | None) -> None:
@@ -107,15 +123,13 @@ def start_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from . import logs
 
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        target = "RAY_ADDRESS=" + os.environ["RAY_ADDRESS"]
-    else:
-        target = address or "local"
+    joins_env = address is None and bool(os.environ.get("RAY_ADDRESS"))  # ray.init() joins RAY_ADDRESS
+    target = "RAY_ADDRESS=" + os.environ["RAY_ADDRESS"] if joins_env else address or "local"
     env_vars = _worker_env()
-    wanted = (target, tuple(sorted(env_vars.items())), logs.verbose())
+    wanted = RayStart(target, tuple(sorted(env_vars.items())), logs.verbose())
     if ray.is_initialized():
-        gcs = ray.get_runtime_context().gcs_address
-        if _started is None or _started[0] != gcs or _started[1] == wanted:  # the caller's own, or ours alike
+        mine = ray_started_here()
+        if mine is None or mine == wanted:  # the caller's own, or ours started alike
             return
         ray.shutdown()  # ours, for another address or worker environment: its workers would not match
     _started = None
@@ -129,17 +143,16 @@ def start_ray(address: str | None) -> None:
     # workers' output (their tracebacks too) stays in Ray's session logs unless --verbose: a failed trial's
     # own message is in the summary
     kwargs = dict(
-        include_dashboard=False, configure_logging=False, log_to_driver=logs.verbose(), runtime_env=runtime_env
+        include_dashboard=False, configure_logging=False, log_to_driver=wanted.log_to_driver, runtime_env=runtime_env
     )
     try:
-        if address is None and os.environ.get("RAY_ADDRESS"):
+        if joins_env:
             ray.init(**kwargs)  # joins RAY_ADDRESS, as Ray documents
-        elif address in (None, "local"):
-            # a new local instance, always: a bare ray.init() joins whatever /tmp/ray/ray_current_cluster
-            # names, and a stale file (a head killed without `ray stop`) left it waiting on a dead GCS for minutes
-            ray.init(address="local", **kwargs)
         else:
-            ray.init(address=address, **kwargs)
+            # "local" is a new local instance, always: a bare ray.init() joins whatever
+            # /tmp/ray/ray_current_cluster names, and a stale file (a head killed without `ray stop`) left it
+            # waiting on a dead GCS for minutes
+            ray.init(address=target, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SweeperError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
     _started = (ray.get_runtime_context().gcs_address, wanted)

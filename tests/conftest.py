@@ -61,11 +61,14 @@ def _ray_between_tests(request):
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    from sweeper import orchestrate
+    from sweeper.orchestrate import ray_started_here
 
-    started = orchestrate._started
-    ours = started is not None and started[0] == ray.get_runtime_context().gcs_address and started[1][0] == "local"
-    idle = ours and ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")
+    started = ray_started_here()
+    idle = (
+        started is not None
+        and started.target == "local"
+        and ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")
+    )
     if not idle or getattr(request.node, "ray_suspect", False):
         ray.shutdown()
 
