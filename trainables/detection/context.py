@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from trainables.fields import split_list
+from trainables.networks.batching import forward_chunk
 from trainables.spectrum.spectra import GroupSpectra
 
 ACCESS: tuple[str, ...] = ("data-free", "spectrum-samples", "clean-data", "training-set", "oracle")
@@ -198,13 +199,14 @@ class DetectionContext:
 
         if self.training is None:
             raise ValueError("no training set in this detection context: declare access 'training-set'")
-        return features(self.model, self.training.x, self.settings.batch_size).double().cpu()
+        x = self.training.x
+        return features(self.model, x, forward_chunk(self.settings.batch_size, x.device)).double().cpu()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes of normalized images, in eval mode, batched."""
         self.model.eval()
-        b = self.settings.batch_size
+        b = forward_chunk(self.settings.batch_size, x.device)
         return torch.cat([self.model(x[s : s + b]).argmax(1) for s in range(0, len(x), b)])
 
 

@@ -28,6 +28,7 @@ from trainables.data.images import ImageData
 from trainables.defence.penalty import penalized_loss, per_sample_input_grad_sq
 from trainables.detection.filtering import FILTERS, removal_quality, select_removed
 from trainables.fields import EXTRA_FIELDS
+from trainables.networks.batching import forward_chunk
 from trainables.networks.models import make_model
 from trainables.spectrum.geometry import feature_geometry, features, geometry_summary
 from trainables.spectrum.hessian import InputHessian, input_hessian_spectrum, plan_spectrum
@@ -192,11 +193,11 @@ class Trial:
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         if len(y) == 0:
             return math.nan
-        correct = 0
-        for s in range(0, len(y), self.cfg.eval_batch_size):
-            pred = self.model(x[s : s + self.cfg.eval_batch_size]).argmax(1)
-            correct += int((pred == y[s : s + self.cfg.eval_batch_size]).sum())
-        return correct / len(y)
+        b = forward_chunk(self.cfg.eval_batch_size, self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # one host sync, at the end
+        for s in range(0, len(y), b):
+            correct += (self.model(x[s : s + b]).argmax(1) == y[s : s + b]).sum()
+        return int(correct) / len(y)
 
     def evaluate(self, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, float]:
         """clean_acc, asr, train_acc (on the poisoned training set as trained) and the input-Fisher trace."""
@@ -212,8 +213,11 @@ class Trial:
         train_x = data.normalize(self.trigger.apply(data.train_x, self.poisoner.carriers(mask)))
         if self.keep is not None:  # the samples trained on
             train_x, labels = train_x[self.keep], labels[self.keep]
-        n_f = min(1000, len(data.test_y))
-        fisher = per_sample_input_grad_sq(self.model, self.test_x[:n_f], data.test_y[:n_f]).mean()
+        fx, fy = self.test_x[:1000], data.test_y[:1000]  # the Fisher's sample: the first 1000 test images
+        b = forward_chunk(self.cfg.eval_batch_size, self.device)
+        fisher = torch.cat(
+            [per_sample_input_grad_sq(self.model, fx[s : s + b], fy[s : s + b]) for s in range(0, len(fy), b)]
+        ).mean()
         return {
             "clean_acc": self._accuracy(self.test_x, data.test_y),
             "asr": self._accuracy(self.asr_x, self.asr_y),
@@ -398,8 +402,9 @@ class Trial:
             out.update(metrics)
             self.keep_spectrum(metrics, vecs, overlaps)
         if cfg.geometry and cfg.target_mode == "all-to-one":  # its table is relative to one target class
-            clean = features(self.model, self.test_x, cfg.eval_batch_size)
-            trig = features(self.model, data.normalize(self.trigger.apply(data.test_x)), cfg.eval_batch_size)
+            b = forward_chunk(cfg.eval_batch_size, self.device)
+            clean = features(self.model, self.test_x, b)
+            trig = features(self.model, data.normalize(self.trigger.apply(data.test_x)), b)
             rows = feature_geometry(clean, trig, data.test_y, cfg.target, cfg.num_classes)
             self.artifacts["geometry"] = rows
             out.update(geometry_summary(rows, cfg.target))
