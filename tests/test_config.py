@@ -28,6 +28,7 @@ BAD = [
     ("lr_drops", -1, "[0, 100]"),
     ("batch_size", 0, "[1, 1000000]"),
     ("eval_batch_size", 0, "[1, 1000000]"),
+    ("eval_every", 0, "[1, 100000]"),
     ("seed", -1, "[0, 2147483647]"),
     ("device", "tpu", "auto, cpu, cuda"),
     ("data_dir", "", "non-empty"),

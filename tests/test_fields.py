@@ -99,7 +99,7 @@ def test_trial_help_lists_every_field_with_the_range_validation_enforces():
             with pytest.raises(ConfigError):
                 TrialConfig(**{name: "no-such-choice"})
     assert not wrong, wrong
-    assert probed == 43  # every numeric field of the network trial (and list of numbers)
+    assert probed == 44  # every numeric field of the network trial (and list of numbers)
 
 
 def test_the_range_probe_catches_help_that_disagrees_with_validation():

@@ -83,3 +83,25 @@ def test_poisoning_counts_and_train_accuracy_are_reported():
     assert abs(res.metrics["n_poisoned"] - 0.2 * eligible) < 4 * (0.16 * eligible) ** 0.5
     for key in ("clean_acc", "asr", "train_acc", "train_loss", "penalty", "fisher_trace", "lr"):
         assert key in res.metrics
+
+
+EVALUATED = ("clean_acc", "asr", "train_acc", "fisher_trace")
+
+
+def test_eval_every_skips_evaluations_between_and_changes_nothing_else():
+    """eval_every=2 over 3 epochs evaluates epochs 2 and 3 (the last always); the training and the final
+    metrics are those of evaluating every epoch (evaluation draws no random numbers)."""
+    every = run_trial(small(epochs=3, augment=True), data=DIGITS)
+    sparse = run_trial(small(epochs=3, augment=True, eval_every=2), data=DIGITS)
+    assert [all(k in h for k in EVALUATED) for h in sparse.history] == [False, True, True]
+    assert not any(k in sparse.history[0] for k in EVALUATED)
+    for dense, thin in zip(every.history, sparse.history, strict=True):
+        assert {k: v for k, v in strip([thin])[0].items()} == {k: v for k, v in strip([dense])[0].items() if k in thin}
+    assert sparse.metrics["clean_acc"] == every.metrics["clean_acc"] and sparse.metrics["asr"] == every.metrics["asr"]
+
+
+def test_eval_every_still_evaluates_the_end_of_each_training_of_a_filter():
+    cfg = small(epochs=2, theta=0.1, defence_filter="ss", eval_every=5)
+    result = run_trial(cfg, data=DIGITS)
+    assert [h["epoch"] for h in result.history if "clean_acc" in h] == [2, 4]  # the end of each training
+    assert {"pre_filter_clean_acc", "pre_filter_asr", "clean_acc", "asr"} <= set(result.metrics)

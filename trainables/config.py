@@ -265,6 +265,12 @@ class TrialConfig(ConfigFields):
     batch_size: int | None = OPTIM(
         None, Interval(int, 1, 1_000_000), "Training minibatch size", derived="32 on digits, else 128"
     )
+    eval_every: int = OPTIM(
+        1,
+        Interval(int, 1, 100_000),
+        "Evaluate (clean accuracy, ASR, train accuracy, Fisher trace) every N epochs and at the end of each "
+        "training; on small MNIST subsets evaluating the 10 000 test images costs several epochs",
+    )
     eval_batch_size: int = OPTIM(1000, Interval(int, 1, 1_000_000), "Batch size of evaluation and Hessian products")
     seed: int = OPTIM(0, SEED, "Seed of init, shuffling, augmentation and poisoning")
     device: str = OPTIM("auto", Text(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"), "Torch device")

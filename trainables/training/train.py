@@ -175,7 +175,9 @@ class Trial:
         if self.status == "diverged":
             metrics.update(train_loss=math.nan, penalty=math.nan)
         else:
-            metrics.update(self.evaluate(mask, labels))
+            in_stage = self.epoch - (cfg.epochs if self.retraining else 0)
+            if in_stage % cfg.eval_every == 0 or in_stage == cfg.epochs:  # each training's last epoch: always
+                metrics.update(self.evaluate(mask, labels))
             if self.epoch >= cfg.total_epochs:
                 self.status = "completed"
             elif self.epoch == cfg.epochs and not self.retraining:  # a filtering defence: score, remove, retrain
