@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -14,9 +15,12 @@ from trainables.training.trial_result import TrialResult
 
 
 def _describe(m: dict) -> str:
-    if "clean_acc" not in m:
-        return f"loss={m.get('train_loss', float('nan')):.3f} (diverged)"
-    return f"loss={m['train_loss']:.3f} pen={m['penalty']:.3g} clean={m['clean_acc']:.3f} asr={m['asr']:.3f}"
+    loss = m.get("train_loss", float("nan"))
+    if not math.isfinite(loss):
+        return f"loss={loss:.3f} (diverged)"
+    if "clean_acc" not in m:  # an epoch between evaluations (eval_every)
+        return f"loss={loss:.3f} pen={m['penalty']:.3g}"
+    return f"loss={loss:.3f} pen={m['penalty']:.3g} clean={m['clean_acc']:.3f} asr={m['asr']:.3f}"
 
 
 def run_with_progress(cfg: TrialConfig, checkpoint: Path | None = None, quiet: bool = False) -> TrialResult:

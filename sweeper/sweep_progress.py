@@ -33,11 +33,12 @@ def progress_callback(n_trials: int, axes: list[str], live: bool | None = None):
         cfg = trial.config["trial"]
         total = total_epochs(cfg["epochs"], cfg.get("defence_filter", "none")) if "epochs" in cfg else None
         stage = " (retrain)" if result.get("stage") == 2 else ""
-        return (
-            f"{label(trial)} epoch {result.get('epoch')}/{total}{stage} "
-            f"loss={result.get('train_loss', float('nan')):.3f} clean={result.get('clean_acc', float('nan')):.3f} "
-            f"asr={result.get('asr', float('nan')):.3f}"
+        scores = (  # none on an epoch between evaluations (eval_every)
+            f" clean={result['clean_acc']:.3f} asr={result.get('asr', float('nan')):.3f}"
+            if "clean_acc" in result
+            else ""
         )
+        return f"{label(trial)} epoch {result.get('epoch')}/{total}{stage} loss={result.get('train_loss', float('nan')):.3f}{scores}"
 
     def finished_line(trial) -> str:
         r = trial.last_result or {}

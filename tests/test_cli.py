@@ -61,6 +61,16 @@ def test_unavailable_cuda_is_a_bad_input(capsys):
     assert code == 2 and "device='cuda:0' is invalid: CUDA is not available" in err
 
 
+def test_epochs_between_evaluations_print_no_scores(capsys):
+    """eval_every=2: epoch 1's line has the loss only (no NaN scores, not called diverged), epoch 2 its scores."""
+    code, _, err = run(["trial", "--epochs", "2", "--eval-every", "2", "--no-hessian", "--no-geometry"], capsys)
+    assert code == 0, err
+    first = next(line for line in err.splitlines() if "epoch 1/2" in line)
+    second = next(line for line in err.splitlines() if "epoch 2/2" in line)
+    assert "loss=" in first and "clean=" not in first and "nan" not in first and "diverged" not in first, first
+    assert "clean=" in second and "asr=" in second, second
+
+
 def test_trial_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "r.json"
     code, stdout, err = run(["trial", "--epochs", "2", "--no-hessian", "--no-geometry", "--json", str(out)], capsys)
