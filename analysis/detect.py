@@ -45,7 +45,7 @@ from .results import CONFIG_FIELDS, completed
 from .roc import auroc_with_ci, roc_curve, tpr_at_fpr
 
 ORACLES = tuple(STATISTIC_ORACLES)  # need the trigger: upper references, not detectors
-NOT_DEFENCE = {"theta", "seed", "data_dir", "download", "verify_checksums", "device", "threads", "kind"}
+NOT_DEFENCE = {"theta", "seed", "data_dir", "download", "verify_checksums", "device", "threads", "kind", "eval_every"}
 
 
 TABLE_COLUMNS = (

@@ -8,7 +8,7 @@ Runs 8 short digits trials at concurrency 2 (one CPU each) into a temporary fold
     training + spectrum + detection seconds (everything else: process start, imports, data, MLflow,
     checkpoints, artifacts). Targets (issue 24): overhead <= 0.5 s, compute share >= 0.85;
   * Ray Tune's own floor, in the same run: the same number of trials, concurrency, reused actors and
-    per-epoch reports, each with a checkpoint the size of a real one, from a trainable that imports
+    per-epoch reports, each with a checkpoint the size of a real epoch's, from a trainable that imports
     torch (every trial must) and spins for the real trials' mean compute per epoch (CPU time, so Ray's
     own processes compete for the cores as they do with real trials). Its overhead is what no change
     inside sweeper's trainable can remove.
@@ -52,7 +52,7 @@ def main():
         t1 = time.perf_counter()
         grid = orchestrate._tuner(meta, configs).fit()
         wall = time.perf_counter() - t1
-        floor = _tune_floor(tmp, n=len(configs), epochs=args.epochs, concurrency=args.concurrency, grid=grid)
+        floor = _tune_floor(tmp, configs, epochs=args.epochs, concurrency=args.concurrency, grid=grid)
         ray.shutdown()
     trial_time = sum(r.metrics["time_total_s"] for r in grid)
     compute = sum(
@@ -86,42 +86,55 @@ def main():
     )
 
 
-def _tune_floor(tmp: str, n: int, epochs: int, concurrency: int, grid) -> tuple[float, float]:
-    """(fit wall, total compute) of ``n`` trials that only spin for the real trials' mean compute per epoch
-    and report with a checkpoint of the real size: Ray Tune's own cost of running them."""
+def _tune_floor(tmp: str, configs, epochs: int, concurrency: int, grid) -> tuple[float, float]:
+    """(fit wall, total compute) of one trial per config that only spins for the real trials' mean compute
+    per epoch and reports with a checkpoint of a real epoch's size: Ray Tune's own cost of running them.
+    The compute is the spinning's measured wall time, as the real trials' is their training's."""
+    import io
     import os
+    import tempfile
     from pathlib import Path
 
+    import torch
     from ray import tune
 
+    from trainables.training.train import Trial
+
+    n = len(configs)
     per_epoch = sum(
         r.metrics["train_seconds"] + r.metrics.get("hessian_seconds", 0.0) + r.metrics.get("det_seconds", 0.0)
         for r in grid
     ) / (n * epochs)
-    ckpt_bytes = max(Path(r.checkpoint.path, "trial.pt").stat().st_size for r in grid if r.checkpoint is not None)
+    trial = Trial(configs[0])
+    trial.train_epoch()
+    buf = io.BytesIO()
+    torch.save(trial.state_dict(), buf)  # a mid-training checkpoint (the final one adds the analysis)
+    ckpt_bytes = buf.tell()
 
-    def sleeper(config):
-        import tempfile
-
+    def spinner(config):
         import torch  # noqa: F401 - every trial imports torch: part of the floor
 
+        spent = 0.0
         for e in range(epochs):
-            end = time.thread_time() + per_epoch
+            t0, end = time.perf_counter(), time.thread_time() + per_epoch
             while time.thread_time() < end:  # CPU-bound, like training
                 pass
+            spent += time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as d:
                 Path(d, "trial.pt").write_bytes(os.urandom(ckpt_bytes))
-                tune.report({"epoch": e + 1}, checkpoint=tune.Checkpoint.from_directory(d))
+                tune.report({"epoch": e + 1, "compute": spent}, checkpoint=tune.Checkpoint.from_directory(d))
 
     tuner = tune.Tuner(
-        tune.with_resources(sleeper, {"cpu": 1}),
+        tune.with_resources(spinner, {"cpu": 1}),
         param_space={"i": tune.grid_search(list(range(n)))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=tmp, name="floor", verbose=0),
+        run_config=tune.RunConfig(
+            storage_path=tmp, name="floor", verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1)
+        ),
     )
     t0 = time.perf_counter()
-    tuner.fit()
-    return time.perf_counter() - t0, per_epoch * epochs * n
+    results = tuner.fit()
+    return time.perf_counter() - t0, sum(r.metrics["compute"] for r in results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainables.networks.nets import SmallCNN
-from trainables.training.optimizer import SGD
+from trainables.training.optimizer import SGD, sgd
 
 
 def _steps(opt_factory, n: int = 12, seed: int = 0, lrs=(0.05, 0.01)):
@@ -50,13 +50,14 @@ def test_the_comparison_fails_for_another_update_rule():
     assert _max_diff(ours, other) > 1e-4
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
 @pytest.mark.parametrize("first,second", [("torch", "ours"), ("ours", "torch")])
-def test_state_dicts_interchange_with_torch_sgd(first, second):
+def test_state_dicts_interchange_with_torch_sgd(first, second, momentum):
     """A checkpoint written by one continues in the other exactly as uninterrupted (old checkpoints hold
     torch.optim.SGD's state)."""
     make = {
-        "torch": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        "ours": lambda p: SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        "torch": lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum, weight_decay=5e-4),
+        "ours": lambda p: SGD(p, lr=0.05, momentum=momentum, weight_decay=5e-4),
     }
     straight, _ = _steps(make["torch"], n=12)
     net, opt = _steps(make[first], n=6, lrs=(0.05, 0.05))  # the first half, at the first half's rate
@@ -76,6 +77,23 @@ def test_state_dicts_interchange_with_torch_sgd(first, second):
         loss.backward()
         opt2.step()
     assert _max_diff(resumed, straight) == 0.0
+
+
+def test_an_older_torchs_state_loads():
+    """Older torch wrote ``momentum_buffer: None`` for parameters without a buffer and no ``maximize`` key."""
+    net = SmallCNN((1, 8, 8), 10)
+    ref = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    state = ref.state_dict()
+    state["state"] = {i: {"momentum_buffer": None} for i in range(len(list(net.parameters())))}
+    for key in ("maximize", "foreach", "differentiable", "fused"):
+        del state["param_groups"][0][key]
+    ours = SGD(net.parameters(), lr=0.1, momentum=0.9)
+    ours.load_state_dict(state)
+    assert ours.momentum_buffers == [None] * len(ours.params) and ours.param_groups[0]["lr"] == 0.1
+
+
+def test_the_trial_takes_this_sgd_on_the_cpu():
+    assert type(sgd(SmallCNN((1, 8, 8), 10).parameters(), lr=0.1, momentum=0.9)) is SGD
 
 
 def test_a_state_it_cannot_continue_is_refused():

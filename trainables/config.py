@@ -271,7 +271,12 @@ class TrialConfig(ConfigFields):
         "Evaluate (clean accuracy, ASR, train accuracy, Fisher trace) every N epochs and at the end of each "
         "training; on small MNIST subsets evaluating the 10 000 test images costs several epochs",
     )
-    eval_batch_size: int = OPTIM(1000, Interval(int, 1, 1_000_000), "Batch size of evaluation and Hessian products")
+    eval_batch_size: int = OPTIM(
+        1000,
+        Interval(int, 1, 1_000_000),
+        "Batch size of Hessian products and of evaluation on a GPU (on the CPU, forward passes take at most 128 "
+        "images: faster there, the same logits)",
+    )
     seed: int = OPTIM(0, SEED, "Seed of init, shuffling, augmentation and poisoning")
     device: str = OPTIM("auto", Text(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"), "Torch device")
     threads: int = OPTIM(

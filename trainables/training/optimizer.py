@@ -7,6 +7,10 @@ Ray worker process of a sweep before its first epoch. This update is the one of
 ``torch.optim.sgd._single_tensor_sgd`` (torch's path on CPU), operation for operation, so the numbers
 are bit-identical to ``torch.optim.SGD`` there (``tests/test_optimizer.py``), and the state dict has
 torch's layout: a checkpoint written with ``torch.optim.SGD`` resumes with this one and vice versa.
+
+On a GPU, :func:`sgd` returns ``torch.optim.SGD`` itself: there torch batches the update over all
+parameters (``_multi_tensor_sgd``), a per-parameter loop would cost hundreds of kernel launches a step,
+and a second of import does not matter beside the CUDA context's start.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+
+def sgd(params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    """The trial's optimizer: :class:`SGD` for parameters on the CPU, ``torch.optim.SGD`` elsewhere (the same
+    update and state-dict layout)."""
+    params = list(params)
+    if params and params[0].device.type != "cpu":  # untested here (no GPU on the CI machine)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 class SGD:
@@ -49,8 +62,12 @@ class SGD:
                 continue
             if set_to_none:
                 p.grad = None
-            else:
-                p.grad.detach_().zero_()
+            else:  # as torch's Optimizer.zero_grad
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -90,9 +107,9 @@ class SGD:
                 f" this optimizer has 1 group of {len(self.params)}"
             )
         unsupported = {
-            k: groups[0].get(k)
+            k: groups[0][k]
             for k in ("dampening", "nesterov", "maximize")
-            if groups[0].get(k) not in (0, 0.0, False)
+            if groups[0].get(k, 0) not in (0, 0.0, False)  # a key torch added later is absent: its default
         }
         if unsupported:
             raise ValueError(f"optimizer state uses {unsupported}, which this SGD does not implement")

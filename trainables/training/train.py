@@ -33,7 +33,7 @@ from trainables.networks.models import make_model
 from trainables.spectrum.geometry import feature_geometry, features, geometry_summary
 from trainables.spectrum.hessian import InputHessian, input_hessian_spectrum, plan_spectrum
 from trainables.spectrum.spectra import spectrum_metrics
-from trainables.training.optimizer import SGD
+from trainables.training.optimizer import sgd
 from trainables.training.recipe import augment_batch, lr_at
 from trainables.training.runtime import resolve_device, torch_threads
 from trainables.training.trial_result import TrialResult
@@ -81,7 +81,7 @@ class Trial:
             self._check_filter()
             # the retrain starts from these same weights (from scratch, the same seed): kept, not re-drawn
             self.initial_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.optimizer = SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = sgd(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
         self.epoch = 0  # epochs completed, both stages of a filtering defence counted (steps never repeat)
         self.keep: torch.Tensor | None = None  # training samples kept by a filtering defence (None: all)
@@ -254,7 +254,7 @@ class Trial:
         self.keep = ~removed.to(self.device)
         torch.manual_seed(cfg.seed)
         self.model.load_state_dict(self.initial_model)
-        self.optimizer = SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = sgd(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         report["filter_seconds"] = time.perf_counter() - t0
         self.filter_report = report
