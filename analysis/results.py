@@ -153,7 +153,9 @@ def results_from_ray(name: str, storage: str | Path = "./sweeps") -> pd.DataFram
             "status": status,
             "error": "",
         }
-        metrics = {k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        metrics = {}  # each metric's latest value, as MLflow keeps it: an epoch between evaluations has no scores
+        for r in results:
+            metrics.update({k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)})
         row.update(schema.trial_row(cfg, metrics, fields))
         rows.append(row)
     return _tidy(pd.DataFrame(rows))

@@ -116,3 +116,23 @@ def test_a_sweep_over_attack_fields_only_draws_one_frontier_not_one_per_trial():
     assert default_groups(kernel) == []  # every (m, r) group would hold one trial
     net = pd.DataFrame({"status": "completed", "theta": [0.05, 0.05, 0.1, 0.1], "kappa": [0, 400, 0, 400]})
     assert default_groups(net) == ["theta"]  # kappa is the defender's: one frontier per theta
+
+
+def test_a_running_trial_between_evaluations_keeps_its_last_scores(tmp_path):
+    """The Ray folder's reader gives each metric's latest value, as MLflow does: a trial running with
+    eval_every=2 whose last reported epoch was not evaluated still shows the scores of the one before."""
+    import json
+
+    from analysis.results import results_from_ray
+
+    tdir = tmp_path / "evals" / "trial_00000"
+    tdir.mkdir(parents=True)
+    (tdir / "params.json").write_text(json.dumps({"trial": {"theta": 0.1, "eval_every": 2, "epochs": 6}}))
+    lines = [
+        {"epoch": 2, "train_loss": 0.9, "clean_acc": 0.8, "asr": 0.5, "status": "running", "trial_key": "k"},
+        {"epoch": 3, "train_loss": 0.5, "status": "running", "trial_key": "k"},
+    ]
+    (tdir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    row = results_from_ray("evals", tmp_path).iloc[0]
+    assert row["status"] == "running" and row["epoch"] == 3 and row["train_loss"] == 0.5
+    assert row["clean_acc"] == 0.8 and row["asr"] == 0.5
