@@ -52,13 +52,13 @@ def main():
         t1 = time.perf_counter()
         grid = orchestrate._tuner(meta, configs).fit()
         wall = time.perf_counter() - t1
-        floor = _tune_floor(tmp, configs, epochs=args.epochs, concurrency=args.concurrency, grid=grid)
+        compute = sum(
+            r.metrics["train_seconds"] + r.metrics.get("hessian_seconds", 0.0) + r.metrics.get("det_seconds", 0.0)
+            for r in grid
+        )
+        floor = _tune_floor(tmp, configs, epochs=args.epochs, concurrency=args.concurrency, compute=compute)
         ray.shutdown()
     trial_time = sum(r.metrics["time_total_s"] for r in grid)
-    compute = sum(
-        r.metrics["train_seconds"] + r.metrics.get("hessian_seconds", 0.0) + r.metrics.get("det_seconds", 0.0)
-        for r in grid
-    )
     c, n = args.concurrency, len(configs)
     rows = [
         (
@@ -86,7 +86,7 @@ def main():
     )
 
 
-def _tune_floor(tmp: str, configs, epochs: int, concurrency: int, grid) -> tuple[float, float]:
+def _tune_floor(tmp: str, configs, epochs: int, concurrency: int, compute: float) -> tuple[float, float]:
     """(fit wall, total compute) of one trial per config that only spins for the real trials' mean compute
     per epoch and reports with a checkpoint of a real epoch's size: Ray Tune's own cost of running them.
     The compute is the spinning's measured wall time, as the real trials' is their training's."""
@@ -101,10 +101,7 @@ def _tune_floor(tmp: str, configs, epochs: int, concurrency: int, grid) -> tuple
     from trainables.training.train import Trial
 
     n = len(configs)
-    per_epoch = sum(
-        r.metrics["train_seconds"] + r.metrics.get("hessian_seconds", 0.0) + r.metrics.get("det_seconds", 0.0)
-        for r in grid
-    ) / (n * epochs)
+    per_epoch = compute / (n * epochs)
     trial = Trial(configs[0])
     trial.train_epoch()
     buf = io.BytesIO()

@@ -199,8 +199,7 @@ class DetectionContext:
 
         if self.training is None:
             raise ValueError("no training set in this detection context: declare access 'training-set'")
-        x = self.training.x
-        return features(self.model, x, forward_chunk(self.settings.batch_size, x.device)).double().cpu()
+        return features(self.model, self.training.x, self.settings.batch_size).double().cpu()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

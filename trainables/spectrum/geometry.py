@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from trainables.networks.batching import forward_chunk
+
 COLUMNS = (
     "class",
     "n",
@@ -29,9 +31,11 @@ COLUMNS = (
 
 @torch.no_grad()
 def features(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Penultimate features of ``x`` in eval mode, batched."""
+    """Penultimate features of ``x`` in eval mode, in chunks of ``batch_size`` (at most
+    :data:`~trainables.networks.batching.CPU_FORWARD_CHUNK` on the CPU)."""
     model.eval()
-    return torch.cat([model.features(x[s : s + batch_size]) for s in range(0, len(x), batch_size)])
+    b = forward_chunk(batch_size, x.device)
+    return torch.cat([model.features(x[s : s + b]) for s in range(0, len(x), b)])
 
 
 def feature_geometry(

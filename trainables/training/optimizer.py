@@ -35,7 +35,7 @@ class SGD:
     decay added to the gradient; one parameter group, whose ``lr`` the training loop sets each epoch."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        self.params = [p for p in params]
+        self.params = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
         # torch.optim.SGD's keys, so state dicts are interchangeable; dampening 0, no Nesterov, no maximise

@@ -75,6 +75,7 @@ class Trial:
             cfg.cover_fraction,
         )
         self.model = make_model(cfg.model, cfg.image_shape, cfg.num_classes).to(self.device)
+        self.forward_batch = forward_chunk(cfg.eval_batch_size, self.device)  # images per evaluation pass
         if cfg.hessian:  # a method this model or budget cannot run is refused before training, not after
             self.hessian_plan()
         if cfg.defence_filter != "none":
@@ -195,7 +196,7 @@ class Trial:
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         if len(y) == 0:
             return math.nan
-        b = forward_chunk(self.cfg.eval_batch_size, self.device)
+        b = self.forward_batch
         correct = torch.zeros((), dtype=torch.int64, device=self.device)  # one host sync, at the end
         for s in range(0, len(y), b):
             correct += (self.model(x[s : s + b]).argmax(1) == y[s : s + b]).sum()
@@ -216,7 +217,7 @@ class Trial:
         if self.keep is not None:  # the samples trained on
             train_x, labels = train_x[self.keep], labels[self.keep]
         fx, fy = self.test_x[:1000], data.test_y[:1000]  # the Fisher's sample: the first 1000 test images
-        b = forward_chunk(self.cfg.eval_batch_size, self.device)
+        b = self.forward_batch
         fisher = torch.cat(
             [per_sample_input_grad_sq(self.model, fx[s : s + b], fy[s : s + b]) for s in range(0, len(fy), b)]
         ).mean()
@@ -404,9 +405,8 @@ class Trial:
             out.update(metrics)
             self.keep_spectrum(metrics, vecs, overlaps)
         if cfg.geometry and cfg.target_mode == "all-to-one":  # its table is relative to one target class
-            b = forward_chunk(cfg.eval_batch_size, self.device)
-            clean = features(self.model, self.test_x, b)
-            trig = features(self.model, data.normalize(self.trigger.apply(data.test_x)), b)
+            clean = features(self.model, self.test_x, cfg.eval_batch_size)
+            trig = features(self.model, data.normalize(self.trigger.apply(data.test_x)), cfg.eval_batch_size)
             rows = feature_geometry(clean, trig, data.test_y, cfg.target, cfg.num_classes)
             self.artifacts["geometry"] = rows
             out.update(geometry_summary(rows, cfg.target))
