@@ -167,11 +167,17 @@ def serve_ui(
             raise SweeperError(f"--port {port} is in use on 127.0.0.1; choose another (1-65535)")
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ}
+    # MLflow (3.17 here) starts a job runner beside a database-backed server (GenAI jobs: 8 more processes, ~15
+    # CPU-s at start, measured); a sweep's store has no such jobs. The user's own settings win.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # one request worker, not MLflow's 4 (each a process importing the server: ~2.6 CPU-s): one person browses
+    env.setdefault("MLFLOW_WORKERS", "1")
     with tempfile.TemporaryFile() as log_file:  # a pipe nobody reads would fill up and stall the server
         links: dict[str, str] = {}
         with _stop_signals() as arm:
             # its own session: a closed terminal's SIGHUP or a Ctrl-C reaches only us, and we stop the whole tree
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True, env=env)
             try:
                 arm()  # from here a stop signal raises UIStopped; one that came during Popen is raised now
                 deadline = time.monotonic() + ready_timeout

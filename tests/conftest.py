@@ -137,6 +137,10 @@ def make_cifar10_files(folder, n_per_batch=20, seed=0):
     return folder
 
 
+# The test suite keeps both cores busy, so a sweep's second trial worker buys no time and costs ~4 CPU-seconds
+# of imports (torch, MLflow, Tune): sweeps whose point is not concurrency run one worker, reused trial after trial.
+ONE_WORKER = ["--max-concurrent", "1"]
+
 # tiny but complete trials: training, spectrum and geometry all run
 FAST = {"epochs": 1, "hessian_samples": 100, "hessian_iterations": 6, "hessian_top_k": 3}
 
@@ -166,7 +170,8 @@ def grid_sweep(tmp_path_factory):
         storage = root / f"grid-sweep-{os.getpid()}"
         storage.mkdir()
         spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 50.0, 1e8]}, fixed=FAST)
-        report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
+        # one trial worker, reused: a second costs ~4 CPU-s of imports and buys no time on a busy machine
+        report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0, max_concurrent=1))
         saved.write_bytes(pickle.dumps((storage, report)))
     return storage, report
 

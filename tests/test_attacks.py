@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sweeper.cli import main
+from tests.conftest import ONE_WORKER
 from trainables.config import ConfigError, TrialConfig
 from trainables.training.train import Trial
 
@@ -70,7 +71,8 @@ def test_an_attack_goes_through_trial_run_and_detect(trial, sweep, tmp_path, cap
     )
     assert "asr" in record.read_text()
     small = ["--epochs", "2", "--set", "hessian_samples=50", "--set", "geometry=false", "--set", "detect_samples=40"]
-    argv = ["run", *sweep, "--theta", "0,0.3", "--kappa", "0", "--seeds", "2", *small, "--name", "atk", "--storage", st]
+    argv = ["run", *sweep, "--theta", "0,0.3", "--kappa", "0", "--seeds", "2", *small, *ONE_WORKER]
+    argv += ["--name", "atk", "--storage", st]
     assert main([*argv, "--quiet"]) == 0, capsys.readouterr().err
     capsys.readouterr()
     csv = tmp_path / "atk.csv"

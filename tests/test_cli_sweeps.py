@@ -24,6 +24,7 @@ from sweeper.cli.readers import frontier_cmd
 from sweeper.spaces import SweepSpec
 from sweeper.tracking import default_uri
 
+ONE_WORKER = ["--max-concurrent", "1"]
 FAST = [
     "--epochs",
     "1",
@@ -35,6 +36,9 @@ FAST = [
     "hessian_top_k=3",
     "--set",
     "geometry=false",
+    # one trial worker per sweep, reused trial after trial: each worker's start costs ~4 CPU-seconds of imports
+    # (torch, MLflow, Tune), and the suite keeps both cores busy, so a second worker buys no time
+    *ONE_WORKER,
 ]
 
 
@@ -130,6 +134,7 @@ def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_
             "r=0.1",
             "--set",
             "kappa=0,1",
+            *ONE_WORKER,
             "--name",
             "k",
             "--storage",
@@ -148,7 +153,20 @@ def test_kernel_and_linear_sweeps_summarise_report_and_draw_their_frontiers(tmp_
     assert (tmp_path / "k-report" / "kernel_vs_m.png").is_file()
 
     code, out, err = cli(
-        ["run", "--kind", "linear", "--set", "theta=0,0.05,0.1", "--name", "l", "--storage", st, "--quiet"], capsys
+        [
+            "run",
+            "--kind",
+            "linear",
+            "--set",
+            "theta=0,0.05,0.1",
+            *ONE_WORKER,
+            "--name",
+            "l",
+            "--storage",
+            st,
+            "--quiet",
+        ],
+        capsys,
     )
     assert code == 0 and "3 completed" in out and "clean_acc" in out, err
     code, _, err = cli(["report", "l", "--storage", st], capsys)

@@ -439,6 +439,7 @@ def auth_server(tmp_path):
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-password-42",
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # as cluster.yaml's server
     }
     proc = subprocess.Popen(
         [
@@ -482,7 +483,9 @@ def auth_server(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_an_authenticated_mlflow_server_takes_the_right_credentials_and_refuses_wrong_ones(auth_server, tmp_path):
+def test_an_authenticated_mlflow_server_takes_the_right_credentials_and_refuses_wrong_ones(
+    auth_server, tmp_path, monkeypatch
+):
     pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth] (pip install -e '.[test]')")
     storage = tmp_path / "sweeps"
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
@@ -500,19 +503,12 @@ def test_an_authenticated_mlflow_server_takes_the_right_credentials_and_refuses_
         assert "Ray" not in r.stderr and time.monotonic() - t0 < 60  # before Ray starts
         assert not (storage / "bad").exists()
     # the README's way: the admin creates a non-admin user for sweeps (MLflow's basic-auth client), which logs
-    admin = {**base, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "s3cret-password-42"}
-    create = (
-        'import os, mlflow.server as s; s.get_app_client("basic-auth", tracking_uri=os.environ["URI"])'
-        '.create_user("sweeps", os.environ["SWEEPS_PASSWORD"])'
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", create],
-        env={**admin, "URI": auth_server, "SWEEPS_PASSWORD": "pw-of-sweeps"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    import mlflow.server
+
+    with monkeypatch.context() as m:  # in this process: a Python start costs seconds of imports
+        m.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        m.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password-42")
+        mlflow.server.get_app_client("basic-auth", tracking_uri=auth_server).create_user("sweeps", "pw-of-sweeps")
     sweeps = {**base, "MLFLOW_TRACKING_USERNAME": "sweeps", "MLFLOW_TRACKING_PASSWORD": "pw-of-sweeps"}
     r = subprocess.run(argv + ["--name", "good"], env=sweeps, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "1 completed" in r.stdout, r.stdout + r.stderr

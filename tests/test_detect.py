@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from analysis.detect import auroc_with_ci, detectability_lag, detection_table, tpr_at_fpr
 from sweeper.cli import main
+from tests.conftest import ONE_WORKER
 from trainables.config import SweeperError
 
 
@@ -106,6 +107,7 @@ def test_sweeper_detect_on_a_real_seeded_sweep(tmp_path, capsys):
         "--storage",
         st,
         "--quiet",
+        *ONE_WORKER,
     ]
     assert main(argv) == 0, capsys.readouterr().err
     capsys.readouterr()

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import driver_text, make_mnist_files
+from tests.conftest import ONE_WORKER, driver_text, make_mnist_files
 
 LIBRARY_LINES = (
     "Tuner.restore",
@@ -211,6 +211,7 @@ def test_a_default_run_prints_only_the_projects_lines_and_logs_the_rest(tmp_path
             "0",
             "--seeds",
             "2",
+            *ONE_WORKER,
             "--name",
             "q",
             "--storage",
@@ -270,7 +271,7 @@ def test_trial_keys_survive_a_new_field_and_a_resume_finds_every_run(tmp_path):
     env = {"SWEEPER_PLUGINS": "toykind", "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
     storage = tmp_path / "s"
     code, out = sweeper(
-        ["run", "--kind", "toy", "--max-failures", "0", "--name", "up", "--storage", str(storage)], env=env
+        ["run", "--kind", "toy", "--max-failures", "0", *ONE_WORKER, "--name", "up", "--storage", str(storage)], env=env
     )
     assert code == 1 and "1 completed" in out and "1 failed" in out, out
     assert json.loads((storage / "up" / "sweeper.json").read_text())["key_format"] == 2

@@ -166,6 +166,7 @@ def test_mlflow_server_on_loopback_receives_the_runs(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as the README's tracking server
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -212,7 +213,7 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
         "--epochs",
         str(epochs),
         "--max-concurrent",
-        "2",
+        "1",
         "--set",
         "hessian_samples=100",
         "--set",

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.conftest import ONE_WORKER
+
 LAB = '''
 """A lab's plugin: registered on import, nothing else edited."""
 from dataclasses import dataclass
@@ -156,7 +158,8 @@ def test_a_plugins_dataset_trigger_parameter_and_detector_go_through_trial_plan_
     assert r.returncode == 0 and "8 trials" in r.stdout, r.stdout + r.stderr
 
     st = tmp_path / "sweeps"
-    argv = ["run", *NET, "--theta", "0,0.3", "--kappa", "0", "--epochs", "3", "--seeds", "3", "--name", "lab"]
+    argv = ["run", *NET, "--theta", "0,0.3", "--kappa", "0", "--epochs", "3", "--seeds", "3", *ONE_WORKER]
+    argv += ["--name", "lab"]
     r = lab(*argv, "--storage", str(st), "--quiet")
     assert r.returncode == 0 and "sweep lab: 6 completed" in r.stdout, r.stdout + r.stderr
 
@@ -180,7 +183,7 @@ def test_a_plugins_trial_kind_goes_through_trial_plan_and_run(lab, tmp_path):
     assert r.returncode == 0 and "2 trials" in r.stdout, r.stdout + r.stderr
 
     st = tmp_path / "sweeps"
-    r = lab("run", "--kind", "coin", "--storage", str(st), "--quiet")
+    r = lab("run", "--kind", "coin", *ONE_WORKER, "--storage", str(st), "--quiet")
     assert r.returncode == 0 and "sweep coin-demo: 2 completed" in r.stdout, r.stdout + r.stderr
     assert "heads" in r.stdout  # the kind's own summary columns
 

@@ -68,6 +68,9 @@ def test_ui_serves_the_sweep_store_prints_links_and_stops_on_ctrl_c(grid_sweep):
         with urllib.request.urlopen(url, timeout=10) as r:  # the UI reads the sweep's own store
             assert json.loads(r.read())["experiment"]["name"] == "grid"
         tree = _descendants(proc.pid) if Path("/proc/self/stat").exists() else []
+        commands = [_cmdline(p) for p in tree]
+        assert not [c for c in commands if "huey" in c or "_job_runner" in c], commands  # no GenAI job runner
+        assert not [c for c in commands if "multiprocessing" in c], commands  # one request worker: no spawned ones
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -101,6 +104,14 @@ def _stat(pid: str) -> list[str] | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _cmdline(pid: str) -> str:
+    """A process's command line ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _live(pids) -> list[str]:
@@ -137,7 +148,8 @@ def _descendants(root: int) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])  # SIGINT: the test above
 def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, sig, code):
-    """`kill PID` or a closed terminal once left mlflow ui, uvicorn and the huey workers serving under PID 1."""
+    """`kill PID` or a closed terminal once left mlflow ui, uvicorn and the huey workers serving under PID 1 (the
+    job runner is off by default now: two request workers give the tree its depth)."""
     port, tag = _free_port(), uuid.uuid4().hex
     cmd = [sys.executable, "-m", "sweeper.cli", "ui", "--storage", str(tmp_path), "--port", str(port)]  # empty store
     proc = subprocess.Popen(
@@ -145,7 +157,7 @@ def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, TAG: tag},
+        env={**os.environ, TAG: tag, "MLFLOW_WORKERS": "2"},  # the user's setting wins: a supervisor and 2 workers
         start_new_session=True,
     )  # its own group: cleanup below
     lines: list[str] = []
