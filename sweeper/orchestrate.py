@@ -107,6 +107,11 @@ def ray_started_here() -> RayStart | None:
     return _started[1]
 
 
+# A new local Ray prestarts one idle worker per CPU for the driver's tasks (~0.4 CPU-s each); a sweep runs no
+# tasks there, and Tune's trial actors start workers of their own, so those stay idle until Ray stops.
+NO_PRESTART = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+
+
 def start_ray(address: str | None) -> None:
     """Join ``address`` or start a local Ray; trials keep the driver's working directory.
 
@@ -152,7 +157,8 @@ def start_ray(address: str | None) -> None:
             # "local" is a new local instance, always: a bare ray.init() joins whatever
             # /tmp/ray/ray_current_cluster names, and a stale file (a head killed without `ray stop`) left it
             # waiting on a dead GCS for minutes
-            ray.init(address=target, **kwargs)
+            local = {"_system_config": NO_PRESTART} if target == "local" else {}
+            ray.init(address=target, **kwargs, **local)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SweeperError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
     _started = (ray.get_runtime_context().gcs_address, wanted)

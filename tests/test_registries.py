@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,6 +282,24 @@ def test_a_plugin_triggers_own_parameter_is_a_field_everywhere(tmp_path):
     assert "toy_brightness" in r.stdout, r.stdout + r.stderr
 
 
+def _idle_workers() -> list[str]:
+    """The worker processes the running local Ray's raylet started that have no task or actor (``ray::IDLE``)."""
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            procs[entry.name] = (parent, cmd)
+    raylets = {pid for pid, (_, cmd) in procs.items() if "raylet/raylet " in cmd and session in cmd}
+    return [pid for pid, (parent, cmd) in procs.items() if parent in raylets and cmd.startswith("ray::IDLE")]
+
+
 def test_start_ray_forwards_the_plugins_and_pythonpath_to_the_workers(tmp_path, monkeypatch):
     import ray
 
@@ -292,6 +312,9 @@ def test_start_ray_forwards_the_plugins_and_pythonpath_to_the_workers(tmp_path, 
     start_ray(None)
     try:
         env = ray.get_runtime_context().runtime_env["env_vars"]  # what nodes other than the driver's get
+        time.sleep(1)  # a prestart would have begun by now (plain ray.init: two idle workers here)
+        if Path("/proc/self/stat").exists():  # read from Linux's /proc
+            assert _idle_workers() == [], "a local sweep's Ray prestarts no idle workers (trials start their own)"
         first = ray.get_runtime_context().gcs_address
         start_ray(None)  # the next sweep in this process: the same Ray, its workers already right
         assert ray.get_runtime_context().gcs_address == first
