@@ -147,6 +147,16 @@ def test_console_script_exit_code():
     assert "[default: the config's seed]" in r.stdout, r.stdout  # not eaten as Rich markup
 
 
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["run", "--help"], ["run", "--theta", "2"], ["trial", "--theta", "2"], ["status", "nosuch"]]
+)
+def test_help_and_bad_inputs_answer_without_importing_torch(argv, tmp_path):
+    """torch costs ~1.5 s to import: a help text or a refused flag is answered before it loads."""
+    probe = "import sys; from sweeper.cli import main; code = main(sys.argv[1:]); sys.exit(code + 10 * ('torch' in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode in (0, 2), (r.returncode, r.stderr)  # 10 more: torch was imported
+
+
 def test_kernel_and_linear_trials_from_the_cli(tmp_path, capsys):
     out = tmp_path / "k.json"
     code, stdout, err = run(

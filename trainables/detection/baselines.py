@@ -25,13 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from trainables.detection.context import Detection, DetectionContext, DetectionSettings, DetectorEntry
+
+if TYPE_CHECKING:  # torch loads at the first computation: the CLI reads these registries without it
+    import torch
+    from torch import nn
 
 
 def _auroc(scores: np.ndarray, mask: np.ndarray) -> float:
@@ -94,6 +96,9 @@ def neural_cleanse(
     ``target_success`` is kept (the last one if none did). Each step draws ``batch_size`` images
     per class, so one step costs num_classes * batch_size forward-backward passes.
     """
+    import torch
+    import torch.nn.functional as F
+
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
@@ -182,6 +187,8 @@ def spectral_signature_scores(features: torch.Tensor) -> tuple[torch.Tensor, flo
     take |.|, not the square; see tests/test_baselines.py. Also returns sigma_1^2 / sum sigma^2,
     the share of the class's centred variance along v (a model-level summary of ours, not the paper's).
     """
+    import torch
+
     r = features.double()
     centred = r - r.mean(0, keepdim=True)
     if len(r) < 2:
@@ -205,6 +212,8 @@ def spectral_signatures(
     ``ss_auroc`` is the pooled per-sample AUROC at finding ``poison``, ``ss_auroc_target`` the
     AUROC within class ``target`` (evaluation only: a defender knows neither).
     """
+    import torch
+
     scores = torch.zeros(len(labels), dtype=torch.float64)
     shares = torch.full((num_classes,), math.nan, dtype=torch.float64)
     labels = labels.cpu()
@@ -311,6 +320,8 @@ def activation_clustering(
     silhouette of the sample's class times its margin toward the smaller cluster, so samples of a
     cleanly split class rank above those of a class split arbitrarily.
     """
+    import torch
+
     feats = features.double().cpu().numpy()
     labels = labels.cpu()
     scores = torch.zeros(len(labels), dtype=torch.float64)
@@ -356,6 +367,9 @@ def max_margins(
     after each step) from ``starts`` uniform random images; the best start's final margin. No data: only
     the model. Returns (K,) float64 margins. One step costs K * starts forward-backward passes.
     """
+    import torch
+    import torch.nn.functional as F
+
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
@@ -435,6 +449,8 @@ def mmbd_baseline(ctx: DetectionContext) -> Detection:
 
 
 def _quantiles(scores: torch.Tensor) -> dict[str, float]:
+    import torch
+
     q = torch.quantile(scores.float(), torch.tensor([0.0, 0.5, 0.9, 0.99, 1.0]))
     return dict(zip(("min", "median", "q90", "q99", "max"), q.tolist(), strict=True))
 

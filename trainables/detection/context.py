@@ -17,14 +17,15 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from trainables.fields import split_list
 from trainables.networks.batching import forward_chunk
 from trainables.spectrum.spectra import GroupSpectra
+
+if TYPE_CHECKING:  # torch loads at the first computation: the CLI reads these registries without it
+    import torch
+    from torch import nn
 
 ACCESS: tuple[str, ...] = ("data-free", "spectrum-samples", "clean-data", "training-set", "oracle")
 """What a defender must hold to run a detector; a :class:`DetectorEntry` names every level it needs.
@@ -140,6 +141,8 @@ def resolve_access(access: Iterable[str], split: DetectionSettings | str) -> tup
 
 def seeded(seed: int, offset: int) -> torch.Generator:
     """A CPU generator seeded by a trial's seed and a per-use offset (each use draws its own stream)."""
+    import torch
+
     return torch.Generator().manual_seed(seed * 1000 + offset)
 
 
@@ -201,12 +204,14 @@ class DetectionContext:
             raise ValueError("no training set in this detection context: declare access 'training-set'")
         return features(self.model, self.training.x, self.settings.batch_size).double().cpu()
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes of normalized images, in eval mode, batched."""
-        self.model.eval()
-        b = forward_chunk(self.settings.batch_size, x.device)
-        return torch.cat([self.model(x[s : s + b]).argmax(1) for s in range(0, len(x), b)])
+        import torch
+
+        with torch.no_grad():  # not a decorator: torch loads at the first call, not at import
+            self.model.eval()
+            b = forward_chunk(self.settings.batch_size, x.device)
+            return torch.cat([self.model(x[s : s + b]).argmax(1) for s in range(0, len(x), b)])
 
 
 Cost = Callable[[DetectionSettings, float, int, int], float]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads at the first computation: the CLI reads these registries without it
+    import torch
 
 
 @dataclass
@@ -48,6 +50,8 @@ def spectrum_summary(all_eigenvalues: torch.Tensor | None, k: int, trace: float 
     effective_rank = exp(entropy of lambda_j / sum lambda) over the positive part (Roy & Vetterli
     2007): D for a flat spectrum, 1 for rank one. Roundoff-negative eigenvalues count as 0.
     """
+    import torch
+
     out: dict[str, float] = {}
     if all_eigenvalues is not None:
         lam = all_eigenvalues.to(torch.float64).clamp(min=0)
@@ -66,6 +70,8 @@ def spectrum_summary(all_eigenvalues: torch.Tensor | None, k: int, trace: float 
 
 def listing7_overlap(eigvec: torch.Tensor, direction: torch.Tensor) -> float:
     """Listing 7: cosine of the zero-mean, normalized eigenvector with the zero-mean, normalized trigger."""
+    import torch
+
     v = eigvec.reshape(-1).to(torch.float64)
     v = v - v.mean()
     v = v / (v.norm() + 1e-8)
