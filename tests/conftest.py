@@ -170,8 +170,8 @@ def grid_sweep(tmp_path_factory):
         storage = root / f"grid-sweep-{os.getpid()}"
         storage.mkdir()
         spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 50.0, 1e8]}, fixed=FAST)
-        # one trial worker, reused: a second costs ~4 CPU-s of imports and buys no time on a busy machine
-        report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0, max_concurrent=1))
+        # two trial workers, though each costs ~4 CPU-s of imports: the other test process often waits for this
+        report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
         saved.write_bytes(pickle.dumps((storage, report)))
     return storage, report
 

@@ -209,7 +209,9 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
         "--theta",
         "0.1",
         "--kappa",
-        "0,10,20,30",
+        "0",  # four seeds, not four kappas: a penalised epoch costs 2-3x (the double backward), beside the point here
+        "--seeds",
+        "4",
         "--epochs",
         str(epochs),
         "--max-concurrent",
@@ -220,6 +222,8 @@ def test_driver_killed_mid_sweep_resumes_without_rerun_or_duplicates(tmp_path):
         "hessian_iterations=6",
         "--set",
         "hessian_top_k=3",
+        "--set",
+        "geometry=false",
     ]
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
