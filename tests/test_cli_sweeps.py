@@ -23,8 +23,8 @@ from sweeper.cli import main
 from sweeper.cli.readers import frontier_cmd
 from sweeper.spaces import SweepSpec
 from sweeper.tracking import default_uri
+from tests.conftest import ONE_WORKER
 
-ONE_WORKER = ["--max-concurrent", "1"]
 FAST = [
     "--epochs",
     "1",
@@ -36,8 +36,6 @@ FAST = [
     "hessian_top_k=3",
     "--set",
     "geometry=false",
-    # one trial worker per sweep, reused trial after trial: each worker's start costs ~4 CPU-seconds of imports
-    # (torch, MLflow, Tune), and the suite keeps both cores busy, so a second worker buys no time
     *ONE_WORKER,
 ]
 

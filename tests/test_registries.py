@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sweeper.cli import main
+from tests.processes import descendants, proc_cmdline
 from trainables import TRIAL_KINDS, TrialConfig, trial_kind
 from trainables.attack.triggers import TRIGGERS, PatchTrigger, TriggerEntry, register_trigger
 from trainables.config import ConfigError
@@ -287,17 +288,9 @@ def _idle_workers() -> list[str]:
     import ray
 
     session = ray._private.worker._global_node.get_session_dir_path()
-    procs = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            except (OSError, IndexError):
-                continue
-            procs[entry.name] = (parent, cmd)
-    raylets = {pid for pid, (_, cmd) in procs.items() if "raylet/raylet " in cmd and session in cmd}
-    return [pid for pid, (parent, cmd) in procs.items() if parent in raylets and cmd.startswith("ray::IDLE")]
+    pids = [e.name for e in Path("/proc").iterdir() if e.name.isdigit()]
+    raylets = [p for p in pids if "raylet/raylet " in (cmd := proc_cmdline(p)) and session in cmd]
+    return [p for r in raylets for p in descendants(int(r)) if proc_cmdline(p).startswith("ray::IDLE")]
 
 
 def test_start_ray_forwards_the_plugins_and_pythonpath_to_the_workers(tmp_path, monkeypatch):

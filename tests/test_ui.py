@@ -18,6 +18,7 @@ import pytest
 from analysis.schema import read_meta
 from sweeper.cli import main
 from sweeper.ui import browse_lines, ui_links
+from tests.processes import descendants, live, proc_cmdline, proc_stat
 
 
 def _free_port() -> int:
@@ -67,8 +68,8 @@ def test_ui_serves_the_sweep_store_prints_links_and_stops_on_ctrl_c(grid_sweep):
         url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get?experiment_id={meta.experiment_id}"
         with urllib.request.urlopen(url, timeout=10) as r:  # the UI reads the sweep's own store
             assert json.loads(r.read())["experiment"]["name"] == "grid"
-        tree = _descendants(proc.pid) if Path("/proc/self/stat").exists() else []
-        commands = [_cmdline(p) for p in tree]
+        tree = descendants(proc.pid) if Path("/proc/self/stat").exists() else []
+        commands = [proc_cmdline(p) for p in tree]
         assert not [c for c in commands if "huey" in c or "_job_runner" in c], commands  # no GenAI job runner
         assert not [c for c in commands if "multiprocessing" in c], commands  # one request worker: no spawned ones
         proc.send_signal(signal.SIGINT)
@@ -78,7 +79,7 @@ def test_ui_serves_the_sweep_store_prints_links_and_stops_on_ctrl_c(grid_sweep):
             proc.kill()
     assert proc.returncode == 130, err  # Ctrl-C: 130, like every command
     assert "stopped the MLflow UI on SIGINT" in err and "Traceback" not in err
-    assert _live(tree) == [], "left running: " + ", ".join(_live(tree))  # the whole server tree went with it
+    assert live(tree) == [], "left running: " + ", ".join(live(tree))  # the whole server tree went with it
     time.sleep(1)
     with socket.socket() as s:  # the server went with it
         assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -98,27 +99,6 @@ def test_ui_bad_inputs_exit_2(tmp_path, capsys):
 TAG = "SWEEPER_TEST_UI_TAG"  # inherited by every process the UI starts, however it detaches
 
 
-def _stat(pid: str) -> list[str] | None:
-    """/proc/PID/stat after the command name: [state, ppid, pgrp, ...]; None once the process is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _cmdline(pid: str) -> str:
-    """A process's command line ("" once it is gone)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _live(pids) -> list[str]:
-    """Those of ``pids`` still running (a zombie has stopped: it only waits for its parent to read its status)."""
-    return [p for p in pids if (st := _stat(p)) is not None and st[0] not in ("Z", "X")]
-
-
 def _tagged(tag: str) -> list[str]:
     """Every live process whose environment carries the test's tag."""
     needle = f"{TAG}={tag}".encode()
@@ -128,21 +108,7 @@ def _tagged(tag: str) -> list[str]:
             with contextlib.suppress(OSError):
                 if needle in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(entry.name)
-    return _live(found)
-
-
-def _descendants(root: int) -> list[str]:
-    """The live process tree below ``root``, found through /proc's parent links."""
-    children: dict[str, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (st := _stat(entry.name)) is not None:
-            children.setdefault(st[1], []).append(entry.name)
-    out, todo = [], [str(root)]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return _live(out)
+    return live(found)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")
@@ -176,9 +142,9 @@ def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, 
             time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:  # it serves HTTP
             assert r.status == 200
-        tree = _descendants(proc.pid)
+        tree = descendants(proc.pid)
         assert len(tree) >= 3 and set(tree) <= set(_tagged(tag)), tree  # mlflow ui, uvicorn and its workers, huey
-        groups = {_stat(p)[2] for p in tree if _stat(p)}
+        groups = {proc_stat(p)[2] for p in tree if proc_stat(p)}
         assert str(proc.pid) not in groups  # the server runs in its own process group, away from the terminal's
 
         proc.send_signal(sig)
@@ -186,11 +152,11 @@ def test_ui_stopped_by_any_signal_takes_its_whole_server_tree_with_it(tmp_path, 
         err = proc.stderr.read()
         assert code_seen == code, err
         assert f"stopped the MLflow UI on {sig.name}" in err and "Traceback" not in err, err
-        assert _live(tree) == [] and _tagged(tag) == [], "left running: " + ", ".join(_live(tree) + _tagged(tag))
+        assert live(tree) == [] and _tagged(tag) == [], "left running: " + ", ".join(live(tree) + _tagged(tag))
         left = [
             e.name
             for e in Path("/proc").iterdir()
-            if e.name.isdigit() and (st := _stat(e.name)) and st[2] in groups and st[0] not in ("Z", "X")
+            if e.name.isdigit() and (st := proc_stat(e.name)) and st[2] in groups and st[0] not in ("Z", "X")
         ]
         assert left == [], left  # nothing in the server's process group either
         with socket.socket() as s:

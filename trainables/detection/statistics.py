@@ -29,7 +29,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from trainables.detection.context import (  # noqa: F401 (re-exported: what a detector takes, gives and registers)
     ACCESS,
@@ -42,9 +45,6 @@ from trainables.detection.context import (  # noqa: F401 (re-exported: what a de
 from trainables.errors import SweeperError
 from trainables.plugins import load_plugins
 from trainables.spectrum.trace import gauss_newton_trace, hutchinson_trace
-
-if TYPE_CHECKING:  # torch loads at the first computation: the CLI reads these registries without it
-    import torch
 
 ORACLES: dict[str, str] = {
     "max_overlap_sq": "higher",  # the top-k eigenvectors' largest cos^2 with the trigger (Listing 7)
@@ -113,8 +113,6 @@ def inverse_participation_ratio(energy: torch.Tensor) -> torch.Tensor:
 
 def window_fraction(energy: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Largest energy fraction in any w x w window of each map: (fraction, top row, left column), each (k,)."""
-    import torch.nn.functional as F
-
     sums = F.avg_pool2d(energy[:, None], w, stride=1)[:, 0] * (w * w)  # (k, H-w+1, W-w+1) window sums
     flat = sums.flatten(1)
     frac, pos = flat.max(1)
@@ -161,6 +159,7 @@ class FlipTable:
     norm: torch.Tensor  # (P,) relative norm r
 
 
+@torch.no_grad()
 def flip_concentration(
     predict: Callable[[torch.Tensor], torch.Tensor],
     directions: torch.Tensor,
@@ -178,39 +177,33 @@ def flip_concentration(
     and the concentration is its maximum over c. No clipping to the pixel range: v is a probe of
     the model, not an image. ``predict`` maps a batch of images to class indices.
     """
-    import torch
-    import torch.nn.functional as F
-
-    with torch.no_grad():  # not a decorator: torch loads at the first call, not at import
-        dirs = directions.flatten(1).to(x.dtype)
-        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        k, n = dirs.shape[0], len(y)
-        rho = x.flatten(1).norm(dim=1).mean()
-        r = len(norms)  # every (direction, sign, norm), direction-major
-        grid_dir = torch.arange(k).repeat_interleave(2 * r)
-        grid_sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat_interleave(r).repeat(k)
-        grid_norm = torch.tensor(norms, dtype=torch.float64).repeat(2 * k)
-        coef = (grid_sign * grid_norm).to(device=x.device, dtype=x.dtype) * rho
-        deltas = (coef[:, None] * dirs.to(x.device)[grid_dir.to(x.device)]).view(-1, *x.shape[1:])  # (P, C, H, W)
-        base = predict(x)
-        classes = torch.arange(num_classes, device=x.device)
-        eligible = (y[None] != classes[:, None]) & (base[None] != classes[:, None])  # (K, N)
-        per_group = max(1, batch_size // max(n, 1))  # perturbations evaluated per forward batch
-        hits = []
-        for s in range(0, len(deltas), per_group):
-            d = deltas[s : s + per_group]
-            pred = predict((x[None] + d[:, None]).reshape(-1, *x.shape[1:])).view(len(d), n)
-            onehot = F.one_hot(pred, num_classes).to(x.dtype)  # (G, N, K)
-            hits.append(torch.einsum("gnk,kn->gk", onehot, eligible.to(x.dtype)))
-        frac = torch.cat(hits) / eligible.sum(1).clamp_min(1).to(x.dtype)  # (P, K)
-        conc, target = frac.max(1)
-        return FlipTable(conc.double().cpu(), target.cpu(), grid_dir, grid_sign, grid_norm)
+    dirs = directions.flatten(1).to(x.dtype)
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    k, n = dirs.shape[0], len(y)
+    rho = x.flatten(1).norm(dim=1).mean()
+    r = len(norms)  # every (direction, sign, norm), direction-major
+    grid_dir = torch.arange(k).repeat_interleave(2 * r)
+    grid_sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat_interleave(r).repeat(k)
+    grid_norm = torch.tensor(norms, dtype=torch.float64).repeat(2 * k)
+    coef = (grid_sign * grid_norm).to(device=x.device, dtype=x.dtype) * rho
+    deltas = (coef[:, None] * dirs.to(x.device)[grid_dir.to(x.device)]).view(-1, *x.shape[1:])  # (P, C, H, W)
+    base = predict(x)
+    classes = torch.arange(num_classes, device=x.device)
+    eligible = (y[None] != classes[:, None]) & (base[None] != classes[:, None])  # (K, N)
+    per_group = max(1, batch_size // max(n, 1))  # perturbations evaluated per forward batch
+    hits = []
+    for s in range(0, len(deltas), per_group):
+        d = deltas[s : s + per_group]
+        pred = predict((x[None] + d[:, None]).reshape(-1, *x.shape[1:])).view(len(d), n)
+        onehot = F.one_hot(pred, num_classes).to(x.dtype)  # (G, N, K)
+        hits.append(torch.einsum("gnk,kn->gk", onehot, eligible.to(x.dtype)))
+    frac = torch.cat(hits) / eligible.sum(1).clamp_min(1).to(x.dtype)  # (P, K)
+    conc, target = frac.max(1)
+    return FlipTable(conc.double().cpu(), target.cpu(), grid_dir, grid_sign, grid_norm)
 
 
 def flip_summary(table: FlipTable, control: FlipTable, norms: list[float]) -> Detection:
     """Model-level scalars of a flip table, with a random-direction control table."""
-    import torch
-
     j = int(table.concentration.argmax())
     m = {
         "det_flip_max": float(table.concentration[j]),
@@ -238,8 +231,6 @@ def spectral_detector(ctx: DetectionContext) -> Detection:
     subset of that data. Piecewise-linear nets use :func:`gauss_newton_trace`, others input-space
     :func:`hutchinson_trace`; both are unbiased for the trace of the spectrum's H.
     """
-    import torch
-
     spec, s = ctx.spectrum, ctx.settings
     if spec.trace is not None:
         return Detection(metrics={**spectral_shape(list(spec.eigenvalues), spec.trace), "det_trace_exact": 1.0})
@@ -262,8 +253,6 @@ def flips_with_control(
 ) -> tuple[FlipTable, FlipTable, list[float]]:
     """Flip concentration of ``vecs`` (n, C, H, W) on the held-out images at the configured norms, and
     of as many seeded random directions (generator offset ``seed_offset``) as the control."""
-    import torch
-
     s = ctx.settings
     norms = list(s.norms)
     raw, y = ctx.heldout
@@ -293,8 +282,6 @@ def class_curvature(lambda_1: torch.Tensor, trace: torch.Tensor) -> dict[str, fl
     lambda_1(H_c)/tr(H_c), each with its class (the candidate target). Classes with no sample are
     left out; fewer than three classes give no score.
     """
-    import torch
-
     ok = torch.isfinite(lambda_1) & (lambda_1 > 0)
     if int(ok.sum()) < 3:
         return {}
@@ -321,8 +308,6 @@ def class_curvature_detector(ctx: DetectionContext) -> Detection:
     chunk (:func:`trainables.spectrum.exact_hessian.group_spectra_fit`: CIFAR-10 needs it raised to ~2 GiB).
     Also logs the oracle ``class_target_overlap_sq`` (Listing 7's cos^2 of the target class's top
     eigenvector with the trigger; uses the trigger, so it is no score)."""
-    import torch
-
     from trainables.spectrum.exact_hessian import group_spectra, group_spectra_bytes, group_spectra_fit
     from trainables.spectrum.spectra import listing7_overlap
 
@@ -391,9 +376,6 @@ def gradient_alignment(
     carries no hypothesis (docs/results.md). Returns (K,) float64 alignments (NaN for a class with no
     eligible image) and (K, C, H, W) unit directions.
     """
-    import torch
-    import torch.nn.functional as F
-
     model.eval()
     k = num_classes
     with torch.no_grad():
@@ -422,8 +404,6 @@ def gradient_detector(ctx: DetectionContext) -> Detection:
     """Clean-data statistics from :func:`gradient_alignment` on the clean held-out images: the largest
     alignment, its MAD anomaly on log scale (high side, like the per-class curvature), and the flip
     concentration of the classes' directions against as many random ones (the candidate triggers)."""
-    import torch
-
     s = ctx.settings
     raw, y = ctx.heldout
     align, dirs = gradient_alignment(ctx.model, ctx.normalize(raw), y, s.num_classes, s.batch_size)
@@ -601,7 +581,6 @@ def run_detection(ctx: DetectionContext) -> tuple[dict[str, float], dict[str, An
     Returns (scalar metrics, artifacts): ``detection`` (a JSON-able dict of every detail) and one
     ``(n, C|1, H, W)`` image stack per picture (localisation maps, NC's reversed triggers).
     """
-
     from trainables.detection.baselines import BASELINES
 
     runs = planned(ctx.settings)
