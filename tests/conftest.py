@@ -170,8 +170,9 @@ def grid_sweep(tmp_path_factory):
         storage = root / f"grid-sweep-{os.getpid()}"
         storage.mkdir()
         spec = SweepSpec(axes={"theta": [0.0, 0.1], "kappa": [0.0, 50.0, 1e8]}, fixed=FAST)
-        # two trial workers, though each costs ~4 CPU-s of imports: the other test process often waits for this
-        report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0))
+        # one trial worker: the SLURM tests (the largest xdist group, handed out first) keep the other test process
+        # busy meanwhile, so a second worker's ~4 CPU-s of imports would buy nothing
+        report = run_sweep(spec, SweepOptions(name="grid", storage=str(storage), verbose=0, max_concurrent=1))
         saved.write_bytes(pickle.dumps((storage, report)))
     return storage, report
 

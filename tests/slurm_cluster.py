@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from sweeper.slurm import PORT_BLOCKS
+
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
 
 
@@ -46,8 +48,16 @@ class SlurmCluster:
         import random
 
         self.root, self.nodes, self.cpus = Path(root), nodes, cpus
-        # job ids of their own: the jobs' Ray folders (/tmp/sweeper-<id>-<node>) are this cluster's to remove
-        self.first_job = random.randrange(100_000, 4_000_000, 1000)
+        # job ids of their own: the jobs' Ray folders (/tmp/sweeper-<id>-<node>) are this cluster's to remove.
+        # A job's Ray ports come from its id modulo 800 (sweeper.slurm.job_ports): each test process's cluster
+        # starts at its own share of the 800 blocks (a test submits far fewer jobs than a share holds), so two
+        # clusters' jobs never take each other's ports.
+        # (They did: with pytest 9.2, xdist's loadgroup stopped grouping, pytest-xdist#1386, the SLURM tests
+        # ran in both processes, and ids drawn in steps of 1000 gave two clusters' jobs the same GCS port.)
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+        share = PORT_BLOCKS // max(workers, 1)
+        self.first_job = PORT_BLOCKS * random.randrange(125, 5000) + share * (index % max(workers, 1))
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.pid_files: list[Path] = []

@@ -95,7 +95,7 @@ def test_sweeper_detect_on_a_real_seeded_sweep(tmp_path, capsys):
         "--seeds",
         "2",
         "--epochs",
-        "2",
+        "1",
         "--set",
         "hessian_samples=50",
         "--set",
