@@ -11,9 +11,10 @@ import torch
 
 from trainables.data.images import CIFAR10_FILES, MNIST_FILES, write_cifar_batch, write_idx
 
-# One torch thread per test process under xdist (three processes on the two cores): two each oversubscribed the
-# cores, and OpenMP's spin-waits then made tests of many tiny ops up to 10x slower (MM-BD's and Neural
-# Cleanse's Adam loops: 3.5 s alone, 37 s beside a sweep). Trials set their own count (config field threads).
+# One torch thread per test process under xdist (three processes on the two cores): two threads in each of two
+# processes oversubscribed the cores, and OpenMP's spin-waits then made tests of many tiny ops up to 10x slower
+# (MM-BD's and Neural Cleanse's Adam loops: 3.5 s alone, 37 s beside a sweep). Trials set their own count (config
+# field threads).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 

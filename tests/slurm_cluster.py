@@ -54,10 +54,9 @@ class SlurmCluster:
         # clusters' jobs never take each other's ports.
         # (They did: with pytest 9.2, xdist's loadgroup stopped grouping, pytest-xdist#1386, the SLURM tests
         # ran in both processes, and ids drawn in steps of 1000 gave two clusters' jobs the same GCS port.)
-        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-        share = PORT_BLOCKS // max(workers, 1)
-        self.first_job = PORT_BLOCKS * random.randrange(125, 5000) + share * (index % max(workers, 1))
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % workers
+        self.first_job = PORT_BLOCKS * random.randrange(125, 5000) + PORT_BLOCKS // workers * index
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.pid_files: list[Path] = []
