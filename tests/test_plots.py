@@ -255,3 +255,32 @@ def test_coincident_points_get_one_label():
     assert merged[0][3] == [0, 1, 2, 3]
     many = frontier_plot.merge_coincident([0.0] * 6, [0.0] * 6, [f"κ={k}" for k in range(6)])
     assert len(many) == 1 and many[0][2].splitlines()[-1] == "+ 3 more"
+
+
+def _figure(layout):
+    """A figure whose layout depends on text extents: titles, tick labels, a legend outside the axes."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3), layout=layout)
+    for i, ax in enumerate(axes):
+        ax.plot([0, 1, 2], [i, 2 * i + 1, 0.5], label=f"series {i}")
+        ax.set_title(f"panel {i}: a long title with θ = 0.05")
+        ax.set_xlabel("poison fraction θ")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    return fig
+
+
+@pytest.mark.parametrize("layout", ["constrained", None])
+def test_save_figure_draws_what_savefig_tight_draws(layout, tmp_path):
+    """save_figure lays a figure out once for both formats; its PNG is matplotlib's own
+    ``savefig(bbox_inches="tight")`` pixel for pixel (tolerance 0). The same comparison against another padding fails."""
+    from PIL import Image
+
+    plots.save_figure(_figure(layout), tmp_path, "once")
+    ref = _figure(layout)
+    ref.savefig(tmp_path / "tight.png", dpi=plots.DPI, bbox_inches="tight")
+    ref.savefig(tmp_path / "wider.png", dpi=plots.DPI, bbox_inches="tight", pad_inches=0.3)
+    once, tight, wider = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("once", "tight", "wider"))
+    assert once.shape == tight.shape and np.array_equal(once, tight)
+    assert once.shape != wider.shape  # the comparison can fail
+    assert (tmp_path / "once.svg").read_text().lstrip().startswith("<?xml")
