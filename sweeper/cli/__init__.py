@@ -78,11 +78,36 @@ def _one_line(msg: str) -> str:
     return " ".join(msg.split())
 
 
+def keep_interrupts() -> None:
+    """Ctrl-C is never lost: a KeyboardInterrupt raised while Python runs a garbage-collection callback or a
+    ``__del__`` cannot propagate (Python prints "Exception ignored in ..." and carries on: a `report` stopped
+    that way went on to the end and exited 0). It is raised again in the main thread 50 ms later, from a timer
+    thread: raised from the hook itself, it would land in the hook (and be ignored again)."""
+    import _thread
+    import threading
+
+    if getattr(sys.unraisablehook, "keeps_interrupts", False):
+        return
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            timer = threading.Timer(0.05, _thread.interrupt_main)  # once the hook and the collection are done
+            timer.daemon = True
+            timer.start()
+        else:
+            default(unraisable)
+
+    hook.keeps_interrupts = True
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors and exit code 2 for any bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from .. import logs
 
+    keep_interrupts()
     logs.capture()  # library records to a log file; the terminal keeps the project's lines
     try:
         load_plugins()  # a plugin that fails to import is a SweeperError: one line, exit 2
