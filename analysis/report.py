@@ -26,8 +26,6 @@ from . import detection_plots, frontier_plot, plots
 from .artifacts import Artifacts
 from .detect import auroc_text
 from .detect import detectability_lag as detect_lag
-from .frontier import sweep_frontier as sweep_frontier  # re-exported: sweeper/cli.py imports it from here
-from .frontier import sweep_summary as sweep_summary  # re-exported: sweeper/cli.py imports it from here
 from .frontier import varying_fields
 from .pareto import seed_frontier
 from .results import (

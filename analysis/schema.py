@@ -308,14 +308,19 @@ def read_text(storage: str | Path, relpath: str) -> str | None:
         return None
 
 
-def write_meta(storage: str | Path, name: str, meta: SweepMeta) -> None:
-    """Write ``sweeper.json`` atomically (a temporary file moved into place)."""
+def write_text(storage: str | Path, relpath: str, text: str) -> None:
+    """Write ``<storage>/<relpath>`` on a local or remote store atomically (a temporary file moved into place)."""
     fs, root = _fs(storage)
-    fs.create_dir(f"{root}/{name}", recursive=True)
-    tmp, final = f"{root}/{name}/{META}.tmp", f"{root}/{name}/{META}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(meta.to_dict(), indent=2, default=str).encode())
-    fs.move(tmp, final)
+    final = f"{root}/{relpath}"
+    fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(final + ".tmp") as f:
+        f.write(text.encode())
+    fs.move(final + ".tmp", final)
+
+
+def write_meta(storage: str | Path, name: str, meta: SweepMeta) -> None:
+    """Write ``sweeper.json`` atomically."""
+    write_text(storage, f"{name}/{META}", json.dumps(meta.to_dict(), indent=2, default=str))
 
 
 def sweep_exists(storage: str | Path, name: str) -> bool:

@@ -50,7 +50,7 @@ def main():
         meta.parent_run_id = tracking.start_parent(meta.mlflow_uri, meta.experiment_id, "bench", {})
         write_meta(meta.storage, "bench", meta)
         t1 = time.perf_counter()
-        grid = orchestrate._tuner(meta, configs).fit()
+        grid = orchestrate.fit(meta, orchestrate._tuner(meta, configs))
         wall = time.perf_counter() - t1
         compute = sum(
             r.metrics["train_seconds"] + r.metrics.get("hessian_seconds", 0.0) + r.metrics.get("det_seconds", 0.0)

@@ -76,6 +76,8 @@ def _sweep_settings(meta: SweepMeta) -> dict[str, Any]:
         "storage": meta.storage,
         "key_format": meta.key_format,
     }
+    if meta.kind != "search":  # its trials' runs are logged by the driver (run_logger), not by the workers
+        out["driver_logs"] = True
     if meta.kind == "search":
         out.update(
             defence={k: meta.search[k] for k in ("threats", "seeds", "objectives", "threat_fields")},
@@ -217,6 +219,8 @@ def _tuner(
 ):
     from ray import tune
 
+    from .run_logger import RunLogger
+
     if meta.kind == "search":  # Tune's state (and its searcher's) at most 2 s old, not 10 s or more:
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses fewer proposals
     if restore is not None:
@@ -227,13 +231,15 @@ def _tuner(
             resume_errored=errored == "resume",
             restart_errored=errored == "restart",
         )
+    settings = _sweep_settings(meta)
     run_config = tune.RunConfig(
         name=meta.name,
         storage_path=meta.storage,
         failure_config=tune.FailureConfig(max_failures=meta.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
-        callbacks=[no_retry_callback()]
+        callbacks=[no_retry_callback(), tune.logger.JsonLoggerCallback(), tune.logger.CSVLoggerCallback()]
+        + ([RunLogger(settings)] if settings.get("driver_logs") else [])
         + ([progress_callback(meta.n_trials, label_axes(meta), meta.live)] if meta.verbose else []),
     )
     # reused actors keep torch and the dataset imported between trials: no per-trial process start
@@ -245,7 +251,7 @@ def _tuner(
             num_samples=meta.search["budget"],
             **names,
         )
-        param_space = {"trial": search_space, "sweep": _sweep_settings(meta)}
+        param_space = {"trial": search_space, "sweep": settings}
     else:
         from .stopping import EpochBoundaryStop
 
@@ -253,8 +259,25 @@ def _tuner(
         tune_config = tune.TuneConfig(
             max_concurrent_trials=meta.max_concurrent, num_samples=1, scheduler=EpochBoundaryStop(), **names
         )
-        param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": _sweep_settings(meta)}
+        param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "sweep": settings}
     return tune.Tuner(_trainable_for(meta), param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def fit(meta: SweepMeta, tuner):
+    """Run ``tuner`` (:func:`_tuner`'s) with the result loggers its sweep was made with (``SweepMeta.tune_loggers``).
+
+    Tune reads its switch for the loggers it adds from the environment when ``fit`` starts; it is set for this
+    call only, so a Tuner of the caller's own, later in the process, gets Tune's usual loggers.
+    """
+    name, before = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ[name] = "1" if meta.tune_loggers == "json-csv" else "0"
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]]:
@@ -297,6 +320,7 @@ def prepare(spec, opts: SweepOptions) -> tuple[list[TrialConfig], dict[str, Any]
         driver=this_driver(),
         key_format=KEY_FORMAT,
         slurm_job=os.environ.get("SLURM_JOB_ID") if in_job else None,
+        tune_loggers="json-csv",
     )
     if spec.owes_every_trial:  # every trial the sweep owes, so none is ever silently dropped
         axes = label_axes(meta)
@@ -401,6 +425,7 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
         meta.gpus_per_trial = default_gpus()
     check_cluster_resources(meta.cpus_per_trial, meta.gpus_per_trial)  # before anything is written
     artifact_root = None if is_uri(meta.storage) or opts.mlflow_uri else Path(meta.storage) / "mlartifacts"
+    tracking.create_store(meta.mlflow_uri)  # a new embedded store from the empty one kept for this MLflow
     meta.experiment_id = tracking.retry(
         lambda: tracking.ensure_experiment(meta.mlflow_uri, opts.name, artifact_root),
         "creating the experiment",
@@ -417,7 +442,7 @@ def _launch(meta, configs, spec, opts: SweepOptions, search_space) -> SweepRepor
     write_meta(meta.storage, opts.name, meta)
     _log_to_sweep(meta.storage, opts.name)
     try:
-        grid = _tuner(meta, configs, search_space=search_space).fit()
+        grid = fit(meta, _tuner(meta, configs, search_space=search_space))
     finally:
         stop_progress()
     return finish_sweep(meta, grid)
@@ -448,8 +473,12 @@ def resume_sweep(
     check_cluster_resources(meta.cpus_per_trial, meta.gpus_per_trial)
     if not tune.Tuner.can_restore(path):
         raise SweeperError(f"sweep {name!r} in {storage} has no Ray Tune state to resume (it never started)")
+    if meta.kind != "search":
+        from .run_logger import write_finished
+
+        write_finished(_sweep_settings(meta))  # its workers hold no MLflow client: what finished, before they start
     try:
-        grid = _tuner(meta, None, restore=path, errored=errored).fit()
+        grid = fit(meta, _tuner(meta, None, restore=path, errored=errored))
     finally:
         stop_progress()
     return finish_sweep(meta, grid)

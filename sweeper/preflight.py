@@ -158,10 +158,11 @@ def check_data(configs) -> None:
     """Every dataset the trials read is found and checked (checksums as configured) before Ray starts.
 
     Inside Ray a missing or corrupt file would fail every trial, each after its retries; here it is one
-    line naming the file and the folder searched. Each (dataset, folder, checksum setting) is loaded
-    once, as a trial loads it. ``download`` trials fetch their own files and are not checked.
+    line naming the file and the folder searched. Each (dataset, folder, checksum setting) is checked once, by
+    its declared check or by loading it as a trial does. ``download`` trials fetch their own files and are not
+    checked.
     """
-    from trainables.data.datasets import dataset_params, load_dataset
+    from trainables.data.datasets import check_dataset, dataset_params
 
     seen: set[tuple] = set()
     for cfg in configs:
@@ -174,7 +175,7 @@ def check_data(configs) -> None:
             continue
         seen.add((*key, *sorted(params.items())))
         try:
-            load_dataset(*key, params=params)
+            check_dataset(*key, params=params)
         except SweeperError as e:
             raise SweeperError(f"{e} [dataset {name}, data_dir {folder}]") from None
 

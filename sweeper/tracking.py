@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,9 +49,53 @@ def default_uri(storage: Path) -> str:
 def create_store(uri: str) -> None:
     """Create the embedded SQLite store's tables now, in one process: jobs that start at the same moment on
     a new file otherwise race in MLflow's migrations (seen with two SLURM jobs: "table
-    _alembic_tmp_latest_metrics already exists"). Other stores are left alone."""
+    _alembic_tmp_latest_metrics already exists"). A new store starts as a copy of an empty one
+    (:func:`_copy_empty_store`). Other stores are left alone."""
     if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.exists():
+            _copy_empty_store(db)
         retry(lambda: client(uri).search_experiments(max_results=1), "creating the MLflow store", fatal=True)
+
+
+def empty_store_template() -> Path:
+    """Where this MLflow version's empty store is kept: beside the digits cache and the fallback log."""
+    import importlib.metadata
+
+    return Path("~/.cache/sweeper").expanduser() / f"mlflow-{importlib.metadata.version('mlflow')}-empty.db"
+
+
+def _copy_empty_store(db: Path) -> None:
+    """Put an empty store of this MLflow version at ``db``, unless something is there already.
+
+    MLflow builds a new SQLite store by running each of its schema migrations in turn (~0.9 CPU-s, every new
+    storage folder, every test sweep). The result is the same each time, so it is built once per MLflow version
+    and kept (:func:`empty_store_template`) without its Default experiment: MLflow creates that when it opens
+    the copy, with the artifact location it would have given it in a store it built itself. Best effort: on
+    any failure MLflow builds the store as before.
+    """
+    import os
+    import shutil
+    import sqlite3
+
+    part = db.with_name(f".{db.name}.{os.getpid()}.part")
+    try:
+        template = empty_store_template()
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            tmp = template.with_name(f".{template.name}.{os.getpid()}.part")
+            tmp.unlink(missing_ok=True)
+            client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # MLflow's own migrations, once
+            with closing(sqlite3.connect(tmp)) as con, con:
+                con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            os.replace(tmp, template)  # another process may have put one there meanwhile: the same bytes
+        shutil.copyfile(template, part)
+        with suppress(FileExistsError):
+            os.link(part, db)  # never over a store that appeared meanwhile
+    except Exception as e:  # MLflow, SQLite or the file system: MLflow builds the store itself
+        log.debug("no empty-store copy for %s: %s", db, e)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -158,6 +203,7 @@ class TrialTracker:
         kind: str = "trial",
         tags: dict[str, str] | None = None,
         key_format: int = KEY_FORMAT,
+        node: str | None = None,
     ):
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
         self.kind, self.tags = kind, dict(tags or {})  # 'trial' (a model) or 'defence' (a search's defence)
@@ -170,6 +216,7 @@ class TrialTracker:
         self.finished = False
         self.final_metrics: dict[str, float] = {}  # of a run that already finished (a trial never re-runs)
         self.final_status: str | None = None
+        self.node = _ray_node() if node is None else node  # the driver logs for trials on other nodes: '' until known
         retry(self._open, "opening the trial's run")
 
     def _open(self) -> None:
@@ -193,7 +240,7 @@ class TrialTracker:
             hist = self.client.get_metric_history(self.run_id, "train_loss")
             self.logged_step = max((m.step for m in hist), default=0)
             self.client.set_tag(self.run_id, TAG_TRIAL_ID, self.trial_id)
-            self.client.set_tag(self.run_id, TAG_NODE, _ray_node())
+            self.client.set_tag(self.run_id, TAG_NODE, self.node)
             return
         name = self.label or f"{self.sweep}-{self.key[:8]}"
         run = self.client.create_run(
@@ -207,7 +254,7 @@ class TrialTracker:
                 TAG_STATUS: "running",
                 TAG_KIND: self.kind,
                 TAG_COMMIT: git_commit(),
-                TAG_NODE: _ray_node(),
+                TAG_NODE: self.node,
                 **self.tags,
             },
         )
@@ -235,37 +282,81 @@ class TrialTracker:
         ]
         retry(lambda: self.client.log_batch(self.run_id, metrics=batch), f"logging epoch {step}")
 
+    def set_node(self, node: str) -> None:
+        """Record the Ray node the trial runs on (it changes when a retry lands elsewhere)."""
+        if self.run_id is None or not node or node == self.node:
+            return
+        self.node = node
+        retry(lambda: self.client.set_tag(self.run_id, TAG_NODE, node), "tagging the trial's node")
+
     def log_final(self, result) -> None:
         """Final metrics (step = last epoch), artifacts, status tag, and the run's end."""
         if self.run_id is None or self.finished:
             return
-        step = int(result.metrics.get("epoch", 0))
-        last = result.history[-1] if result.history else {}
-        self._log_metrics({k: v for k, v in result.metrics.items() if k not in last}, step)  # analysis metrics
         with tempfile.TemporaryDirectory() as tmp:
-            for path in write_artifacts(result, Path(tmp)):
-                retry(lambda p=path: self.client.log_artifact(self.run_id, str(p)), f"uploading {path.name}")
+            files = write_artifacts(result, Path(tmp))
+            self.close(result.metrics, result.history, result.status, result.diverged_epoch, files)
+
+    def close(
+        self,
+        metrics: dict[str, Any],
+        history: list[dict[str, Any]],
+        status: str,
+        diverged_epoch: int | None,
+        files: list[Path],
+    ) -> None:
+        """End the run: epochs of ``history`` it lacks, the final metrics not already an epoch's (step = last
+        epoch), the artifact ``files``, the status tag. The driver calls this with what a trial's final
+        checkpoint holds, a worker (:meth:`log_final`) with the result in hand."""
+        if self.run_id is None or self.finished:
+            return
+        for past in history:  # epochs whose logging a killed driver or a dead server missed
+            self.log_epoch(past)
+        step = int(metrics.get("epoch", 0))
+        last = history[-1] if history else {}
+        self._log_metrics({k: v for k, v in metrics.items() if k not in last}, step)  # analysis metrics
+        for path in files:
+            retry(lambda p=path: self.client.log_artifact(self.run_id, str(p)), f"uploading {path.name}")
 
         def _close():
-            self.client.set_tag(self.run_id, TAG_STATUS, result.status)
-            if result.diverged_epoch is not None:
-                self.client.set_tag(self.run_id, TAG_DIVERGED_EPOCH, str(result.diverged_epoch))
+            self.client.set_tag(self.run_id, TAG_STATUS, status)
+            if diverged_epoch is not None:
+                self.client.set_tag(self.run_id, TAG_DIVERGED_EPOCH, str(diverged_epoch))
             self.client.set_terminated(self.run_id, "FINISHED")
 
         retry(_close, "closing the trial's run")
         self.finished = True
 
-    def log_failure(self, error: BaseException) -> None:
+    def log_failure(self, error: BaseException | str) -> None:
         """Mark the run failed (the trial raised); a later retry reopens the same run."""
         if self.run_id is None:
             return
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
 
         def _do():
             self.client.set_tag(self.run_id, TAG_STATUS, "failed")
-            self.client.set_tag(self.run_id, TAG_ERROR, f"{type(error).__name__}: {error}"[:5000])
+            self.client.set_tag(self.run_id, TAG_ERROR, text[:5000])
             self.client.set_terminated(self.run_id, "FAILED")
 
         retry(_do, "marking the trial failed")
+
+
+def sweep_tracker(
+    sweep: dict[str, Any], config: dict[str, Any], trial_id: str, point: dict[str, Any], **kw: Any
+) -> TrialTracker:
+    """The tracker of a grid trial: ``sweep`` the trials' tracking settings (orchestrate's ``_sweep_settings``),
+    ``config`` its full config, ``point`` the trial's own values (its run's name)."""
+    return TrialTracker(
+        sweep["mlflow_uri"],
+        sweep["experiment_id"],
+        sweep["parent_run_id"],
+        sweep["name"],
+        config,
+        trial_id,
+        run_label(point, sweep.get("axes", [])),
+        key_format=sweep.get("key_format", 1),
+        **kw,
+    )
 
 
 def train_tracked(trial, tracker: TrialTracker, after_epoch: Callable[[dict[str, Any]], None]):

@@ -14,14 +14,25 @@ from trainables import trial_kind
 from trainables.config import SweeperError
 
 from . import tracking
-from .tracking import run_label
+
+# What a trial's checkpoint holds for the driver's MLflow logging (:mod:`.run_logger`): the trial's key and epochs
+# so far, and in its final checkpoint the final result, with the artifact files in ARTIFACTS beside it.
+RECORD = "sweeper_record.json"
+ARTIFACTS = "artifacts"
+# The finished trials of a resumed sweep, from MLflow, written by the driver before Tune restarts anything
+# (:func:`.run_logger.write_finished`): a worker holds no MLflow client, and must not train them again.
+FINISHED = "finished.json"
+# The MLflow run id of a trial, written into its folder by the driver when the run is opened.
+RUN_ID = "mlflow_run_id"
 
 
 def trainable(config: dict[str, Any]) -> None:
-    """One trial inside Ray Tune: resume from Tune's checkpoint, train, log to MLflow, report.
+    """One trial inside Ray Tune: resume from Tune's checkpoint, train, report each epoch with a checkpoint.
 
-    ``config["trial"]`` is the TrialConfig dict, ``config["sweep"]`` the tracking settings (kept in
-    the param space so a restored Tuner has them). Imports stay inside: workers import on demand.
+    ``config["trial"]`` is the TrialConfig dict, ``config["sweep"]`` the tracking settings (kept in the param
+    space so a restored Tuner has them). The driver logs to MLflow from the reports and checkpoints
+    (:mod:`.run_logger`), so this process never imports MLflow (~1.3 CPU-s per worker). Sweeps started by an
+    older version log here, as they did. Imports stay inside: workers import on demand.
     """
     import logging
     import tempfile
@@ -29,29 +40,142 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    sweep = config["sweep"]
+    if not sweep.get("driver_logs"):  # its Tuner, restored, has no driver-side logger
+        return _trainable_logging_here(config)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
+    cfg, key = _config_and_key(config["trial"], sweep)
+    iterative = trial_kind(config["trial"].get("kind", "network")).iterative
+    torch.set_num_threads(cfg.threads if iterative else max(1, int(sweep["threads"])))
+    stored = finished_run(sweep, key)
+    if stored is not None:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
+        if not final_recorded(sweep, tune.get_context().get_trial_id(), key):
+            tune.report(final_report(stored["metrics"], stored["status"], key, stored.get("run_id", "")))
+        return
+
+    def report(metrics: dict[str, Any], history: list[dict[str, Any]], result=None, save=None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            if save is not None:
+                save(Path(d) / "trial.pt")
+            write_record(Path(d), key, history, result)
+            tune.report({**metrics, "node_id": _node()}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    if not iterative:  # kernel and linear trials: one dense computation, reported once
+        from trainables import run_any
+
+        try:
+            result = run_any(cfg)
+        except Exception as e:
+            _fail(e, key)
+            raise
+        report(final_report(result.metrics, result.status, key, run_id(sweep)), result.history, result)
+        return
+    try:
+        trial, resumed = _restored(cfg)
+        if resumed and trial.done:  # only the final report carries a finished trial: Ray has it already
+            return
+        while not trial.done:
+            metrics = trial.train_epoch()
+            if not trial.done:  # the final report, below, carries the last epoch
+                report({**metrics, "status": "running", "trial_key": key}, trial.history, save=trial.save)
+        trial.analyze()
+        result = trial.result()
+    except Exception as e:
+        _fail(e, key)
+        raise
+    report(final_report(result.metrics, result.status, key, run_id(sweep)), trial.history, result, trial.save)
+
+
+def _restored(cfg):
+    """The trial of ``cfg`` at Tune's checkpoint, if any: (trial, whether a checkpoint was loaded)."""
+    from ray import tune
+
     from trainables.training.train import Trial
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
+    trial = Trial(cfg)
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            trial.load(Path(d) / "trial.pt")
+    return trial, ckpt is not None
+
+
+def write_record(folder: Path, key: str, history: list[dict[str, Any]], result=None) -> None:
+    """What the driver logs from a checkpoint: the epochs so far and, with ``result``, the final and its
+    artifacts (the files :func:`.tracking.write_artifacts` makes)."""
+    rec: dict[str, Any] = {"trial_key": key, "history": history}
+    if result is not None:
+        art = folder / ARTIFACTS
+        art.mkdir()
+        tracking.write_artifacts(result, art)
+        rec["final"] = {"metrics": result.metrics, "status": result.status, "diverged_epoch": result.diverged_epoch}
+    (folder / RECORD).write_text(json.dumps(rec, default=float))
+
+
+def finished_run(sweep: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The stored final (status, metrics, run id) of a trial that finished before the sweep was resumed."""
+    from analysis.schema import read_text
+
+    text = read_text(sweep["storage"], f"{sweep['name']}/{FINISHED}")
+    return json.loads(text).get(key) if text else None
+
+
+def run_id(sweep: dict[str, Any]) -> str:
+    """This trial's MLflow run id, as the driver wrote it when it opened the run ('' if it could not)."""
+    from ray import tune
+
+    from analysis.schema import read_text
+
+    trial_id = tune.get_context().get_trial_id()
+    return (read_text(sweep["storage"], f"{sweep['name']}/{trial_folder(trial_id)}/{RUN_ID}") or "").strip()
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _config_and_key(trial: dict[str, Any], sweep: dict[str, Any]):
+    """A trial's validated config (any kind) and its key; a config that cannot be valid anywhere fails at
+    once, not retried (:func:`_fail`)."""
+    from trainables import make_config
+    from trainables.record import trial_key
+
+    try:
+        cfg = make_config(trial)
+    except SweeperError as e:
+        _fail(e, "")
+        raise
+    return cfg, trial_key(cfg.to_dict(), sweep.get("key_format", 1))
+
+
+def _trainable_logging_here(config: dict[str, Any]) -> None:
+    """A trial of a sweep started by an older version (no driver-side logger in its restored Tuner): it logs
+    to MLflow itself, as it did then."""
+    import logging
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     sweep = config["sweep"]
     if not trial_kind(config["trial"].get("kind", "network")).iterative:
         torch.set_num_threads(max(1, int(sweep["threads"])))
         return _closed_form_trial(config["trial"], sweep)
     cfg, tracker = _config_and_tracker(config["trial"], sweep)
-    torch.set_num_threads(cfg.threads)  # the config's count: the same numbers as `sweeper trial`
-    if tracker.finished:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
+    torch.set_num_threads(cfg.threads)
+    if tracker.finished:
         _report_stored_final(tracker, sweep)
         return
     try:
-        trial = Trial(cfg)
-        ckpt = tune.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                trial.load(Path(d) / "trial.pt")
-    except Exception as e:  # before training: the run is marked failed here, as train_tracked does later
+        trial, resumed = _restored(cfg)
+    except Exception as e:
         tracker.log_failure(e)
         _fail(e, tracker.key)
         raise
-    if ckpt is not None and trial.done:  # only the final report carries a finished trial: Ray has it already
+    if resumed and trial.done:
         return
 
     def report(metrics: dict[str, Any]) -> None:
@@ -60,7 +184,7 @@ def trainable(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     def after_epoch(metrics: dict[str, Any]) -> None:
-        if not trial.done:  # the final report, below, carries the last epoch
+        if not trial.done:
             report({**metrics, "status": "running", "trial_key": tracker.key})
 
     try:
@@ -114,17 +238,7 @@ def _config_and_tracker(trial: dict[str, Any], sweep: dict[str, Any]):
     except SweeperError as e:
         _fail(e, "")
         raise
-    tracker = tracking.TrialTracker(
-        sweep["mlflow_uri"],
-        sweep["experiment_id"],
-        sweep["parent_run_id"],
-        sweep["name"],
-        cfg.to_dict(),
-        tune.get_context().get_trial_id(),
-        run_label(trial, sweep.get("axes", [])),
-        key_format=sweep.get("key_format", 1),
-    )
-    return cfg, tracker
+    return cfg, tracking.sweep_tracker(sweep, cfg.to_dict(), tune.get_context().get_trial_id(), trial)
 
 
 def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -149,22 +263,20 @@ def _closed_form_trial(trial: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 def _final_metrics(result, tracker: tracking.TrialTracker) -> dict[str, Any]:
     """A trial's last report: final metrics, status, its MLflow run and the node it ran on."""
-    return final_report(result.metrics, result.status, tracker)
+    return final_report(result.metrics, result.status, tracker.key, tracker.run_id or "")
 
 
-def final_report(metrics: dict[str, Any], status: str, tracker: tracking.TrialTracker) -> dict[str, Any]:
+def final_report(metrics: dict[str, Any], status: str, key: str, mlflow_run_id: str) -> dict[str, Any]:
     """The one shape of a trial's final report, whether it just ran or its MLflow run had finished before."""
-    import ray
-
     objectives = {"clean_acc": float("nan"), "asr": float("nan")}  # a diverged trial has none: NaN for searchers
     return {
         **objectives,
         **metrics,
         "status": status,
-        "trial_key": tracker.key,
+        "trial_key": key,
         "diverged": int(status == "diverged"),
-        "mlflow_run_id": tracker.run_id or "",
-        "node_id": ray.get_runtime_context().get_node_id(),
+        "mlflow_run_id": mlflow_run_id,
+        "node_id": _node(),
     }
 
 
@@ -199,7 +311,7 @@ def final_recorded(sweep: dict[str, Any], trial_id: str, key: str) -> bool:
 
 def _stored_final(tracker: tracking.TrialTracker) -> dict[str, Any]:
     """The final report of a trial whose MLflow run already finished (from that run's metrics)."""
-    return final_report(tracker.final_metrics, tracker.final_status, tracker)
+    return final_report(tracker.final_metrics, tracker.final_status, tracker.key, tracker.run_id or "")
 
 
 def quiet_worker_exit() -> None:

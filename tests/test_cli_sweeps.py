@@ -469,7 +469,7 @@ def test_only_rays_sigterm_noise_is_forgiven():
 )
 def test_every_way_of_giving_seeds_makes_one_seed_column(seeds, sets, file_seeds, tmp_path):
     """Item 1 of issue 15 for each spelling: --seeds N, --seeds a,b, --seeds 1, --set seed=..., a file's seeds."""
-    from analysis.report import sweep_summary
+    from analysis.frontier import sweep_summary  # not analysis.report: no matplotlib for a printed table
     from sweeper.spaces import build_spec
     from sweeper.states import label_axes
     from trainables.record import SweepMeta

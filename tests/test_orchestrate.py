@@ -62,6 +62,11 @@ def test_grid_sweep_logs_one_child_run_per_trial_under_one_parent(grid_sweep):
     assert set(diverged["params.kappa"]) == {"100000000.0"}  # recorded, and the sweep went on
     assert (diverged["tags.sweeper.diverged_epoch"] == "1").all()
     assert children["tags.sweeper.git_commit"].notna().all()
+    assert (children["tags.sweeper.ray_node"].str.len() == 56).all()  # the node each trial ran on, from its reports
+    # Tune's JSON and CSV results, and no TensorBoard files: tensorboardX would import torch into the driver
+    folders = list((storage / "grid").glob("trial_*"))
+    assert len(folders) == 6 and all((f / "result.json").is_file() and (f / "progress.csv").is_file() for f in folders)
+    assert not list((storage / "grid").glob("trial_*/events.out.tfevents*"))
     run_id = done["run_id"].iloc[0]
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
     assert {

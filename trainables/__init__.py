@@ -57,13 +57,13 @@ def _run_network(cfg, **kwargs):
 
 
 def _kernel_config():
-    from trainables.exact_models.kernel import KernelConfig
+    from trainables.exact_models.configs import KernelConfig
 
     return KernelConfig
 
 
 def _linear_config():
-    from trainables.exact_models.linear import LinearConfig
+    from trainables.exact_models.configs import LinearConfig
 
     return LinearConfig
 

@@ -135,6 +135,10 @@ class SweepMeta:
     parent_run_id: str | None = None
     key_format: int = 1  # trial keys' format (trial_key); sweeps written before it have none: 1
     slurm_job: str | None = None  # the SLURM job that started it (sweeper run --slurm), else None
+    # Ray Tune's result loggers. "json-csv": sweeper passes Tune's JSON and CSV loggers and turns off the ones Tune
+    # adds, its TensorBoard logger among them (tensorboardX imports torch into the driver, ~1.3 s, and nothing reads
+    # its files). "default": Tune adds its three (sweeps written before; their restored Tuners hold no loggers).
+    tune_loggers: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

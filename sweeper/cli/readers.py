@@ -59,7 +59,7 @@ def frontier_cmd(
 ) -> dict[str, Any]:
     """Print a sweep's safety-efficacy frontier as a table (a defence search's: over its defences,
     with the frontier defences' per-threat values)."""
-    from analysis.report import sweep_frontier
+    from analysis.frontier import sweep_frontier  # not analysis.report: matplotlib (0.4 s) is not needed to print it
 
     if csv is not None and csv.exists():
         raise SweeperError(f"--csv {csv} already exists; refusing to overwrite it")

@@ -194,7 +194,7 @@ def _search_size(spec, budget: int, seeds: str | None) -> str:
 
 
 def _report(report) -> None:
-    from analysis.report import sweep_summary
+    from analysis.frontier import sweep_summary  # not analysis.report: no matplotlib for a printed table
 
     from ..ui import browse_lines
 

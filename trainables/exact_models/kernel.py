@@ -12,58 +12,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
-from trainables.config import SEED, ConfigFields
-from trainables.fields import Interval, Options, field, validate
+from trainables.exact_models.configs import KernelConfig
 from trainables.training.trial_result import TrialResult
-
-
-@dataclass(frozen=True)
-class KernelConfig(ConfigFields):
-    """One KRR poisoning trial (RBF kernel)."""
-
-    _label = "kernel-trial"
-
-    kind: str = field("kernel", Options(("kernel",)), "Fixed: tells sweeps which trial to run")
-    data: str = field(
-        "gaussian",
-        Options(("gaussian", "digits")),
-        "Clean inputs: gaussian N(0, I_p), or digits flattened and standardised",
-        group="attack",
-    )
-    n_clean: int = field(200, Interval(int, 1, 20_000), "Clean training points")
-    dim: int = field(10, Interval(int, 1, 10_000), "Input dimension p (gaussian data; digits is 64)")
-    m: int = field(8, Interval(int, 0, 100_000), "Cloned poisons", group="attack")
-    ell: float = field(1.0, Interval(float, 0, 1e6, closed="right"), "RBF length scale")
-    lam: float = field(
-        0.01, Interval(float, 0, 1e6, closed="right"), "Ridge per sample: alpha = (K + n lam I)^-1 y, c = n lam (eq 7)"
-    )
-    kappa: float = field(
-        0.0, Interval(float, 0, 1e12), "Gradient-penalty strength of eq 26 (0: plain KRR)", group="defence"
-    )
-    r: float = field(
-        0.5, Interval(float, 0, 1e6), "||x0 - zeta||: the trigger point's distance from the poisons", group="attack"
-    )
-    zeta_dist: float = field(
-        8.0,
-        Interval(float, 0, 1e6),
-        "||zeta|| in units of ell: the poison cluster's distance from the clean data",
-        group="attack",
-    )
-    jitter: float = field(
-        0.0,
-        Interval(float, 0, 1e6),
-        "Poisons uniform in a ball of this radius around zeta (0: exact clones)",
-        group="attack",
-    )
-    y_t: float = field(1.0, Interval(float, -1e6, 1e6), "The poisons' (target) label", group="attack")
-    seed: int = field(0, SEED, "Seed of the clean data, directions and jitter")
-
-    def __post_init__(self) -> None:
-        validate(self)
 
 
 def rbf(x: torch.Tensor, z: torch.Tensor, ell: float) -> torch.Tensor:

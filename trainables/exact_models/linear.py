@@ -17,65 +17,12 @@ model is compared with the trigger pattern (Figs 4-5).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from trainables.config import SEED, ConfigFields
-from trainables.data.datasets import DATASETS
-from trainables.fields import Flag, Interval, Options, Ref, Text, field, validate
+from trainables.exact_models.configs import LinearConfig
 from trainables.training.trial_result import TrialResult
-
-
-def _side(cfg) -> int:
-    return DATASETS[cfg.dataset].shape[1]
-
-
-_SIDE = Ref("image side", _side)
-
-
-@dataclass(frozen=True)
-class LinearConfig(ConfigFields):
-    """One linear-regression poisoning trial."""
-
-    _label = "linear-trial"
-
-    kind: str = field("linear", Options(("linear",)), "Fixed: tells sweeps which trial to run")
-    dataset: str = field(
-        "digits",
-        Options(lambda: tuple(n for n, e in DATASETS.items() if e.shape[0] == 1)),  # the registry's grey ones
-        "Grey-image dataset",
-        group="attack",
-    )
-    data_dir: str = field("~/.cache/sweeper/data", Text(), "Folder holding the MNIST IDX files")
-    verify_checksums: bool = field(True, Flag(), "Check every dataset file against its published md5")
-    theta: float = field(
-        0.1, Interval(float, 0, 1, closed="left"), "Poison fraction of the non-target training images", group="attack"
-    )
-    target: int = field(0, Interval(int, 0, 9), "Target class", group="attack")
-    trigger_size: int | None = field(
-        None,
-        Interval(int, 1, _SIDE),
-        "Square trigger's side",
-        unit="px",
-        derived="2 on 8x8, 4 otherwise",
-        group="attack",
-    )
-    trigger_margin: int | None = field(
-        None,
-        Interval(int, 0, Ref("image side - trigger_size", lambda c: _side(c) - c.trigger_size)),
-        "Distance from the lower-right corner",
-        unit="px",
-        derived="0 on 8x8, 1 otherwise",
-        group="attack",
-    )
-    seed: int = field(0, SEED, "Seed of the poisoning decisions")
-
-    def __post_init__(self) -> None:
-        validate(
-            self, lambda cfg, key: (2 if _side(cfg) < 16 else 4) if key == "trigger_size" else int(_side(cfg) >= 16)
-        )
 
 
 def qr_add_feature(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> dict[str, np.ndarray]:
