@@ -53,12 +53,12 @@ def trainable(config: dict[str, Any]) -> None:
             tune.report(final_report(stored["metrics"], stored["status"], key, stored.get("run_id", "")))
         return
 
-    def report(metrics: dict[str, Any], history: list[dict[str, Any]], result=None, save=None) -> None:
+    def report(metrics: dict[str, Any], history: list[dict[str, Any]], save=None, result=None) -> None:
         with tempfile.TemporaryDirectory() as d:
             if save is not None:
                 save(Path(d) / "trial.pt")
             write_record(Path(d), key, history, result)
-            tune.report({**metrics, "node_id": _node()}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     if not iterative:  # kernel and linear trials: one dense computation, reported once
         from trainables import run_any
@@ -68,7 +68,7 @@ def trainable(config: dict[str, Any]) -> None:
         except Exception as e:
             _fail(e, key)
             raise
-        report(final_report(result.metrics, result.status, key, run_id(sweep)), result.history, result)
+        report(final_report(result.metrics, result.status, key, run_id(sweep)), result.history, result=result)
         return
     try:
         trial, resumed = _restored(cfg)
@@ -77,13 +77,15 @@ def trainable(config: dict[str, Any]) -> None:
         while not trial.done:
             metrics = trial.train_epoch()
             if not trial.done:  # the final report, below, carries the last epoch
-                report({**metrics, "status": "running", "trial_key": key}, trial.history, save=trial.save)
+                report(
+                    {**metrics, "status": "running", "trial_key": key, "node_id": _node()}, trial.history, trial.save
+                )
         trial.analyze()
         result = trial.result()
     except Exception as e:
         _fail(e, key)
         raise
-    report(final_report(result.metrics, result.status, key, run_id(sweep)), trial.history, result, trial.save)
+    report(final_report(result.metrics, result.status, key, run_id(sweep)), trial.history, trial.save, result)
 
 
 def _restored(cfg):
@@ -136,17 +138,23 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _config_and_key(trial: dict[str, Any], sweep: dict[str, Any]):
-    """A trial's validated config (any kind) and its key; a config that cannot be valid anywhere fails at
-    once, not retried (:func:`_fail`)."""
+def _config(trial: dict[str, Any]):
+    """A trial's validated config (any kind); a config that cannot be valid anywhere fails at once, not retried
+    (:func:`_fail`)."""
     from trainables import make_config
-    from trainables.record import trial_key
 
     try:
-        cfg = make_config(trial)
+        return make_config(trial)
     except SweeperError as e:
         _fail(e, "")
         raise
+
+
+def _config_and_key(trial: dict[str, Any], sweep: dict[str, Any]):
+    """A trial's validated config and its key (the one its MLflow run is found by)."""
+    from trainables.record import trial_key
+
+    cfg = _config(trial)
     return cfg, trial_key(cfg.to_dict(), sweep.get("key_format", 1))
 
 
@@ -159,23 +167,23 @@ def _trainable_logging_here(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     sweep = config["sweep"]
     if not trial_kind(config["trial"].get("kind", "network")).iterative:
         torch.set_num_threads(max(1, int(sweep["threads"])))
         return _closed_form_trial(config["trial"], sweep)
     cfg, tracker = _config_and_tracker(config["trial"], sweep)
-    torch.set_num_threads(cfg.threads)
-    if tracker.finished:
+    torch.set_num_threads(cfg.threads)  # the config's count: the same numbers as `sweeper trial`
+    if tracker.finished:  # it finished before an interrupt: never re-run, and report it only if Ray lacks it
         _report_stored_final(tracker, sweep)
         return
     try:
         trial, resumed = _restored(cfg)
-    except Exception as e:
+    except Exception as e:  # before training: the run is marked failed here, as train_tracked does later
         tracker.log_failure(e)
         _fail(e, tracker.key)
         raise
-    if resumed and trial.done:
+    if resumed and trial.done:  # only the final report carries a finished trial: Ray has it already
         return
 
     def report(metrics: dict[str, Any]) -> None:
@@ -184,7 +192,7 @@ def _trainable_logging_here(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     def after_epoch(metrics: dict[str, Any]) -> None:
-        if not trial.done:
+        if not trial.done:  # the final report, below, carries the last epoch
             report({**metrics, "status": "running", "trial_key": tracker.key})
 
     try:
@@ -225,19 +233,10 @@ def no_retry_callback():
 
 
 def _config_and_tracker(trial: dict[str, Any], sweep: dict[str, Any]):
-    """A trial's validated config (any kind) and its MLflow tracker, as every trainable opens them.
-
-    A config that cannot be valid anywhere fails at once, not retried (:func:`_fail`).
-    """
+    """A trial's validated config (:func:`_config`) and its MLflow tracker, as the worker-side logging opens them."""
     from ray import tune
 
-    from trainables import make_config
-
-    try:
-        cfg = make_config(trial)
-    except SweeperError as e:
-        _fail(e, "")
-        raise
+    cfg = _config(trial)
     return cfg, tracking.sweep_tracker(sweep, cfg.to_dict(), tune.get_context().get_trial_id(), trial)
 
 
